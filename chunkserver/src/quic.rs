@@ -1,0 +1,588 @@
+//! The QUIC data server: one bidirectional stream per request (framing in
+//! [`cairn_proto::frame`]), PutChunk forwarded down a replica chain while it arrives, GetChunk
+//! served from a verified memory map.
+//!
+//! The same endpoint serves and dials: it connects to the next replica of a chain with the node
+//! identity, so peers see a certificate of the cluster CA naming [`NODE_NAME`].
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use cairn_common::tls::{Identity, NODE_NAME};
+use cairn_proto::data::{
+    chunk_request::Op, ChunkRequest, ChunkResponse, GetChunk, PutChunk, Status,
+};
+use cairn_proto::{frame, MAX_CHUNK};
+use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::store::{ChunkHash, ChunkStore, StoreError};
+
+/// Limits of one data server. Every resource a peer can make us hold has a bound here.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Requests handled at once; one more is answered `STATUS_BUSY` instead of queueing.
+    pub max_requests: usize,
+    /// Bytes of chunks being received at once (each PutChunk holds its whole chunk in memory).
+    pub max_receiving_bytes: u64,
+    /// How long a PutChunk waits for receive-buffer room before it is answered `STATUS_BUSY`.
+    pub receive_wait: Duration,
+    /// Connecting to the next replica, and each write to or read from it.
+    pub downstream_timeout: Duration,
+    /// Longest silence from a peer in the middle of a request.
+    pub idle_timeout: Duration,
+    /// Longest chain a PutChunk may carry (replicas after this one).
+    pub max_chain: usize,
+    /// How long shutdown waits for requests in flight.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_requests: 256,
+            max_receiving_bytes: 64 * MAX_CHUNK,
+            receive_wait: Duration::from_secs(5),
+            downstream_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            max_chain: 16,
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Peer connections kept open between requests, at most this many.
+const MAX_POOLED: usize = 1024;
+
+/// Builds the endpoint on an already-bound UDP socket: it serves with the node identity and dials
+/// peers with it too.
+pub fn endpoint(identity: &Identity, socket: UdpSocket) -> Result<Endpoint> {
+    socket
+        .set_nonblocking(true)
+        .context("set UDP socket non-blocking")?;
+    let server = identity.quic_server().context("QUIC server TLS config")?;
+    let client = identity.quic_client().context("QUIC client TLS config")?;
+    let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
+    let mut endpoint = Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server),
+        socket,
+        runtime,
+    )
+    .context("create QUIC endpoint")?;
+    endpoint.set_default_client_config(client);
+    Ok(endpoint)
+}
+
+/// Connections to other chunkservers, by the address the chain names them with.
+struct Pool {
+    endpoint: Endpoint,
+    connect_timeout: Duration,
+    conns: Mutex<HashMap<String, Connection>>,
+}
+
+impl Pool {
+    fn cached(&self, addr: &str) -> Option<Connection> {
+        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        conns
+            .get(addr)
+            .filter(|c| c.close_reason().is_none())
+            .cloned()
+    }
+
+    fn forget(&self, addr: &str) {
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(addr);
+    }
+
+    async fn connect(&self, addr: &str) -> Result<Connection> {
+        let target: SocketAddr = tokio::net::lookup_host(addr)
+            .await
+            .with_context(|| format!("resolve {addr}"))?
+            .next()
+            .with_context(|| format!("{addr} resolves to no address"))?;
+        let connecting = self
+            .endpoint
+            .connect(target, NODE_NAME)
+            .with_context(|| format!("connect to {addr}"))?;
+        let conn = tokio::time::timeout(self.connect_timeout, connecting)
+            .await
+            .with_context(|| format!("connect to {addr}: timed out"))?
+            .with_context(|| format!("connect to {addr}"))?;
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        if conns.len() >= MAX_POOLED {
+            conns.retain(|_, c| c.close_reason().is_none());
+            if conns.len() >= MAX_POOLED {
+                conns.clear();
+            }
+        }
+        conns.insert(addr.to_string(), conn.clone());
+        Ok(conn)
+    }
+
+    /// Opens a request stream to `addr`, reconnecting once if the pooled connection has died.
+    async fn open(&self, addr: &str) -> Result<(SendStream, RecvStream)> {
+        if let Some(conn) = self.cached(addr) {
+            match conn.open_bi().await {
+                Ok(pair) => return Ok(pair),
+                Err(e) => {
+                    tracing::debug!(addr, error = %e, "pooled connection is dead; reconnecting");
+                    self.forget(addr);
+                }
+            }
+        }
+        let conn = self.connect(addr).await?;
+        conn.open_bi()
+            .await
+            .with_context(|| format!("open stream to {addr}"))
+    }
+}
+
+struct Server {
+    store: ChunkStore,
+    limits: Limits,
+    pool: Pool,
+    requests: Arc<Semaphore>,
+    receiving: Arc<Semaphore>,
+}
+
+/// Serves chunk requests on `endpoint` until `shutdown` is cancelled, then stops accepting, waits
+/// up to `limits.drain_timeout` for requests in flight and closes the endpoint.
+pub async fn serve(
+    endpoint: Endpoint,
+    store: ChunkStore,
+    limits: Limits,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let receiving_permits = usize::try_from(limits.max_receiving_bytes)
+        .unwrap_or(usize::MAX)
+        .min(Semaphore::MAX_PERMITS);
+    anyhow::ensure!(
+        receiving_permits as u64 >= MAX_CHUNK,
+        "max_receiving_bytes must hold at least one chunk of {MAX_CHUNK} bytes"
+    );
+    let server = Arc::new(Server {
+        store,
+        pool: Pool {
+            endpoint: endpoint.clone(),
+            connect_timeout: limits.downstream_timeout,
+            conns: Mutex::new(HashMap::new()),
+        },
+        requests: Arc::new(Semaphore::new(limits.max_requests)),
+        receiving: Arc::new(Semaphore::new(receiving_permits)),
+        limits,
+    });
+    let tracker = TaskTracker::new();
+    tracing::info!(addr = ?endpoint.local_addr().ok(), "data server listening");
+    loop {
+        let incoming = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            incoming = endpoint.accept() => incoming,
+        };
+        let Some(incoming) = incoming else { break };
+        let span = tracing::info_span!("conn", remote = %incoming.remote_address());
+        tracker.spawn(
+            handle_connection(server.clone(), incoming, tracker.clone(), shutdown.clone())
+                .instrument(span),
+        );
+    }
+    tracker.close();
+    if tokio::time::timeout(server.limits.drain_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            in_flight = tracker.len(),
+            "shutdown: gave up waiting for requests in flight"
+        );
+    }
+    endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    tracing::info!("data server stopped");
+    Ok(())
+}
+
+async fn handle_connection(
+    server: Arc<Server>,
+    incoming: quinn::Incoming,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            // Includes peers whose certificate the cluster CA did not sign: worth a look, not an error.
+            tracing::info!(error = %e, "handshake failed");
+            return;
+        }
+    };
+    tracing::debug!("connection established");
+    loop {
+        let (send, recv) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            stream = conn.accept_bi() => match stream {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::debug!(reason = %e, "connection closed");
+                    return;
+                }
+            },
+        };
+        match server.requests.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let server = server.clone();
+                tracker.spawn(
+                    async move {
+                        handle_stream(&server, send, recv).await;
+                        drop(permit);
+                    }
+                    .in_current_span(),
+                );
+            }
+            Err(_) => {
+                tracker.spawn(refuse_busy(send, recv).in_current_span());
+            }
+        }
+    }
+}
+
+/// Answers a request we have no room for, without reading it.
+async fn refuse_busy(mut send: SendStream, mut recv: RecvStream) {
+    tracing::debug!("too many requests in flight; answering busy");
+    let _ = recv.stop(quinn::VarInt::from_u32(0));
+    let resp = ChunkResponse {
+        status: Status::Busy as i32,
+        message: "too many requests in flight".into(),
+        ..Default::default()
+    };
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        send.write_all(&frame::encode(&resp)),
+    )
+    .await;
+    let _ = send.finish();
+}
+
+fn error_response(status: Status, message: impl Into<String>) -> ChunkResponse {
+    ChunkResponse {
+        status: status as i32,
+        message: message.into(),
+        ..Default::default()
+    }
+}
+
+fn store_error_response(err: &StoreError) -> ChunkResponse {
+    error_response(err.status(), error_chain(err))
+}
+
+/// `err` and its sources as one line, the way anyhow prints `{:#}`.
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+async fn handle_stream(server: &Server, mut send: SendStream, mut recv: RecvStream) {
+    let idle = server.limits.idle_timeout;
+    let req: ChunkRequest = match tokio::time::timeout(idle, frame::read(&mut recv)).await {
+        Ok(Ok(req)) => req,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "bad request header");
+            let _ = recv.stop(quinn::VarInt::from_u32(0));
+            write_response(
+                &mut send,
+                &error_response(Status::Invalid, format!("bad request header: {e}")),
+                idle,
+            )
+            .await;
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("no request header before the idle timeout");
+            return;
+        }
+    };
+    let span = tracing::info_span!("request", id = %req.request_id);
+    async move {
+        match req.op {
+            Some(Op::Put(put)) => {
+                let resp = handle_put(server, &req.request_id, put, &mut recv).await;
+                if resp.status != Status::Ok as i32 {
+                    let _ = recv.stop(quinn::VarInt::from_u32(0));
+                }
+                write_response(&mut send, &resp, idle).await;
+            }
+            Some(Op::Get(get)) => handle_get(server, get, &mut send).await,
+            None => {
+                write_response(
+                    &mut send,
+                    &error_response(Status::Invalid, "request names no operation"),
+                    idle,
+                )
+                .await;
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn write_response(send: &mut SendStream, resp: &ChunkResponse, timeout: Duration) {
+    match tokio::time::timeout(timeout, send.write_all(&frame::encode(resp))).await {
+        Ok(Ok(())) => {
+            let _ = send.finish();
+        }
+        Ok(Err(e)) => tracing::debug!(error = %e, "peer went away before the response"),
+        Err(_) => tracing::debug!("timed out writing the response"),
+    }
+}
+
+async fn handle_get(server: &Server, get: GetChunk, send: &mut SendStream) {
+    let idle = server.limits.idle_timeout;
+    let Some(hash) = ChunkHash::from_slice(&get.hash) else {
+        let resp = error_response(
+            Status::Invalid,
+            format!("hash has {} bytes, not 32", get.hash.len()),
+        );
+        write_response(send, &resp, idle).await;
+        return;
+    };
+    let read = match server.store.get(hash, get.offset, get.length).await {
+        Ok(read) => read,
+        Err(e) => {
+            if !matches!(e, StoreError::NotFound(_)) {
+                tracing::warn!(%hash, error = %error_chain(&e), "get failed");
+            }
+            write_response(send, &store_error_response(&e), idle).await;
+            return;
+        }
+    };
+    let header = ChunkResponse {
+        status: Status::Ok as i32,
+        length: read.bytes.len() as u64,
+        ..Default::default()
+    };
+    // The chunk goes out of its memory map: quinn keeps the `Bytes` until the peer has it.
+    let mut parts = [frame::encode(&header), read.bytes];
+    let write = async {
+        let mut done = 0;
+        while done < parts.len() {
+            done += send.write_chunks(&mut parts[done..]).await?.chunks;
+        }
+        Ok::<(), quinn::WriteError>(())
+    };
+    // A whole chunk may take a while on a slow link; bound it generously by the idle timeout per
+    // MiB so a stuck peer cannot hold the chunk's map forever.
+    let budget = idle.saturating_mul(1 + (header.length >> 20) as u32);
+    match tokio::time::timeout(budget, write).await {
+        Ok(Ok(())) => {
+            let _ = send.finish();
+        }
+        Ok(Err(e)) => tracing::debug!(error = %e, "peer went away during get"),
+        Err(_) => tracing::debug!("timed out sending a chunk"),
+    }
+}
+
+/// The next replica of a chain, being fed while we receive.
+struct Downstream {
+    addr: String,
+    send: SendStream,
+    recv: RecvStream,
+}
+
+async fn open_downstream(
+    server: &Server,
+    request_id: &str,
+    put: &PutChunk,
+) -> Result<Downstream, String> {
+    let addr = put.chain[0].clone();
+    let timeout = server.limits.downstream_timeout;
+    let fwd = ChunkRequest {
+        request_id: request_id.to_string(),
+        op: Some(Op::Put(PutChunk {
+            hash: put.hash.clone(),
+            length: put.length,
+            chain: put.chain[1..].to_vec(),
+        })),
+    };
+    let setup = async {
+        let (mut send, recv) = server.pool.open(&addr).await?;
+        send.write_all(&frame::encode(&fwd))
+            .await
+            .with_context(|| format!("send request to {addr}"))?;
+        anyhow::Ok((send, recv))
+    };
+    match tokio::time::timeout(timeout, setup).await {
+        Ok(Ok((send, recv))) => Ok(Downstream { addr, send, recv }),
+        Ok(Err(e)) => Err(format!("replica {addr} unreachable: {e:#}")),
+        Err(_) => Err(format!("replica {addr} unreachable: timed out")),
+    }
+}
+
+async fn handle_put(
+    server: &Server,
+    request_id: &str,
+    put: PutChunk,
+    recv: &mut RecvStream,
+) -> ChunkResponse {
+    let Some(hash) = ChunkHash::from_slice(&put.hash) else {
+        return error_response(
+            Status::Invalid,
+            format!("hash has {} bytes, not 32", put.hash.len()),
+        );
+    };
+    if put.length == 0 || put.length > MAX_CHUNK {
+        return error_response(
+            Status::Invalid,
+            format!("chunk length {} is not in 1..={MAX_CHUNK}", put.length),
+        );
+    }
+    if put.chain.len() > server.limits.max_chain {
+        return error_response(
+            Status::Invalid,
+            format!(
+                "chain of {} replicas exceeds {}",
+                put.chain.len(),
+                server.limits.max_chain
+            ),
+        );
+    }
+    let len = put.length as usize;
+    let permits = u32::try_from(put.length).expect("MAX_CHUNK fits in u32");
+    let _room = match tokio::time::timeout(
+        server.limits.receive_wait,
+        server.receiving.clone().acquire_many_owned(permits),
+    )
+    .await
+    {
+        Ok(Ok(p)) => p,
+        Ok(Err(_)) | Err(_) => {
+            return error_response(Status::Busy, "too many chunks being received")
+        }
+    };
+
+    // The request id travels down the chain with the chunk, so one search follows a put.
+    let mut downstream = None;
+    let mut downstream_err = None;
+    if !put.chain.is_empty() {
+        match open_downstream(server, request_id, &put).await {
+            Ok(ds) => downstream = Some(ds),
+            Err(e) => downstream_err = Some(e),
+        }
+    }
+
+    let idle = server.limits.idle_timeout;
+    let ds_timeout = server.limits.downstream_timeout;
+    let mut buf = Vec::with_capacity(len);
+    while buf.len() < len {
+        let piece = match tokio::time::timeout(idle, recv.read_chunk(len - buf.len(), true)).await {
+            Ok(Ok(Some(piece))) => piece.bytes,
+            Ok(Ok(None)) => {
+                return abort_put(
+                    downstream,
+                    format!("stream ended after {} of {len} bytes", buf.len()),
+                )
+            }
+            Ok(Err(e)) => return abort_put(downstream, format!("receiving the chunk: {e}")),
+            Err(_) => {
+                return abort_put(
+                    downstream,
+                    format!("no data for {idle:?} after {} of {len} bytes", buf.len()),
+                )
+            }
+        };
+        if let Some(ds) = downstream.as_mut() {
+            // Pipelined: this piece leaves for the next replica before we read the next one.
+            let sent = tokio::time::timeout(ds_timeout, ds.send.write_chunk(piece.clone())).await;
+            let failure = match sent {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(format!("replica {} failed while receiving: {e}", ds.addr)),
+                Err(_) => Some(format!("replica {} stalled while receiving", ds.addr)),
+            };
+            if let Some(f) = failure {
+                let _ = ds.send.reset(quinn::VarInt::from_u32(0));
+                downstream = None;
+                downstream_err = Some(f);
+            }
+        }
+        buf.extend_from_slice(&piece);
+    }
+
+    let data = Bytes::from(buf);
+    let local = server.store.put(hash, data);
+    let remote = async {
+        let Some(mut ds) = downstream else {
+            return Ok(0);
+        };
+        let _ = ds.send.finish();
+        match tokio::time::timeout(ds_timeout, frame::read::<ChunkResponse, _>(&mut ds.recv)).await
+        {
+            Ok(Ok(resp)) if resp.status == Status::Ok as i32 => Ok(resp.replicas),
+            Ok(Ok(resp)) => {
+                let status = Status::try_from(resp.status)
+                    .map(|s| s.as_str_name())
+                    .unwrap_or("UNKNOWN");
+                Err(format!(
+                    "replica {} answered {status}: {}",
+                    ds.addr, resp.message
+                ))
+            }
+            Ok(Err(e)) => Err(format!("replica {} did not answer: {e}", ds.addr)),
+            Err(_) => Err(format!(
+                "replica {} did not answer in {ds_timeout:?}",
+                ds.addr
+            )),
+        }
+    };
+    let (local, remote) = tokio::join!(local, remote);
+    if let Err(e) = local {
+        match e {
+            StoreError::HashMismatch { .. } | StoreError::Invalid(_) => {
+                tracing::info!(%hash, error = %e, "put refused")
+            }
+            _ => tracing::warn!(%hash, error = %error_chain(&e), "put failed"),
+        }
+        return store_error_response(&e);
+    }
+    if let Some(e) = downstream_err {
+        tracing::warn!(%hash, error = %e, "chain broken");
+        return error_response(Status::Unavailable, e);
+    }
+    match remote {
+        Ok(replicas) => {
+            tracing::debug!(%hash, replicas = replicas + 1, "chunk stored");
+            ChunkResponse {
+                status: Status::Ok as i32,
+                replicas: replicas + 1,
+                ..Default::default()
+            }
+        }
+        Err(e) => {
+            tracing::warn!(%hash, error = %e, "chain broken");
+            error_response(Status::Unavailable, e)
+        }
+    }
+}
+
+/// The chunk did not arrive whole: store nothing, and make the next replica drop it too.
+fn abort_put(downstream: Option<Downstream>, why: String) -> ChunkResponse {
+    tracing::debug!(reason = %why, "put aborted");
+    if let Some(mut ds) = downstream {
+        let _ = ds.send.reset(quinn::VarInt::from_u32(0));
+    }
+    error_response(Status::Invalid, why)
+}

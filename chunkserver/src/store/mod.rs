@@ -1,0 +1,588 @@
+//! The content-addressed chunk store on local disk.
+//!
+//! Layout under the data directory:
+//!
+//! ```text
+//! chunks/ab/cd/<64 hex digits>   one file per chunk, named by the BLAKE3 of its content
+//! tmp/                           chunks being written; emptied at every start
+//! corrupt/                       chunks whose bytes no longer match their name, kept for a human
+//! node_id                        this node's id, chosen at first start
+//! ```
+//!
+//! Invariants: a file appears under `chunks/` only by a rename of a fully written, fsynced temp
+//! file whose hash was checked, so a file there is either complete or damaged by the disk, never
+//! half-written by us; every read verifies the hash again before serving a byte. The in-memory
+//! index (`hash -> size`) is rebuilt from a scan at every open: nothing relies on a clean shutdown.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use cairn_common::fsutil::sync_dir;
+use cairn_proto::data::Status;
+use cairn_proto::{HASH_LEN, MAX_CHUNK};
+
+/// Below this size one thread hashes faster than handing the work to rayon.
+const PARALLEL_HASH_MIN: usize = 128 * 1024;
+
+/// The BLAKE3 hash naming a chunk.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChunkHash(pub [u8; HASH_LEN]);
+
+impl ChunkHash {
+    /// Hashes `data` (a whole chunk).
+    pub fn of(data: &[u8]) -> ChunkHash {
+        let hash = if data.len() >= PARALLEL_HASH_MIN {
+            blake3::Hasher::new().update_rayon(data).finalize()
+        } else {
+            blake3::hash(data)
+        };
+        ChunkHash(*hash.as_bytes())
+    }
+
+    /// A hash from the wire: exactly [`HASH_LEN`] bytes, or `None`.
+    pub fn from_slice(bytes: &[u8]) -> Option<ChunkHash> {
+        bytes.try_into().ok().map(ChunkHash)
+    }
+
+    /// Parses the canonical form (64 lowercase hex digits) used for file names; anything else,
+    /// uppercase included, is `None` so that one hash has exactly one path.
+    pub fn from_hex(s: &str) -> Option<ChunkHash> {
+        if s.len() != 2 * HASH_LEN
+            || !s
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return None;
+        }
+        let mut out = [0u8; HASH_LEN];
+        hex::decode_to_slice(s, &mut out).ok()?;
+        Some(ChunkHash(out))
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    pub fn as_bytes(&self) -> &[u8; HASH_LEN] {
+        &self.0
+    }
+}
+
+impl fmt::Display for ChunkHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for ChunkHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChunkHash({})", self.to_hex())
+    }
+}
+
+/// What went wrong with a store operation; each kind maps to one data-plane [`Status`].
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("chunk {0} not found")]
+    NotFound(ChunkHash),
+    /// The stored bytes no longer match the name: the file was moved to `corrupt/`.
+    #[error("chunk {0} is corrupt on this node")]
+    Corrupt(ChunkHash),
+    /// The bytes offered for a put do not hash to the announced name: refused, nothing written.
+    #[error("bytes hash to {actual}, not to the announced {expected}")]
+    HashMismatch {
+        expected: ChunkHash,
+        actual: ChunkHash,
+    },
+    #[error("no space for a chunk of {needed} bytes")]
+    NoSpace { needed: u64 },
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl StoreError {
+    /// The data-plane status this error is answered with.
+    pub fn status(&self) -> Status {
+        match self {
+            StoreError::NotFound(_) => Status::NotFound,
+            StoreError::Corrupt(_) => Status::Corrupt,
+            StoreError::HashMismatch { .. } => Status::HashMismatch,
+            StoreError::NoSpace { .. } => Status::NoSpace,
+            StoreError::Invalid(_) => Status::Invalid,
+            StoreError::Io { .. } => Status::Internal,
+        }
+    }
+
+    fn io(what: impl Into<String>, source: io::Error) -> StoreError {
+        StoreError::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+/// Maps a write error, turning a full disk (or quota) into [`StoreError::NoSpace`].
+fn write_err(what: String, needed: u64, e: io::Error) -> StoreError {
+    match e.kind() {
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => StoreError::NoSpace { needed },
+        _ => StoreError::io(what, e),
+    }
+}
+
+/// A verified range of a stored chunk, backed by its memory map: cloning or slicing it copies
+/// nothing, so the server writes it to the network straight from the page cache.
+#[derive(Clone, Debug)]
+pub struct ChunkRead {
+    pub bytes: Bytes,
+    /// Size of the whole chunk (the range may be shorter).
+    pub chunk_len: u64,
+}
+
+/// Soft state rebuilt at every open, guarded by a std mutex held only for short sections.
+#[derive(Default)]
+struct State {
+    index: HashMap<ChunkHash, u64>,
+    used: u64,
+    /// Bytes of puts between their space check and their insertion into the index, so that
+    /// concurrent puts cannot together overshoot the capacity.
+    reserved: u64,
+    /// Changes not yet told to the master. A hash is in at most one of the two sets: the later
+    /// event wins, which is what the master must end up believing.
+    added: HashSet<ChunkHash>,
+    removed: HashSet<ChunkHash>,
+}
+
+struct Inner {
+    chunks_dir: PathBuf,
+    tmp_dir: PathBuf,
+    corrupt_dir: PathBuf,
+    capacity_cap: Option<u64>,
+    node_id: u64,
+    state: Mutex<State>,
+}
+
+/// The chunk store. Cheap to clone; all clones share one index.
+#[derive(Clone)]
+pub struct ChunkStore {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for ChunkStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChunkStore")
+            .field("dir", &self.inner.chunks_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Releases a space reservation when a put ends, however it ends.
+struct Reservation<'a> {
+    store: &'a Inner,
+    bytes: u64,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        let mut st = self.store.lock();
+        st.reserved = st.reserved.saturating_sub(self.bytes);
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct FsSpace {
+    total: u64,
+    available: u64,
+}
+
+fn fs_space(dir: &Path) -> Result<FsSpace, StoreError> {
+    let st = nix::sys::statvfs::statvfs(dir)
+        .map_err(|e| StoreError::io(format!("statvfs {}", dir.display()), io::Error::from(e)))?;
+    let frag = st.fragment_size() as u64;
+    Ok(FsSpace {
+        total: (st.blocks() as u64).saturating_mul(frag),
+        available: (st.blocks_available() as u64).saturating_mul(frag),
+    })
+}
+
+impl ChunkStore {
+    /// Opens (creating if needed) the store in `data_dir`, recovering from whatever a crash left:
+    /// empties `tmp/` and rebuilds the index by scanning `chunks/` (off the async runtime).
+    /// `capacity_cap` limits the space used below the filesystem's size.
+    pub async fn open(
+        data_dir: &Path,
+        capacity_cap: Option<u64>,
+    ) -> Result<ChunkStore, StoreError> {
+        let dir = data_dir.to_path_buf();
+        tokio::task::spawn_blocking(move || ChunkStore::open_blocking(&dir, capacity_cap))
+            .await
+            .map_err(|e| StoreError::io("open task failed", io::Error::other(e)))?
+    }
+
+    /// [`ChunkStore::open`] for callers outside the async runtime (benches, tools).
+    pub fn open_blocking(
+        data_dir: &Path,
+        capacity_cap: Option<u64>,
+    ) -> Result<ChunkStore, StoreError> {
+        let chunks_dir = data_dir.join("chunks");
+        let tmp_dir = data_dir.join("tmp");
+        let corrupt_dir = data_dir.join("corrupt");
+        for d in [data_dir, &chunks_dir, &tmp_dir, &corrupt_dir] {
+            fs::create_dir_all(d)
+                .map_err(|e| StoreError::io(format!("create {}", d.display()), e))?;
+        }
+        recovery::empty_tmp(&tmp_dir)?;
+        let node_id = recovery::load_node_id(&data_dir.join("node_id"))?;
+        let (index, used) = recovery::scan_chunks(&chunks_dir)?;
+        tracing::info!(
+            chunks = index.len(),
+            used_bytes = used,
+            node_id,
+            "chunk store open"
+        );
+        let state = State {
+            index,
+            used,
+            ..State::default()
+        };
+        Ok(ChunkStore {
+            inner: Arc::new(Inner {
+                chunks_dir,
+                tmp_dir,
+                corrupt_dir,
+                capacity_cap,
+                node_id,
+                state: Mutex::new(state),
+            }),
+        })
+    }
+
+    /// This node's id: random and nonzero, chosen at first start and kept in `node_id`.
+    pub fn node_id(&self) -> u64 {
+        self.inner.node_id
+    }
+
+    /// Bytes this node may hold: the filesystem's size, or the configured cap if smaller.
+    pub fn capacity_bytes(&self) -> u64 {
+        let fs_total = fs_space(&self.inner.chunks_dir)
+            .map(|s| s.total)
+            .unwrap_or(u64::MAX);
+        self.inner
+            .capacity_cap
+            .map_or(fs_total, |cap| cap.min(fs_total))
+    }
+
+    /// Bytes free for new chunks: what the filesystem has left, or what the cap leaves, if less.
+    pub fn free_bytes(&self) -> u64 {
+        let available = fs_space(&self.inner.chunks_dir)
+            .map(|s| s.available)
+            .unwrap_or(0);
+        let used = self.used_bytes();
+        self.inner
+            .capacity_cap
+            .map_or(available, |cap| available.min(cap.saturating_sub(used)))
+    }
+
+    /// Bytes of the chunks in the index.
+    pub fn used_bytes(&self) -> u64 {
+        self.inner.lock().used
+    }
+
+    pub fn chunk_count(&self) -> u64 {
+        self.inner.lock().index.len() as u64
+    }
+
+    pub fn contains(&self, hash: &ChunkHash) -> bool {
+        self.inner.lock().index.contains_key(hash)
+    }
+
+    /// Every hash in the index, for a full chunk report.
+    pub fn hashes(&self) -> Vec<ChunkHash> {
+        self.inner.lock().index.keys().copied().collect()
+    }
+
+    /// Where the chunk `hash` lives (whether or not it exists).
+    pub fn chunk_path(&self, hash: &ChunkHash) -> PathBuf {
+        self.inner.chunk_path(hash)
+    }
+
+    /// Takes up to `max` hashes of each kind (added, removed) not yet told to the master. If the
+    /// master does not get them, hand them back with [`ChunkStore::requeue_changes`].
+    pub fn take_changes(&self, max: usize) -> (Vec<ChunkHash>, Vec<ChunkHash>) {
+        let mut st = self.inner.lock();
+        let added: Vec<ChunkHash> = st.added.iter().take(max).copied().collect();
+        let removed: Vec<ChunkHash> = st.removed.iter().take(max).copied().collect();
+        for h in &added {
+            st.added.remove(h);
+        }
+        for h in &removed {
+            st.removed.remove(h);
+        }
+        (added, removed)
+    }
+
+    /// Puts back changes that [`ChunkStore::take_changes`] returned but the master never got,
+    /// unless a later opposite event already replaced them.
+    pub fn requeue_changes(&self, added: Vec<ChunkHash>, removed: Vec<ChunkHash>) {
+        let mut st = self.inner.lock();
+        for h in added {
+            if !st.removed.contains(&h) {
+                st.added.insert(h);
+            }
+        }
+        for h in removed {
+            if !st.added.contains(&h) {
+                st.removed.insert(h);
+            }
+        }
+    }
+
+    /// Stores `data` as the chunk `hash`. On `Ok` the chunk is durable (file and directory
+    /// fsynced) and in the index. A chunk already present is acknowledged without writing: equal
+    /// names mean equal content.
+    pub async fn put(&self, hash: ChunkHash, data: Bytes) -> Result<(), StoreError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || inner.put_blocking(hash, &data))
+            .await
+            .map_err(|e| StoreError::io("put task failed", io::Error::other(e)))?
+    }
+
+    /// [`ChunkStore::put`] for callers outside the async runtime.
+    pub fn put_blocking(&self, hash: ChunkHash, data: &[u8]) -> Result<(), StoreError> {
+        self.inner.put_blocking(hash, data)
+    }
+
+    /// Reads `length` bytes at `offset` of the chunk `hash` (`length` 0: to the end), after
+    /// checking the whole chunk against its hash. A damaged chunk is moved to `corrupt/`, dropped
+    /// from the index and reported as removed at the next heartbeat.
+    pub async fn get(
+        &self,
+        hash: ChunkHash,
+        offset: u64,
+        length: u64,
+    ) -> Result<ChunkRead, StoreError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || inner.get_blocking(hash, offset, length))
+            .await
+            .map_err(|e| StoreError::io("get task failed", io::Error::other(e)))?
+    }
+
+    /// [`ChunkStore::get`] for callers outside the async runtime.
+    pub fn get_blocking(
+        &self,
+        hash: ChunkHash,
+        offset: u64,
+        length: u64,
+    ) -> Result<ChunkRead, StoreError> {
+        self.inner.get_blocking(hash, offset, length)
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock leaves the index consistent (each section is a few
+        // plain updates), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn chunk_path(&self, hash: &ChunkHash) -> PathBuf {
+        let hex = hash.to_hex();
+        self.chunks_dir.join(&hex[0..2]).join(&hex[2..4]).join(hex)
+    }
+
+    fn reserve(&self, len: u64) -> Result<Reservation<'_>, StoreError> {
+        let space = fs_space(&self.chunks_dir)?;
+        let mut st = self.lock();
+        let capacity = self
+            .capacity_cap
+            .map_or(space.total, |cap| cap.min(space.total));
+        let committed = st.used.saturating_add(st.reserved);
+        // The filesystem's `available` already excludes bytes written by puts in flight only once
+        // they hit the disk; counting `reserved` against it as well errs on the side of refusing.
+        if committed.saturating_add(len) > capacity
+            || st.reserved.saturating_add(len) > space.available
+        {
+            return Err(StoreError::NoSpace { needed: len });
+        }
+        st.reserved += len;
+        Ok(Reservation {
+            store: self,
+            bytes: len,
+        })
+    }
+
+    fn put_blocking(&self, hash: ChunkHash, data: &[u8]) -> Result<(), StoreError> {
+        let len = data.len() as u64;
+        if len == 0 || len > MAX_CHUNK {
+            return Err(StoreError::Invalid(format!(
+                "chunk length {len} is not in 1..={MAX_CHUNK}"
+            )));
+        }
+        if self.lock().index.contains_key(&hash) {
+            return Ok(());
+        }
+        let actual = ChunkHash::of(data);
+        if actual != hash {
+            return Err(StoreError::HashMismatch {
+                expected: hash,
+                actual,
+            });
+        }
+        let _reservation = self.reserve(len)?;
+
+        let tmp = self.tmp_dir.join(format!("{:016x}", rand::random::<u64>()));
+        let result = self.write_and_link(&tmp, hash, data);
+        if result.is_err() {
+            // Best effort: a leftover is removed at the next start anyway.
+            let _ = fs::remove_file(&tmp);
+        }
+        result?;
+
+        let mut st = self.lock();
+        if st.index.insert(hash, len).is_none() {
+            st.used += len;
+        }
+        st.removed.remove(&hash);
+        st.added.insert(hash);
+        Ok(())
+    }
+
+    fn write_and_link(&self, tmp: &Path, hash: ChunkHash, data: &[u8]) -> Result<(), StoreError> {
+        let len = data.len() as u64;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(tmp)
+            .map_err(|e| write_err(format!("create {}", tmp.display()), len, e))?;
+        f.write_all(data)
+            .map_err(|e| write_err(format!("write {}", tmp.display()), len, e))?;
+        f.sync_all()
+            .map_err(|e| write_err(format!("fsync {}", tmp.display()), len, e))?;
+        drop(f);
+
+        let path = self.chunk_path(&hash);
+        let leaf = path
+            .parent()
+            .expect("a chunk path has two fan-out directories above it");
+        let mid = leaf
+            .parent()
+            .expect("a chunk path has two fan-out directories above it");
+        let mid_created = create_dir_if_missing(mid)?;
+        let leaf_created = create_dir_if_missing(leaf)?;
+        fs::rename(tmp, &path)
+            .map_err(|e| write_err(format!("rename into {}", path.display()), len, e))?;
+        // The rename is durable once the directory holding the new name is; a directory created
+        // just now must itself be made durable in its parent.
+        let sync =
+            |d: &Path| sync_dir(d).map_err(|e| StoreError::io(format!("fsync {}", d.display()), e));
+        sync(leaf)?;
+        if leaf_created {
+            sync(mid)?;
+        }
+        if mid_created {
+            sync(&self.chunks_dir)?;
+        }
+        Ok(())
+    }
+
+    fn get_blocking(
+        &self,
+        hash: ChunkHash,
+        offset: u64,
+        length: u64,
+    ) -> Result<ChunkRead, StoreError> {
+        let Some(indexed_len) = self.lock().index.get(&hash).copied() else {
+            return Err(StoreError::NotFound(hash));
+        };
+        let path = self.chunk_path(&hash);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                tracing::warn!(%hash, "chunk file vanished from disk");
+                self.forget(hash);
+                return Err(StoreError::NotFound(hash));
+            }
+            Err(e) => return Err(StoreError::io(format!("open {}", path.display()), e)),
+        };
+        let file_len = file
+            .metadata()
+            .map_err(|e| StoreError::io(format!("stat {}", path.display()), e))?
+            .len();
+        if file_len != indexed_len || file_len == 0 || file_len > MAX_CHUNK {
+            self.quarantine(hash, &format!("size {file_len}, expected {indexed_len}"));
+            return Err(StoreError::Corrupt(hash));
+        }
+        // SAFETY: chunk files are immutable: this process never writes a file once it is under
+        // `chunks/`, only renames it away, which leaves the mapping intact. Another process
+        // truncating it would be outside Cairn's model (like a disk failure).
+        let map = unsafe { memmap2::Mmap::map(&file) }
+            .map_err(|e| StoreError::io(format!("mmap {}", path.display()), e))?;
+        let actual = ChunkHash::of(&map);
+        if actual != hash {
+            self.quarantine(hash, &format!("content hashes to {actual}"));
+            return Err(StoreError::Corrupt(hash));
+        }
+        if offset > file_len {
+            return Err(StoreError::Invalid(format!(
+                "offset {offset} is past the end of a {file_len}-byte chunk"
+            )));
+        }
+        let end = if length == 0 {
+            file_len
+        } else {
+            offset.saturating_add(length).min(file_len)
+        };
+        let bytes = Bytes::from_owner(map).slice(offset as usize..end as usize);
+        Ok(ChunkRead {
+            bytes,
+            chunk_len: file_len,
+        })
+    }
+
+    /// Drops `hash` from the index and queues its removal for the master.
+    fn forget(&self, hash: ChunkHash) {
+        let mut st = self.lock();
+        if let Some(len) = st.index.remove(&hash) {
+            st.used = st.used.saturating_sub(len);
+        }
+        st.added.remove(&hash);
+        st.removed.insert(hash);
+    }
+
+    /// Moves a damaged chunk to `corrupt/` (for a human to look at) and forgets it.
+    fn quarantine(&self, hash: ChunkHash, why: &str) {
+        tracing::error!(%hash, why, "corrupt chunk moved to corrupt/");
+        let from = self.chunk_path(&hash);
+        let to = self
+            .corrupt_dir
+            .join(format!("{}.{:08x}", hash.to_hex(), rand::random::<u32>()));
+        if let Err(e) = fs::rename(&from, &to) {
+            tracing::warn!(%hash, error = %e, "cannot move corrupt chunk; removing it");
+            let _ = fs::remove_file(&from);
+        }
+        self.forget(hash);
+    }
+}
+
+/// Creates `dir` unless it exists; returns whether this call created it.
+fn create_dir_if_missing(dir: &Path) -> Result<bool, StoreError> {
+    match fs::create_dir(dir) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(write_err(format!("create {}", dir.display()), 0, e)),
+    }
+}
+
+mod recovery;
+#[cfg(test)]
+mod tests;

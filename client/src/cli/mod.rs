@@ -1,0 +1,253 @@
+//! The code of the `cairn` commands that need only the client library: argument structs (clap)
+//! and one async function per command. Output goes to stdout; progress bars to stderr, only on a
+//! terminal. Errors are returned with a short context and printed as one line by `main`.
+
+mod progress;
+mod status;
+mod transfer;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use cairn_proto::v1::{Attr, InodeKind};
+
+use crate::{Client, ClientConfig};
+
+pub use status::{status, StatusArgs, StatusJson};
+pub use transfer::{get, put, GetArgs, PutArgs};
+
+/// How to reach the cluster: every client command takes these (or the environment).
+#[derive(clap::Args, Clone, Debug)]
+pub struct ClusterArgs {
+    /// Master gRPC addresses, comma-separated.
+    #[arg(long, env = "CAIRN_MASTERS", value_delimiter = ',')]
+    pub masters: Vec<String>,
+    /// TLS identity directory (ca.pem, cert.pem, key.pem); `cairn dev` writes it to DIR/env.
+    #[arg(long = "tls", env = "CAIRN_TLS")]
+    pub tls: Option<PathBuf>,
+    /// Give up on unreachable masters after this many seconds.
+    #[arg(long = "timeout", default_value_t = 15)]
+    pub timeout_s: u64,
+}
+
+impl ClusterArgs {
+    pub async fn connect(&self) -> Result<Client> {
+        anyhow::ensure!(!self.masters.is_empty(), "no masters given: pass --masters or set CAIRN_MASTERS (cairn dev writes them to DIR/env)");
+        let tls = self.tls.clone().context("no TLS credentials given: pass --tls DIR or set CAIRN_TLS (cairn dev writes it to DIR/env)")?;
+        let cfg = ClientConfig {
+            masters: self.masters.clone(),
+            tls_dir: tls,
+            master_deadline: Duration::from_secs(self.timeout_s.max(1)),
+        };
+        Ok(Client::connect(cfg).await?)
+    }
+}
+
+pub(crate) fn is_dir(a: &Attr) -> bool {
+    a.kind() == InodeKind::Directory
+}
+
+#[derive(clap::Args, Debug)]
+pub struct LsArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Directory (or file) to list.
+    #[arg(default_value = "/")]
+    pub path: String,
+    /// List subdirectories too, with full paths.
+    #[arg(short = 'r', long)]
+    pub recursive: bool,
+}
+
+fn format_time(ns: i64) -> String {
+    let secs = ns.div_euclid(1_000_000_000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm), UTC.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn ls_line(name: &str, a: &Attr) -> String {
+    if is_dir(a) {
+        format!("{:>12}  {}  {name}/", "DIR", format_time(a.mtime_ns))
+    } else {
+        format!("{:>12}  {}  {name}", a.size, format_time(a.mtime_ns))
+    }
+}
+
+pub async fn ls(args: &LsArgs) -> Result<()> {
+    let client = args.cluster.connect().await?;
+    let ctx = || format!("ls {}", args.path);
+    let (attr, entries) = client.list(&args.path).await.with_context(ctx)?;
+    let mut out = std::io::stdout().lock();
+    use std::io::Write;
+    if !is_dir(&attr) || !args.recursive {
+        for e in &entries {
+            writeln!(
+                out,
+                "{}",
+                ls_line(&e.name, &e.attr.clone().unwrap_or_default())
+            )?;
+        }
+        return Ok(());
+    }
+    // Depth-first, in name order, printing full paths.
+    let mut stack: Vec<(String, Vec<cairn_proto::v1::DirEntry>)> =
+        vec![(args.path.trim_end_matches('/').to_string(), entries)];
+    while let Some((dir, mut entries)) = stack.pop() {
+        entries.reverse();
+        while let Some(e) = entries.pop() {
+            let a = e.attr.clone().unwrap_or_default();
+            let full = format!("{dir}/{}", e.name);
+            writeln!(out, "{}", ls_line(&full, &a))?;
+            if is_dir(&a) {
+                let (_, children) = client
+                    .list(&full)
+                    .await
+                    .with_context(|| format!("ls {full}"))?;
+                stack.push((dir, entries));
+                stack.push((full, children));
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct StatArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    pub path: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn stat(args: &StatArgs) -> Result<()> {
+    let client = args.cluster.connect().await?;
+    let a = client
+        .stat(&args.path)
+        .await
+        .with_context(|| format!("stat {}", args.path))?;
+    let kind = match a.kind() {
+        InodeKind::Directory => "directory",
+        InodeKind::File => "file",
+        InodeKind::Symlink => "symlink",
+        InodeKind::Unspecified => "unknown",
+    };
+    if args.json {
+        let v = serde_json::json!({
+            "path": args.path, "type": kind, "inode": a.inode, "size": a.size, "mode": format!("{:o}", a.mode),
+            "uid": a.uid, "gid": a.gid, "nlink": a.nlink, "mtime_ns": a.mtime_ns, "ctime_ns": a.ctime_ns,
+            "replication": a.replication, "version": a.version, "chunks": a.extent_count,
+        });
+        println!("{v}");
+    } else {
+        println!("  path: {}\n  type: {kind}\n inode: {}\n  size: {}\n  mode: {:o}\n nlink: {}\n mtime: {} UTC", args.path, a.inode, a.size, a.mode, a.nlink, format_time(a.mtime_ns));
+        if a.kind() == InodeKind::File {
+            println!(
+                "chunks: {}\n  repl: {}\nversion: {}",
+                a.extent_count, a.replication, a.version
+            );
+        }
+    }
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct MkdirArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    pub path: String,
+    /// Create missing parents; an existing directory is not an error.
+    #[arg(short = 'p', long)]
+    pub parents: bool,
+}
+
+pub async fn mkdir(args: &MkdirArgs) -> Result<()> {
+    let client = args.cluster.connect().await?;
+    client
+        .mkdir(&args.path, args.parents)
+        .await
+        .with_context(|| format!("mkdir {}", args.path))?;
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct MvArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    pub src: String,
+    /// Destination path; an existing directory receives SRC under its own name.
+    pub dst: String,
+}
+
+pub async fn mv(args: &MvArgs) -> Result<()> {
+    let client = args.cluster.connect().await?;
+    let ctx = || format!("mv {} {}", args.src, args.dst);
+    let mut dst = args.dst.clone();
+    if let Some(a) = client.exists(&dst).await.with_context(ctx)? {
+        if is_dir(&a) && args.src.trim_end_matches('/') != dst.trim_end_matches('/') {
+            let name = args
+                .src
+                .trim_end_matches('/')
+                .rsplit('/')
+                .next()
+                .unwrap_or_default();
+            dst = crate::join(&dst, name);
+        }
+    }
+    client.rename(&args.src, &dst).await.with_context(ctx)?;
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RmArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    pub path: String,
+    /// Remove a directory and everything below it.
+    #[arg(short = 'r', long)]
+    pub recursive: bool,
+}
+
+pub async fn rm(args: &RmArgs) -> Result<()> {
+    let client = args.cluster.connect().await?;
+    client
+        .remove(&args.path, args.recursive)
+        .await
+        .map_err(|e| match e {
+            crate::Error::NotEmpty(p) => {
+                anyhow::anyhow!("rm {}: directory not empty: {p} (use -r)", args.path)
+            }
+            e => anyhow::Error::new(e).context(format!("rm {}", args.path)),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn formats_utc_times() {
+        assert_eq!(super::format_time(0), "1970-01-01 00:00:00");
+        assert_eq!(
+            super::format_time(1_795_000_000 * 1_000_000_000),
+            "2026-11-18 11:06:40"
+        );
+    }
+}

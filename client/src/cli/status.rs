@@ -1,0 +1,177 @@
+//! `cairn status`: the cluster at a glance. [`StatusJson`] is the one definition of both the
+//! human table and the `--json` output, which is a stable contract: fields are only added.
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::ClusterArgs;
+
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Print JSON (stable schema, see DESIGN.md).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct MasterJson {
+    pub id: u64,
+    pub addr: String,
+    pub role: String,
+    pub term: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub alive: bool,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ChunkserverJson {
+    pub id: u64,
+    pub addr: String,
+    pub zone: String,
+    pub state: String,
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub chunks: u64,
+    /// null when this leader has not heard from the node yet.
+    pub last_heartbeat_ms_ago: Option<u64>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct ChunksJson {
+    pub total: u64,
+    pub under_replicated: u64,
+    pub over_replicated: u64,
+    pub lost: u64,
+    pub repair_queue: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct StatusJson {
+    pub masters: Vec<MasterJson>,
+    pub chunkservers: Vec<ChunkserverJson>,
+    pub chunks: ChunksJson,
+    pub files: u64,
+    pub bytes: u64,
+}
+
+impl From<cairn_proto::v1::StatusResponse> for StatusJson {
+    fn from(s: cairn_proto::v1::StatusResponse) -> StatusJson {
+        let c = s.chunks.unwrap_or_default();
+        StatusJson {
+            masters: s
+                .masters
+                .into_iter()
+                .map(|m| MasterJson {
+                    id: m.id,
+                    addr: m.addr,
+                    role: m.role,
+                    term: m.term,
+                    commit_index: m.commit_index,
+                    applied_index: m.applied_index,
+                    alive: m.alive,
+                })
+                .collect(),
+            chunkservers: s
+                .chunkservers
+                .into_iter()
+                .map(|c| ChunkserverJson {
+                    id: c.id,
+                    addr: c.addr,
+                    zone: c.zone,
+                    state: c.state,
+                    capacity_bytes: c.capacity_bytes,
+                    used_bytes: c.used_bytes,
+                    chunks: c.chunks,
+                    last_heartbeat_ms_ago: (c.last_heartbeat_ms_ago != u64::MAX)
+                        .then_some(c.last_heartbeat_ms_ago),
+                })
+                .collect(),
+            chunks: ChunksJson {
+                total: c.total,
+                under_replicated: c.under_replicated,
+                over_replicated: c.over_replicated,
+                lost: c.lost,
+                repair_queue: c.repair_queue,
+            },
+            files: s.files,
+            bytes: s.bytes,
+        }
+    }
+}
+
+fn human(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+impl std::fmt::Display for StatusJson {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "MASTERS")?;
+        writeln!(
+            f,
+            "  {:>4}  {:<22} {:<10} {:>6} {:>10} {:>10}",
+            "ID", "ADDRESS", "ROLE", "TERM", "COMMIT", "APPLIED"
+        )?;
+        for m in &self.masters {
+            writeln!(
+                f,
+                "  {:>4}  {:<22} {:<10} {:>6} {:>10} {:>10}",
+                m.id, m.addr, m.role, m.term, m.commit_index, m.applied_index
+            )?;
+        }
+        writeln!(f, "CHUNKSERVERS")?;
+        writeln!(
+            f,
+            "  {:>20}  {:<22} {:<8} {:<6} {:>10} {:>10} {:>8} {:>9}",
+            "ID", "ADDRESS", "ZONE", "STATE", "CAPACITY", "USED", "CHUNKS", "HEARTBEAT"
+        )?;
+        for c in &self.chunkservers {
+            let hb = c.last_heartbeat_ms_ago.map_or("never".to_string(), |ms| {
+                format!("{:.1}s ago", ms as f64 / 1000.0)
+            });
+            writeln!(
+                f,
+                "  {:>20}  {:<22} {:<8} {:<6} {:>10} {:>10} {:>8} {:>9}",
+                c.id,
+                c.addr,
+                c.zone,
+                c.state,
+                human(c.capacity_bytes),
+                human(c.used_bytes),
+                c.chunks,
+                hb
+            )?;
+        }
+        let c = &self.chunks;
+        writeln!(
+            f,
+            "CHUNKS  total {}  under-replicated {}  over-replicated {}  lost {}  repair queue {}",
+            c.total, c.under_replicated, c.over_replicated, c.lost, c.repair_queue
+        )?;
+        write!(f, "FILES   {}  ({})", self.files, human(self.bytes))
+    }
+}
+
+pub async fn status(args: &StatusArgs) -> Result<()> {
+    let client = args.cluster.connect().await?;
+    let s: StatusJson = client.status().await.context("status")?.into();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        println!("{s}");
+    }
+    Ok(())
+}

@@ -1,0 +1,295 @@
+//! The data plane as a client sees it: QUIC connections to chunkservers (one per node, reused,
+//! many streams in parallel), chunk upload down a replica chain, ranged chunk reads, and a circuit
+//! breaker per node so that after a node dies reads skip it instead of each paying a timeout.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use cairn_proto::data::{chunk_request, ChunkRequest, ChunkResponse, GetChunk, PutChunk, Status};
+use cairn_proto::frame;
+use cairn_proto::v1::ChunkserverRef;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Time for one chunk request once connected: generous, a 4 MiB chunk at 10 MB/s fits.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+/// Consecutive failures that open a node's breaker.
+const BREAKER_THRESHOLD: u32 = 2;
+const BREAKER_OPEN: Duration = Duration::from_secs(5);
+const BREAKER_OPEN_MAX: Duration = Duration::from_secs(60);
+
+/// Why a chunk request failed, and so what to do next.
+#[derive(Debug)]
+pub enum ChunkError {
+    /// The node is unreachable or timed out: count against its breaker, try another.
+    Unreachable(String),
+    /// The node answered with an error status.
+    Refused(Status, String),
+    /// The bytes received do not match the chunk's hash (or the node said its copy is corrupt).
+    Corrupt(String),
+}
+
+impl std::fmt::Display for ChunkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChunkError::Unreachable(m) => write!(f, "unreachable: {m}"),
+            ChunkError::Refused(s, m) => write!(
+                f,
+                "{}: {m}",
+                s.as_str_name().trim_start_matches("STATUS_").to_lowercase()
+            ),
+            ChunkError::Corrupt(m) => write!(f, "corrupt: {m}"),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Breaker {
+    failures: u32,
+    open_until: Option<Instant>,
+    open_for: Duration,
+    probing: bool,
+}
+
+pub struct DataPlane {
+    endpoint: quinn::Endpoint,
+    conns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<quinn::Connection>>>>>,
+    breakers: Mutex<HashMap<u64, Breaker>>,
+}
+
+fn request_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+impl DataPlane {
+    pub fn new(identity: &cairn_common::tls::Identity) -> anyhow::Result<DataPlane> {
+        let mut endpoint = quinn::Endpoint::client("0.0.0.0:0".parse().expect("valid address"))?;
+        endpoint.set_default_client_config(identity.quic_client()?);
+        Ok(DataPlane {
+            endpoint,
+            conns: Mutex::new(HashMap::new()),
+            breakers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    async fn connection(&self, addr: &str) -> Result<quinn::Connection, ChunkError> {
+        let slot = self
+            .conns
+            .lock()
+            .expect("conns lock")
+            .entry(addr.to_string())
+            .or_default()
+            .clone();
+        let mut slot = slot.lock().await;
+        if let Some(c) = slot.as_ref() {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let sa: SocketAddr = addr
+            .parse()
+            .map_err(|_| ChunkError::Unreachable(format!("bad address {addr:?}")))?;
+        let connecting = self
+            .endpoint
+            .connect(sa, cairn_common::tls::NODE_NAME)
+            .map_err(|e| ChunkError::Unreachable(format!("connect {addr}: {e}")))?;
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+            .await
+            .map_err(|_| ChunkError::Unreachable(format!("connect {addr}: timed out")))?
+            .map_err(|e| ChunkError::Unreachable(format!("connect {addr}: {e}")))?;
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Whether a request to `node` should be tried now. An open breaker lets one probe through
+    /// once its time is up (half-open); the probe's result closes or reopens it.
+    pub fn allow(&self, node: u64) -> bool {
+        let mut g = self.breakers.lock().expect("breakers lock");
+        let b = g.entry(node).or_default();
+        match b.open_until {
+            None => true,
+            Some(t) if Instant::now() < t => false,
+            Some(_) if b.probing => false,
+            Some(_) => {
+                b.probing = true;
+                true
+            }
+        }
+    }
+
+    pub fn succeeded(&self, node: u64) {
+        self.breakers
+            .lock()
+            .expect("breakers lock")
+            .insert(node, Breaker::default());
+    }
+
+    pub fn failed(&self, node: u64) {
+        let mut g = self.breakers.lock().expect("breakers lock");
+        let b = g.entry(node).or_default();
+        b.failures += 1;
+        if b.probing || b.failures >= BREAKER_THRESHOLD {
+            b.open_for = if b.open_for.is_zero() {
+                BREAKER_OPEN
+            } else {
+                (b.open_for * 2).min(BREAKER_OPEN_MAX)
+            };
+            b.open_until = Some(Instant::now() + b.open_for);
+            b.probing = false;
+        }
+    }
+
+    /// Nodes whose breaker is open now: placement should avoid them.
+    pub fn open_breakers(&self) -> Vec<u64> {
+        let now = Instant::now();
+        let g = self.breakers.lock().expect("breakers lock");
+        g.iter()
+            .filter(|(_, b)| b.open_until.is_some_and(|t| now < t))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    async fn exchange(
+        &self,
+        addr: &str,
+        req: ChunkRequest,
+        body: Option<Bytes>,
+    ) -> Result<(ChunkResponse, quinn::RecvStream), ChunkError> {
+        let conn = self.connection(addr).await?;
+        let unreachable =
+            |e: &dyn std::fmt::Display| ChunkError::Unreachable(format!("{addr}: {e}"));
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| unreachable(&e))?;
+        send.write_all(&frame::encode(&req))
+            .await
+            .map_err(|e| unreachable(&e))?;
+        if let Some(body) = body {
+            send.write_all(&body).await.map_err(|e| unreachable(&e))?;
+        }
+        send.finish().map_err(|e| unreachable(&e))?;
+        let resp: ChunkResponse = frame::read(&mut recv).await.map_err(|e| unreachable(&e))?;
+        Ok((resp, recv))
+    }
+
+    /// Uploads a chunk to `targets[0]`, which forwards it down the rest of the chain. Succeeds
+    /// only when every target made it durable.
+    pub async fn put_chunk(
+        &self,
+        targets: &[ChunkserverRef],
+        hash: &[u8; 32],
+        data: Bytes,
+    ) -> Result<(), (u64, ChunkError)> {
+        let first = targets
+            .first()
+            .ok_or((0, ChunkError::Unreachable("no targets".into())))?;
+        let req = ChunkRequest {
+            request_id: request_id(),
+            op: Some(chunk_request::Op::Put(PutChunk {
+                hash: hash.to_vec(),
+                length: data.len() as u64,
+                chain: targets[1..].iter().map(|t| t.addr.clone()).collect(),
+            })),
+        };
+        let res =
+            tokio::time::timeout(REQUEST_TIMEOUT, self.exchange(&first.addr, req, Some(data)))
+                .await;
+        let resp = match res {
+            Err(_) => {
+                return Err((
+                    first.id,
+                    ChunkError::Unreachable(format!("{}: upload timed out", first.addr)),
+                ))
+            }
+            Ok(Err(e)) => return Err((first.id, e)),
+            Ok(Ok((resp, _))) => resp,
+        };
+        match resp.status() {
+            Status::Ok if resp.replicas as usize == targets.len() => Ok(()),
+            Status::Ok => Err((
+                first.id,
+                ChunkError::Refused(
+                    Status::Unavailable,
+                    format!("{} of {} replicas acked", resp.replicas, targets.len()),
+                ),
+            )),
+            s => Err((first.id, ChunkError::Refused(s, resp.message))),
+        }
+    }
+
+    /// Reads `length` bytes at `offset` of a chunk from one replica (length 0: the rest). A whole
+    /// chunk is checked against its hash here; a range was checked by the server, which verifies
+    /// the chunk before it serves any part of it.
+    pub async fn get_chunk(
+        &self,
+        node: &ChunkserverRef,
+        hash: &[u8; 32],
+        chunk_len: u64,
+        offset: u64,
+        length: u64,
+    ) -> Result<Bytes, ChunkError> {
+        let req = ChunkRequest {
+            request_id: request_id(),
+            op: Some(chunk_request::Op::Get(GetChunk {
+                hash: hash.to_vec(),
+                offset,
+                length,
+            })),
+        };
+        let want = if length == 0 {
+            chunk_len.saturating_sub(offset)
+        } else {
+            length
+        };
+        let fetch = async {
+            let (resp, mut recv) = self.exchange(&node.addr, req, None).await?;
+            match resp.status() {
+                Status::Ok => {}
+                Status::Corrupt => {
+                    return Err(ChunkError::Corrupt(format!(
+                        "{} found its copy corrupt",
+                        node.addr
+                    )))
+                }
+                s => return Err(ChunkError::Refused(s, resp.message)),
+            }
+            if resp.length != want {
+                return Err(ChunkError::Refused(
+                    Status::Invalid,
+                    format!(
+                        "{} announced {} bytes, {want} expected",
+                        node.addr, resp.length
+                    ),
+                ));
+            }
+            let mut buf = BytesMut::zeroed(want as usize);
+            recv.read_exact(&mut buf)
+                .await
+                .map_err(|e| ChunkError::Unreachable(format!("{}: {e}", node.addr)))?;
+            Ok(buf.freeze())
+        };
+        let data = tokio::time::timeout(REQUEST_TIMEOUT, fetch)
+            .await
+            .map_err(|_| ChunkError::Unreachable(format!("{}: read timed out", node.addr)))??;
+        if offset == 0 && want == chunk_len {
+            let h = hash_chunk(data.clone()).await;
+            if &h != hash {
+                return Err(ChunkError::Corrupt(format!(
+                    "bytes from {} do not match the chunk hash",
+                    node.addr
+                )));
+            }
+        }
+        Ok(data)
+    }
+
+    pub fn close(&self) {
+        self.endpoint.close(0u32.into(), b"done");
+    }
+}
+
+/// BLAKE3 of a chunk, off the async threads.
+pub async fn hash_chunk(data: Bytes) -> [u8; 32] {
+    let h = tokio::task::spawn_blocking(move || *blake3::hash(&data).as_bytes()).await;
+    h.expect("hashing does not panic")
+}

@@ -1,0 +1,616 @@
+//! The Cairn client library: the only way into a cluster. The CLI, the FUSE mount and the S3
+//! gateway all sit on [`Client`]. It talks gRPC to the masters (metadata, placement, commits) and
+//! QUIC to chunkservers (chunk bytes); it never reaches into a master's or chunkserver's internals.
+//!
+//! Writes: data is cut into chunks, each hashed (BLAKE3) and placed by the leader; chunks the
+//! cluster already holds are not sent again; the rest stream to their first replica, which
+//! forwards down the chain, with a bounded window of chunks in flight. Only when every chunk is on
+//! all its replicas is the new extent list committed, atomically: readers see the old file or the
+//! new one. Reads fetch chunks in parallel from the best replica, verify them, and fail over.
+//!
+//! `cli` holds the code of the `cairn` commands that use only this library.
+
+pub mod cli;
+mod data;
+pub mod error;
+mod master;
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use cairn_proto::v1::{self as pb, Attr, ChunkserverRef, DirEntry, Extent, InodeKind};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+pub use data::hash_chunk;
+pub use error::{Error, Result};
+
+/// Chunks in flight (read ahead or being uploaded) per transfer: bounds memory to about
+/// `WINDOW * chunk size`.
+const WINDOW: usize = 12;
+/// Upload attempts per chunk, each with a fresh placement that avoids nodes that failed.
+const UPLOAD_ATTEMPTS: usize = 4;
+/// How long a read waits for a chunk's locations after a master restart (chunkservers report).
+const LOCATION_WAIT: Duration = Duration::from_secs(20);
+const LIST_PAGE: u32 = 1000;
+
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    pub masters: Vec<String>,
+    /// Identity directory with ca.pem, cert.pem, key.pem (see `cairn_common::tls`).
+    pub tls_dir: std::path::PathBuf,
+    /// Overall deadline of one metadata call, retries included.
+    pub master_deadline: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct PutOptions {
+    pub replication: u32,
+    /// Cut points: chunks of this size (the last may be shorter). At most `cairn_proto::MAX_CHUNK`.
+    pub chunk_size: usize,
+    pub mode: u32,
+}
+
+impl Default for PutOptions {
+    fn default() -> Self {
+        PutOptions {
+            replication: 3,
+            chunk_size: cairn_proto::MAX_CHUNK as usize,
+            mode: 0o644,
+        }
+    }
+}
+
+/// Receives the byte count of each piece transferred (for progress bars).
+pub type Progress<'a> = &'a (dyn Fn(u64) + Send + Sync);
+
+/// A connection to one cluster. Cloning is cheap and shares the connections.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    masters: master::Masters,
+    data: data::DataPlane,
+}
+
+fn is_dir(a: &Attr) -> bool {
+    a.kind() == InodeKind::Directory
+}
+
+/// The parent of an absolute path ("/" for a top-level name).
+pub fn parent_of(path: &str) -> &str {
+    let p = path.trim_end_matches('/');
+    match p.rfind('/') {
+        Some(0) | None => "/",
+        Some(i) => &p[..i],
+    }
+}
+
+/// `dir` joined with `name`.
+pub fn join(dir: &str, name: &str) -> String {
+    if dir.ends_with('/') {
+        format!("{dir}{name}")
+    } else {
+        format!("{dir}/{name}")
+    }
+}
+
+impl Client {
+    pub async fn connect(cfg: ClientConfig) -> Result<Client> {
+        let identity = cairn_common::tls::Identity::load(&cfg.tls_dir)
+            .map_err(|e| Error::InvalidArgument(format!("TLS credentials: {e:#}")))?;
+        let masters =
+            master::Masters::new(cfg.masters, identity.grpc_client(), cfg.master_deadline)?;
+        let data = data::DataPlane::new(&identity)
+            .map_err(|e| Error::Internal(format!("QUIC endpoint: {e:#}")))?;
+        Ok(Client {
+            inner: Arc::new(Inner { masters, data }),
+        })
+    }
+
+    pub async fn stat(&self, path: &str) -> Result<Attr> {
+        let path = path.to_string();
+        let r = self
+            .inner
+            .masters
+            .call(|mut c| {
+                let path = path.clone();
+                async move { c.stat(pb::StatRequest { path }).await }
+            })
+            .await?;
+        r.attr
+            .ok_or_else(|| Error::Internal("stat returned no attributes".into()))
+    }
+
+    /// Whether `path` exists (errors other than NotFound are returned).
+    pub async fn exists(&self, path: &str) -> Result<Option<Attr>> {
+        match self.stat(path).await {
+            Ok(a) => Ok(Some(a)),
+            Err(Error::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every entry of a directory (all pages). A file lists as itself, under its own name.
+    pub async fn list(&self, path: &str) -> Result<(Attr, Vec<DirEntry>)> {
+        let mut out = Vec::new();
+        let mut start_after = String::new();
+        loop {
+            let (p, s) = (path.to_string(), start_after.clone());
+            let r = self
+                .inner
+                .masters
+                .call(|mut c| {
+                    let req = pb::ListRequest {
+                        path: p.clone(),
+                        start_after: s.clone(),
+                        limit: LIST_PAGE,
+                    };
+                    async move { c.list(req).await }
+                })
+                .await?;
+            let attr = r.attr.unwrap_or_default();
+            if !is_dir(&attr) {
+                let name = path
+                    .trim_end_matches('/')
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or(path)
+                    .to_string();
+                return Ok((
+                    attr.clone(),
+                    vec![DirEntry {
+                        name,
+                        attr: Some(attr),
+                    }],
+                ));
+            }
+            if let Some(last) = r.entries.last() {
+                start_after = last.name.clone();
+            }
+            out.extend(r.entries);
+            if !r.more {
+                return Ok((attr, out));
+            }
+        }
+    }
+
+    pub async fn mkdir(&self, path: &str, parents: bool) -> Result<Attr> {
+        let req = pb::MkdirRequest {
+            path: path.to_string(),
+            parents,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+        };
+        let r = self
+            .inner
+            .masters
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.mkdir(req).await }
+            })
+            .await?;
+        r.attr
+            .ok_or_else(|| Error::Internal("mkdir returned no attributes".into()))
+    }
+
+    /// POSIX rename: replaces a file, or an empty directory, at `dst`.
+    pub async fn rename(&self, src: &str, dst: &str) -> Result<()> {
+        let req = pb::RenameRequest {
+            src: src.to_string(),
+            dst: dst.to_string(),
+        };
+        self.inner
+            .masters
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.rename(req).await }
+            })
+            .await?;
+        Ok(())
+    }
+
+    pub async fn remove(&self, path: &str, recursive: bool) -> Result<()> {
+        let req = pb::RemoveRequest {
+            path: path.to_string(),
+            recursive,
+        };
+        self.inner
+            .masters
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.remove(req).await }
+            })
+            .await?;
+        Ok(())
+    }
+
+    pub async fn status(&self) -> Result<pb::StatusResponse> {
+        self.inner
+            .masters
+            .call(|mut c| async move { c.status(pb::StatusRequest {}).await })
+            .await
+    }
+
+    async fn open(&self, path: &str) -> Result<pb::OpenFileResponse> {
+        let p = path.to_string();
+        self.inner
+            .masters
+            .call(|mut c| {
+                let p = p.clone();
+                async move { c.open_file(pb::OpenFileRequest { path: p }).await }
+            })
+            .await
+    }
+
+    /// Uploads everything `reader` yields as the new content of `path` (created or replaced).
+    /// The parent directory must exist. Returns the committed attributes. Nothing is visible at
+    /// `path` until every chunk is on all its replicas; a put that fails or is killed midway
+    /// leaves the old content in place.
+    pub async fn put<R: AsyncRead + Unpin>(
+        &self,
+        path: &str,
+        mut reader: R,
+        opts: &PutOptions,
+        progress: Progress<'_>,
+    ) -> Result<Attr> {
+        if opts.chunk_size == 0 || opts.chunk_size as u64 > cairn_proto::MAX_CHUNK {
+            return Err(Error::InvalidArgument(format!(
+                "chunk size {} (1 to {})",
+                opts.chunk_size,
+                cairn_proto::MAX_CHUNK
+            )));
+        }
+        // Fail before uploading anything when the commit could not succeed.
+        let parent = parent_of(path);
+        if !is_dir(&self.stat(parent).await?) {
+            return Err(Error::NotADirectory(parent.to_string()));
+        }
+        if let Some(a) = self.exists(path).await? {
+            if is_dir(&a) {
+                return Err(Error::IsADirectory(path.to_string()));
+            }
+        }
+        let mut extents = Vec::new();
+        let mut inflight: VecDeque<tokio::task::JoinHandle<Result<Extent>>> = VecDeque::new();
+        let mut eof = false;
+        let result: Result<()> = async {
+            loop {
+                while !eof && inflight.len() < WINDOW {
+                    let chunk = read_chunk(&mut reader, opts.chunk_size)
+                        .await
+                        .map_err(|e| Error::io("read input", e))?;
+                    if chunk.is_empty() {
+                        eof = true;
+                        break;
+                    }
+                    let (this, replication) = (self.clone(), opts.replication);
+                    inflight.push_back(tokio::spawn(async move {
+                        this.upload_chunk(chunk, replication).await
+                    }));
+                }
+                let Some(task) = inflight.pop_front() else {
+                    return Ok(());
+                };
+                let ext = task
+                    .await
+                    .map_err(|e| Error::Internal(format!("upload task: {e}")))??;
+                progress(ext.length);
+                extents.push(ext);
+            }
+        }
+        .await;
+        if let Err(e) = result {
+            for t in inflight {
+                t.abort();
+            }
+            return Err(e);
+        }
+        let req = pb::CommitFileRequest {
+            path: path.to_string(),
+            extents,
+            replication: opts.replication,
+            mode: opts.mode,
+            uid: 0,
+            gid: 0,
+        };
+        let r = self
+            .inner
+            .masters
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.commit_file(req).await }
+            })
+            .await?;
+        r.attr
+            .ok_or_else(|| Error::Internal("commit returned no attributes".into()))
+    }
+
+    /// Hashes a chunk, has it placed, and stores it on every target (unless the cluster already
+    /// holds it). A failed upload is placed again away from the nodes that failed.
+    async fn upload_chunk(&self, chunk: Bytes, replication: u32) -> Result<Extent> {
+        let hash = hash_chunk(chunk.clone()).await;
+        let extent = Extent {
+            hash: hash.to_vec(),
+            length: chunk.len() as u64,
+        };
+        let mut exclude: Vec<u64> = Vec::new();
+        let mut last = String::new();
+        for _ in 0..UPLOAD_ATTEMPTS {
+            let mut ex = self.inner.data.open_breakers();
+            ex.extend(&exclude);
+            ex.sort_unstable();
+            ex.dedup();
+            let req = pb::PlaceChunksRequest {
+                chunks: vec![pb::ChunkSpec {
+                    hash: hash.to_vec(),
+                    length: chunk.len() as u64,
+                }],
+                replication,
+                exclude: ex,
+            };
+            let r = self
+                .inner
+                .masters
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.place_chunks(req).await }
+                })
+                .await?;
+            let p = r
+                .placements
+                .into_iter()
+                .next()
+                .ok_or_else(|| Error::Internal("placement missing".into()))?;
+            if p.stored {
+                return Ok(extent);
+            }
+            match self
+                .inner
+                .data
+                .put_chunk(&p.targets, &hash, chunk.clone())
+                .await
+            {
+                Ok(()) => {
+                    for t in &p.targets {
+                        self.inner.data.succeeded(t.id);
+                    }
+                    return Ok(extent);
+                }
+                Err((node, e)) => {
+                    tracing::warn!(chunk = %hex::encode(hash), node, "upload failed: {e}");
+                    if let data::ChunkError::Refused(
+                        cairn_proto::data::Status::HashMismatch
+                        | cairn_proto::data::Status::Invalid,
+                        _,
+                    ) = e
+                    {
+                        return Err(Error::Upload {
+                            hash: hex::encode(hash),
+                            reason: e.to_string(),
+                        });
+                    }
+                    // The chain reports errors from further down by naming the failing address.
+                    let failed: Vec<u64> = match &e {
+                        data::ChunkError::Refused(_, m) => p
+                            .targets
+                            .iter()
+                            .filter(|t| m.contains(&t.addr))
+                            .map(|t| t.id)
+                            .collect(),
+                        _ => vec![],
+                    };
+                    let failed = if failed.is_empty() {
+                        vec![node]
+                    } else {
+                        failed
+                    };
+                    for id in failed {
+                        self.inner.data.failed(id);
+                        exclude.push(id);
+                    }
+                    last = e.to_string();
+                }
+            }
+        }
+        Err(Error::Upload {
+            hash: hex::encode(hash),
+            reason: last,
+        })
+    }
+
+    /// Convenience for small objects: `put` from memory.
+    pub async fn put_bytes(&self, path: &str, data: Bytes, opts: &PutOptions) -> Result<Attr> {
+        self.put(path, &data[..], opts, &|_| {}).await
+    }
+
+    /// Writes the file at `path` (or `len` bytes of it from `offset`; `None`: to the end) into
+    /// `out`, chunks fetched in parallel and written in order. Returns the bytes written.
+    pub async fn get<W: AsyncWrite + Unpin>(
+        &self,
+        path: &str,
+        out: &mut W,
+        offset: u64,
+        len: Option<u64>,
+        progress: Progress<'_>,
+    ) -> Result<u64> {
+        let mut file = self.open(path).await?;
+        let size = file.attr.as_ref().map_or(0, |a| a.size);
+        let start = offset.min(size);
+        let end = len.map_or(size, |l| start.saturating_add(l).min(size));
+        // After a master restart, locations come back with the chunkservers' reports.
+        let t0 = Instant::now();
+        while file.extents.iter().any(|e| {
+            e.replicas.is_empty()
+                && e.offset < end
+                && e.offset + e.extent.as_ref().map_or(0, |x| x.length) > start
+        }) {
+            if t0.elapsed() > LOCATION_WAIT {
+                let e = file
+                    .extents
+                    .iter()
+                    .find(|e| e.replicas.is_empty())
+                    .and_then(|e| e.extent.clone())
+                    .unwrap_or_default();
+                return Err(Error::ChunkUnavailable {
+                    hash: hex::encode(&e.hash),
+                    reason: "no live replica is known".into(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            file = self.open(path).await?;
+        }
+        let mut inflight: VecDeque<tokio::task::JoinHandle<Result<Bytes>>> = VecDeque::new();
+        let mut pieces = file.extents.into_iter().filter_map(|loc| {
+            let ext = loc.extent.clone()?;
+            let (s, e) = (loc.offset, loc.offset + ext.length);
+            if e <= start || s >= end {
+                return None;
+            }
+            let from = start.max(s) - s;
+            let to = end.min(e) - s;
+            Some((loc, ext, from, to))
+        });
+        let mut written = 0u64;
+        let mut exhausted = false;
+        loop {
+            while !exhausted && inflight.len() < WINDOW {
+                match pieces.next() {
+                    Some((loc, ext, from, to)) => {
+                        let this = self.clone();
+                        inflight.push_back(tokio::spawn(async move {
+                            this.read_piece(&loc.replicas, &ext, from, to).await
+                        }));
+                    }
+                    None => exhausted = true,
+                }
+            }
+            let Some(task) = inflight.pop_front() else {
+                break;
+            };
+            let bytes = match task
+                .await
+                .map_err(|e| Error::Internal(format!("read task: {e}")))?
+            {
+                Ok(b) => b,
+                Err(e) => {
+                    for t in inflight {
+                        t.abort();
+                    }
+                    return Err(e);
+                }
+            };
+            out.write_all(&bytes)
+                .await
+                .map_err(|e| Error::io("write output", e))?;
+            written += bytes.len() as u64;
+            progress(bytes.len() as u64);
+        }
+        out.flush()
+            .await
+            .map_err(|e| Error::io("write output", e))?;
+        Ok(written)
+    }
+
+    /// Reads `[from, to)` of one chunk from the first replica that serves it correctly.
+    async fn read_piece(
+        &self,
+        replicas: &[ChunkserverRef],
+        ext: &Extent,
+        from: u64,
+        to: u64,
+    ) -> Result<Bytes> {
+        let hash: [u8; 32] = ext
+            .hash
+            .as_slice()
+            .try_into()
+            .map_err(|_| Error::Internal("chunk hash is not 32 bytes".into()))?;
+        let data = &self.inner.data;
+        // Nodes with a closed breaker first; open ones only as a last resort.
+        let (mut order, rest): (Vec<&ChunkserverRef>, Vec<&ChunkserverRef>) =
+            replicas.iter().partition(|r| data.allow(r.id));
+        order.extend(rest);
+        let mut errors = Vec::new();
+        for r in order {
+            match data.get_chunk(r, &hash, ext.length, from, to - from).await {
+                Ok(b) => {
+                    data.succeeded(r.id);
+                    return Ok(b);
+                }
+                Err(e) => {
+                    tracing::warn!(chunk = %hex::encode(hash), node = r.id, addr = %r.addr, "read failed: {e}");
+                    if let data::ChunkError::Corrupt(_) = e {
+                        self.report_bad(&hash, r.id, &e.to_string()).await;
+                    } else {
+                        data.failed(r.id);
+                    }
+                    errors.push(format!("{}: {e}", r.addr));
+                }
+            }
+        }
+        Err(Error::ChunkUnavailable {
+            hash: hex::encode(hash),
+            reason: if errors.is_empty() {
+                "no replicas".into()
+            } else {
+                errors.join("; ")
+            },
+        })
+    }
+
+    async fn report_bad(&self, hash: &[u8; 32], node: u64, reason: &str) {
+        let req = pb::ReportBadReplicaRequest {
+            hash: hash.to_vec(),
+            chunkserver_id: node,
+            reason: reason.to_string(),
+        };
+        let r = self
+            .inner
+            .masters
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.report_bad_replica(req).await }
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::warn!("could not report a bad replica: {e}");
+        }
+    }
+
+    /// Reads a byte range into memory.
+    pub async fn read(&self, path: &str, offset: u64, len: Option<u64>) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.get(path, &mut out, offset, len, &|_| {}).await?;
+        Ok(out)
+    }
+
+    pub fn close(&self) {
+        self.inner.data.close();
+    }
+}
+
+/// Reads until `size` bytes or the end of input: every chunk but the last is full-sized, so the
+/// same content always cuts into the same chunks.
+async fn read_chunk<R: AsyncRead + Unpin>(r: &mut R, size: usize) -> std::io::Result<Bytes> {
+    let mut buf = BytesMut::zeroed(size);
+    let mut filled = 0;
+    while filled < size {
+        let n = r.read(&mut buf[filled..]).await?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+    }
+    buf.truncate(filled);
+    Ok(buf.freeze())
+}
+
+/// Local path helper for the CLI: the final component of a path.
+pub fn base_name(p: &Path) -> Option<String> {
+    p.file_name().map(|n| n.to_string_lossy().into_owned())
+}

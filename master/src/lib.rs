@@ -1,0 +1,105 @@
+//! The Cairn master: the metadata service. It owns the Raft log (raft-rs, durable in redb), the
+//! namespace state machine replicated by it, and the leader's soft state about chunkservers
+//! (liveness, chunk locations, placement). It never stores chunk data and never talks QUIC; it
+//! meets chunkservers and clients only through the gRPC services in `cairn-proto`.
+
+pub mod cluster;
+pub mod error;
+mod logging;
+pub mod node;
+pub mod raftlog;
+mod service;
+pub mod state;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use cairn_proto::v1::{
+    cluster_server::ClusterServer, master_server::MasterServer, raft_server::RaftServer,
+};
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+/// gRPC messages can carry the extent list of a very large file.
+pub const MAX_MESSAGE: usize = 64 << 20;
+
+pub struct Config {
+    pub id: u64,
+    pub data_dir: PathBuf,
+    /// Every voter at the group's creation, this master included: id -> gRPC address.
+    pub peers: BTreeMap<u64, String>,
+    pub identity: cairn_common::tls::Identity,
+    /// Silence after which a chunkserver counts as dead.
+    pub dead_after: Duration,
+}
+
+/// Serves until `shutdown` is cancelled (or the Raft driver fails, which cancels it).
+pub async fn run(
+    config: Config,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    anyhow::ensure!(config.id != 0, "master id 0 is reserved");
+    anyhow::ensure!(
+        config.peers.contains_key(&config.id),
+        "--peers does not name this master (id {})",
+        config.id
+    );
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("create {}", config.data_dir.display()))?;
+    let db_path = config.data_dir.join("master.redb");
+    let db = Arc::new(
+        redb::Database::create(&db_path)
+            .with_context(|| format!("open metadata store {}", db_path.display()))?,
+    );
+    let voters: Vec<u64> = config.peers.keys().copied().collect();
+    let log = raftlog::RaftLog::open(db.clone(), &voters).context("load raft log")?;
+    let state = state::State::open(db).context("open namespace")?;
+    let cluster = Arc::new(cluster::Cluster::new(config.dead_after));
+    let (node, driver) = node::Node::start(
+        node::NodeConfig {
+            id: config.id,
+            peers: config.peers.clone(),
+        },
+        log,
+        state.clone(),
+        cluster.clone(),
+        config.identity.clone(),
+        shutdown.clone(),
+    )?;
+    let services = service::Services {
+        node,
+        state,
+        cluster,
+    };
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
+        if let Ok(s) = &s {
+            let _ = s.set_nodelay(true);
+        }
+        s
+    });
+    let served = tonic::transport::Server::builder()
+        .tls_config(config.identity.grpc_server())
+        .context("gRPC TLS")?
+        .tcp_nodelay(true)
+        .add_service(
+            MasterServer::new(services.clone())
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(ClusterServer::new(services.clone()).max_decoding_message_size(MAX_MESSAGE))
+        .add_service(RaftServer::new(services).max_decoding_message_size(MAX_MESSAGE))
+        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
+        .await;
+    shutdown.cancel();
+    let driven = tokio::task::spawn_blocking(move || driver.join()).await;
+    served.context("gRPC server")?;
+    match driven {
+        Ok(Ok(res)) => res,
+        Ok(Err(_)) => Err(anyhow::anyhow!("raft driver panicked")),
+        Err(e) => Err(anyhow::anyhow!("join raft driver: {e}")),
+    }
+}

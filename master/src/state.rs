@@ -1,0 +1,703 @@
+//! The namespace state machine: inodes, directory entries, each file's extent list, chunk
+//! reference counts and the registry of chunkservers, all in redb.
+//!
+//! Every committed Raft entry is applied here, deterministically: the same entries give the same
+//! tables on every master (no clock, no randomness, ordered maps only; the leader's time travels in
+//! the entry). A batch of entries is applied in one redb transaction that also records the applied
+//! index, so after a crash no entry is applied twice or skipped. Each command validates everything
+//! before it writes anything, so a command that fails leaves no trace but its error result.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use cairn_proto::v1::{
+    command::Op, command_result, Attr, ChunkserverInfo, Command, CommandResult, CommitFileRequest,
+    DirEntry, Empty, Extent, Inode, InodeKind, MkdirRequest, RemoveRequest, RenameRequest,
+};
+use prost::Message;
+use redb::{
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, Table, TableDefinition,
+    WriteTransaction,
+};
+
+use crate::error::MetaError;
+
+const INODES: TableDefinition<u64, &[u8]> = TableDefinition::new("inodes");
+const DIRENTS: TableDefinition<(u64, &str), u64> = TableDefinition::new("dirents");
+/// chunk hash -> (reference count, replication goal: the highest of the files referencing it).
+const CHUNKS: TableDefinition<&[u8], (u64, u32)> = TableDefinition::new("chunk_refs");
+const CHUNKSERVERS: TableDefinition<u64, &[u8]> = TableDefinition::new("chunkservers");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+const APPLIED: &str = "applied_index";
+const NEXT_INODE: &str = "next_inode";
+const FILES: &str = "files";
+const BYTES: &str = "bytes";
+
+pub const ROOT: u64 = 1;
+/// Longest name in a directory, as on Linux.
+pub const NAME_MAX: usize = 255;
+pub const PATH_MAX: usize = 4096;
+/// Bound on one file's extent list (64 GiB at 4 MiB chunks... times 4): keeps one entry bounded.
+pub const MAX_EXTENTS: usize = 1 << 16;
+const MAX_REPLICATION: u32 = 16;
+
+/// Splits an absolute path into names, refusing what no directory entry may be called.
+pub fn split_path(path: &str) -> Result<Vec<&str>, MetaError> {
+    let bad = |why: &str| MetaError::InvalidArgument(format!("invalid path {path:?}: {why}"));
+    if path.len() > PATH_MAX {
+        return Err(bad("longer than 4096 bytes"));
+    }
+    let Some(rest) = path.strip_prefix('/') else {
+        return Err(bad("not absolute"));
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.is_empty() {
+        return Ok(vec![]);
+    }
+    let names: Vec<&str> = rest.split('/').collect();
+    for n in &names {
+        check_name(n).map_err(|e| bad(&e))?;
+    }
+    Ok(names)
+}
+
+pub fn check_name(n: &str) -> Result<(), String> {
+    match n {
+        "" => Err("empty name".into()),
+        "." | ".." => Err(format!("{n:?} is not a name")),
+        _ if n.len() > NAME_MAX => Err(format!("name longer than {NAME_MAX} bytes")),
+        _ if n.contains('\0') => Err("name contains NUL".into()),
+        _ => Ok(()),
+    }
+}
+
+fn join(names: &[&str]) -> String {
+    if names.is_empty() {
+        "/".into()
+    } else {
+        names.iter().fold(String::new(), |mut s, n| {
+            s.push('/');
+            s.push_str(n);
+            s
+        })
+    }
+}
+
+fn decode_inode(bytes: &[u8]) -> anyhow::Result<Inode> {
+    Inode::decode(bytes).context("decode inode")
+}
+
+fn kind(i: &Inode) -> InodeKind {
+    i.attr.as_ref().map_or(InodeKind::Unspecified, |a| a.kind())
+}
+
+/// Read-only views run on their own snapshot of the tables, beside the applier.
+pub struct Reader {
+    txn: ReadTransaction,
+}
+
+/// Lookups shared by the reader and the applier.
+trait Tables {
+    fn inode(&self, id: u64) -> Result<Option<Inode>, MetaError>;
+    fn child(&self, parent: u64, name: &str) -> Result<Option<u64>, MetaError>;
+
+    /// Resolves `names` from the root; errors name the path prefix that failed.
+    fn resolve(&self, names: &[&str]) -> Result<(u64, Inode), MetaError> {
+        let mut id = ROOT;
+        let mut node = self
+            .inode(ROOT)?
+            .ok_or_else(|| MetaError::Internal(anyhow::anyhow!("root inode missing")))?;
+        for (i, name) in names.iter().enumerate() {
+            if kind(&node) != InodeKind::Directory {
+                return Err(MetaError::NotADirectory(join(&names[..i])));
+            }
+            id = self
+                .child(id, name)?
+                .ok_or_else(|| MetaError::NotFound(join(&names[..=i])))?;
+            node = self.inode(id)?.ok_or_else(|| {
+                MetaError::Internal(anyhow::anyhow!("dangling entry {}", join(&names[..=i])))
+            })?;
+        }
+        Ok((id, node))
+    }
+
+    fn resolve_dir(&self, names: &[&str]) -> Result<u64, MetaError> {
+        let (id, node) = self.resolve(names)?;
+        if kind(&node) != InodeKind::Directory {
+            return Err(MetaError::NotADirectory(join(names)));
+        }
+        Ok(id)
+    }
+}
+
+fn storage(e: impl Into<redb::Error>) -> MetaError {
+    MetaError::from(e.into())
+}
+
+impl Tables for Reader {
+    fn inode(&self, id: u64) -> Result<Option<Inode>, MetaError> {
+        let t = self.txn.open_table(INODES).map_err(storage)?;
+        let v = t.get(id).map_err(storage)?;
+        Ok(match v {
+            Some(v) => Some(decode_inode(v.value())?),
+            None => None,
+        })
+    }
+    fn child(&self, parent: u64, name: &str) -> Result<Option<u64>, MetaError> {
+        let t = self.txn.open_table(DIRENTS).map_err(storage)?;
+        Ok(t.get((parent, name)).map_err(storage)?.map(|v| v.value()))
+    }
+}
+
+impl Reader {
+    pub fn stat(&self, path: &str) -> Result<Attr, MetaError> {
+        let names = split_path(path)?;
+        Ok(self.resolve(&names)?.1.attr.unwrap_or_default())
+    }
+
+    /// A file's attributes and extents. Directories have no extents to open.
+    pub fn open_file(&self, path: &str) -> Result<Inode, MetaError> {
+        let names = split_path(path)?;
+        let (_, node) = self.resolve(&names)?;
+        if kind(&node) == InodeKind::Directory {
+            return Err(MetaError::IsADirectory(path.to_string()));
+        }
+        Ok(node)
+    }
+
+    /// One page of a directory, in bytewise name order, after `start_after`. A file lists as
+    /// itself (no entries) so callers can tell what they listed from the returned attr.
+    pub fn list(
+        &self,
+        path: &str,
+        start_after: &str,
+        limit: usize,
+    ) -> Result<(Attr, Vec<DirEntry>, bool), MetaError> {
+        let names = split_path(path)?;
+        let (id, node) = self.resolve(&names)?;
+        let attr = node.attr.clone().unwrap_or_default();
+        if kind(&node) != InodeKind::Directory {
+            return Ok((attr, vec![], false));
+        }
+        let t = self.txn.open_table(DIRENTS).map_err(storage)?;
+        let mut out = Vec::new();
+        let mut more = false;
+        let range = t.range((id, start_after)..(id + 1, "")).map_err(storage)?;
+        for item in range {
+            let (k, v) = item.map_err(storage)?;
+            let (_, name) = k.value();
+            if name == start_after {
+                continue;
+            }
+            if out.len() == limit {
+                more = true;
+                break;
+            }
+            let child = self
+                .inode(v.value())?
+                .ok_or_else(|| MetaError::Internal(anyhow::anyhow!("dangling entry {name}")))?;
+            out.push(DirEntry {
+                name: name.to_string(),
+                attr: child.attr,
+            });
+        }
+        Ok((attr, out, more))
+    }
+
+    pub fn chunkservers(&self) -> Result<Vec<ChunkserverInfo>, MetaError> {
+        let t = self.txn.open_table(CHUNKSERVERS).map_err(storage)?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(storage)? {
+            let (_, v) = item.map_err(storage)?;
+            out.push(
+                ChunkserverInfo::decode(v.value())
+                    .context("decode chunkserver")
+                    .map_err(MetaError::Internal)?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Every referenced chunk with its replication goal, for health accounting.
+    pub fn for_each_chunk(&self, mut f: impl FnMut(&[u8], u32)) -> Result<(), MetaError> {
+        let t = self.txn.open_table(CHUNKS).map_err(storage)?;
+        for item in t.iter().map_err(storage)? {
+            let (k, v) = item.map_err(storage)?;
+            f(k.value(), v.value().1);
+        }
+        Ok(())
+    }
+
+    pub fn counter(&self, key: &str) -> Result<u64, MetaError> {
+        let t = self.txn.open_table(META).map_err(storage)?;
+        Ok(t.get(key).map_err(storage)?.map_or(0, |v| v.value()))
+    }
+
+    pub fn files(&self) -> Result<u64, MetaError> {
+        self.counter(FILES)
+    }
+    pub fn bytes(&self) -> Result<u64, MetaError> {
+        self.counter(BYTES)
+    }
+}
+
+/// The tables as seen inside one apply transaction.
+struct Writer<'t> {
+    inodes: Table<'t, u64, &'static [u8]>,
+    dirents: Table<'t, (u64, &'static str), u64>,
+    chunks: Table<'t, &'static [u8], (u64, u32)>,
+    chunkservers: Table<'t, u64, &'static [u8]>,
+    meta: Table<'t, &'static str, u64>,
+}
+
+impl Tables for Writer<'_> {
+    fn inode(&self, id: u64) -> Result<Option<Inode>, MetaError> {
+        let v = self.inodes.get(id).map_err(storage)?;
+        Ok(match v {
+            Some(v) => Some(decode_inode(v.value())?),
+            None => None,
+        })
+    }
+    fn child(&self, parent: u64, name: &str) -> Result<Option<u64>, MetaError> {
+        Ok(self
+            .dirents
+            .get((parent, name))
+            .map_err(storage)?
+            .map(|v| v.value()))
+    }
+}
+
+impl Writer<'_> {
+    fn counter(&self, key: &str) -> Result<u64, MetaError> {
+        Ok(self
+            .meta
+            .get(key)
+            .map_err(storage)?
+            .map_or(0, |v| v.value()))
+    }
+    fn add_counter(&mut self, key: &str, delta: i64) -> Result<(), MetaError> {
+        let v = self.counter(key)?.saturating_add_signed(delta);
+        self.meta.insert(key, v).map_err(storage)?;
+        Ok(())
+    }
+    fn put_inode(&mut self, id: u64, node: &Inode) -> Result<(), MetaError> {
+        self.inodes
+            .insert(id, node.encode_to_vec().as_slice())
+            .map_err(storage)?;
+        Ok(())
+    }
+    fn alloc_inode(&mut self) -> Result<u64, MetaError> {
+        let id = self.counter(NEXT_INODE)?.max(ROOT + 1);
+        self.meta.insert(NEXT_INODE, id + 1).map_err(storage)?;
+        Ok(id)
+    }
+    fn has_children(&self, dir: u64) -> Result<bool, MetaError> {
+        Ok(self
+            .dirents
+            .range((dir, "")..(dir + 1, ""))
+            .map_err(storage)?
+            .next()
+            .is_some())
+    }
+    fn children(&self, dir: u64) -> Result<Vec<(String, u64)>, MetaError> {
+        let mut out = Vec::new();
+        for item in self
+            .dirents
+            .range((dir, "")..(dir + 1, ""))
+            .map_err(storage)?
+        {
+            let (k, v) = item.map_err(storage)?;
+            out.push((k.value().1.to_string(), v.value()));
+        }
+        Ok(out)
+    }
+    fn add_link_count(&mut self, dir: u64, delta: i64, time_ns: i64) -> Result<(), MetaError> {
+        let mut node = self
+            .inode(dir)?
+            .ok_or_else(|| MetaError::Internal(anyhow::anyhow!("inode {dir} missing")))?;
+        let attr = node.attr.get_or_insert_default();
+        attr.nlink = attr.nlink.saturating_add_signed(delta as i32);
+        attr.mtime_ns = time_ns;
+        attr.ctime_ns = time_ns;
+        self.put_inode(dir, &node)
+    }
+    fn chunk_refs(
+        &mut self,
+        extents: &[Extent],
+        replication: u32,
+        delta: i64,
+    ) -> Result<(), MetaError> {
+        for e in extents {
+            let cur = self
+                .chunks
+                .get(e.hash.as_slice())
+                .map_err(storage)?
+                .map(|v| v.value());
+            let (count, goal) = cur.unwrap_or((0, 0));
+            let count = count.saturating_add_signed(delta);
+            if count == 0 {
+                self.chunks.remove(e.hash.as_slice()).map_err(storage)?;
+            } else {
+                self.chunks
+                    .insert(e.hash.as_slice(), (count, goal.max(replication)))
+                    .map_err(storage)?;
+            }
+        }
+        Ok(())
+    }
+    /// Drops an inode that lost its last name: its chunks lose a reference.
+    fn release(&mut self, id: u64, node: &Inode) -> Result<(), MetaError> {
+        if kind(node) == InodeKind::File {
+            let attr = node.attr.clone().unwrap_or_default();
+            self.chunk_refs(&node.extents, attr.replication, -1)?;
+            self.add_counter(FILES, -1)?;
+            self.add_counter(BYTES, -(attr.size as i64))?;
+        }
+        self.inodes.remove(id).map_err(storage)?;
+        Ok(())
+    }
+}
+
+fn new_attr(id: u64, kind: InodeKind, mode: u32, uid: u32, gid: u32, time_ns: i64) -> Attr {
+    Attr {
+        inode: id,
+        kind: kind as i32,
+        mode: mode & 0o7777,
+        uid,
+        gid,
+        mtime_ns: time_ns,
+        ctime_ns: time_ns,
+        nlink: if kind == InodeKind::Directory { 2 } else { 1 },
+        ..Default::default()
+    }
+}
+
+/// Checks an extent list from a client before it is proposed (and again when applied).
+pub fn check_extents(extents: &[Extent]) -> Result<u64, MetaError> {
+    if extents.len() > MAX_EXTENTS {
+        return Err(MetaError::InvalidArgument(format!(
+            "{} extents, at most {MAX_EXTENTS}",
+            extents.len()
+        )));
+    }
+    let mut size = 0u64;
+    for e in extents {
+        if e.hash.len() != cairn_proto::HASH_LEN {
+            return Err(MetaError::InvalidArgument(
+                "chunk hash is not 32 bytes".into(),
+            ));
+        }
+        if e.length == 0 || e.length > cairn_proto::MAX_CHUNK {
+            return Err(MetaError::InvalidArgument(format!(
+                "extent of {} bytes",
+                e.length
+            )));
+        }
+        size += e.length;
+    }
+    Ok(size)
+}
+
+/// The namespace database. Cloning shares it.
+#[derive(Clone)]
+pub struct State {
+    db: Arc<Database>,
+}
+
+impl State {
+    /// Opens the tables, creating the root directory in a new database.
+    pub fn open(db: Arc<Database>) -> anyhow::Result<State> {
+        let txn = db.begin_write()?;
+        {
+            let mut inodes = txn.open_table(INODES)?;
+            if inodes.get(ROOT)?.is_none() {
+                let root = Inode {
+                    attr: Some(new_attr(ROOT, InodeKind::Directory, 0o755, 0, 0, 0)),
+                    extents: vec![],
+                };
+                inodes.insert(ROOT, root.encode_to_vec().as_slice())?;
+            }
+            txn.open_table(DIRENTS)?;
+            txn.open_table(CHUNKS)?;
+            txn.open_table(CHUNKSERVERS)?;
+            txn.open_table(META)?;
+        }
+        txn.commit()?;
+        Ok(State { db })
+    }
+
+    pub fn reader(&self) -> Result<Reader, MetaError> {
+        Ok(Reader {
+            txn: self.db.begin_read().map_err(storage)?,
+        })
+    }
+
+    pub fn applied_index(&self) -> Result<u64, MetaError> {
+        self.reader()?.counter(APPLIED)
+    }
+
+    /// Applies a batch of committed commands and records `applied` in the same durable
+    /// transaction. A storage error aborts the whole batch (the caller must stop: crash-only).
+    pub fn apply_batch(
+        &self,
+        cmds: &[(u64, Option<Command>)],
+        applied: u64,
+    ) -> anyhow::Result<Vec<CommandResult>> {
+        let txn: WriteTransaction = self.db.begin_write()?;
+        let mut results = Vec::with_capacity(cmds.len());
+        {
+            let mut w = Writer {
+                inodes: txn.open_table(INODES)?,
+                dirents: txn.open_table(DIRENTS)?,
+                chunks: txn.open_table(CHUNKS)?,
+                chunkservers: txn.open_table(CHUNKSERVERS)?,
+                meta: txn.open_table(META)?,
+            };
+            for (_, cmd) in cmds {
+                let res = match cmd {
+                    Some(cmd) => apply_one(&mut w, cmd),
+                    None => Ok(command_result::Result::Done(Empty {})),
+                };
+                let res = match res {
+                    Ok(r) => r,
+                    Err(e) => match e.to_command() {
+                        Some(ce) => command_result::Result::Error(ce),
+                        None => return Err(anyhow::anyhow!("apply failed: {e}")),
+                    },
+                };
+                results.push(CommandResult { result: Some(res) });
+            }
+            w.meta.insert(APPLIED, applied)?;
+        }
+        txn.commit()?;
+        Ok(results)
+    }
+}
+
+fn apply_one(w: &mut Writer<'_>, cmd: &Command) -> Result<command_result::Result, MetaError> {
+    let t = cmd.time_ns;
+    match &cmd.op {
+        Some(Op::Mkdir(req)) => mkdir(w, req, t).map(command_result::Result::Attr),
+        Some(Op::CommitFile(req)) => commit_file(w, req, t).map(command_result::Result::Attr),
+        Some(Op::Rename(req)) => rename(w, req, t).map(|_| command_result::Result::Done(Empty {})),
+        Some(Op::Remove(req)) => remove(w, req, t).map(|_| command_result::Result::Done(Empty {})),
+        Some(Op::RegisterChunkserver(info)) => {
+            w.chunkservers
+                .insert(info.id, info.encode_to_vec().as_slice())
+                .map_err(storage)?;
+            Ok(command_result::Result::Done(Empty {}))
+        }
+        None => Err(MetaError::InvalidArgument("empty command".into())),
+    }
+}
+
+fn mkdir(w: &mut Writer<'_>, req: &MkdirRequest, t: i64) -> Result<Attr, MetaError> {
+    let names = split_path(&req.path)?;
+    if names.is_empty() {
+        return if req.parents {
+            Ok(w.resolve(&[])?.1.attr.unwrap_or_default())
+        } else {
+            Err(MetaError::AlreadyExists("/".into()))
+        };
+    }
+    let mut dir = ROOT;
+    for (i, name) in names.iter().enumerate() {
+        let last = i + 1 == names.len();
+        match w.child(dir, name)? {
+            Some(id) => {
+                let node = w
+                    .inode(id)?
+                    .ok_or_else(|| MetaError::Internal(anyhow::anyhow!("dangling entry")))?;
+                if last {
+                    return if req.parents && kind(&node) == InodeKind::Directory {
+                        Ok(node.attr.unwrap_or_default())
+                    } else {
+                        Err(MetaError::AlreadyExists(join(&names)))
+                    };
+                }
+                if kind(&node) != InodeKind::Directory {
+                    return Err(MetaError::NotADirectory(join(&names[..=i])));
+                }
+                dir = id;
+            }
+            None if last || req.parents => {
+                // From here on every lookup is in a directory this command created: nothing can
+                // fail any more, so the command stays atomic.
+                let id = w.alloc_inode()?;
+                let attr = new_attr(id, InodeKind::Directory, req.mode, req.uid, req.gid, t);
+                w.put_inode(
+                    id,
+                    &Inode {
+                        attr: Some(attr.clone()),
+                        extents: vec![],
+                    },
+                )?;
+                w.dirents.insert((dir, *name), id).map_err(storage)?;
+                w.add_link_count(dir, 1, t)?;
+                if last {
+                    return Ok(attr);
+                }
+                dir = id;
+            }
+            None => return Err(MetaError::NotFound(join(&names[..=i]))),
+        }
+    }
+    unreachable!("the loop returns at the last name")
+}
+
+fn commit_file(w: &mut Writer<'_>, req: &CommitFileRequest, t: i64) -> Result<Attr, MetaError> {
+    let names = split_path(&req.path)?;
+    let Some((name, parent_names)) = names.split_last() else {
+        return Err(MetaError::IsADirectory("/".into()));
+    };
+    let size = check_extents(&req.extents)?;
+    if req.replication == 0 || req.replication > MAX_REPLICATION {
+        return Err(MetaError::InvalidArgument(format!(
+            "replication {} (1 to {MAX_REPLICATION})",
+            req.replication
+        )));
+    }
+    let parent = w.resolve_dir(parent_names)?;
+    let (id, mut node) = match w.child(parent, name)? {
+        Some(id) => {
+            let node = w
+                .inode(id)?
+                .ok_or_else(|| MetaError::Internal(anyhow::anyhow!("dangling entry")))?;
+            match kind(&node) {
+                InodeKind::File => {}
+                InodeKind::Directory => return Err(MetaError::IsADirectory(req.path.clone())),
+                _ => {
+                    return Err(MetaError::InvalidArgument(format!(
+                        "{} is not a regular file",
+                        req.path
+                    )))
+                }
+            }
+            let old = node.attr.clone().unwrap_or_default();
+            w.chunk_refs(&node.extents, old.replication, -1)?;
+            w.add_counter(BYTES, -(old.size as i64))?;
+            (id, node)
+        }
+        None => {
+            let id = w.alloc_inode()?;
+            w.dirents.insert((parent, *name), id).map_err(storage)?;
+            w.add_counter(FILES, 1)?;
+            w.add_link_count(parent, 0, t)?;
+            (
+                id,
+                Inode {
+                    attr: Some(new_attr(id, InodeKind::File, req.mode, req.uid, req.gid, t)),
+                    extents: vec![],
+                },
+            )
+        }
+    };
+    w.chunk_refs(&req.extents, req.replication, 1)?;
+    w.add_counter(BYTES, size as i64)?;
+    let attr = node.attr.get_or_insert_default();
+    attr.size = size;
+    attr.replication = req.replication;
+    attr.version += 1;
+    attr.mtime_ns = t;
+    attr.ctime_ns = t;
+    attr.extent_count = req.extents.len() as u64;
+    node.extents = req.extents.clone();
+    w.put_inode(id, &node)?;
+    Ok(node.attr.unwrap_or_default())
+}
+
+fn rename(w: &mut Writer<'_>, req: &RenameRequest, t: i64) -> Result<(), MetaError> {
+    let src = split_path(&req.src)?;
+    let dst = split_path(&req.dst)?;
+    let (Some((sname, sparent)), Some((dname, dparent))) = (src.split_last(), dst.split_last())
+    else {
+        return Err(MetaError::InvalidArgument(
+            "cannot rename the root directory".into(),
+        ));
+    };
+    let sdir = w.resolve_dir(sparent)?;
+    let sid = w
+        .child(sdir, sname)?
+        .ok_or_else(|| MetaError::NotFound(req.src.clone()))?;
+    let snode = w
+        .inode(sid)?
+        .ok_or_else(|| MetaError::Internal(anyhow::anyhow!("dangling entry")))?;
+    let src_is_dir = kind(&snode) == InodeKind::Directory;
+    if src == dst {
+        return Ok(());
+    }
+    if src_is_dir && dst.len() > src.len() && dst[..src.len()] == src[..] {
+        return Err(MetaError::InvalidArgument(format!(
+            "cannot move {} into its own subtree {}",
+            req.src, req.dst
+        )));
+    }
+    let ddir = w.resolve_dir(dparent)?;
+    if let Some(did) = w.child(ddir, dname)? {
+        let dnode = w
+            .inode(did)?
+            .ok_or_else(|| MetaError::Internal(anyhow::anyhow!("dangling entry")))?;
+        let dst_is_dir = kind(&dnode) == InodeKind::Directory;
+        match (src_is_dir, dst_is_dir) {
+            (true, false) => return Err(MetaError::NotADirectory(req.dst.clone())),
+            (false, true) => return Err(MetaError::IsADirectory(req.dst.clone())),
+            (true, true) if w.has_children(did)? => {
+                return Err(MetaError::NotEmpty(req.dst.clone()))
+            }
+            _ => {}
+        }
+        w.dirents.remove((ddir, *dname)).map_err(storage)?;
+        if dst_is_dir {
+            w.add_link_count(ddir, -1, t)?;
+        }
+        w.release(did, &dnode)?;
+    }
+    w.dirents.remove((sdir, *sname)).map_err(storage)?;
+    w.dirents.insert((ddir, *dname), sid).map_err(storage)?;
+    w.add_link_count(sdir, if src_is_dir { -1 } else { 0 }, t)?;
+    w.add_link_count(ddir, if src_is_dir { 1 } else { 0 }, t)?;
+    let mut snode = snode;
+    snode.attr.get_or_insert_default().ctime_ns = t;
+    w.put_inode(sid, &snode)
+}
+
+fn remove(w: &mut Writer<'_>, req: &RemoveRequest, t: i64) -> Result<(), MetaError> {
+    let names = split_path(&req.path)?;
+    let Some((name, parent_names)) = names.split_last() else {
+        return Err(MetaError::InvalidArgument(
+            "cannot remove the root directory".into(),
+        ));
+    };
+    let parent = w.resolve_dir(parent_names)?;
+    let id = w
+        .child(parent, name)?
+        .ok_or_else(|| MetaError::NotFound(req.path.clone()))?;
+    let node = w
+        .inode(id)?
+        .ok_or_else(|| MetaError::Internal(anyhow::anyhow!("dangling entry")))?;
+    let is_dir = kind(&node) == InodeKind::Directory;
+    if is_dir && !req.recursive && w.has_children(id)? {
+        return Err(MetaError::NotEmpty(req.path.clone()));
+    }
+    w.dirents.remove((parent, *name)).map_err(storage)?;
+    w.add_link_count(parent, if is_dir { -1 } else { 0 }, t)?;
+    // Depth-first over the subtree with an explicit stack: no recursion depth limit to hit.
+    let mut stack = vec![(id, node)];
+    while let Some((id, node)) = stack.pop() {
+        if kind(&node) == InodeKind::Directory {
+            for (cname, cid) in w.children(id)? {
+                w.dirents.remove((id, cname.as_str())).map_err(storage)?;
+                let child = w
+                    .inode(cid)?
+                    .ok_or_else(|| MetaError::Internal(anyhow::anyhow!("dangling entry")))?;
+                stack.push((cid, child));
+            }
+        }
+        w.release(id, &node)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

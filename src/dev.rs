@@ -1,0 +1,324 @@
+//! `cairn dev`: a whole cluster on loopback for trying Cairn out and for tests. Every node is a
+//! child process of this same binary with its own data directory under DIR, so the cluster looks
+//! like a real one (kill -9 a chunkserver and watch). DIR keeps the data, the cluster CA, the
+//! ports and the logs; started again on the same DIR, the cluster comes back with its data.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use cairn_common::tls;
+use serde::{Deserialize, Serialize};
+use tokio::process::{Child, Command};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(clap::Args, Debug)]
+pub struct DevArgs {
+    /// Directory for data, certificates, logs and the env file.
+    #[arg(long, default_value = "cairn-dev")]
+    pub dir: PathBuf,
+    /// Masters in the Raft group.
+    #[arg(long, default_value_t = 1)]
+    pub masters: u32,
+    /// Chunkservers.
+    #[arg(long, default_value_t = 4)]
+    pub chunkservers: u32,
+    /// Capacity of each chunkserver in bytes (default: the disk).
+    #[arg(long)]
+    pub chunkserver_capacity: Option<u64>,
+}
+
+/// What must stay the same across restarts of a dev cluster: the masters' addresses (they are
+/// in the Raft membership).
+#[derive(Serialize, Deserialize)]
+struct Layout {
+    master_ports: Vec<u16>,
+}
+
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+    reported: bool,
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn layout(dir: &Path, masters: u32) -> Result<Layout> {
+    let path = dir.join("layout.json");
+    if let Ok(bytes) = std::fs::read(&path) {
+        let l: Layout =
+            serde_json::from_slice(&bytes).with_context(|| format!("parse {}", path.display()))?;
+        anyhow::ensure!(
+            l.master_ports.len() == masters as usize,
+            "{} was created with {} master(s); start it with --masters {} (or use a new --dir)",
+            dir.display(),
+            l.master_ports.len(),
+            l.master_ports.len()
+        );
+        return Ok(l);
+    }
+    let l = Layout {
+        master_ports: (0..masters).map(|_| free_port()).collect::<Result<_>>()?,
+    };
+    cairn_common::fsutil::durable_write(&path, &serde_json::to_vec_pretty(&l)?, 0o644)?;
+    Ok(l)
+}
+
+fn issue_once(ca: &Path, out: &Path, role: tls::Role) -> Result<()> {
+    if !out.join("cert.pem").exists() {
+        tls::issue(ca, out, role, &["127.0.0.1".parse().expect("valid ip")])?;
+    }
+    Ok(())
+}
+
+fn spawn(exe: &Path, name: &str, args: &[String], log: &Path) -> Result<Proc> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("open {}", log.display()))?;
+    let child = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .with_context(|| format!("start {name}"))?;
+    Ok(Proc {
+        name: name.to_string(),
+        child,
+        log: log.to_path_buf(),
+        reported: false,
+    })
+}
+
+fn last_line(log: &Path) -> String {
+    std::fs::read_to_string(log)
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .map(str::to_string)
+        })
+        .unwrap_or_default()
+}
+
+pub async fn run(a: &DevArgs) -> Result<()> {
+    anyhow::ensure!(a.masters >= 1 && a.masters <= 7, "--masters must be 1 to 7");
+    anyhow::ensure!(
+        a.masters == 1,
+        "multi-master groups are not available yet: use --masters 1"
+    );
+    anyhow::ensure!(
+        a.chunkservers >= 1 && a.chunkservers <= 64,
+        "--chunkservers must be 1 to 64"
+    );
+    let exe = std::env::current_exe().context("find the cairn binary")?;
+    std::fs::create_dir_all(&a.dir).with_context(|| format!("create {}", a.dir.display()))?;
+    let dir = std::fs::canonicalize(&a.dir)?;
+    let env_path = dir.join("env");
+    let _ = std::fs::remove_file(&env_path);
+    std::fs::create_dir_all(dir.join("logs"))?;
+
+    let ca = dir.join("ca");
+    tls::init_ca(&ca)?;
+    let layout = layout(&dir, a.masters)?;
+    let master_addrs: Vec<String> = layout
+        .master_ports
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect();
+    let peers = master_addrs
+        .iter()
+        .enumerate()
+        .map(|(i, m)| format!("{}={m}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    let client_tls = dir.join("client-tls");
+    issue_once(&ca, &client_tls, tls::Role::Client)?;
+
+    let shutdown = crate::servers::shutdown_on_signals()?;
+    let mut procs = Vec::new();
+    let started: Result<()> = async {
+        for (i, addr) in master_addrs.iter().enumerate() {
+            let id = i + 1;
+            let node = dir.join(format!("master-{id}"));
+            issue_once(&ca, &node.join("tls"), tls::Role::Node)?;
+            let args = vec![
+                "master".into(),
+                "--id".into(),
+                id.to_string(),
+                "--data".into(),
+                node.join("data").display().to_string(),
+                "--listen".into(),
+                addr.clone(),
+                "--peers".into(),
+                peers.clone(),
+                "--tls".into(),
+                node.join("tls").display().to_string(),
+            ];
+            procs.push(spawn(
+                &exe,
+                &format!("master {id}"),
+                &args,
+                &dir.join(format!("logs/master-{id}.log")),
+            )?);
+        }
+        for i in 1..=a.chunkservers {
+            let node = dir.join(format!("chunkserver-{i}"));
+            issue_once(&ca, &node.join("tls"), tls::Role::Node)?;
+            let mut args = vec![
+                "chunkserver".into(),
+                "--data".into(),
+                node.join("data").display().to_string(),
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--masters".into(),
+                master_addrs.join(","),
+                "--tls".into(),
+                node.join("tls").display().to_string(),
+            ];
+            if let Some(c) = a.chunkserver_capacity {
+                args.extend(["--capacity".into(), c.to_string()]);
+            }
+            procs.push(spawn(
+                &exe,
+                &format!("chunkserver {i}"),
+                &args,
+                &dir.join(format!("logs/chunkserver-{i}.log")),
+            )?);
+        }
+        wait_ready(
+            &master_addrs,
+            &client_tls,
+            a.chunkservers as usize,
+            &mut procs,
+            &shutdown,
+        )
+        .await
+    }
+    .await;
+    if let Err(e) = started {
+        stop(&mut procs).await;
+        return Err(e);
+    }
+
+    let env = format!(
+        "CAIRN_MASTERS={}\nCAIRN_TLS={}\n",
+        master_addrs.join(","),
+        client_tls.display()
+    );
+    cairn_common::fsutil::durable_write(&env_path, env.as_bytes(), 0o644)?;
+    println!(
+        "Cairn dev cluster is up: {} master(s), {} chunkservers, data in {}",
+        a.masters,
+        a.chunkservers,
+        dir.display()
+    );
+    println!();
+    println!(
+        "  source {}        # sets CAIRN_MASTERS and CAIRN_TLS",
+        env_path.display()
+    );
+    println!("  cairn put ./file /file    cairn get /file ./copy    cairn ls /    cairn status");
+    println!();
+    println!("Logs: {}/logs. Ctrl-C stops the cluster; start it again with the same --dir to keep the data.", dir.display());
+
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => report_exits(&mut procs),
+        }
+    }
+    println!("stopping the cluster...");
+    stop(&mut procs).await;
+    let _ = std::fs::remove_file(&env_path);
+    Ok(())
+}
+
+/// Reports each child that exited, once. The cluster keeps running without it (that is what a
+/// real cluster does), but the user must know.
+fn report_exits(procs: &mut [Proc]) {
+    for p in procs.iter_mut().filter(|p| !p.reported) {
+        if let Ok(Some(status)) = p.child.try_wait() {
+            p.reported = true;
+            eprintln!(
+                "cairn dev: {} exited ({status}); last log line: {}",
+                p.name,
+                last_line(&p.log)
+            );
+        }
+    }
+}
+
+async fn wait_ready(
+    masters: &[String],
+    client_tls: &Path,
+    chunkservers: usize,
+    procs: &mut [Proc],
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Result<()> {
+    let cfg = cairn_client::ClientConfig {
+        masters: masters.to_vec(),
+        tls_dir: client_tls.to_path_buf(),
+        master_deadline: Duration::from_secs(2),
+    };
+    let client = cairn_client::Client::connect(cfg).await?;
+    let start = Instant::now();
+    loop {
+        for p in procs.iter_mut() {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                anyhow::bail!(
+                    "{} exited during start-up ({status}): {}",
+                    p.name,
+                    last_line(&p.log)
+                );
+            }
+        }
+        anyhow::ensure!(!shutdown.is_cancelled(), "interrupted during start-up");
+        if let Ok(s) = client.status().await {
+            if s.chunkservers.iter().filter(|c| c.state == "alive").count() >= chunkservers {
+                client.close();
+                return Ok(());
+            }
+        }
+        anyhow::ensure!(
+            start.elapsed() < READY_TIMEOUT,
+            "the cluster was not ready within {READY_TIMEOUT:?}; see the logs"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// SIGTERM to every child, then SIGKILL to those still running after the grace period.
+async fn stop(procs: &mut [Proc]) {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    // Chunkservers first, so that they do not spin on a vanished master while stopping.
+    for p in procs.iter().rev() {
+        if let Some(pid) = p.child.id() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        }
+    }
+    let deadline = Instant::now() + STOP_GRACE;
+    for p in procs.iter_mut() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if tokio::time::timeout(left, p.child.wait()).await.is_err() {
+            eprintln!(
+                "cairn dev: {} did not stop within {STOP_GRACE:?}; killing it",
+                p.name
+            );
+            let _ = p.child.kill().await;
+        }
+    }
+}

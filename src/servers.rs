@@ -1,0 +1,178 @@
+//! `cairn master`, `cairn chunkserver` and `cairn ca`: argument parsing and start-up of the
+//! server libraries, with SIGINT/SIGTERM turned into a clean shutdown.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use cairn_common::tls;
+use tokio_util::sync::CancellationToken;
+
+#[derive(clap::Args, Debug)]
+pub struct MasterArgs {
+    /// This master's id in the group (nonzero).
+    #[arg(long)]
+    pub id: u64,
+    /// Data directory (Raft log and namespace).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// gRPC listen address (port 0: any free port, printed at start).
+    #[arg(long)]
+    pub listen: String,
+    /// Every master of the group at creation: ID=ADDR,... (this one included).
+    #[arg(long, value_delimiter = ',')]
+    pub peers: Vec<String>,
+    /// TLS identity directory (ca.pem, cert.pem, key.pem).
+    #[arg(long = "tls", env = "CAIRN_TLS")]
+    pub tls: PathBuf,
+    /// Seconds of silence after which a chunkserver counts as dead.
+    #[arg(long, default_value_t = 10)]
+    pub dead_after_s: u64,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ChunkserverArgs {
+    /// Data directory (chunks).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// QUIC (UDP) listen address (port 0: any free port, printed at start).
+    #[arg(long)]
+    pub listen: String,
+    /// Failure domain; replicas of a chunk go to different zones where possible.
+    #[arg(long, default_value = "default")]
+    pub zone: String,
+    /// Master gRPC addresses, comma-separated.
+    #[arg(long, env = "CAIRN_MASTERS", value_delimiter = ',', required = true)]
+    pub masters: Vec<String>,
+    /// TLS identity directory (ca.pem, cert.pem, key.pem).
+    #[arg(long = "tls", env = "CAIRN_TLS")]
+    pub tls: PathBuf,
+    /// Use at most this many bytes of the disk.
+    #[arg(long)]
+    pub capacity: Option<u64>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum CaCmd {
+    /// Create a cluster CA (ca.pem, ca.key) in DIR unless one exists.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Issue a certificate signed by the CA into OUT (ca.pem, cert.pem, key.pem).
+    Issue {
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// node (masters, chunkservers) or client.
+        #[arg(long, value_parser = ["node", "client"])]
+        role: String,
+        /// IP addresses the node serves on (node certificates).
+        #[arg(long = "ip")]
+        ips: Vec<IpAddr>,
+    },
+}
+
+/// A token cancelled on the first SIGINT or SIGTERM.
+pub fn shutdown_on_signals() -> Result<CancellationToken> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let token = CancellationToken::new();
+    let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let t = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        t.cancel();
+    });
+    Ok(token)
+}
+
+pub async fn master(a: &MasterArgs) -> Result<()> {
+    let identity = tls::Identity::load(&a.tls)?;
+    let mut peers = BTreeMap::new();
+    for p in &a.peers {
+        let (id, addr) = p
+            .split_once('=')
+            .with_context(|| format!("--peers entry {p:?} is not ID=ADDR"))?;
+        let id: u64 = id
+            .parse()
+            .with_context(|| format!("--peers entry {p:?}: bad id"))?;
+        anyhow::ensure!(
+            peers.insert(id, addr.to_string()).is_none(),
+            "--peers names master {id} twice"
+        );
+    }
+    let listener = tokio::net::TcpListener::bind(&a.listen)
+        .await
+        .with_context(|| format!("listen on {}", a.listen))?;
+    let local = listener.local_addr()?;
+    if peers.is_empty() {
+        peers.insert(a.id, local.to_string());
+    }
+    println!("listening on {local}");
+    let span = tracing::info_span!("master", node = a.id);
+    let _g = span.enter();
+    let shutdown = shutdown_on_signals()?;
+    let cfg = cairn_master::Config {
+        id: a.id,
+        data_dir: a.data.clone(),
+        peers,
+        identity,
+        dead_after: Duration::from_secs(a.dead_after_s.max(1)),
+    };
+    cairn_master::run(cfg, listener, shutdown).await
+}
+
+pub async fn chunkserver(a: &ChunkserverArgs) -> Result<()> {
+    let identity = tls::Identity::load(&a.tls)?;
+    let socket =
+        std::net::UdpSocket::bind(&a.listen).with_context(|| format!("listen on {}", a.listen))?;
+    let local = socket.local_addr()?;
+    println!("listening on {local}");
+    let shutdown = shutdown_on_signals()?;
+    let cfg = cairn_chunkserver::Config {
+        data_dir: a.data.clone(),
+        masters: a.masters.clone(),
+        zone: a.zone.clone(),
+        identity,
+        capacity_bytes: a.capacity,
+        advertise: None,
+    };
+    cairn_chunkserver::run(cfg, socket, shutdown).await
+}
+
+pub fn ca(cmd: &CaCmd) -> Result<()> {
+    match cmd {
+        CaCmd::Init { dir } => {
+            if tls::init_ca(dir)? {
+                println!("created cluster CA in {}", dir.display());
+            } else {
+                println!("cluster CA already exists in {}", dir.display());
+            }
+        }
+        CaCmd::Issue { ca, out, role, ips } => {
+            let role = if role == "node" {
+                tls::Role::Node
+            } else {
+                tls::Role::Client
+            };
+            tls::issue(ca, out, role, ips)?;
+            println!(
+                "issued {} certificate in {}",
+                if role == tls::Role::Node {
+                    "node"
+                } else {
+                    "client"
+                },
+                out.display()
+            );
+        }
+    }
+    Ok(())
+}
