@@ -336,8 +336,9 @@ impl Cluster {
                 (rank, n)
             })
             .collect();
-        // Spread reads: rotate by a hash byte among equally ranked replicas.
-        v.sort_by_key(|(rank, n)| (*rank, n.id.wrapping_mul(hash[0] as u64 | 1)));
+        // Spread reads: a random order among equally ranked replicas.
+        let salt: u64 = rand::random();
+        v.sort_by_key(|(rank, n)| (*rank, (n.id ^ salt).wrapping_mul(0x9e37_79b9_7f4a_7c15)));
         v.into_iter().map(|(_, n)| n.aref()).collect()
     }
 
