@@ -85,7 +85,19 @@ fn spawn(exe: &Path, name: &str, args: &[String], log: &Path) -> Result<Proc> {
         .append(true)
         .open(log)
         .with_context(|| format!("open {}", log.display()))?;
-    let child = Command::new(exe)
+    let mut cmd = Command::new(exe);
+    // SAFETY: prctl is async-signal-safe, and nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            // If `cairn dev` itself dies (even by SIGKILL), its nodes get SIGTERM instead of
+            // running on as orphans.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd
         .args(args)
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)

@@ -2,6 +2,7 @@
 //! subcommand, and maps the result to an exit code (0 ok, 1 failed, 2 usage). Errors print as one
 //! line on stderr.
 
+mod bench;
 mod dev;
 mod servers;
 
@@ -48,6 +49,8 @@ enum Cmd {
     Rm(cli::RmArgs),
     /// Show masters, chunkservers and replication health.
     Status(cli::StatusArgs),
+    /// Measure put/get throughput and small-file rate, beside the local disk.
+    Bench(bench::BenchArgs),
 }
 
 fn init_tracing(server: bool) {
@@ -89,6 +92,7 @@ fn main() -> ExitCode {
             Cmd::Mv(a) => cli::mv(a).await,
             Cmd::Rm(a) => cli::rm(a).await,
             Cmd::Status(a) => cli::status(a).await,
+            Cmd::Bench(a) => bench::run(a).await,
         }
     });
     // Do not wait for stray background tasks (e.g. idle QUIC connections) at exit.

@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use bytes::Bytes;
 use cairn_common::tls::{Identity, NODE_NAME};
 use cairn_proto::data::{
     chunk_request::Op, ChunkRequest, ChunkResponse, GetChunk, PutChunk, Status,
@@ -67,11 +66,12 @@ pub fn endpoint(identity: &Identity, socket: UdpSocket) -> Result<Endpoint> {
     socket
         .set_nonblocking(true)
         .context("set UDP socket non-blocking")?;
+    cairn_common::net::tune_udp_socket(&socket);
     let server = identity.quic_server().context("QUIC server TLS config")?;
     let client = identity.quic_client().context("QUIC client TLS config")?;
     let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
     let mut endpoint = Endpoint::new(
-        quinn::EndpointConfig::default(),
+        cairn_common::tls::quic_endpoint_config(),
         Some(server),
         socket,
         runtime,
@@ -487,7 +487,7 @@ async fn handle_put(
 
     let idle = server.limits.idle_timeout;
     let ds_timeout = server.limits.downstream_timeout;
-    let mut buf = Vec::with_capacity(len);
+    let mut buf = server.store.staging();
     while buf.len() < len {
         let piece = match tokio::time::timeout(idle, recv.read_chunk(len - buf.len(), true)).await {
             Ok(Ok(Some(piece))) => piece.bytes,
@@ -519,11 +519,12 @@ async fn handle_put(
                 downstream_err = Some(f);
             }
         }
-        buf.extend_from_slice(&piece);
+        if !buf.extend(&piece) {
+            return abort_put(downstream, format!("more than the announced {len} bytes"));
+        }
     }
 
-    let data = Bytes::from(buf);
-    let local = server.store.put(hash, data);
+    let local = server.store.put_staged(hash, buf);
     let remote = async {
         let Some(mut ds) = downstream else {
             return Ok(0);

@@ -65,7 +65,16 @@ fn request_id() -> String {
 
 impl DataPlane {
     pub fn new(identity: &cairn_common::tls::Identity) -> anyhow::Result<DataPlane> {
-        let mut endpoint = quinn::Endpoint::client("0.0.0.0:0".parse().expect("valid address"))?;
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        cairn_common::net::tune_udp_socket(&socket);
+        let runtime =
+            quinn::default_runtime().ok_or_else(|| anyhow::anyhow!("no async runtime for QUIC"))?;
+        let mut endpoint = quinn::Endpoint::new(
+            cairn_common::tls::quic_endpoint_config(),
+            None,
+            socket,
+            runtime,
+        )?;
         endpoint.set_default_client_config(identity.quic_client()?);
         Ok(DataPlane {
             endpoint,
@@ -165,7 +174,8 @@ impl DataPlane {
             .await
             .map_err(|e| unreachable(&e))?;
         if let Some(body) = body {
-            send.write_all(&body).await.map_err(|e| unreachable(&e))?;
+            // Handed over without a copy: quinn keeps the Bytes until they are acknowledged.
+            send.write_chunk(body).await.map_err(|e| unreachable(&e))?;
         }
         send.finish().map_err(|e| unreachable(&e))?;
         let resp: ChunkResponse = frame::read(&mut recv).await.map_err(|e| unreachable(&e))?;
@@ -284,6 +294,14 @@ impl DataPlane {
     }
 
     pub fn close(&self) {
+        for (addr, slot) in self.conns.lock().expect("conns lock").iter() {
+            if let Ok(g) = slot.try_lock() {
+                if let Some(c) = g.as_ref() {
+                    let s = c.stats();
+                    tracing::debug!(%addr, mtu = s.path.current_mtu, rtt = ?s.path.rtt, sent_packets = s.path.sent_packets, lost = s.path.lost_packets, "QUIC connection");
+                }
+            }
+        }
         self.endpoint.close(0u32.into(), b"done");
     }
 }

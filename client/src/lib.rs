@@ -252,10 +252,42 @@ impl Client {
     /// The parent directory must exist. Returns the committed attributes. Nothing is visible at
     /// `path` until every chunk is on all its replicas; a put that fails or is killed midway
     /// leaves the old content in place.
-    pub async fn put<R: AsyncRead + Unpin>(
+    pub async fn put<R: AsyncRead + Unpin + Send>(
         &self,
         path: &str,
-        mut reader: R,
+        reader: R,
+        opts: &PutOptions,
+        progress: Progress<'_>,
+    ) -> Result<Attr> {
+        self.put_from(path, AsyncSource(reader), opts, progress)
+            .await
+    }
+
+    /// [`Client::put`] from a local file, read with positioned reads on the blocking pool (no
+    /// intermediate buffer copies, unlike an async file reader).
+    pub async fn put_file(
+        &self,
+        path: &str,
+        file: std::fs::File,
+        opts: &PutOptions,
+        progress: Progress<'_>,
+    ) -> Result<Attr> {
+        self.put_from(
+            path,
+            FileSource {
+                file: Arc::new(file),
+                offset: 0,
+            },
+            opts,
+            progress,
+        )
+        .await
+    }
+
+    async fn put_from<S: ChunkSource>(
+        &self,
+        path: &str,
+        mut source: S,
         opts: &PutOptions,
         progress: Progress<'_>,
     ) -> Result<Attr> {
@@ -282,7 +314,8 @@ impl Client {
         let result: Result<()> = async {
             loop {
                 while !eof && inflight.len() < WINDOW {
-                    let chunk = read_chunk(&mut reader, opts.chunk_size)
+                    let chunk = source
+                        .next_chunk(opts.chunk_size)
                         .await
                         .map_err(|e| Error::io("read input", e))?;
                     if chunk.is_empty() {
@@ -594,20 +627,59 @@ impl Client {
     }
 }
 
-/// Reads until `size` bytes or the end of input: every chunk but the last is full-sized, so the
-/// same content always cuts into the same chunks.
-async fn read_chunk<R: AsyncRead + Unpin>(r: &mut R, size: usize) -> std::io::Result<Bytes> {
-    let mut buf = BytesMut::zeroed(size);
-    let mut filled = 0;
-    while filled < size {
-        let n = r.read(&mut buf[filled..]).await?;
-        if n == 0 {
-            break;
+/// Where `put` takes its bytes from, one chunk at a time. Every chunk but the last is full-sized,
+/// so the same content always cuts into the same chunks (and deduplicates).
+trait ChunkSource: Send {
+    /// The next chunk of at most `size` bytes; empty at the end of input.
+    fn next_chunk(
+        &mut self,
+        size: usize,
+    ) -> impl std::future::Future<Output = std::io::Result<Bytes>> + Send;
+}
+
+struct AsyncSource<R>(R);
+
+impl<R: AsyncRead + Unpin + Send> ChunkSource for AsyncSource<R> {
+    async fn next_chunk(&mut self, size: usize) -> std::io::Result<Bytes> {
+        let mut buf = BytesMut::with_capacity(size);
+        while buf.len() < size {
+            let mut limited = (&mut self.0).take((size - buf.len()) as u64);
+            if limited.read_buf(&mut buf).await? == 0 {
+                break;
+            }
         }
-        filled += n;
+        Ok(buf.freeze())
     }
-    buf.truncate(filled);
-    Ok(buf.freeze())
+}
+
+struct FileSource {
+    file: Arc<std::fs::File>,
+    offset: u64,
+}
+
+impl ChunkSource for FileSource {
+    async fn next_chunk(&mut self, size: usize) -> std::io::Result<Bytes> {
+        use std::os::unix::fs::FileExt;
+        let (file, offset) = (self.file.clone(), self.offset);
+        let buf = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+            let mut buf = vec![0u8; size];
+            let mut filled = 0;
+            while filled < size {
+                match file.read_at(&mut buf[filled..], offset + filled as u64) {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            buf.truncate(filled);
+            Ok(buf)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        self.offset += buf.len() as u64;
+        Ok(Bytes::from(buf))
+    }
 }
 
 /// Local path helper for the CLI: the final component of a path.

@@ -4,4 +4,5 @@
 //! used for small state files. No networking and no policy of any one service live here.
 
 pub mod fsutil;
+pub mod net;
 pub mod tls;

@@ -246,6 +246,15 @@ impl Identity {
     }
 }
 
+/// Endpoint settings for every Cairn QUIC socket: datagrams up to 64 KB may be received, so that
+/// MTU discovery (see [`transport`]) can use big packets where the path carries them.
+pub fn quic_endpoint_config() -> quinn::EndpointConfig {
+    let mut cfg = quinn::EndpointConfig::default();
+    cfg.max_udp_payload_size(65_527)
+        .expect("65527 is a valid UDP payload size");
+    cfg
+}
+
 /// QUIC transport tuning for bulk chunk traffic: windows large enough for a 4 MiB chunk in flight
 /// per stream on a fast link, and MTU discovery allowed to grow past 1500 bytes where the path
 /// (loopback, jumbo-frame LANs) carries it.

@@ -86,20 +86,15 @@ pub async fn put(args: &PutArgs) -> Result<()> {
             .await
             .with_context(|| ctx.clone());
     }
-    let file = tokio::fs::File::open(&args.local)
-        .await
-        .with_context(|| format!("{ctx}: open {}", args.local))?;
+    let file =
+        std::fs::File::open(&args.local).with_context(|| format!("{ctx}: open {}", args.local))?;
     let bar = Bar::bytes(Some(meta.len()), "put");
     client
-        .put(
-            &target,
-            tokio::io::BufReader::with_capacity(1 << 20, file),
-            &opts,
-            &|n| bar.inc(n),
-        )
+        .put_file(&target, file, &opts, &|n| bar.inc(n))
         .await
         .with_context(|| ctx.clone())?;
     bar.finish();
+    client.close();
     Ok(())
 }
 
@@ -144,16 +139,10 @@ async fn put_tree(client: &Client, root: &Path, remote: &str, opts: &PutOptions)
         .map(|(local, remote, _)| {
             let (client, bar) = (client.clone(), bar.clone());
             async move {
-                let f = tokio::fs::File::open(&local)
-                    .await
+                let f = std::fs::File::open(&local)
                     .with_context(|| format!("open {}", local.display()))?;
                 client
-                    .put(
-                        &remote,
-                        tokio::io::BufReader::with_capacity(1 << 20, f),
-                        opts,
-                        &|n| bar.inc(n),
-                    )
+                    .put_file(&remote, f, opts, &|n| bar.inc(n))
                     .await
                     .with_context(|| format!("put {}", local.display()))?;
                 anyhow::Ok(())
