@@ -74,13 +74,7 @@ impl DevCluster {
         let log = std::fs::File::create(dir.join("dev.log"))?;
         let data = dir.join("cluster");
         let child = std::process::Command::new(exe)
-            .args([
-                "dev",
-                "--dir",
-                &data.display().to_string(),
-                "--chunkservers",
-                &chunkservers.to_string(),
-            ])
+            .args(["dev", "--dir", &data.display().to_string(), "--chunkservers", &chunkservers.to_string()])
             .stdout(log.try_clone()?)
             .stderr(log)
             .stdin(std::process::Stdio::null())
@@ -90,32 +84,20 @@ impl DevCluster {
         let start = Instant::now();
         while !data.join("env").exists() {
             if let Some(st) = c.child.try_wait()? {
-                anyhow::bail!(
-                    "cairn dev exited ({st}); see {}",
-                    dir.join("dev.log").display()
-                );
+                anyhow::bail!("cairn dev exited ({st}); see {}", dir.join("dev.log").display());
             }
-            anyhow::ensure!(
-                start.elapsed() < Duration::from_secs(90),
-                "cluster not ready after 90 s"
-            );
+            anyhow::ensure!(start.elapsed() < Duration::from_secs(90), "cluster not ready after 90 s");
             std::thread::sleep(Duration::from_millis(100));
         }
         c.env = std::fs::read_to_string(data.join("env"))?
             .lines()
-            .filter_map(|l| {
-                l.split_once('=')
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-            })
+            .filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
             .collect();
         Ok(c)
     }
 
     fn var(&self, k: &str) -> Option<String> {
-        self.env
-            .iter()
-            .find(|(n, _)| n == k)
-            .map(|(_, v)| v.clone())
+        self.env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
     }
 }
 
@@ -134,11 +116,7 @@ impl Drop for DevCluster {
 struct HashSink(blake3::Hasher, u64);
 
 impl tokio::io::AsyncWrite for HashSink {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        _: &mut TaskContext<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, _: &mut TaskContext<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         self.0.update(buf);
         self.1 += buf.len() as u64;
         Poll::Ready(Ok(buf.len()))
@@ -192,11 +170,7 @@ fn disk_reference(dir: &Path, size: usize, rows: &mut Vec<Row>) -> Result<()> {
     rows.push(Row {
         what: "local disk: read".into(),
         value: format!("{:.0} MB/s", mbps(total, t.elapsed())),
-        note: if cold {
-            "page cache dropped".into()
-        } else {
-            "warm: not root, page cache kept".into()
-        },
+        note: if cold { "page cache dropped".into() } else { "warm: not root, page cache kept".into() },
     });
     std::fs::remove_file(&path)?;
     Ok(())
@@ -219,34 +193,25 @@ pub async fn run(a: &BenchArgs) -> Result<()> {
         eprintln!("measuring the local disk...");
         disk_reference(&dir, a.size_mib << 20, &mut rows)?;
     }
-    let (masters, tls, _cluster) =
-        match (std::env::var("CAIRN_MASTERS"), std::env::var("CAIRN_TLS")) {
-            (Ok(m), Ok(t)) => (m, PathBuf::from(t), None),
-            _ => {
-                eprintln!(
-                    "starting a dev cluster ({} chunkservers) in {}...",
-                    a.chunkservers,
-                    dir.display()
-                );
-                let c = DevCluster::start(&dir, a.chunkservers)?;
-                let (m, t) = (
-                    c.var("CAIRN_MASTERS")
-                        .context("env without CAIRN_MASTERS")?,
-                    c.var("CAIRN_TLS").context("env without CAIRN_TLS")?,
-                );
-                (m, PathBuf::from(t), Some(c))
-            }
-        };
+    let (masters, tls, _cluster) = match (std::env::var("CAIRN_MASTERS"), std::env::var("CAIRN_TLS")) {
+        (Ok(m), Ok(t)) => (m, PathBuf::from(t), None),
+        _ => {
+            eprintln!("starting a dev cluster ({} chunkservers) in {}...", a.chunkservers, dir.display());
+            let c = DevCluster::start(&dir, a.chunkservers)?;
+            let (m, t) = (
+                c.var("CAIRN_MASTERS").context("env without CAIRN_MASTERS")?,
+                c.var("CAIRN_TLS").context("env without CAIRN_TLS")?,
+            );
+            (m, PathBuf::from(t), Some(c))
+        }
+    };
     let client = Client::connect(ClientConfig {
         masters: masters.split(',').map(String::from).collect(),
         tls_dir: tls,
         master_deadline: Duration::from_secs(30),
     })
     .await?;
-    let opts = PutOptions {
-        replication: a.replication,
-        ..Default::default()
-    };
+    let opts = PutOptions { replication: a.replication, ..Default::default() };
     let run_dir = format!("/bench-{:08x}", rand::random::<u32>());
     client.mkdir(&run_dir, true).await?;
 
@@ -258,10 +223,7 @@ pub async fn run(a: &BenchArgs) -> Result<()> {
     let big = format!("{run_dir}/large.bin");
     eprintln!("put {} MiB...", a.size_mib);
     let t = Instant::now();
-    client
-        .put(&big, &data[..], &opts, &|_| {})
-        .await
-        .context("put large file")?;
+    client.put(&big, &data[..], &opts, &|_| {}).await.context("put large file")?;
     let put = t.elapsed();
     drop(data);
     rows.push(Row {
@@ -273,33 +235,20 @@ pub async fn run(a: &BenchArgs) -> Result<()> {
     eprintln!("get {} MiB...", a.size_mib);
     let mut sink = HashSink(blake3::Hasher::new(), 0);
     let t = Instant::now();
-    client
-        .get(&big, &mut sink, 0, None, &|_| {})
-        .await
-        .context("get large file")?;
+    client.get(&big, &mut sink, 0, None, &|_| {}).await.context("get large file")?;
     let get = t.elapsed();
-    anyhow::ensure!(
-        sink.0.finalize() == want && sink.1 == size as u64,
-        "get returned different bytes"
-    );
+    anyhow::ensure!(sink.0.finalize() == want && sink.1 == size as u64, "get returned different bytes");
     rows.push(Row {
         what: "get".into(),
         value: format!("{:.0} MB/s", mbps(size as u64, get)),
         note: format!(
             "{}, verified by BLAKE3",
-            if cold {
-                "page cache dropped first"
-            } else {
-                "warm page cache (not root)"
-            }
+            if cold { "page cache dropped first" } else { "warm page cache (not root)" }
         ),
     });
     let mut sink = HashSink(blake3::Hasher::new(), 0);
     let t = Instant::now();
-    client
-        .get(&big, &mut sink, 0, None, &|_| {})
-        .await
-        .context("get large file")?;
+    client.get(&big, &mut sink, 0, None, &|_| {}).await.context("get large file")?;
     let get = t.elapsed();
     anyhow::ensure!(sink.0.finalize() == want, "get returned different bytes");
     rows.push(Row {
@@ -308,12 +257,22 @@ pub async fn run(a: &BenchArgs) -> Result<()> {
         note: "chunks in the chunkservers' page cache".into(),
     });
 
+    // Metadata latency alone: sequential mkdirs, one Raft commit each.
+    let t = Instant::now();
+    let n_mkdir = 200;
+    for i in 0..n_mkdir {
+        client.mkdir(&format!("{run_dir}/d{i}"), false).await.context("mkdir")?;
+    }
+    let per = t.elapsed() / n_mkdir;
+    rows.push(Row {
+        what: "mkdir, one at a time".into(),
+        value: format!("{:.2} ms", per.as_secs_f64() * 1e3),
+        note: "one Raft commit (fsync) each".into(),
+    });
+
     // Many small files.
     if a.small_files > 0 {
-        eprintln!(
-            "{} puts of {} bytes, {} in flight...",
-            a.small_files, a.small_size, a.inflight
-        );
+        eprintln!("{} puts of {} bytes, {} in flight...", a.small_files, a.small_size, a.inflight);
         let small_dir = format!("{run_dir}/small");
         client.mkdir(&small_dir, true).await?;
         let t = Instant::now();
@@ -323,10 +282,7 @@ pub async fn run(a: &BenchArgs) -> Result<()> {
                 let body = random(a.small_size, 1_000_000 + i as u64);
                 async move {
                     let t = Instant::now();
-                    client
-                        .put_bytes(&format!("{small_dir}/f{i:06}"), body.into(), &opts)
-                        .await
-                        .map(|_| t.elapsed())
+                    client.put_bytes(&format!("{small_dir}/f{i:06}"), body.into(), &opts).await.map(|_| t.elapsed())
                 }
             })
             .buffer_unordered(a.inflight)
@@ -341,11 +297,7 @@ pub async fn run(a: &BenchArgs) -> Result<()> {
         rows.push(Row {
             what: format!("small puts ({} B, {} in flight)", a.small_size, a.inflight),
             value: format!("{:.0} files/s", a.small_files as f64 / total.as_secs_f64()),
-            note: format!(
-                "p50 {:.1} ms, p99 {:.1} ms",
-                p(0.5).as_secs_f64() * 1e3,
-                p(0.99).as_secs_f64() * 1e3
-            ),
+            note: format!("p50 {:.1} ms, p99 {:.1} ms", p(0.5).as_secs_f64() * 1e3, p(0.99).as_secs_f64() * 1e3),
         });
     }
     client.remove(&run_dir, true).await?;

@@ -46,16 +46,13 @@ struct Proc {
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 fn layout(dir: &Path, masters: u32) -> Result<Layout> {
     let path = dir.join("layout.json");
     if let Ok(bytes) = std::fs::read(&path) {
-        let l: Layout =
-            serde_json::from_slice(&bytes).with_context(|| format!("parse {}", path.display()))?;
+        let l: Layout = serde_json::from_slice(&bytes).with_context(|| format!("parse {}", path.display()))?;
         anyhow::ensure!(
             l.master_ports.len() == masters as usize,
             "{} was created with {} master(s); start it with --masters {} (or use a new --dir)",
@@ -65,9 +62,7 @@ fn layout(dir: &Path, masters: u32) -> Result<Layout> {
         );
         return Ok(l);
     }
-    let l = Layout {
-        master_ports: (0..masters).map(|_| free_port()).collect::<Result<_>>()?,
-    };
+    let l = Layout { master_ports: (0..masters).map(|_| free_port()).collect::<Result<_>>()? };
     cairn_common::fsutil::durable_write(&path, &serde_json::to_vec_pretty(&l)?, 0o644)?;
     Ok(l)
 }
@@ -104,36 +99,20 @@ fn spawn(exe: &Path, name: &str, args: &[String], log: &Path) -> Result<Proc> {
         .stderr(out)
         .spawn()
         .with_context(|| format!("start {name}"))?;
-    Ok(Proc {
-        name: name.to_string(),
-        child,
-        log: log.to_path_buf(),
-        reported: false,
-    })
+    Ok(Proc { name: name.to_string(), child, log: log.to_path_buf(), reported: false })
 }
 
 fn last_line(log: &Path) -> String {
     std::fs::read_to_string(log)
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .map(str::to_string)
-        })
+        .and_then(|s| s.lines().rev().find(|l| !l.trim().is_empty()).map(str::to_string))
         .unwrap_or_default()
 }
 
 pub async fn run(a: &DevArgs) -> Result<()> {
     anyhow::ensure!(a.masters >= 1 && a.masters <= 7, "--masters must be 1 to 7");
-    anyhow::ensure!(
-        a.masters == 1,
-        "multi-master groups are not available yet: use --masters 1"
-    );
-    anyhow::ensure!(
-        a.chunkservers >= 1 && a.chunkservers <= 64,
-        "--chunkservers must be 1 to 64"
-    );
+    anyhow::ensure!(a.masters == 1, "multi-master groups are not available yet: use --masters 1");
+    anyhow::ensure!(a.chunkservers >= 1 && a.chunkservers <= 64, "--chunkservers must be 1 to 64");
     let exe = std::env::current_exe().context("find the cairn binary")?;
     std::fs::create_dir_all(&a.dir).with_context(|| format!("create {}", a.dir.display()))?;
     let dir = std::fs::canonicalize(&a.dir)?;
@@ -144,17 +123,8 @@ pub async fn run(a: &DevArgs) -> Result<()> {
     let ca = dir.join("ca");
     tls::init_ca(&ca)?;
     let layout = layout(&dir, a.masters)?;
-    let master_addrs: Vec<String> = layout
-        .master_ports
-        .iter()
-        .map(|p| format!("127.0.0.1:{p}"))
-        .collect();
-    let peers = master_addrs
-        .iter()
-        .enumerate()
-        .map(|(i, m)| format!("{}={m}", i + 1))
-        .collect::<Vec<_>>()
-        .join(",");
+    let master_addrs: Vec<String> = layout.master_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let peers = master_addrs.iter().enumerate().map(|(i, m)| format!("{}={m}", i + 1)).collect::<Vec<_>>().join(",");
     let client_tls = dir.join("client-tls");
     issue_once(&ca, &client_tls, tls::Role::Client)?;
 
@@ -178,12 +148,7 @@ pub async fn run(a: &DevArgs) -> Result<()> {
                 "--tls".into(),
                 node.join("tls").display().to_string(),
             ];
-            procs.push(spawn(
-                &exe,
-                &format!("master {id}"),
-                &args,
-                &dir.join(format!("logs/master-{id}.log")),
-            )?);
+            procs.push(spawn(&exe, &format!("master {id}"), &args, &dir.join(format!("logs/master-{id}.log")))?);
         }
         for i in 1..=a.chunkservers {
             let node = dir.join(format!("chunkserver-{i}"));
@@ -209,14 +174,7 @@ pub async fn run(a: &DevArgs) -> Result<()> {
                 &dir.join(format!("logs/chunkserver-{i}.log")),
             )?);
         }
-        wait_ready(
-            &master_addrs,
-            &client_tls,
-            a.chunkservers as usize,
-            &mut procs,
-            &shutdown,
-        )
-        .await
+        wait_ready(&master_addrs, &client_tls, a.chunkservers as usize, &mut procs, &shutdown).await
     }
     .await;
     if let Err(e) = started {
@@ -224,11 +182,7 @@ pub async fn run(a: &DevArgs) -> Result<()> {
         return Err(e);
     }
 
-    let env = format!(
-        "CAIRN_MASTERS={}\nCAIRN_TLS={}\n",
-        master_addrs.join(","),
-        client_tls.display()
-    );
+    let env = format!("CAIRN_MASTERS={}\nCAIRN_TLS={}\n", master_addrs.join(","), client_tls.display());
     cairn_common::fsutil::durable_write(&env_path, env.as_bytes(), 0o644)?;
     println!(
         "Cairn dev cluster is up: {} master(s), {} chunkservers, data in {}",
@@ -237,13 +191,13 @@ pub async fn run(a: &DevArgs) -> Result<()> {
         dir.display()
     );
     println!();
-    println!(
-        "  source {}        # sets CAIRN_MASTERS and CAIRN_TLS",
-        env_path.display()
-    );
+    println!("  source {}        # sets CAIRN_MASTERS and CAIRN_TLS", env_path.display());
     println!("  cairn put ./file /file    cairn get /file ./copy    cairn ls /    cairn status");
     println!();
-    println!("Logs: {}/logs. Ctrl-C stops the cluster; start it again with the same --dir to keep the data.", dir.display());
+    println!(
+        "Logs: {}/logs. Ctrl-C stops the cluster; start it again with the same --dir to keep the data.",
+        dir.display()
+    );
 
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
@@ -264,11 +218,7 @@ fn report_exits(procs: &mut [Proc]) {
     for p in procs.iter_mut().filter(|p| !p.reported) {
         if let Ok(Some(status)) = p.child.try_wait() {
             p.reported = true;
-            eprintln!(
-                "cairn dev: {} exited ({status}); last log line: {}",
-                p.name,
-                last_line(&p.log)
-            );
+            eprintln!("cairn dev: {} exited ({status}); last log line: {}", p.name, last_line(&p.log));
         }
     }
 }
@@ -290,11 +240,7 @@ async fn wait_ready(
     loop {
         for p in procs.iter_mut() {
             if let Ok(Some(status)) = p.child.try_wait() {
-                anyhow::bail!(
-                    "{} exited during start-up ({status}): {}",
-                    p.name,
-                    last_line(&p.log)
-                );
+                anyhow::bail!("{} exited during start-up ({status}): {}", p.name, last_line(&p.log));
             }
         }
         anyhow::ensure!(!shutdown.is_cancelled(), "interrupted during start-up");
@@ -326,10 +272,7 @@ async fn stop(procs: &mut [Proc]) {
     for p in procs.iter_mut() {
         let left = deadline.saturating_duration_since(Instant::now());
         if tokio::time::timeout(left, p.child.wait()).await.is_err() {
-            eprintln!(
-                "cairn dev: {} did not stop within {STOP_GRACE:?}; killing it",
-                p.name
-            );
+            eprintln!("cairn dev: {} did not stop within {STOP_GRACE:?}; killing it", p.name);
             let _ = p.child.kill().await;
         }
     }

@@ -12,11 +12,7 @@ use cairn_client::cli;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "cairn",
-    version,
-    about = "Cairn: a distributed file and object store"
-)]
+#[command(name = "cairn", version, about = "Cairn: a distributed file and object store")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -57,21 +53,14 @@ fn init_tracing(server: bool) {
     let default = if server { "info" } else { "error" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let server = matches!(cli.cmd, Cmd::Master(_) | Cmd::Chunkserver(_) | Cmd::Dev(_));
     init_tracing(server);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cairn: start runtime: {e}");

@@ -97,20 +97,11 @@ pub async fn master(a: &MasterArgs) -> Result<()> {
     let identity = tls::Identity::load(&a.tls)?;
     let mut peers = BTreeMap::new();
     for p in &a.peers {
-        let (id, addr) = p
-            .split_once('=')
-            .with_context(|| format!("--peers entry {p:?} is not ID=ADDR"))?;
-        let id: u64 = id
-            .parse()
-            .with_context(|| format!("--peers entry {p:?}: bad id"))?;
-        anyhow::ensure!(
-            peers.insert(id, addr.to_string()).is_none(),
-            "--peers names master {id} twice"
-        );
+        let (id, addr) = p.split_once('=').with_context(|| format!("--peers entry {p:?} is not ID=ADDR"))?;
+        let id: u64 = id.parse().with_context(|| format!("--peers entry {p:?}: bad id"))?;
+        anyhow::ensure!(peers.insert(id, addr.to_string()).is_none(), "--peers names master {id} twice");
     }
-    let listener = tokio::net::TcpListener::bind(&a.listen)
-        .await
-        .with_context(|| format!("listen on {}", a.listen))?;
+    let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("listen on {}", a.listen))?;
     let local = listener.local_addr()?;
     if peers.is_empty() {
         peers.insert(a.id, local.to_string());
@@ -131,8 +122,7 @@ pub async fn master(a: &MasterArgs) -> Result<()> {
 
 pub async fn chunkserver(a: &ChunkserverArgs) -> Result<()> {
     let identity = tls::Identity::load(&a.tls)?;
-    let socket =
-        std::net::UdpSocket::bind(&a.listen).with_context(|| format!("listen on {}", a.listen))?;
+    let socket = std::net::UdpSocket::bind(&a.listen).with_context(|| format!("listen on {}", a.listen))?;
     let local = socket.local_addr()?;
     println!("listening on {local}");
     let shutdown = shutdown_on_signals()?;
@@ -157,19 +147,11 @@ pub fn ca(cmd: &CaCmd) -> Result<()> {
             }
         }
         CaCmd::Issue { ca, out, role, ips } => {
-            let role = if role == "node" {
-                tls::Role::Node
-            } else {
-                tls::Role::Client
-            };
+            let role = if role == "node" { tls::Role::Node } else { tls::Role::Client };
             tls::issue(ca, out, role, ips)?;
             println!(
                 "issued {} certificate in {}",
-                if role == tls::Role::Node {
-                    "node"
-                } else {
-                    "client"
-                },
+                if role == tls::Role::Node { "node" } else { "client" },
                 out.display()
             );
         }

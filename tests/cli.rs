@@ -10,11 +10,7 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn ok(out: &std::process::Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{what} failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
@@ -26,13 +22,7 @@ fn dev_cluster_user_tour_and_restart() {
         let mut p = Proc {
             child: Some(
                 Command::new(BIN)
-                    .args([
-                        "dev",
-                        "--dir",
-                        data_dir.to_str().unwrap(),
-                        "--chunkservers",
-                        "4",
-                    ])
+                    .args(["dev", "--dir", data_dir.to_str().unwrap(), "--chunkservers", "4"])
                     .stdout(Stdio::null())
                     .stderr(std::fs::File::create(dir.path().join("dev.log")).unwrap())
                     .spawn()
@@ -42,30 +32,20 @@ fn dev_cluster_user_tour_and_restart() {
             data: data_dir.clone(),
             args: vec![],
         };
-        wait_for(
-            "cairn dev to write DIR/env",
-            Duration::from_secs(60),
-            || {
-                assert!(
-                    p.alive(),
-                    "cairn dev exited: {}",
-                    std::fs::read_to_string(dir.path().join("dev.log")).unwrap_or_default()
-                );
-                data_dir.join("env").exists()
-            },
-        );
+        wait_for("cairn dev to write DIR/env", Duration::from_secs(60), || {
+            assert!(
+                p.alive(),
+                "cairn dev exited: {}",
+                std::fs::read_to_string(dir.path().join("dev.log")).unwrap_or_default()
+            );
+            data_dir.join("env").exists()
+        });
         let env: Vec<(String, String)> = std::fs::read_to_string(data_dir.join("env"))
             .unwrap()
             .lines()
-            .filter_map(|l| {
-                l.split_once('=')
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-            })
+            .filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
             .collect();
-        assert!(
-            env.iter().any(|(k, _)| k == "CAIRN_MASTERS"),
-            "env names the masters: {env:?}"
-        );
+        assert!(env.iter().any(|(k, _)| k == "CAIRN_MASTERS"), "env names the masters: {env:?}");
         (p, env)
     };
     let (mut dev, env) = start_dev();
@@ -75,40 +55,18 @@ fn dev_cluster_user_tour_and_restart() {
     let data = random_bytes(9 * MIB + 17, 1);
     std::fs::write(&local, &data).unwrap();
     ok(&run(&["mkdir", "-p", "/docs/x"]), "mkdir -p");
-    ok(
-        &run(&["put", local.to_str().unwrap(), "/docs/"]),
-        "put into a directory",
-    );
+    ok(&run(&["put", local.to_str().unwrap(), "/docs/"]), "put into a directory");
     let listing = ok(&run(&["ls", "/docs"]), "ls");
-    assert!(
-        listing.contains("in.bin") && listing.contains("x/"),
-        "{listing}"
-    );
+    assert!(listing.contains("in.bin") && listing.contains("x/"), "{listing}");
     let back = dir.path().join("back.bin");
-    ok(
-        &run(&["get", "/docs/in.bin", back.to_str().unwrap()]),
-        "get",
-    );
+    ok(&run(&["get", "/docs/in.bin", back.to_str().unwrap()]), "get");
     assert_eq!(std::fs::read(&back).unwrap(), data);
     // stdin and stdout
-    let out = cli_env(
-        &["put", "-", "/docs/stdin.txt"],
-        &env,
-        Some(b"from stdin\n"),
-    );
+    let out = cli_env(&["put", "-", "/docs/stdin.txt"], &env, Some(b"from stdin\n"));
     ok(&out, "put -");
-    assert_eq!(
-        ok(&run(&["get", "/docs/stdin.txt", "-"]), "get -"),
-        "from stdin\n"
-    );
-    ok(
-        &run(&["mv", "/docs/stdin.txt", "/docs/x"]),
-        "mv into a directory",
-    );
-    assert_eq!(
-        ok(&run(&["get", "/docs/x/stdin.txt", "-"]), "get moved"),
-        "from stdin\n"
-    );
+    assert_eq!(ok(&run(&["get", "/docs/stdin.txt", "-"]), "get -"), "from stdin\n");
+    ok(&run(&["mv", "/docs/stdin.txt", "/docs/x"]), "mv into a directory");
+    assert_eq!(ok(&run(&["get", "/docs/x/stdin.txt", "-"]), "get moved"), "from stdin\n");
     let st = ok(&run(&["stat", "--json", "/docs/in.bin"]), "stat");
     let st: serde_json::Value = serde_json::from_str(&st).unwrap();
     assert_eq!(st["size"], data.len() as u64);
@@ -120,90 +78,49 @@ fn dev_cluster_user_tour_and_restart() {
     std::fs::write(tree.join("two"), random_bytes(5 * MIB, 2)).unwrap();
     ok(&run(&["put", "-r", tree.to_str().unwrap(), "/t"]), "put -r");
     let rec = ok(&run(&["ls", "-r", "/t"]), "ls -r");
-    assert!(
-        rec.contains("/t/a/b/one") && rec.contains("/t/two"),
-        "{rec}"
-    );
-    let status: serde_json::Value =
-        serde_json::from_str(&ok(&run(&["status", "--json"]), "status")).unwrap();
+    assert!(rec.contains("/t/a/b/one") && rec.contains("/t/two"), "{rec}");
+    let status: serde_json::Value = serde_json::from_str(&ok(&run(&["status", "--json"]), "status")).unwrap();
     assert_eq!(status["chunkservers"].as_array().unwrap().len(), 4);
     assert_eq!(status["masters"][0]["role"], "leader");
     assert_eq!(status["files"], 4);
     let human = ok(&run(&["status"]), "status");
-    assert!(
-        human.contains("CHUNKSERVERS") && human.contains("alive"),
-        "{human}"
-    );
+    assert!(human.contains("CHUNKSERVERS") && human.contains("alive"), "{human}");
     ok(&run(&["rm", "-r", "/t"]), "rm -r");
     expect_error(&run(&["stat", "/t"]), "stat after rm -r");
 
     // kill -9 a chunkserver: `cairn dev` says so, and the data still reads.
-    let children = String::from_utf8(
-        Command::new("pgrep")
-            .args(["-P", &dev.pid().to_string()])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
+    let children =
+        String::from_utf8(Command::new("pgrep").args(["-P", &dev.pid().to_string()]).output().unwrap().stdout).unwrap();
     let cs = children
         .split_whitespace()
-        .find(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
-                .unwrap_or_default()
-                .contains("chunkserver")
-        })
+        .find(|pid| std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default().contains("chunkserver"))
         .expect("a chunkserver child of cairn dev")
         .to_string();
     Command::new("kill").args(["-9", &cs]).status().unwrap();
     std::fs::remove_file(&back).unwrap();
-    ok(
-        &run(&["get", "/docs/in.bin", back.to_str().unwrap()]),
-        "get after kill -9",
-    );
+    ok(&run(&["get", "/docs/in.bin", back.to_str().unwrap()]), "get after kill -9");
     assert_eq!(std::fs::read(&back).unwrap(), data);
-    wait_for(
-        "cairn dev to report the dead child",
-        Duration::from_secs(10),
-        || {
-            std::fs::read_to_string(dir.path().join("dev.log"))
-                .unwrap_or_default()
-                .contains("exited")
-        },
-    );
+    wait_for("cairn dev to report the dead child", Duration::from_secs(10), || {
+        std::fs::read_to_string(dir.path().join("dev.log")).unwrap_or_default().contains("exited")
+    });
 
     // SIGTERM stops every child; a second start on the same DIR has all the data.
-    Command::new("kill")
-        .args(["-TERM", &dev.pid().to_string()])
-        .status()
-        .unwrap();
+    Command::new("kill").args(["-TERM", &dev.pid().to_string()]).status().unwrap();
     let t = Instant::now();
     while dev.alive() {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "cairn dev did not stop on SIGTERM"
-        );
+        assert!(t.elapsed() < Duration::from_secs(30), "cairn dev did not stop on SIGTERM");
         std::thread::sleep(Duration::from_millis(100));
     }
     for pid in children.split_whitespace() {
         assert!(
             !std::path::Path::new(&format!("/proc/{pid}")).exists()
-                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                    .unwrap_or_default()
-                    .contains(") Z"),
+                || std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z"),
             "child {pid} still running"
         );
     }
     let (_dev2, env) = start_dev();
     let back2 = dir.path().join("back2.bin");
-    ok(
-        &cli_env(
-            &["get", "/docs/in.bin", back2.to_str().unwrap()],
-            &env,
-            None,
-        ),
-        "get after restart",
-    );
+    ok(&cli_env(&["get", "/docs/in.bin", back2.to_str().unwrap()], &env, None), "get after restart");
     assert_eq!(std::fs::read(&back2).unwrap(), data);
 }
 
@@ -218,38 +135,25 @@ fn bad_input_gets_one_line_and_exit_1() {
     assert!(c.cli(&["mkdir", "-p", "/full/sub"]).status.success());
     assert!(c.cli(&["put", l, "/full/sub/x"]).status.success());
 
-    let e = expect_error(
-        &c.cli(&["put", l, "/nope/file"]),
-        "put into a missing parent",
-    );
+    let e = expect_error(&c.cli(&["put", l, "/nope/file"]), "put into a missing parent");
     assert!(e.contains("no such file or directory"), "{e}");
     let e = expect_error(&c.cli(&["put", l, "/dir/file/x"]), "put under a file");
     assert!(e.contains("not a directory"), "{e}");
-    for cmd in [
-        &["get", "/missing", "-"][..],
-        &["stat", "/missing"],
-        &["rm", "/missing"],
-        &["ls", "/missing"],
-    ] {
+    for cmd in [&["get", "/missing", "-"][..], &["stat", "/missing"], &["rm", "/missing"], &["ls", "/missing"]] {
         let e = expect_error(&c.cli(cmd), &format!("{cmd:?}"));
         assert!(e.contains("no such file or directory"), "{e}");
     }
     let e = expect_error(&c.cli(&["rm", "/full"]), "rm of a non-empty directory");
     assert!(e.contains("not empty"), "{e}");
-    let e = expect_error(
-        &c.cli(&["mv", "/full", "/full/sub/inside"]),
-        "mv into its own subtree",
-    );
+    let e = expect_error(&c.cli(&["mv", "/full", "/full/sub/inside"]), "mv into its own subtree");
     assert!(e.contains("subtree"), "{e}");
     let long = format!("/{}", "n".repeat(256));
     for bad in ["/a//b", "/.", "/dir/..", "relative", long.as_str()] {
         let e = expect_error(&c.cli(&["mkdir", bad]), &format!("mkdir {bad:?}"));
         assert!(e.contains("invalid path"), "{e}");
     }
-    let e = expect_error(
-        &c.cli(&["put", l, "/dir/r5", "--replication", "5"]),
-        "replication above the live chunkservers",
-    );
+    let e =
+        expect_error(&c.cli(&["put", l, "/dir/r5", "--replication", "5"]), "replication above the live chunkservers");
     assert!(e.contains("not enough chunkservers"), "{e}");
     let e = expect_error(&c.cli(&["get", "/dir", "-"]), "get of a directory");
     assert!(e.contains("is a directory"), "{e}");
@@ -258,26 +162,12 @@ fn bad_input_gets_one_line_and_exit_1() {
     assert_eq!(ls.lines().count(), 5, "{ls}");
 
     // Unreachable masters: a clear error after a bounded wait, not a hang.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string();
-    let env = vec![
-        ("CAIRN_MASTERS".to_string(), dead),
-        ("CAIRN_TLS".to_string(), c.client_tls.display().to_string()),
-    ];
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let env = vec![("CAIRN_MASTERS".to_string(), dead), ("CAIRN_TLS".to_string(), c.client_tls.display().to_string())];
     let t = Instant::now();
-    let e = expect_error(
-        &cli_env(&["ls", "/", "--timeout", "2"], &env, None),
-        "unreachable masters",
-    );
+    let e = expect_error(&cli_env(&["ls", "/", "--timeout", "2"], &env, None), "unreachable masters");
     assert!(e.contains("unavailable"), "{e}");
-    assert!(
-        t.elapsed() < Duration::from_secs(30),
-        "took {:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < Duration::from_secs(30), "took {:?}", t.elapsed());
     let e = expect_error(&cli_env(&["ls", "/"], &[], None), "no masters configured");
     assert!(e.contains("CAIRN_MASTERS"), "{e}");
 }
@@ -300,21 +190,13 @@ fn a_client_killed_mid_put_changes_nothing() {
     stdin.write_all(&random_bytes(30 * MIB, 4)).unwrap();
     // Wait until chunks of the new content reach the chunkservers, then kill -9 the client.
     let before = c.chunk_files();
-    wait_for(
-        "the half-upload to reach chunkservers",
-        Duration::from_secs(30),
-        || c.chunk_files() > before,
-    );
+    wait_for("the half-upload to reach chunkservers", Duration::from_secs(30), || c.chunk_files() > before);
     child.kill().unwrap();
     child.wait().unwrap();
     drop(stdin);
     let out = c.cli(&["get", "/f", "-"]);
     assert!(out.status.success());
-    assert_eq!(
-        blake3::hash(&out.stdout),
-        blake3::hash(&old),
-        "the old content stays"
-    );
+    assert_eq!(blake3::hash(&out.stdout), blake3::hash(&old), "the old content stays");
     let ls = String::from_utf8(c.cli(&["ls", "/"]).stdout).unwrap();
     assert_eq!(ls.lines().count(), 1, "only the old file: {ls}");
     assert_eq!(c.status()["files"], 1);

@@ -9,17 +9,11 @@ use cairn_client::{Error, PutOptions};
 use common::*;
 
 async fn put(client: &cairn_client::Client, path: &str, data: &[u8]) {
-    client
-        .put(path, data, &PutOptions::default(), &|_| {})
-        .await
-        .unwrap_or_else(|e| panic!("put {path}: {e}"));
+    client.put(path, data, &PutOptions::default(), &|_| {}).await.unwrap_or_else(|e| panic!("put {path}: {e}"));
 }
 
 async fn get(client: &cairn_client::Client, path: &str) -> Vec<u8> {
-    client
-        .read(path, 0, None)
-        .await
-        .unwrap_or_else(|e| panic!("get {path}: {e}"))
+    client.read(path, 0, None).await.unwrap_or_else(|e| panic!("get {path}: {e}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -33,11 +27,7 @@ async fn round_trips_at_replication_3() {
         let path = format!("/f{n}");
         put(&client, &path, &data).await;
         let back = get(&client, &path).await;
-        assert_eq!(
-            blake3::hash(&back),
-            blake3::hash(&data),
-            "content of {path}"
-        );
+        assert_eq!(blake3::hash(&back), blake3::hash(&data), "content of {path}");
         assert_eq!(client.stat(&path).await.unwrap().size, *n as u64);
         for h in chunk_hashes(&data) {
             assert_eq!(c.replicas_of(&h).len(), 3, "replicas of a chunk of {path}");
@@ -45,12 +35,9 @@ async fn round_trips_at_replication_3() {
     }
     // Ranged reads across chunk boundaries.
     let data = random_bytes(100 * MIB, 5);
-    for (off, len) in [
-        (0u64, 10u64),
-        (chunk as u64 - 3, 7),
-        (chunk as u64 * 3 + 11, chunk as u64 * 2),
-        (100 * MIB as u64 - 5, 100),
-    ] {
+    for (off, len) in
+        [(0u64, 10u64), (chunk as u64 - 3, 7), (chunk as u64 * 3 + 11, chunk as u64 * 2), (100 * MIB as u64 - 5, 100)]
+    {
         let got = client.read("/f104857600", off, Some(len)).await.unwrap();
         let end = (off + len).min(data.len() as u64) as usize;
         assert_eq!(got, &data[off as usize..end], "range {off}+{len}");
@@ -69,11 +56,7 @@ async fn same_content_is_stored_once() {
     let files = c.chunk_files();
     assert_eq!(files, 3 * 3, "3 chunks at replication 3");
     put(&client, "/b", &data).await;
-    assert_eq!(
-        c.chunk_files(),
-        files,
-        "a second upload of the same bytes adds no chunk"
-    );
+    assert_eq!(c.chunk_files(), files, "a second upload of the same bytes adds no chunk");
     assert_eq!(get(&client, "/b").await, data);
 }
 
@@ -89,11 +72,7 @@ async fn reads_survive_a_killed_chunkserver() {
     }
     c.chunkservers[1].kill();
     for (i, data) in files.iter().enumerate() {
-        assert_eq!(
-            &get(&client, &format!("/k{i}")).await,
-            data,
-            "file {i} after kill -9"
-        );
+        assert_eq!(&get(&client, &format!("/k{i}")).await, data, "file {i} after kill -9");
     }
     // Writes go on too: placement avoids the dead node once the client or the master notices.
     let data = random_bytes(20 * MIB, 9);
@@ -117,12 +96,7 @@ async fn a_corrupt_replica_is_skipped_and_reported() {
         std::fs::write(r, bytes).unwrap();
     }
     // Replicas are tried in a random order: within a few reads one lands on a corrupt copy first.
-    let quarantined = || {
-        c.chunkservers
-            .iter()
-            .map(|cs| count_files(&cs.data.join("corrupt")))
-            .sum::<usize>()
-    };
+    let quarantined = || c.chunkservers.iter().map(|cs| count_files(&cs.data.join("corrupt"))).sum::<usize>();
     for _ in 0..40 {
         assert_eq!(get(&client, "/c").await, data, "read with corrupt replicas");
         if quarantined() >= 1 {
@@ -131,11 +105,9 @@ async fn a_corrupt_replica_is_skipped_and_reported() {
     }
     assert!(quarantined() >= 1, "no chunkserver found its copy corrupt");
     // The chunkserver that found its copy corrupt moved it aside and told the master.
-    wait_for(
-        "the master to count the chunk under-replicated",
-        Duration::from_secs(20),
-        || c.status()["chunks"]["under_replicated"].as_u64() >= Some(1),
-    );
+    wait_for("the master to count the chunk under-replicated", Duration::from_secs(20), || {
+        c.status()["chunks"]["under_replicated"].as_u64() >= Some(1)
+    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,10 +126,7 @@ async fn master_restart_keeps_the_namespace() {
     assert_eq!(get(&client, "/d/h").await, b"small");
     assert!(matches!(client.stat("/d/g").await, Err(Error::NotFound(_))));
     let (_, entries) = client.list("/d").await.unwrap();
-    assert_eq!(
-        entries.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
-        vec!["e", "h"]
-    );
+    assert_eq!(entries.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), vec!["e", "h"]);
     c.wait_alive(4);
     put(&client, "/d/new", &data).await;
 }
@@ -166,34 +135,14 @@ async fn master_restart_keeps_the_namespace() {
 async fn full_disks_are_avoided_or_reported() {
     // Two chunkservers with room for about one chunk beyond the 64 MiB the master keeps free.
     let small = Some(70 * MIB as u64);
-    let c = Cluster::start(Options {
-        capacities: vec![small, small, None, None],
-        ..Default::default()
-    });
+    let c = Cluster::start(Options { capacities: vec![small, small, None, None], ..Default::default() });
     let client = c.client().await;
     let data = random_bytes(40 * MIB, 31);
     // Replication 2 fits on the two large nodes: placement moves on from the full ones.
-    client
-        .put(
-            "/two",
-            &data[..],
-            &PutOptions {
-                replication: 2,
-                ..Default::default()
-            },
-            &|_| {},
-        )
-        .await
-        .unwrap();
+    client.put("/two", &data[..], &PutOptions { replication: 2, ..Default::default() }, &|_| {}).await.unwrap();
     assert_eq!(get(&client, "/two").await, data);
     // Replication 3 needs a third node with room, and there is none once the small ones fill.
-    let err = client
-        .put("/three", &data[..], &PutOptions::default(), &|_| {})
-        .await
-        .unwrap_err();
+    let err = client.put("/three", &data[..], &PutOptions::default(), &|_| {}).await.unwrap_err();
     assert!(matches!(err, Error::NotEnoughChunkservers(_)), "{err}");
-    assert!(
-        matches!(client.stat("/three").await, Err(Error::NotFound(_))),
-        "nothing half-visible"
-    );
+    assert!(matches!(client.stat("/three").await, Err(Error::NotFound(_))), "nothing half-visible");
 }

@@ -72,9 +72,7 @@ impl Masters {
             return Ok(ClusterClient::new(ch.clone()));
         }
         let endpoint = Channel::from_shared(format!("https://{}", self.current))
-            .map_err(|e| {
-                tonic::Status::invalid_argument(format!("master address {}: {e}", self.current))
-            })?
+            .map_err(|e| tonic::Status::invalid_argument(format!("master address {}: {e}", self.current)))?
             .tls_config(self.tls.clone())
             .map_err(|e| tonic::Status::internal(format!("TLS config: {e}")))?
             .tcp_nodelay(true)
@@ -146,9 +144,7 @@ impl Backoff {
     }
 
     fn next_delay(&mut self) -> Duration {
-        let exp = Self::BASE
-            .saturating_mul(1u32 << self.attempt.min(16))
-            .min(self.max);
+        let exp = Self::BASE.saturating_mul(1u32 << self.attempt.min(16)).min(self.max);
         self.attempt = self.attempt.saturating_add(1);
         // Jitter in [50%, 100%] keeps many chunkservers from retrying in lockstep.
         exp.mul_f64(0.5 + rand::random::<f64>() * 0.5)
@@ -197,12 +193,7 @@ struct Worker {
 }
 
 /// Runs the heartbeat worker until `shutdown` is cancelled. Never returns early on errors.
-pub async fn run(
-    config: HeartbeatConfig,
-    identity: &Identity,
-    store: ChunkStore,
-    shutdown: CancellationToken,
-) {
+pub async fn run(config: HeartbeatConfig, identity: &Identity, store: ChunkStore, shutdown: CancellationToken) {
     if config.masters.is_empty() {
         tracing::warn!("no master configured; not registering");
         shutdown.cancelled().await;
@@ -217,17 +208,8 @@ pub async fn run(
         request_timeout: config.request_timeout,
         channels: HashMap::new(),
     };
-    let backoff = Backoff {
-        attempt: 0,
-        max: config.backoff_max,
-    };
-    let mut worker = Worker {
-        config,
-        store,
-        masters,
-        backoff,
-        log: FailureLog { consecutive: 0 },
-    };
+    let backoff = Backoff { attempt: 0, max: config.backoff_max };
+    let mut worker = Worker { config, store, masters, backoff, log: FailureLog { consecutive: 0 } };
     worker.run(&shutdown).await;
     tracing::debug!("heartbeat worker stopped");
 }
@@ -302,11 +284,7 @@ impl Worker {
             used_bytes: self.store.used_bytes(),
         };
         let master = self.masters.current.clone();
-        match self
-            .masters
-            .call(|mut c| async move { c.register(req).await })
-            .await
-        {
+        match self.masters.call(|mut c| async move { c.register(req).await }).await {
             Ok(_) => {
                 tracing::info!(master, node_id = self.store.node_id(), addr = %self.config.addr, "registered");
                 Ok(())
@@ -323,11 +301,8 @@ impl Worker {
         let hashes = self.store.hashes();
         let report_id = rand::random::<u64>();
         let page_size = self.config.report_page.max(1);
-        let pages: Vec<&[crate::store::ChunkHash]> = if hashes.is_empty() {
-            vec![&[]]
-        } else {
-            hashes.chunks(page_size).collect()
-        };
+        let pages: Vec<&[crate::store::ChunkHash]> =
+            if hashes.is_empty() { vec![&[]] } else { hashes.chunks(page_size).collect() };
         let count = pages.len();
         for (i, page) in pages.into_iter().enumerate() {
             let req = ChunkReportRequest {
@@ -337,11 +312,7 @@ impl Worker {
                 last: i + 1 == count,
             };
             let master = self.masters.current.clone();
-            if let Err(status) = self
-                .masters
-                .call(|mut c| async move { c.chunk_report(req).await })
-                .await
-            {
+            if let Err(status) = self.masters.call(|mut c| async move { c.chunk_report(req).await }).await {
                 self.log.failed("chunk report", &master, &status);
                 return Err(status);
             }
@@ -363,11 +334,7 @@ impl Worker {
             removed: removed.iter().map(|h| h.0.to_vec()).collect(),
         };
         let master = self.masters.current.clone();
-        match self
-            .masters
-            .call(|mut c| async move { c.heartbeat(req).await })
-            .await
-        {
+        match self.masters.call(|mut c| async move { c.heartbeat(req).await }).await {
             Ok(resp) => {
                 self.log.succeeded();
                 Ok(resp.report_requested)
@@ -387,10 +354,7 @@ mod tests {
 
     #[test]
     fn backoff_is_bounded_and_grows() {
-        let mut b = Backoff {
-            attempt: 0,
-            max: Duration::from_secs(2),
-        };
+        let mut b = Backoff { attempt: 0, max: Duration::from_secs(2) };
         let first = b.next_delay();
         assert!(first <= Duration::from_millis(100) && first >= Duration::from_millis(50));
         for _ in 0..100 {
@@ -416,9 +380,7 @@ mod tests {
     fn follows_hints_then_rotates() {
         let mut m = masters(&["a:1", "b:2", "c:3"]);
         let mut refused = tonic::Status::unavailable("not leader");
-        refused
-            .metadata_mut()
-            .insert(LEADER_HINT_KEY, "c:3".parse().unwrap());
+        refused.metadata_mut().insert(LEADER_HINT_KEY, "c:3".parse().unwrap());
         m.follow(&refused);
         assert_eq!(m.current, "c:3");
         m.follow(&tonic::Status::unavailable("no hint"));

@@ -37,25 +37,17 @@ pub struct Config {
 /// Returns an error only if the node cannot start (data directory, TLS files, socket); once
 /// running, failures are logged and retried.
 pub async fn run(config: Config, socket: UdpSocket, shutdown: CancellationToken) -> Result<()> {
-    let local = socket
-        .local_addr()
-        .context("UDP socket has no local address")?;
+    let local = socket.local_addr().context("UDP socket has no local address")?;
     let store = store::ChunkStore::open(&config.data_dir, config.capacity_bytes)
         .await
         .with_context(|| format!("open chunk store in {}", config.data_dir.display()))?;
     let span = tracing::info_span!("chunkserver", node = store.node_id());
     let endpoint = quic::endpoint(&config.identity, socket)?;
-    let advertise = config
-        .advertise
-        .clone()
-        .unwrap_or_else(|| local.to_string());
-    span.in_scope(
-        || tracing::info!(addr = %local, advertise, zone = config.zone, "chunkserver starting"),
-    );
+    let advertise = config.advertise.clone().unwrap_or_else(|| local.to_string());
+    span.in_scope(|| tracing::info!(addr = %local, advertise, zone = config.zone, "chunkserver starting"));
 
     let hb_shutdown = shutdown.child_token();
-    let hb_config =
-        heartbeat::HeartbeatConfig::new(config.masters.clone(), advertise, config.zone.clone());
+    let hb_config = heartbeat::HeartbeatConfig::new(config.masters.clone(), advertise, config.zone.clone());
     let hb_store = store.clone();
     let identity = config.identity.clone();
     let hb_token = hb_shutdown.clone();
@@ -64,14 +56,8 @@ pub async fn run(config: Config, socket: UdpSocket, shutdown: CancellationToken)
             .instrument(tracing::info_span!(parent: &span, "heartbeat")),
     );
 
-    let served = quic::serve(
-        endpoint,
-        store,
-        quic::Limits::default(),
-        shutdown.child_token(),
-    )
-    .instrument(span.clone())
-    .await;
+    let served =
+        quic::serve(endpoint, store, quic::Limits::default(), shutdown.child_token()).instrument(span.clone()).await;
     hb_shutdown.cancel();
     if let Err(e) = hb.await {
         span.in_scope(|| tracing::error!(error = %e, "heartbeat worker panicked"));

@@ -12,9 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use cairn_common::tls::{Identity, NODE_NAME};
-use cairn_proto::data::{
-    chunk_request::Op, ChunkRequest, ChunkResponse, GetChunk, PutChunk, Status,
-};
+use cairn_proto::data::{chunk_request::Op, ChunkRequest, ChunkResponse, GetChunk, PutChunk, Status};
 use cairn_proto::{frame, MAX_CHUNK};
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use tokio::sync::Semaphore;
@@ -63,20 +61,13 @@ const MAX_POOLED: usize = 1024;
 /// Builds the endpoint on an already-bound UDP socket: it serves with the node identity and dials
 /// peers with it too.
 pub fn endpoint(identity: &Identity, socket: UdpSocket) -> Result<Endpoint> {
-    socket
-        .set_nonblocking(true)
-        .context("set UDP socket non-blocking")?;
+    socket.set_nonblocking(true).context("set UDP socket non-blocking")?;
     cairn_common::net::tune_udp_socket(&socket);
     let server = identity.quic_server().context("QUIC server TLS config")?;
     let client = identity.quic_client().context("QUIC client TLS config")?;
     let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
-    let mut endpoint = Endpoint::new(
-        cairn_common::tls::quic_endpoint_config(),
-        Some(server),
-        socket,
-        runtime,
-    )
-    .context("create QUIC endpoint")?;
+    let mut endpoint = Endpoint::new(cairn_common::tls::quic_endpoint_config(), Some(server), socket, runtime)
+        .context("create QUIC endpoint")?;
     endpoint.set_default_client_config(client);
     Ok(endpoint)
 }
@@ -91,17 +82,11 @@ struct Pool {
 impl Pool {
     fn cached(&self, addr: &str) -> Option<Connection> {
         let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        conns
-            .get(addr)
-            .filter(|c| c.close_reason().is_none())
-            .cloned()
+        conns.get(addr).filter(|c| c.close_reason().is_none()).cloned()
     }
 
     fn forget(&self, addr: &str) {
-        self.conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(addr);
+        self.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(addr);
     }
 
     async fn connect(&self, addr: &str) -> Result<Connection> {
@@ -110,10 +95,7 @@ impl Pool {
             .with_context(|| format!("resolve {addr}"))?
             .next()
             .with_context(|| format!("{addr} resolves to no address"))?;
-        let connecting = self
-            .endpoint
-            .connect(target, NODE_NAME)
-            .with_context(|| format!("connect to {addr}"))?;
+        let connecting = self.endpoint.connect(target, NODE_NAME).with_context(|| format!("connect to {addr}"))?;
         let conn = tokio::time::timeout(self.connect_timeout, connecting)
             .await
             .with_context(|| format!("connect to {addr}: timed out"))?
@@ -141,9 +123,7 @@ impl Pool {
             }
         }
         let conn = self.connect(addr).await?;
-        conn.open_bi()
-            .await
-            .with_context(|| format!("open stream to {addr}"))
+        conn.open_bi().await.with_context(|| format!("open stream to {addr}"))
     }
 }
 
@@ -157,15 +137,9 @@ struct Server {
 
 /// Serves chunk requests on `endpoint` until `shutdown` is cancelled, then stops accepting, waits
 /// up to `limits.drain_timeout` for requests in flight and closes the endpoint.
-pub async fn serve(
-    endpoint: Endpoint,
-    store: ChunkStore,
-    limits: Limits,
-    shutdown: CancellationToken,
-) -> Result<()> {
-    let receiving_permits = usize::try_from(limits.max_receiving_bytes)
-        .unwrap_or(usize::MAX)
-        .min(Semaphore::MAX_PERMITS);
+pub async fn serve(endpoint: Endpoint, store: ChunkStore, limits: Limits, shutdown: CancellationToken) -> Result<()> {
+    let receiving_permits =
+        usize::try_from(limits.max_receiving_bytes).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS);
     anyhow::ensure!(
         receiving_permits as u64 >= MAX_CHUNK,
         "max_receiving_bytes must hold at least one chunk of {MAX_CHUNK} bytes"
@@ -190,20 +164,11 @@ pub async fn serve(
         };
         let Some(incoming) = incoming else { break };
         let span = tracing::info_span!("conn", remote = %incoming.remote_address());
-        tracker.spawn(
-            handle_connection(server.clone(), incoming, tracker.clone(), shutdown.clone())
-                .instrument(span),
-        );
+        tracker.spawn(handle_connection(server.clone(), incoming, tracker.clone(), shutdown.clone()).instrument(span));
     }
     tracker.close();
-    if tokio::time::timeout(server.limits.drain_timeout, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            in_flight = tracker.len(),
-            "shutdown: gave up waiting for requests in flight"
-        );
+    if tokio::time::timeout(server.limits.drain_timeout, tracker.wait()).await.is_err() {
+        tracing::warn!(in_flight = tracker.len(), "shutdown: gave up waiting for requests in flight");
     }
     endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
@@ -264,20 +229,12 @@ async fn refuse_busy(mut send: SendStream, mut recv: RecvStream) {
         message: "too many requests in flight".into(),
         ..Default::default()
     };
-    let _ = tokio::time::timeout(
-        Duration::from_secs(5),
-        send.write_all(&frame::encode(&resp)),
-    )
-    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), send.write_all(&frame::encode(&resp))).await;
     let _ = send.finish();
 }
 
 fn error_response(status: Status, message: impl Into<String>) -> ChunkResponse {
-    ChunkResponse {
-        status: status as i32,
-        message: message.into(),
-        ..Default::default()
-    }
+    ChunkResponse { status: status as i32, message: message.into(), ..Default::default() }
 }
 
 fn store_error_response(err: &StoreError) -> ChunkResponse {
@@ -303,12 +260,7 @@ async fn handle_stream(server: &Server, mut send: SendStream, mut recv: RecvStre
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "bad request header");
             let _ = recv.stop(quinn::VarInt::from_u32(0));
-            write_response(
-                &mut send,
-                &error_response(Status::Invalid, format!("bad request header: {e}")),
-                idle,
-            )
-            .await;
+            write_response(&mut send, &error_response(Status::Invalid, format!("bad request header: {e}")), idle).await;
             return;
         }
         Err(_) => {
@@ -328,12 +280,7 @@ async fn handle_stream(server: &Server, mut send: SendStream, mut recv: RecvStre
             }
             Some(Op::Get(get)) => handle_get(server, get, &mut send).await,
             None => {
-                write_response(
-                    &mut send,
-                    &error_response(Status::Invalid, "request names no operation"),
-                    idle,
-                )
-                .await;
+                write_response(&mut send, &error_response(Status::Invalid, "request names no operation"), idle).await;
             }
         }
     }
@@ -354,10 +301,7 @@ async fn write_response(send: &mut SendStream, resp: &ChunkResponse, timeout: Du
 async fn handle_get(server: &Server, get: GetChunk, send: &mut SendStream) {
     let idle = server.limits.idle_timeout;
     let Some(hash) = ChunkHash::from_slice(&get.hash) else {
-        let resp = error_response(
-            Status::Invalid,
-            format!("hash has {} bytes, not 32", get.hash.len()),
-        );
+        let resp = error_response(Status::Invalid, format!("hash has {} bytes, not 32", get.hash.len()));
         write_response(send, &resp, idle).await;
         return;
     };
@@ -371,11 +315,7 @@ async fn handle_get(server: &Server, get: GetChunk, send: &mut SendStream) {
             return;
         }
     };
-    let header = ChunkResponse {
-        status: Status::Ok as i32,
-        length: read.bytes.len() as u64,
-        ..Default::default()
-    };
+    let header = ChunkResponse { status: Status::Ok as i32, length: read.bytes.len() as u64, ..Default::default() };
     // The chunk goes out of its memory map: quinn keeps the `Bytes` until the peer has it.
     let mut parts = [frame::encode(&header), read.bytes];
     let write = async {
@@ -404,26 +344,16 @@ struct Downstream {
     recv: RecvStream,
 }
 
-async fn open_downstream(
-    server: &Server,
-    request_id: &str,
-    put: &PutChunk,
-) -> Result<Downstream, String> {
+async fn open_downstream(server: &Server, request_id: &str, put: &PutChunk) -> Result<Downstream, String> {
     let addr = put.chain[0].clone();
     let timeout = server.limits.downstream_timeout;
     let fwd = ChunkRequest {
         request_id: request_id.to_string(),
-        op: Some(Op::Put(PutChunk {
-            hash: put.hash.clone(),
-            length: put.length,
-            chain: put.chain[1..].to_vec(),
-        })),
+        op: Some(Op::Put(PutChunk { hash: put.hash.clone(), length: put.length, chain: put.chain[1..].to_vec() })),
     };
     let setup = async {
         let (mut send, recv) = server.pool.open(&addr).await?;
-        send.write_all(&frame::encode(&fwd))
-            .await
-            .with_context(|| format!("send request to {addr}"))?;
+        send.write_all(&frame::encode(&fwd)).await.with_context(|| format!("send request to {addr}"))?;
         anyhow::Ok((send, recv))
     };
     match tokio::time::timeout(timeout, setup).await {
@@ -433,47 +363,28 @@ async fn open_downstream(
     }
 }
 
-async fn handle_put(
-    server: &Server,
-    request_id: &str,
-    put: PutChunk,
-    recv: &mut RecvStream,
-) -> ChunkResponse {
+async fn handle_put(server: &Server, request_id: &str, put: PutChunk, recv: &mut RecvStream) -> ChunkResponse {
     let Some(hash) = ChunkHash::from_slice(&put.hash) else {
-        return error_response(
-            Status::Invalid,
-            format!("hash has {} bytes, not 32", put.hash.len()),
-        );
+        return error_response(Status::Invalid, format!("hash has {} bytes, not 32", put.hash.len()));
     };
     if put.length == 0 || put.length > MAX_CHUNK {
-        return error_response(
-            Status::Invalid,
-            format!("chunk length {} is not in 1..={MAX_CHUNK}", put.length),
-        );
+        return error_response(Status::Invalid, format!("chunk length {} is not in 1..={MAX_CHUNK}", put.length));
     }
     if put.chain.len() > server.limits.max_chain {
         return error_response(
             Status::Invalid,
-            format!(
-                "chain of {} replicas exceeds {}",
-                put.chain.len(),
-                server.limits.max_chain
-            ),
+            format!("chain of {} replicas exceeds {}", put.chain.len(), server.limits.max_chain),
         );
     }
     let len = put.length as usize;
     let permits = u32::try_from(put.length).expect("MAX_CHUNK fits in u32");
-    let _room = match tokio::time::timeout(
-        server.limits.receive_wait,
-        server.receiving.clone().acquire_many_owned(permits),
-    )
-    .await
-    {
-        Ok(Ok(p)) => p,
-        Ok(Err(_)) | Err(_) => {
-            return error_response(Status::Busy, "too many chunks being received")
-        }
-    };
+    let _room =
+        match tokio::time::timeout(server.limits.receive_wait, server.receiving.clone().acquire_many_owned(permits))
+            .await
+        {
+            Ok(Ok(p)) => p,
+            Ok(Err(_)) | Err(_) => return error_response(Status::Busy, "too many chunks being received"),
+        };
 
     // The request id travels down the chain with the chunk, so one search follows a put.
     let mut downstream = None;
@@ -491,19 +402,9 @@ async fn handle_put(
     while buf.len() < len {
         let piece = match tokio::time::timeout(idle, recv.read_chunk(len - buf.len(), true)).await {
             Ok(Ok(Some(piece))) => piece.bytes,
-            Ok(Ok(None)) => {
-                return abort_put(
-                    downstream,
-                    format!("stream ended after {} of {len} bytes", buf.len()),
-                )
-            }
+            Ok(Ok(None)) => return abort_put(downstream, format!("stream ended after {} of {len} bytes", buf.len())),
             Ok(Err(e)) => return abort_put(downstream, format!("receiving the chunk: {e}")),
-            Err(_) => {
-                return abort_put(
-                    downstream,
-                    format!("no data for {idle:?} after {} of {len} bytes", buf.len()),
-                )
-            }
+            Err(_) => return abort_put(downstream, format!("no data for {idle:?} after {} of {len} bytes", buf.len())),
         };
         if let Some(ds) = downstream.as_mut() {
             // Pipelined: this piece leaves for the next replica before we read the next one.
@@ -530,23 +431,14 @@ async fn handle_put(
             return Ok(0);
         };
         let _ = ds.send.finish();
-        match tokio::time::timeout(ds_timeout, frame::read::<ChunkResponse, _>(&mut ds.recv)).await
-        {
+        match tokio::time::timeout(ds_timeout, frame::read::<ChunkResponse, _>(&mut ds.recv)).await {
             Ok(Ok(resp)) if resp.status == Status::Ok as i32 => Ok(resp.replicas),
             Ok(Ok(resp)) => {
-                let status = Status::try_from(resp.status)
-                    .map(|s| s.as_str_name())
-                    .unwrap_or("UNKNOWN");
-                Err(format!(
-                    "replica {} answered {status}: {}",
-                    ds.addr, resp.message
-                ))
+                let status = Status::try_from(resp.status).map(|s| s.as_str_name()).unwrap_or("UNKNOWN");
+                Err(format!("replica {} answered {status}: {}", ds.addr, resp.message))
             }
             Ok(Err(e)) => Err(format!("replica {} did not answer: {e}", ds.addr)),
-            Err(_) => Err(format!(
-                "replica {} did not answer in {ds_timeout:?}",
-                ds.addr
-            )),
+            Err(_) => Err(format!("replica {} did not answer in {ds_timeout:?}", ds.addr)),
         }
     };
     let (local, remote) = tokio::join!(local, remote);
@@ -566,11 +458,7 @@ async fn handle_put(
     match remote {
         Ok(replicas) => {
             tracing::debug!(%hash, replicas = replicas + 1, "chunk stored");
-            ChunkResponse {
-                status: Status::Ok as i32,
-                replicas: replicas + 1,
-                ..Default::default()
-            }
+            ChunkResponse { status: Status::Ok as i32, replicas: replicas + 1, ..Default::default() }
         }
         Err(e) => {
             tracing::warn!(%hash, error = %e, "chain broken");

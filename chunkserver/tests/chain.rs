@@ -42,33 +42,19 @@ async fn cluster(n: usize) -> Cluster {
         let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
         let addr = socket.local_addr().expect("local addr");
         let endpoint = quic::endpoint(&id, socket).expect("endpoint");
-        servers.push(tokio::spawn(quic::serve(
-            endpoint,
-            store.clone(),
-            Limits::default(),
-            shutdown.child_token(),
-        )));
+        servers.push(tokio::spawn(quic::serve(endpoint, store.clone(), Limits::default(), shutdown.child_token())));
         nodes.push(Node { addr, store, data });
     }
     let client_id = identity(&ca, &dir.path().join("client"), Role::Client);
     let client = client_endpoint(&client_id);
-    Cluster {
-        _dir: dir,
-        ca,
-        nodes,
-        client,
-        shutdown,
-        servers,
-    }
+    Cluster { _dir: dir, ca, nodes, client, shutdown, servers }
 }
 
 impl Cluster {
     async fn stop(self) {
         self.shutdown.cancel();
         for s in self.servers {
-            let res = tokio::time::timeout(Duration::from_secs(10), s)
-                .await
-                .expect("server stops in time");
+            let res = tokio::time::timeout(Duration::from_secs(10), s).await.expect("server stops in time");
             res.expect("server task").expect("server result");
         }
     }
@@ -77,17 +63,7 @@ impl Cluster {
 fn chunk_files(data: &Path) -> usize {
     fn walk(d: &Path) -> usize {
         std::fs::read_dir(d)
-            .map(|it| {
-                it.flatten()
-                    .map(|e| {
-                        if e.path().is_dir() {
-                            walk(&e.path())
-                        } else {
-                            1
-                        }
-                    })
-                    .sum()
-            })
+            .map(|it| it.flatten().map(|e| if e.path().is_dir() { walk(&e.path()) } else { 1 }).sum())
             .unwrap_or(0)
     }
     walk(&data.join("chunks"))
@@ -101,9 +77,7 @@ async fn chained_put_then_get() {
     let hash = ChunkHash::of(&data);
     let chain: Vec<String> = c.nodes[1..].iter().map(|n| n.addr.to_string()).collect();
 
-    let resp = put(&conn, hash.as_bytes(), &data, chain.clone())
-        .await
-        .expect("put");
+    let resp = put(&conn, hash.as_bytes(), &data, chain.clone()).await.expect("put");
     assert_eq!(resp.status, Status::Ok as i32, "{}", resp.message);
     assert_eq!(resp.replicas, 3);
     for n in &c.nodes {
@@ -113,33 +87,23 @@ async fn chained_put_then_get() {
     }
 
     // The same put again is acknowledged by every replica without rewriting.
-    let again = put(&conn, hash.as_bytes(), &data, chain)
-        .await
-        .expect("put again");
+    let again = put(&conn, hash.as_bytes(), &data, chain).await.expect("put again");
     assert_eq!(again.status, Status::Ok as i32, "{}", again.message);
     assert_eq!(again.replicas, 3);
 
     // Ranges, from the head and from the tail of the chain.
-    let (resp, bytes) = get(&conn, hash.as_bytes(), 1000, 4096)
-        .await
-        .expect("get range");
+    let (resp, bytes) = get(&conn, hash.as_bytes(), 1000, 4096).await.expect("get range");
     assert_eq!(resp.status, Status::Ok as i32, "{}", resp.message);
     assert_eq!(resp.length, 4096);
     assert_eq!(bytes, &data[1000..5096]);
-    let tail = connect(&c.client, c.nodes[2].addr)
-        .await
-        .expect("connect tail");
+    let tail = connect(&c.client, c.nodes[2].addr).await.expect("connect tail");
     let (resp, bytes) = get(&tail, hash.as_bytes(), 0, 0).await.expect("get whole");
     assert_eq!(resp.status, Status::Ok as i32);
     assert_eq!(bytes, data);
 
-    let (resp, _) = get(&conn, ChunkHash::of(b"absent").as_bytes(), 0, 0)
-        .await
-        .expect("get absent");
+    let (resp, _) = get(&conn, ChunkHash::of(b"absent").as_bytes(), 0, 0).await.expect("get absent");
     assert_eq!(resp.status, Status::NotFound as i32);
-    let (resp, _) = get(&conn, hash.as_bytes(), (1 << 20) + 1, 0)
-        .await
-        .expect("get past end");
+    let (resp, _) = get(&conn, hash.as_bytes(), (1 << 20) + 1, 0).await.expect("get past end");
     assert_eq!(resp.status, Status::Invalid as i32);
     let (resp, _) = get(&conn, &[1, 2, 3], 0, 0).await.expect("get bad hash");
     assert_eq!(resp.status, Status::Invalid as i32);
@@ -155,54 +119,28 @@ async fn hash_mismatch_stores_nothing_anywhere() {
     let hash = ChunkHash::of(&claimed);
     let chain: Vec<String> = c.nodes[1..].iter().map(|n| n.addr.to_string()).collect();
 
-    let resp = put(&conn, hash.as_bytes(), &sent, chain)
-        .await
-        .expect("put");
+    let resp = put(&conn, hash.as_bytes(), &sent, chain).await.expect("put");
     assert_eq!(resp.status, Status::HashMismatch as i32, "{}", resp.message);
     for n in &c.nodes {
         assert!(!n.store.contains(&hash));
         assert_eq!(chunk_files(&n.data), 0);
-        assert_eq!(
-            std::fs::read_dir(n.data.join("tmp")).expect("tmp").count(),
-            0
-        );
+        assert_eq!(std::fs::read_dir(n.data.join("tmp")).expect("tmp").count(), 0);
     }
 
     // Zero-length and oversized chunks are invalid before any byte is read.
-    let resp = put(&conn, ChunkHash::of(b"").as_bytes(), b"", vec![])
-        .await
-        .expect("put empty");
+    let resp = put(&conn, ChunkHash::of(b"").as_bytes(), b"", vec![]).await.expect("put empty");
     assert_eq!(resp.status, Status::Invalid as i32);
-    let resp = put_raw(
-        &conn,
-        hash.as_bytes(),
-        cairn_proto::MAX_CHUNK + 1,
-        b"",
-        vec![],
-    )
-    .await
-    .expect("put huge");
+    let resp = put_raw(&conn, hash.as_bytes(), cairn_proto::MAX_CHUNK + 1, b"", vec![]).await.expect("put huge");
     assert_eq!(resp.status, Status::Invalid as i32);
 
     // A stream that ends early stores nothing, on the head or down the chain.
     let chain: Vec<String> = c.nodes[1..].iter().map(|n| n.addr.to_string()).collect();
-    let resp = put_raw(
-        &conn,
-        hash.as_bytes(),
-        claimed.len() as u64,
-        &claimed[..100_000],
-        chain,
-    )
-    .await
-    .expect("short put");
+    let resp =
+        put_raw(&conn, hash.as_bytes(), claimed.len() as u64, &claimed[..100_000], chain).await.expect("short put");
     assert_eq!(resp.status, Status::Invalid as i32, "{}", resp.message);
     // The tail learns of the abort by a stream reset, possibly after the head answered.
     wait_for("tmp/ emptied everywhere", || {
-        c.nodes.iter().all(|n| {
-            std::fs::read_dir(n.data.join("tmp"))
-                .map(|d| d.count() == 0)
-                .unwrap_or(false)
-        })
+        c.nodes.iter().all(|n| std::fs::read_dir(n.data.join("tmp")).map(|d| d.count() == 0).unwrap_or(false))
     })
     .await;
     for n in &c.nodes {
@@ -220,29 +158,13 @@ async fn broken_chain_is_unavailable_but_local_copy_is_kept() {
     let hash = ChunkHash::of(&data);
     // The second node forwards to a name that does not resolve: the failure comes back up,
     // naming the replica that could not be reached.
-    let chain = vec![
-        c.nodes[1].addr.to_string(),
-        "no-such-host.invalid:1".to_string(),
-    ];
-    let resp = put(&conn, hash.as_bytes(), &data, chain)
-        .await
-        .expect("put");
+    let chain = vec![c.nodes[1].addr.to_string(), "no-such-host.invalid:1".to_string()];
+    let resp = put(&conn, hash.as_bytes(), &data, chain).await.expect("put");
     assert_eq!(resp.status, Status::Unavailable as i32, "{}", resp.message);
-    assert!(
-        resp.message.contains("no-such-host.invalid:1"),
-        "{}",
-        resp.message
-    );
-    assert!(
-        resp.message.contains(&c.nodes[1].addr.to_string()),
-        "{}",
-        resp.message
-    );
+    assert!(resp.message.contains("no-such-host.invalid:1"), "{}", resp.message);
+    assert!(resp.message.contains(&c.nodes[1].addr.to_string()), "{}", resp.message);
     for n in &c.nodes {
-        assert!(
-            n.store.contains(&hash),
-            "the replicas that got the chunk keep it"
-        );
+        assert!(n.store.contains(&hash), "the replicas that got the chunk keep it");
     }
     c.stop().await;
 }
@@ -260,17 +182,12 @@ async fn client_from_another_ca_is_refused() {
         Err(_) => true,
         Ok(conn) => put(&conn, hash.as_bytes(), &data, vec![]).await.is_err(),
     };
-    assert!(
-        refused,
-        "a certificate from another CA must not get through"
-    );
+    assert!(refused, "a certificate from another CA must not get through");
     assert!(!c.nodes[0].store.contains(&hash));
 
     // And our own client still works.
     let conn = connect(&c.client, c.nodes[0].addr).await.expect("connect");
-    let resp = put(&conn, hash.as_bytes(), &data, vec![])
-        .await
-        .expect("put");
+    let resp = put(&conn, hash.as_bytes(), &data, vec![]).await.expect("put");
     assert_eq!(resp.status, Status::Ok as i32, "{}", resp.message);
     let _ = &c.ca;
     c.stop().await;
@@ -283,10 +200,7 @@ async fn run_serves_while_the_master_is_down() {
     let node = identity(&ca, &dir.path().join("node"), Role::Node);
     let client = identity(&ca, &dir.path().join("client"), Role::Client);
     // A TCP port that refuses connections.
-    let master = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr");
+    let master = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
     let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
     let addr = socket.local_addr().expect("addr");
     let config = cairn_chunkserver::Config {
@@ -304,9 +218,7 @@ async fn run_serves_while_the_master_is_down() {
     let conn = connect(&ep, addr).await.expect("connect");
     let data = pattern(700_000, 6);
     let hash = ChunkHash::of(&data);
-    let resp = put(&conn, hash.as_bytes(), &data, vec![])
-        .await
-        .expect("put");
+    let resp = put(&conn, hash.as_bytes(), &data, vec![]).await.expect("put");
     assert_eq!(resp.status, Status::Ok as i32, "{}", resp.message);
     let (resp, bytes) = get(&conn, hash.as_bytes(), 10, 20).await.expect("get");
     assert_eq!(resp.status, Status::Ok as i32);
@@ -314,14 +226,10 @@ async fn run_serves_while_the_master_is_down() {
 
     // The capacity cap is 1 MiB: a second 700 kB chunk does not fit.
     let more = pattern(700_000, 7);
-    let resp = put(&conn, ChunkHash::of(&more).as_bytes(), &more, vec![])
-        .await
-        .expect("put");
+    let resp = put(&conn, ChunkHash::of(&more).as_bytes(), &more, vec![]).await.expect("put");
     assert_eq!(resp.status, Status::NoSpace as i32, "{}", resp.message);
 
     shutdown.cancel();
-    let res = tokio::time::timeout(Duration::from_secs(10), server)
-        .await
-        .expect("run stops in time");
+    let res = tokio::time::timeout(Duration::from_secs(10), server).await.expect("run stops in time");
     res.expect("run task").expect("run result");
 }

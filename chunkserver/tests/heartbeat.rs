@@ -35,12 +35,7 @@ struct FakeMaster {
 
 impl FakeMaster {
     fn leader(seen: Arc<Mutex<Seen>>, report_on: usize, not_found_on: usize) -> FakeMaster {
-        FakeMaster {
-            leader_hint: None,
-            seen,
-            report_on,
-            not_found_on,
-        }
+        FakeMaster { leader_hint: None, seen, report_on, not_found_on }
     }
 }
 
@@ -49,9 +44,7 @@ impl FakeMaster {
         match &self.leader_hint {
             Some(hint) => {
                 let mut status = tonic::Status::unavailable("not the leader");
-                status
-                    .metadata_mut()
-                    .insert(cairn_proto::LEADER_HINT_KEY, hint.parse().expect("ascii"));
+                status.metadata_mut().insert(cairn_proto::LEADER_HINT_KEY, hint.parse().expect("ascii"));
                 Err(status)
             }
             None => Ok(()),
@@ -61,23 +54,13 @@ impl FakeMaster {
 
 #[tonic::async_trait]
 impl Cluster for FakeMaster {
-    async fn register(
-        &self,
-        req: Request<RegisterRequest>,
-    ) -> Result<Response<RegisterResponse>, tonic::Status> {
+    async fn register(&self, req: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, tonic::Status> {
         self.refuse()?;
-        self.seen
-            .lock()
-            .expect("lock")
-            .registers
-            .push(req.into_inner());
+        self.seen.lock().expect("lock").registers.push(req.into_inner());
         Ok(Response::new(RegisterResponse {}))
     }
 
-    async fn heartbeat(
-        &self,
-        req: Request<HeartbeatRequest>,
-    ) -> Result<Response<HeartbeatResponse>, tonic::Status> {
+    async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, tonic::Status> {
         self.refuse()?;
         let mut seen = self.seen.lock().expect("lock");
         seen.heartbeats.push(req.into_inner());
@@ -85,9 +68,7 @@ impl Cluster for FakeMaster {
         if n == self.not_found_on {
             return Err(tonic::Status::not_found("unknown node"));
         }
-        Ok(Response::new(HeartbeatResponse {
-            report_requested: n == self.report_on,
-        }))
+        Ok(Response::new(HeartbeatResponse { report_requested: n == self.report_on }))
     }
 
     async fn chunk_report(
@@ -95,21 +76,12 @@ impl Cluster for FakeMaster {
         req: Request<ChunkReportRequest>,
     ) -> Result<Response<ChunkReportResponse>, tonic::Status> {
         self.refuse()?;
-        self.seen
-            .lock()
-            .expect("lock")
-            .reports
-            .push(req.into_inner());
+        self.seen.lock().expect("lock").reports.push(req.into_inner());
         Ok(Response::new(ChunkReportResponse {}))
     }
 }
 
-fn start_master(
-    id: &Identity,
-    listener: std::net::TcpListener,
-    master: FakeMaster,
-    shutdown: CancellationToken,
-) {
+fn start_master(id: &Identity, listener: std::net::TcpListener, master: FakeMaster, shutdown: CancellationToken) {
     listener.set_nonblocking(true).expect("nonblocking");
     let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
     let server = tonic::transport::Server::builder()
@@ -137,12 +109,7 @@ async fn follows_leader_registers_reports_and_heartbeats() {
     let leader_addr = leader_listener.local_addr().expect("addr").to_string();
     let follower_addr = follower_listener.local_addr().expect("addr").to_string();
     let seen = Arc::new(Mutex::new(Seen::default()));
-    start_master(
-        &master_id,
-        leader_listener,
-        FakeMaster::leader(seen.clone(), 3, 0),
-        shutdown.clone(),
-    );
+    start_master(&master_id, leader_listener, FakeMaster::leader(seen.clone(), 3, 0), shutdown.clone());
     let follower_seen = Arc::new(Mutex::new(Seen::default()));
     let follower = FakeMaster {
         leader_hint: Some(leader_addr.clone()),
@@ -172,11 +139,7 @@ async fn follows_leader_registers_reports_and_heartbeats() {
         capacity_bytes: None,
         advertise: Some(format!("localhost:{}", addr.port())),
     };
-    let server = tokio::spawn(cairn_chunkserver::run(
-        config,
-        socket,
-        shutdown.child_token(),
-    ));
+    let server = tokio::spawn(cairn_chunkserver::run(config, socket, shutdown.child_token()));
 
     wait_for("registration and a full report at the leader", || {
         let s = seen.lock().expect("lock");
@@ -194,26 +157,17 @@ async fn follows_leader_registers_reports_and_heartbeats() {
         assert_eq!(s.reports.len(), 1);
         assert_eq!(s.reports[0].hashes, vec![old_hash.0.to_vec()]);
     }
-    assert!(
-        follower_seen.lock().expect("lock").registers.is_empty(),
-        "the follower refused"
-    );
+    assert!(follower_seen.lock().expect("lock").registers.is_empty(), "the follower refused");
 
     // A chunk put now shows up as added in a heartbeat.
     let ep = client_endpoint(&client_id);
     let conn = connect(&ep, addr).await.expect("connect");
     let new = pattern(7000, 2);
     let new_hash = ChunkHash::of(&new);
-    let resp = put(&conn, new_hash.as_bytes(), &new, vec![])
-        .await
-        .expect("put");
+    let resp = put(&conn, new_hash.as_bytes(), &new, vec![]).await.expect("put");
     assert_eq!(resp.status, Status::Ok as i32, "{}", resp.message);
     wait_for("a heartbeat reporting the new chunk", || {
-        seen.lock()
-            .expect("lock")
-            .heartbeats
-            .iter()
-            .any(|h| h.added.contains(&new_hash.0.to_vec()))
+        seen.lock().expect("lock").heartbeats.iter().any(|h| h.added.contains(&new_hash.0.to_vec()))
     })
     .await;
 
@@ -225,12 +179,7 @@ async fn follows_leader_registers_reports_and_heartbeats() {
     .await;
     {
         let s = seen.lock().expect("lock");
-        let second = s
-            .reports
-            .iter()
-            .filter(|r| r.last)
-            .nth(1)
-            .expect("second report");
+        let second = s.reports.iter().filter(|r| r.last).nth(1).expect("second report");
         assert_eq!(second.hashes.len(), 2);
         let hb = s.heartbeats.last().expect("heartbeat");
         assert_eq!(hb.node_id, node);
@@ -239,9 +188,7 @@ async fn follows_leader_registers_reports_and_heartbeats() {
     }
 
     shutdown.cancel();
-    let res = tokio::time::timeout(Duration::from_secs(10), server)
-        .await
-        .expect("run stops in time");
+    let res = tokio::time::timeout(Duration::from_secs(10), server).await.expect("run stops in time");
     res.expect("run task").expect("run result");
 }
 
@@ -257,21 +204,10 @@ async fn pages_reports_skips_dead_masters_and_reregisters_on_not_found() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let leader_addr = listener.local_addr().expect("addr").to_string();
     let seen = Arc::new(Mutex::new(Seen::default()));
-    start_master(
-        &master_id,
-        listener,
-        FakeMaster::leader(seen.clone(), 0, 2),
-        shutdown.clone(),
-    );
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .to_string();
+    start_master(&master_id, listener, FakeMaster::leader(seen.clone(), 0, 2), shutdown.clone());
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").to_string();
 
-    let store = ChunkStore::open(&dir.path().join("data"), None)
-        .await
-        .expect("open");
+    let store = ChunkStore::open(&dir.path().join("data"), None).await.expect("open");
     let mut hashes = Vec::new();
     for i in 0..5u8 {
         let data = pattern(1000, i);
@@ -279,8 +215,7 @@ async fn pages_reports_skips_dead_masters_and_reregisters_on_not_found() {
         store.put(hash, data.into()).await.expect("put");
         hashes.push(hash.0.to_vec());
     }
-    let mut config =
-        HeartbeatConfig::new(vec![dead, leader_addr], "127.0.0.1:1".into(), "z".into());
+    let mut config = HeartbeatConfig::new(vec![dead, leader_addr], "127.0.0.1:1".into(), "z".into());
     config.report_page = 2;
     config.interval = Duration::from_millis(100);
     let worker = {
@@ -296,31 +231,19 @@ async fn pages_reports_skips_dead_masters_and_reregisters_on_not_found() {
     {
         let s = seen.lock().expect("lock");
         let first: Vec<&ChunkReportRequest> = s.reports.iter().take(3).collect();
-        assert_eq!(
-            first.iter().map(|r| r.hashes.len()).collect::<Vec<_>>(),
-            vec![2, 2, 1]
-        );
-        assert_eq!(
-            first.iter().map(|r| r.last).collect::<Vec<_>>(),
-            vec![false, false, true]
-        );
+        assert_eq!(first.iter().map(|r| r.hashes.len()).collect::<Vec<_>>(), vec![2, 2, 1]);
+        assert_eq!(first.iter().map(|r| r.last).collect::<Vec<_>>(), vec![false, false, true]);
         assert!(first.iter().all(|r| r.report_id == first[0].report_id));
         let mut got: Vec<Vec<u8>> = first.iter().flat_map(|r| r.hashes.clone()).collect();
         got.sort();
         hashes.sort();
         assert_eq!(got, hashes);
-        assert_ne!(
-            s.reports[3].report_id, first[0].report_id,
-            "a new report gets a new id"
-        );
+        assert_ne!(s.reports[3].report_id, first[0].report_id, "a new report gets a new id");
         // The five puts were drained into the first heartbeat, which the leader accepted.
         assert_eq!(s.heartbeats[0].added.len(), 5);
     }
     shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(10), worker)
-        .await
-        .expect("worker stops in time")
-        .expect("worker task");
+    tokio::time::timeout(Duration::from_secs(10), worker).await.expect("worker stops in time").expect("worker task");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -334,24 +257,14 @@ async fn empty_store_sends_one_empty_last_page() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr").to_string();
     let seen = Arc::new(Mutex::new(Seen::default()));
-    start_master(
-        &master_id,
-        listener,
-        FakeMaster::leader(seen.clone(), 0, 0),
-        shutdown.clone(),
-    );
-    let store = ChunkStore::open(&dir.path().join("data"), None)
-        .await
-        .expect("open");
+    start_master(&master_id, listener, FakeMaster::leader(seen.clone(), 0, 0), shutdown.clone());
+    let store = ChunkStore::open(&dir.path().join("data"), None).await.expect("open");
     let config = HeartbeatConfig::new(vec![addr], "127.0.0.1:1".into(), "z".into());
     let worker = {
         let shutdown = shutdown.clone();
         tokio::spawn(async move { heartbeat::run(config, &node_id, store, shutdown).await })
     };
-    wait_for("a heartbeat", || {
-        !seen.lock().expect("lock").heartbeats.is_empty()
-    })
-    .await;
+    wait_for("a heartbeat", || !seen.lock().expect("lock").heartbeats.is_empty()).await;
     {
         let s = seen.lock().expect("lock");
         assert_eq!(s.reports.len(), 1);
@@ -359,8 +272,5 @@ async fn empty_store_sends_one_empty_last_page() {
         assert_eq!(s.heartbeats[0].chunks, 0);
     }
     shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(10), worker)
-        .await
-        .expect("worker stops in time")
-        .expect("worker task");
+    tokio::time::timeout(Duration::from_secs(10), worker).await.expect("worker stops in time").expect("worker task");
 }

@@ -35,11 +35,9 @@ impl std::fmt::Display for ChunkError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ChunkError::Unreachable(m) => write!(f, "unreachable: {m}"),
-            ChunkError::Refused(s, m) => write!(
-                f,
-                "{}: {m}",
-                s.as_str_name().trim_start_matches("STATUS_").to_lowercase()
-            ),
+            ChunkError::Refused(s, m) => {
+                write!(f, "{}: {m}", s.as_str_name().trim_start_matches("STATUS_").to_lowercase())
+            }
             ChunkError::Corrupt(m) => write!(f, "corrupt: {m}"),
         }
     }
@@ -67,39 +65,21 @@ impl DataPlane {
     pub fn new(identity: &cairn_common::tls::Identity) -> anyhow::Result<DataPlane> {
         let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
         cairn_common::net::tune_udp_socket(&socket);
-        let runtime =
-            quinn::default_runtime().ok_or_else(|| anyhow::anyhow!("no async runtime for QUIC"))?;
-        let mut endpoint = quinn::Endpoint::new(
-            cairn_common::tls::quic_endpoint_config(),
-            None,
-            socket,
-            runtime,
-        )?;
+        let runtime = quinn::default_runtime().ok_or_else(|| anyhow::anyhow!("no async runtime for QUIC"))?;
+        let mut endpoint = quinn::Endpoint::new(cairn_common::tls::quic_endpoint_config(), None, socket, runtime)?;
         endpoint.set_default_client_config(identity.quic_client()?);
-        Ok(DataPlane {
-            endpoint,
-            conns: Mutex::new(HashMap::new()),
-            breakers: Mutex::new(HashMap::new()),
-        })
+        Ok(DataPlane { endpoint, conns: Mutex::new(HashMap::new()), breakers: Mutex::new(HashMap::new()) })
     }
 
     async fn connection(&self, addr: &str) -> Result<quinn::Connection, ChunkError> {
-        let slot = self
-            .conns
-            .lock()
-            .expect("conns lock")
-            .entry(addr.to_string())
-            .or_default()
-            .clone();
+        let slot = self.conns.lock().expect("conns lock").entry(addr.to_string()).or_default().clone();
         let mut slot = slot.lock().await;
         if let Some(c) = slot.as_ref() {
             if c.close_reason().is_none() {
                 return Ok(c.clone());
             }
         }
-        let sa: SocketAddr = addr
-            .parse()
-            .map_err(|_| ChunkError::Unreachable(format!("bad address {addr:?}")))?;
+        let sa: SocketAddr = addr.parse().map_err(|_| ChunkError::Unreachable(format!("bad address {addr:?}")))?;
         let connecting = self
             .endpoint
             .connect(sa, cairn_common::tls::NODE_NAME)
@@ -129,10 +109,7 @@ impl DataPlane {
     }
 
     pub fn succeeded(&self, node: u64) {
-        self.breakers
-            .lock()
-            .expect("breakers lock")
-            .insert(node, Breaker::default());
+        self.breakers.lock().expect("breakers lock").insert(node, Breaker::default());
     }
 
     pub fn failed(&self, node: u64) {
@@ -140,11 +117,7 @@ impl DataPlane {
         let b = g.entry(node).or_default();
         b.failures += 1;
         if b.probing || b.failures >= BREAKER_THRESHOLD {
-            b.open_for = if b.open_for.is_zero() {
-                BREAKER_OPEN
-            } else {
-                (b.open_for * 2).min(BREAKER_OPEN_MAX)
-            };
+            b.open_for = if b.open_for.is_zero() { BREAKER_OPEN } else { (b.open_for * 2).min(BREAKER_OPEN_MAX) };
             b.open_until = Some(Instant::now() + b.open_for);
             b.probing = false;
         }
@@ -154,10 +127,7 @@ impl DataPlane {
     pub fn open_breakers(&self) -> Vec<u64> {
         let now = Instant::now();
         let g = self.breakers.lock().expect("breakers lock");
-        g.iter()
-            .filter(|(_, b)| b.open_until.is_some_and(|t| now < t))
-            .map(|(id, _)| *id)
-            .collect()
+        g.iter().filter(|(_, b)| b.open_until.is_some_and(|t| now < t)).map(|(id, _)| *id).collect()
     }
 
     async fn exchange(
@@ -167,12 +137,9 @@ impl DataPlane {
         body: Option<Bytes>,
     ) -> Result<(ChunkResponse, quinn::RecvStream), ChunkError> {
         let conn = self.connection(addr).await?;
-        let unreachable =
-            |e: &dyn std::fmt::Display| ChunkError::Unreachable(format!("{addr}: {e}"));
+        let unreachable = |e: &dyn std::fmt::Display| ChunkError::Unreachable(format!("{addr}: {e}"));
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| unreachable(&e))?;
-        send.write_all(&frame::encode(&req))
-            .await
-            .map_err(|e| unreachable(&e))?;
+        send.write_all(&frame::encode(&req)).await.map_err(|e| unreachable(&e))?;
         if let Some(body) = body {
             // Handed over without a copy: quinn keeps the Bytes until they are acknowledged.
             send.write_chunk(body).await.map_err(|e| unreachable(&e))?;
@@ -190,9 +157,7 @@ impl DataPlane {
         hash: &[u8; 32],
         data: Bytes,
     ) -> Result<(), (u64, ChunkError)> {
-        let first = targets
-            .first()
-            .ok_or((0, ChunkError::Unreachable("no targets".into())))?;
+        let first = targets.first().ok_or((0, ChunkError::Unreachable("no targets".into())))?;
         let req = ChunkRequest {
             request_id: request_id(),
             op: Some(chunk_request::Op::Put(PutChunk {
@@ -201,16 +166,9 @@ impl DataPlane {
                 chain: targets[1..].iter().map(|t| t.addr.clone()).collect(),
             })),
         };
-        let res =
-            tokio::time::timeout(REQUEST_TIMEOUT, self.exchange(&first.addr, req, Some(data)))
-                .await;
+        let res = tokio::time::timeout(REQUEST_TIMEOUT, self.exchange(&first.addr, req, Some(data))).await;
         let resp = match res {
-            Err(_) => {
-                return Err((
-                    first.id,
-                    ChunkError::Unreachable(format!("{}: upload timed out", first.addr)),
-                ))
-            }
+            Err(_) => return Err((first.id, ChunkError::Unreachable(format!("{}: upload timed out", first.addr)))),
             Ok(Err(e)) => return Err((first.id, e)),
             Ok(Ok((resp, _))) => resp,
         };
@@ -240,42 +198,24 @@ impl DataPlane {
     ) -> Result<Bytes, ChunkError> {
         let req = ChunkRequest {
             request_id: request_id(),
-            op: Some(chunk_request::Op::Get(GetChunk {
-                hash: hash.to_vec(),
-                offset,
-                length,
-            })),
+            op: Some(chunk_request::Op::Get(GetChunk { hash: hash.to_vec(), offset, length })),
         };
-        let want = if length == 0 {
-            chunk_len.saturating_sub(offset)
-        } else {
-            length
-        };
+        let want = if length == 0 { chunk_len.saturating_sub(offset) } else { length };
         let fetch = async {
             let (resp, mut recv) = self.exchange(&node.addr, req, None).await?;
             match resp.status() {
                 Status::Ok => {}
-                Status::Corrupt => {
-                    return Err(ChunkError::Corrupt(format!(
-                        "{} found its copy corrupt",
-                        node.addr
-                    )))
-                }
+                Status::Corrupt => return Err(ChunkError::Corrupt(format!("{} found its copy corrupt", node.addr))),
                 s => return Err(ChunkError::Refused(s, resp.message)),
             }
             if resp.length != want {
                 return Err(ChunkError::Refused(
                     Status::Invalid,
-                    format!(
-                        "{} announced {} bytes, {want} expected",
-                        node.addr, resp.length
-                    ),
+                    format!("{} announced {} bytes, {want} expected", node.addr, resp.length),
                 ));
             }
             let mut buf = BytesMut::zeroed(want as usize);
-            recv.read_exact(&mut buf)
-                .await
-                .map_err(|e| ChunkError::Unreachable(format!("{}: {e}", node.addr)))?;
+            recv.read_exact(&mut buf).await.map_err(|e| ChunkError::Unreachable(format!("{}: {e}", node.addr)))?;
             Ok(buf.freeze())
         };
         let data = tokio::time::timeout(REQUEST_TIMEOUT, fetch)
@@ -284,10 +224,7 @@ impl DataPlane {
         if offset == 0 && want == chunk_len {
             let h = hash_chunk(data.clone()).await;
             if &h != hash {
-                return Err(ChunkError::Corrupt(format!(
-                    "bytes from {} do not match the chunk hash",
-                    node.addr
-                )));
+                return Err(ChunkError::Corrupt(format!("bytes from {} do not match the chunk hash", node.addr)));
             }
         }
         Ok(data)

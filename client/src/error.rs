@@ -40,19 +40,12 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Error {
-        Error::Io {
-            context: context.into(),
-            source,
-        }
+        Error::Io { context: context.into(), source }
     }
 
     /// From a master's gRPC answer: the code, refined by the kind the master attaches.
     pub(crate) fn from_status(s: &tonic::Status) -> Error {
-        let kind = s
-            .metadata()
-            .get("cairn-error")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
+        let kind = s.metadata().get("cairn-error").and_then(|v| v.to_str().ok()).unwrap_or("");
         let m = s.message().to_string();
         match (s.code(), kind) {
             (tonic::Code::NotFound, _) => Error::NotFound(m),

@@ -55,11 +55,7 @@ pub struct PutOptions {
 
 impl Default for PutOptions {
     fn default() -> Self {
-        PutOptions {
-            replication: 3,
-            chunk_size: cairn_proto::MAX_CHUNK as usize,
-            mode: 0o644,
-        }
+        PutOptions { replication: 3, chunk_size: cairn_proto::MAX_CHUNK as usize, mode: 0o644 }
     }
 }
 
@@ -103,13 +99,9 @@ impl Client {
     pub async fn connect(cfg: ClientConfig) -> Result<Client> {
         let identity = cairn_common::tls::Identity::load(&cfg.tls_dir)
             .map_err(|e| Error::InvalidArgument(format!("TLS credentials: {e:#}")))?;
-        let masters =
-            master::Masters::new(cfg.masters, identity.grpc_client(), cfg.master_deadline)?;
-        let data = data::DataPlane::new(&identity)
-            .map_err(|e| Error::Internal(format!("QUIC endpoint: {e:#}")))?;
-        Ok(Client {
-            inner: Arc::new(Inner { masters, data }),
-        })
+        let masters = master::Masters::new(cfg.masters, identity.grpc_client(), cfg.master_deadline)?;
+        let data = data::DataPlane::new(&identity).map_err(|e| Error::Internal(format!("QUIC endpoint: {e:#}")))?;
+        Ok(Client { inner: Arc::new(Inner { masters, data }) })
     }
 
     pub async fn stat(&self, path: &str) -> Result<Attr> {
@@ -122,8 +114,7 @@ impl Client {
                 async move { c.stat(pb::StatRequest { path }).await }
             })
             .await?;
-        r.attr
-            .ok_or_else(|| Error::Internal("stat returned no attributes".into()))
+        r.attr.ok_or_else(|| Error::Internal("stat returned no attributes".into()))
     }
 
     /// Whether `path` exists (errors other than NotFound are returned).
@@ -145,29 +136,14 @@ impl Client {
                 .inner
                 .masters
                 .call(|mut c| {
-                    let req = pb::ListRequest {
-                        path: p.clone(),
-                        start_after: s.clone(),
-                        limit: LIST_PAGE,
-                    };
+                    let req = pb::ListRequest { path: p.clone(), start_after: s.clone(), limit: LIST_PAGE };
                     async move { c.list(req).await }
                 })
                 .await?;
             let attr = r.attr.unwrap_or_default();
             if !is_dir(&attr) {
-                let name = path
-                    .trim_end_matches('/')
-                    .rsplit('/')
-                    .next()
-                    .unwrap_or(path)
-                    .to_string();
-                return Ok((
-                    attr.clone(),
-                    vec![DirEntry {
-                        name,
-                        attr: Some(attr),
-                    }],
-                ));
+                let name = path.trim_end_matches('/').rsplit('/').next().unwrap_or(path).to_string();
+                return Ok((attr.clone(), vec![DirEntry { name, attr: Some(attr) }]));
             }
             if let Some(last) = r.entries.last() {
                 start_after = last.name.clone();
@@ -180,13 +156,7 @@ impl Client {
     }
 
     pub async fn mkdir(&self, path: &str, parents: bool) -> Result<Attr> {
-        let req = pb::MkdirRequest {
-            path: path.to_string(),
-            parents,
-            mode: 0o755,
-            uid: 0,
-            gid: 0,
-        };
+        let req = pb::MkdirRequest { path: path.to_string(), parents, mode: 0o755, uid: 0, gid: 0 };
         let r = self
             .inner
             .masters
@@ -195,16 +165,12 @@ impl Client {
                 async move { c.mkdir(req).await }
             })
             .await?;
-        r.attr
-            .ok_or_else(|| Error::Internal("mkdir returned no attributes".into()))
+        r.attr.ok_or_else(|| Error::Internal("mkdir returned no attributes".into()))
     }
 
     /// POSIX rename: replaces a file, or an empty directory, at `dst`.
     pub async fn rename(&self, src: &str, dst: &str) -> Result<()> {
-        let req = pb::RenameRequest {
-            src: src.to_string(),
-            dst: dst.to_string(),
-        };
+        let req = pb::RenameRequest { src: src.to_string(), dst: dst.to_string() };
         self.inner
             .masters
             .call(|mut c| {
@@ -216,10 +182,7 @@ impl Client {
     }
 
     pub async fn remove(&self, path: &str, recursive: bool) -> Result<()> {
-        let req = pb::RemoveRequest {
-            path: path.to_string(),
-            recursive,
-        };
+        let req = pb::RemoveRequest { path: path.to_string(), recursive };
         self.inner
             .masters
             .call(|mut c| {
@@ -231,10 +194,7 @@ impl Client {
     }
 
     pub async fn status(&self) -> Result<pb::StatusResponse> {
-        self.inner
-            .masters
-            .call(|mut c| async move { c.status(pb::StatusRequest {}).await })
-            .await
+        self.inner.masters.call(|mut c| async move { c.status(pb::StatusRequest {}).await }).await
     }
 
     async fn open(&self, path: &str) -> Result<pb::OpenFileResponse> {
@@ -259,8 +219,7 @@ impl Client {
         opts: &PutOptions,
         progress: Progress<'_>,
     ) -> Result<Attr> {
-        self.put_from(path, AsyncSource(reader), opts, progress)
-            .await
+        self.put_from(path, AsyncSource(reader), opts, progress).await
     }
 
     /// [`Client::put`] from a local file, read with positioned reads on the blocking pool (no
@@ -272,16 +231,7 @@ impl Client {
         opts: &PutOptions,
         progress: Progress<'_>,
     ) -> Result<Attr> {
-        self.put_from(
-            path,
-            FileSource {
-                file: Arc::new(file),
-                offset: 0,
-            },
-            opts,
-            progress,
-        )
-        .await
+        self.put_from(path, FileSource { file: Arc::new(file), offset: 0 }, opts, progress).await
     }
 
     async fn put_from<S: ChunkSource>(
@@ -298,41 +248,42 @@ impl Client {
                 cairn_proto::MAX_CHUNK
             )));
         }
-        // Fail before uploading anything when the commit could not succeed.
-        let parent = parent_of(path);
-        if !is_dir(&self.stat(parent).await?) {
-            return Err(Error::NotADirectory(parent.to_string()));
-        }
-        if let Some(a) = self.exists(path).await? {
-            if is_dir(&a) {
-                return Err(Error::IsADirectory(path.to_string()));
+        let first = source.next_chunk(opts.chunk_size).await.map_err(|e| Error::io("read input", e))?;
+        if first.len() == opts.chunk_size {
+            // More than one chunk may follow: fail before uploading them all when the commit
+            // could not succeed. (A single chunk goes straight on; the commit checks the same.)
+            let parent = parent_of(path);
+            if !is_dir(&self.stat(parent).await?) {
+                return Err(Error::NotADirectory(parent.to_string()));
+            }
+            if let Some(a) = self.exists(path).await? {
+                if is_dir(&a) {
+                    return Err(Error::IsADirectory(path.to_string()));
+                }
             }
         }
+        let mut first = Some(first);
         let mut extents = Vec::new();
         let mut inflight: VecDeque<tokio::task::JoinHandle<Result<Extent>>> = VecDeque::new();
         let mut eof = false;
         let result: Result<()> = async {
             loop {
                 while !eof && inflight.len() < WINDOW {
-                    let chunk = source
-                        .next_chunk(opts.chunk_size)
-                        .await
-                        .map_err(|e| Error::io("read input", e))?;
+                    let chunk = match first.take() {
+                        Some(c) => c,
+                        None => source.next_chunk(opts.chunk_size).await.map_err(|e| Error::io("read input", e))?,
+                    };
                     if chunk.is_empty() {
                         eof = true;
                         break;
                     }
                     let (this, replication) = (self.clone(), opts.replication);
-                    inflight.push_back(tokio::spawn(async move {
-                        this.upload_chunk(chunk, replication).await
-                    }));
+                    inflight.push_back(tokio::spawn(async move { this.upload_chunk(chunk, replication).await }));
                 }
                 let Some(task) = inflight.pop_front() else {
                     return Ok(());
                 };
-                let ext = task
-                    .await
-                    .map_err(|e| Error::Internal(format!("upload task: {e}")))??;
+                let ext = task.await.map_err(|e| Error::Internal(format!("upload task: {e}")))??;
                 progress(ext.length);
                 extents.push(ext);
             }
@@ -360,18 +311,14 @@ impl Client {
                 async move { c.commit_file(req).await }
             })
             .await?;
-        r.attr
-            .ok_or_else(|| Error::Internal("commit returned no attributes".into()))
+        r.attr.ok_or_else(|| Error::Internal("commit returned no attributes".into()))
     }
 
     /// Hashes a chunk, has it placed, and stores it on every target (unless the cluster already
     /// holds it). A failed upload is placed again away from the nodes that failed.
     async fn upload_chunk(&self, chunk: Bytes, replication: u32) -> Result<Extent> {
         let hash = hash_chunk(chunk.clone()).await;
-        let extent = Extent {
-            hash: hash.to_vec(),
-            length: chunk.len() as u64,
-        };
+        let extent = Extent { hash: hash.to_vec(), length: chunk.len() as u64 };
         let mut exclude: Vec<u64> = Vec::new();
         let mut last = String::new();
         for _ in 0..UPLOAD_ATTEMPTS {
@@ -380,10 +327,7 @@ impl Client {
             ex.sort_unstable();
             ex.dedup();
             let req = pb::PlaceChunksRequest {
-                chunks: vec![pb::ChunkSpec {
-                    hash: hash.to_vec(),
-                    length: chunk.len() as u64,
-                }],
+                chunks: vec![pb::ChunkSpec { hash: hash.to_vec(), length: chunk.len() as u64 }],
                 replication,
                 exclude: ex,
             };
@@ -395,20 +339,11 @@ impl Client {
                     async move { c.place_chunks(req).await }
                 })
                 .await?;
-            let p = r
-                .placements
-                .into_iter()
-                .next()
-                .ok_or_else(|| Error::Internal("placement missing".into()))?;
+            let p = r.placements.into_iter().next().ok_or_else(|| Error::Internal("placement missing".into()))?;
             if p.stored {
                 return Ok(extent);
             }
-            match self
-                .inner
-                .data
-                .put_chunk(&p.targets, &hash, chunk.clone())
-                .await
-            {
+            match self.inner.data.put_chunk(&p.targets, &hash, chunk.clone()).await {
                 Ok(()) => {
                     for t in &p.targets {
                         self.inner.data.succeeded(t.id);
@@ -418,31 +353,20 @@ impl Client {
                 Err((node, e)) => {
                     tracing::warn!(chunk = %hex::encode(hash), node, "upload failed: {e}");
                     if let data::ChunkError::Refused(
-                        cairn_proto::data::Status::HashMismatch
-                        | cairn_proto::data::Status::Invalid,
+                        cairn_proto::data::Status::HashMismatch | cairn_proto::data::Status::Invalid,
                         _,
                     ) = e
                     {
-                        return Err(Error::Upload {
-                            hash: hex::encode(hash),
-                            reason: e.to_string(),
-                        });
+                        return Err(Error::Upload { hash: hex::encode(hash), reason: e.to_string() });
                     }
                     // The chain reports errors from further down by naming the failing address.
                     let failed: Vec<u64> = match &e {
-                        data::ChunkError::Refused(_, m) => p
-                            .targets
-                            .iter()
-                            .filter(|t| m.contains(&t.addr))
-                            .map(|t| t.id)
-                            .collect(),
+                        data::ChunkError::Refused(_, m) => {
+                            p.targets.iter().filter(|t| m.contains(&t.addr)).map(|t| t.id).collect()
+                        }
                         _ => vec![],
                     };
-                    let failed = if failed.is_empty() {
-                        vec![node]
-                    } else {
-                        failed
-                    };
+                    let failed = if failed.is_empty() { vec![node] } else { failed };
                     for id in failed {
                         self.inner.data.failed(id);
                         exclude.push(id);
@@ -451,10 +375,7 @@ impl Client {
                 }
             }
         }
-        Err(Error::Upload {
-            hash: hex::encode(hash),
-            reason: last,
-        })
+        Err(Error::Upload { hash: hex::encode(hash), reason: last })
     }
 
     /// Convenience for small objects: `put` from memory.
@@ -479,9 +400,7 @@ impl Client {
         // After a master restart, locations come back with the chunkservers' reports.
         let t0 = Instant::now();
         while file.extents.iter().any(|e| {
-            e.replicas.is_empty()
-                && e.offset < end
-                && e.offset + e.extent.as_ref().map_or(0, |x| x.length) > start
+            e.replicas.is_empty() && e.offset < end && e.offset + e.extent.as_ref().map_or(0, |x| x.length) > start
         }) {
             if t0.elapsed() > LOCATION_WAIT {
                 let e = file
@@ -526,10 +445,7 @@ impl Client {
             let Some(task) = inflight.pop_front() else {
                 break;
             };
-            let bytes = match task
-                .await
-                .map_err(|e| Error::Internal(format!("read task: {e}")))?
-            {
+            let bytes = match task.await.map_err(|e| Error::Internal(format!("read task: {e}")))? {
                 Ok(b) => b,
                 Err(e) => {
                     for t in inflight {
@@ -538,31 +454,18 @@ impl Client {
                     return Err(e);
                 }
             };
-            out.write_all(&bytes)
-                .await
-                .map_err(|e| Error::io("write output", e))?;
+            out.write_all(&bytes).await.map_err(|e| Error::io("write output", e))?;
             written += bytes.len() as u64;
             progress(bytes.len() as u64);
         }
-        out.flush()
-            .await
-            .map_err(|e| Error::io("write output", e))?;
+        out.flush().await.map_err(|e| Error::io("write output", e))?;
         Ok(written)
     }
 
     /// Reads `[from, to)` of one chunk from the first replica that serves it correctly.
-    async fn read_piece(
-        &self,
-        replicas: &[ChunkserverRef],
-        ext: &Extent,
-        from: u64,
-        to: u64,
-    ) -> Result<Bytes> {
-        let hash: [u8; 32] = ext
-            .hash
-            .as_slice()
-            .try_into()
-            .map_err(|_| Error::Internal("chunk hash is not 32 bytes".into()))?;
+    async fn read_piece(&self, replicas: &[ChunkserverRef], ext: &Extent, from: u64, to: u64) -> Result<Bytes> {
+        let hash: [u8; 32] =
+            ext.hash.as_slice().try_into().map_err(|_| Error::Internal("chunk hash is not 32 bytes".into()))?;
         let data = &self.inner.data;
         // Nodes with a closed breaker first; open ones only as a last resort.
         let (mut order, rest): (Vec<&ChunkserverRef>, Vec<&ChunkserverRef>) =
@@ -588,20 +491,12 @@ impl Client {
         }
         Err(Error::ChunkUnavailable {
             hash: hex::encode(hash),
-            reason: if errors.is_empty() {
-                "no replicas".into()
-            } else {
-                errors.join("; ")
-            },
+            reason: if errors.is_empty() { "no replicas".into() } else { errors.join("; ") },
         })
     }
 
     async fn report_bad(&self, hash: &[u8; 32], node: u64, reason: &str) {
-        let req = pb::ReportBadReplicaRequest {
-            hash: hash.to_vec(),
-            chunkserver_id: node,
-            reason: reason.to_string(),
-        };
+        let req = pb::ReportBadReplicaRequest { hash: hash.to_vec(), chunkserver_id: node, reason: reason.to_string() };
         let r = self
             .inner
             .masters
@@ -631,10 +526,7 @@ impl Client {
 /// so the same content always cuts into the same chunks (and deduplicates).
 trait ChunkSource: Send {
     /// The next chunk of at most `size` bytes; empty at the end of input.
-    fn next_chunk(
-        &mut self,
-        size: usize,
-    ) -> impl std::future::Future<Output = std::io::Result<Bytes>> + Send;
+    fn next_chunk(&mut self, size: usize) -> impl std::future::Future<Output = std::io::Result<Bytes>> + Send;
 }
 
 struct AsyncSource<R>(R);

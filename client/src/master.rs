@@ -28,17 +28,9 @@ pub struct Masters {
 impl Masters {
     pub fn new(addrs: Vec<String>, tls: ClientTlsConfig, deadline: Duration) -> Result<Masters> {
         if addrs.is_empty() {
-            return Err(Error::InvalidArgument(
-                "no master addresses (set --masters or CAIRN_MASTERS)".into(),
-            ));
+            return Err(Error::InvalidArgument("no master addresses (set --masters or CAIRN_MASTERS)".into()));
         }
-        Ok(Masters {
-            addrs,
-            tls,
-            deadline,
-            request_timeout: Duration::from_secs(60),
-            current: Mutex::new((0, None)),
-        })
+        Ok(Masters { addrs, tls, deadline, request_timeout: Duration::from_secs(60), current: Mutex::new((0, None)) })
     }
 
     async fn channel(&self) -> std::result::Result<(String, Channel), String> {
@@ -56,10 +48,7 @@ impl Masters {
             .tcp_nodelay(true)
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(self.request_timeout);
-        let ch = ep
-            .connect()
-            .await
-            .map_err(|e| format!("connect to master {addr}: {}", error_chain(&e)))?;
+        let ch = ep.connect().await.map_err(|e| format!("connect to master {addr}: {}", error_chain(&e)))?;
         self.current.lock().expect("masters lock").1 = Some((addr.clone(), ch.clone()));
         Ok((addr, ch))
     }
@@ -91,12 +80,7 @@ impl Masters {
                         .max_encoding_message_size(MAX_MESSAGE);
                     match f(client).await {
                         Ok(r) => return Ok(r.into_inner()),
-                        Err(s)
-                            if matches!(
-                                s.code(),
-                                tonic::Code::Unavailable | tonic::Code::Unknown
-                            ) =>
-                        {
+                        Err(s) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) => {
                             let hint = s
                                 .metadata()
                                 .get(cairn_proto::LEADER_HINT_KEY)
@@ -116,10 +100,7 @@ impl Masters {
                 }
             }
             if start.elapsed() + backoff > self.deadline {
-                return Err(Error::Unavailable(format!(
-                    "no answer within {:?}: {last_err}",
-                    self.deadline
-                )));
+                return Err(Error::Unavailable(format!("no answer within {:?}: {last_err}", self.deadline)));
             }
             if retry_now {
                 backoff *= 2;

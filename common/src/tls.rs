@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
 };
 use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
@@ -82,42 +82,22 @@ pub fn issue(ca_dir: &Path, out_dir: &Path, role: Role, ips: &[IpAddr]) -> Resul
     };
     let mut params = CertificateParams::new(names)?;
     if role == Role::Node {
-        params
-            .subject_alt_names
-            .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        params.subject_alt_names.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
     }
     let mut dn = DistinguishedName::new();
-    dn.push(
-        DnType::CommonName,
-        if role == Role::Node {
-            NODE_NAME
-        } else {
-            CLIENT_NAME
-        },
-    );
+    dn.push(DnType::CommonName, if role == Role::Node { NODE_NAME } else { CLIENT_NAME });
     params.distinguished_name = dn;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = match role {
-        Role::Node => vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ],
+        Role::Node => vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
         Role::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
     };
     let key = KeyPair::generate().context("generate key")?;
-    let cert = params
-        .signed_by(&key, &issuer)
-        .context("sign certificate")?;
+    let cert = params.signed_by(&key, &issuer).context("sign certificate")?;
 
     std::fs::create_dir_all(out_dir).with_context(|| format!("create {}", out_dir.display()))?;
-    durable_write(
-        &out_dir.join("key.pem"),
-        key.serialize_pem().as_bytes(),
-        0o600,
-    )
-    .context("write key.pem")?;
-    durable_write(&out_dir.join("cert.pem"), cert.pem().as_bytes(), 0o644)
-        .context("write cert.pem")?;
+    durable_write(&out_dir.join("key.pem"), key.serialize_pem().as_bytes(), 0o600).context("write key.pem")?;
+    durable_write(&out_dir.join("cert.pem"), cert.pem().as_bytes(), 0o644).context("write cert.pem")?;
     durable_write(&out_dir.join("ca.pem"), ca_pem.as_bytes(), 0o644).context("write ca.pem")?;
     Ok(())
 }
@@ -133,9 +113,7 @@ pub struct Identity {
 
 impl std::fmt::Debug for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Identity")
-            .field("dir", &self.dir)
-            .finish_non_exhaustive()
+        f.debug_struct("Identity").field("dir", &self.dir).finish_non_exhaustive()
     }
 }
 
@@ -156,15 +134,9 @@ impl Identity {
     fn roots(&self) -> Result<RootCertStore> {
         let mut roots = RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
-            roots
-                .add(cert.context("parse ca.pem")?)
-                .context("add CA certificate")?;
+            roots.add(cert.context("parse ca.pem")?).context("add CA certificate")?;
         }
-        anyhow::ensure!(
-            !roots.is_empty(),
-            "ca.pem in {} holds no certificate",
-            self.dir.display()
-        );
+        anyhow::ensure!(!roots.is_empty(), "ca.pem in {} holds no certificate", self.dir.display());
         Ok(roots)
     }
 
@@ -172,8 +144,7 @@ impl Identity {
         let chain = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
             .context("parse cert.pem")?;
-        let key =
-            PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).context("parse key.pem")?;
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).context("parse key.pem")?;
         Ok((chain, key))
     }
 
@@ -182,10 +153,9 @@ impl Identity {
     }
 
     fn rustls_server(&self) -> Result<rustls::ServerConfig> {
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), Self::provider())
-                .build()
-                .context("client verifier")?;
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), Self::provider())
+            .build()
+            .context("client verifier")?;
         let (chain, key) = self.chain()?;
         let mut cfg = rustls::ServerConfig::builder_with_provider(Self::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -226,10 +196,7 @@ impl Identity {
     /// gRPC server side (masters): mutual TLS against the cluster CA.
     pub fn grpc_server(&self) -> tonic::transport::ServerTlsConfig {
         tonic::transport::ServerTlsConfig::new()
-            .identity(tonic::transport::Identity::from_pem(
-                &self.cert_pem,
-                &self.key_pem,
-            ))
+            .identity(tonic::transport::Identity::from_pem(&self.cert_pem, &self.key_pem))
             .client_ca_root(tonic::transport::Certificate::from_pem(&self.ca_pem))
             .client_auth_optional(false)
     }
@@ -238,10 +205,7 @@ impl Identity {
     pub fn grpc_client(&self) -> tonic::transport::ClientTlsConfig {
         tonic::transport::ClientTlsConfig::new()
             .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca_pem))
-            .identity(tonic::transport::Identity::from_pem(
-                &self.cert_pem,
-                &self.key_pem,
-            ))
+            .identity(tonic::transport::Identity::from_pem(&self.cert_pem, &self.key_pem))
             .domain_name(NODE_NAME)
     }
 }
@@ -250,8 +214,7 @@ impl Identity {
 /// MTU discovery (see [`transport`]) can use big packets where the path carries them.
 pub fn quic_endpoint_config() -> quinn::EndpointConfig {
     let mut cfg = quinn::EndpointConfig::default();
-    cfg.max_udp_payload_size(65_527)
-        .expect("65527 is a valid UDP payload size");
+    cfg.max_udp_payload_size(65_527).expect("65527 is a valid UDP payload size");
     cfg
 }
 
@@ -266,8 +229,7 @@ fn transport() -> Arc<quinn::TransportConfig> {
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(512));
     t.keep_alive_interval(Some(Duration::from_secs(5)));
     t.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(Duration::from_secs(30))
-            .expect("30 s fits a QUIC idle timeout"),
+        quinn::IdleTimeout::try_from(Duration::from_secs(30)).expect("30 s fits a QUIC idle timeout"),
     ));
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(65_000);
@@ -285,20 +247,11 @@ mod tests {
         let ca = dir.path().join("ca");
         assert!(init_ca(&ca).unwrap());
         assert!(!init_ca(&ca).unwrap(), "an existing CA is kept");
-        issue(
-            &ca,
-            &dir.path().join("n1"),
-            Role::Node,
-            &["127.0.0.1".parse().unwrap()],
-        )
-        .unwrap();
+        issue(&ca, &dir.path().join("n1"), Role::Node, &["127.0.0.1".parse().unwrap()]).unwrap();
         issue(&ca, &dir.path().join("c"), Role::Client, &[]).unwrap();
         let node = Identity::load(&dir.path().join("n1")).unwrap();
         node.quic_server().unwrap();
         node.quic_client().unwrap();
-        Identity::load(&dir.path().join("c"))
-            .unwrap()
-            .quic_client()
-            .unwrap();
+        Identity::load(&dir.path().join("c")).unwrap().quic_client().unwrap();
     }
 }

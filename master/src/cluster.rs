@@ -39,15 +39,10 @@ struct Node {
 
 impl Node {
     fn free(&self) -> u64 {
-        self.capacity
-            .saturating_sub(self.used)
-            .saturating_sub(self.reserved)
+        self.capacity.saturating_sub(self.used).saturating_sub(self.reserved)
     }
     fn aref(&self) -> ChunkserverRef {
-        ChunkserverRef {
-            id: self.id,
-            addr: self.addr.clone(),
-        }
+        ChunkserverRef { id: self.id, addr: self.addr.clone() }
     }
 }
 
@@ -74,21 +69,15 @@ pub fn to_hash(b: &[u8]) -> Option<ChunkHash> {
 
 impl Cluster {
     pub fn new(dead_after: Duration) -> Cluster {
-        Cluster {
-            inner: Mutex::new(Inner::default()),
-            dead_after,
-        }
+        Cluster { inner: Mutex::new(Inner::default()), dead_after }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner
-            .lock()
-            .expect("cluster lock is never poisoned: no panics while held")
+        self.inner.lock().expect("cluster lock is never poisoned: no panics while held")
     }
 
     fn alive(&self, n: &Node, now: Instant) -> bool {
-        n.last_heartbeat
-            .is_some_and(|t| now.duration_since(t) < self.dead_after)
+        n.last_heartbeat.is_some_and(|t| now.duration_since(t) < self.dead_after)
     }
 
     /// Forgets everything learnt from chunkservers: called when this master becomes leader, since
@@ -98,19 +87,7 @@ impl Cluster {
         let nodes = std::mem::take(&mut g.nodes);
         *g = Inner::default();
         // Keep the registry (addresses, zones) so status lists every known node; liveness restarts.
-        g.nodes = nodes
-            .into_values()
-            .map(|n| {
-                (
-                    n.id,
-                    Node {
-                        last_heartbeat: None,
-                        reserved: 0,
-                        ..n
-                    },
-                )
-            })
-            .collect();
+        g.nodes = nodes.into_values().map(|n| (n.id, Node { last_heartbeat: None, reserved: 0, ..n })).collect();
     }
 
     /// Adds registry entries read from the replicated state (no liveness).
@@ -180,23 +157,12 @@ impl Cluster {
     }
 
     /// One page of a full report; the last page replaces what was known of the node.
-    pub fn report_page(
-        &self,
-        id: u64,
-        report_id: u64,
-        hashes: &[Vec<u8>],
-        last: bool,
-    ) -> Result<(), MetaError> {
+    pub fn report_page(&self, id: u64, report_id: u64, hashes: &[Vec<u8>], last: bool) -> Result<(), MetaError> {
         let mut g = self.lock();
         if !g.nodes.contains_key(&id) {
-            return Err(MetaError::NotFound(format!(
-                "chunkserver {id} is not registered"
-            )));
+            return Err(MetaError::NotFound(format!("chunkserver {id} is not registered")));
         }
-        let entry = g
-            .partial
-            .entry(id)
-            .or_insert_with(|| (report_id, HashSet::new()));
+        let entry = g.partial.entry(id).or_insert_with(|| (report_id, HashSet::new()));
         if entry.0 != report_id {
             *entry = (report_id, HashSet::new());
         }
@@ -233,11 +199,10 @@ impl Cluster {
         let mut g = self.lock();
         let mut out = Vec::with_capacity(chunks.len());
         for (hash, len) in chunks {
-            let live_holders = g.locations.get(hash).map_or(0, |l| {
-                l.iter()
-                    .filter(|id| g.nodes.get(id).is_some_and(|n| self.alive(n, now)))
-                    .count()
-            });
+            let live_holders = g
+                .locations
+                .get(hash)
+                .map_or(0, |l| l.iter().filter(|id| g.nodes.get(id).is_some_and(|n| self.alive(n, now))).count());
             if live_holders >= replication {
                 out.push(None);
                 continue;
@@ -245,9 +210,7 @@ impl Cluster {
             let mut candidates: Vec<&Node> = g
                 .nodes
                 .values()
-                .filter(|n| {
-                    self.alive(n, now) && !exclude.contains(&n.id) && n.free() >= len + FREE_MARGIN
-                })
+                .filter(|n| self.alive(n, now) && !exclude.contains(&n.id) && n.free() >= len + FREE_MARGIN)
                 .collect();
             if candidates.len() < replication {
                 let live = g.nodes.values().filter(|n| self.alive(n, now)).count();
@@ -277,8 +240,7 @@ impl Cluster {
                 }
             }
             if g.pending.len() >= MAX_PENDING {
-                g.pending
-                    .retain(|_, (_, t)| now.duration_since(*t) < PENDING_TTL);
+                g.pending.retain(|_, (_, t)| now.duration_since(*t) < PENDING_TTL);
             }
             g.pending.insert(*hash, (chosen, now));
             out.push(Some(refs));
@@ -293,15 +255,9 @@ impl Cluster {
         let mut g = self.lock();
         for h in hashes {
             let known = g.locations.get(h).is_some_and(|l| !l.is_empty());
-            let pending = g
-                .pending
-                .get(h)
-                .is_some_and(|(_, t)| now.duration_since(*t) < PENDING_TTL);
+            let pending = g.pending.get(h).is_some_and(|(_, t)| now.duration_since(*t) < PENDING_TTL);
             if !known && !pending {
-                return Err(MetaError::InvalidArgument(format!(
-                    "chunk {} was never uploaded",
-                    hex::encode(h)
-                )));
+                return Err(MetaError::InvalidArgument(format!("chunk {} was never uploaded", hex::encode(h))));
             }
         }
         for h in hashes {
@@ -352,11 +308,9 @@ impl Cluster {
 
     pub fn live_count(&self, hash: &ChunkHash, now: Instant) -> usize {
         let g = self.lock();
-        g.locations.get(hash).map_or(0, |l| {
-            l.iter()
-                .filter(|id| g.nodes.get(id).is_some_and(|n| self.alive(n, now)))
-                .count()
-        })
+        g.locations
+            .get(hash)
+            .map_or(0, |l| l.iter().filter(|id| g.nodes.get(id).is_some_and(|n| self.alive(n, now))).count())
     }
 
     pub fn status(&self) -> Vec<ChunkserverStatus> {
@@ -372,9 +326,7 @@ impl Cluster {
                 capacity_bytes: n.capacity,
                 used_bytes: n.used,
                 chunks: n.chunks,
-                last_heartbeat_ms_ago: n
-                    .last_heartbeat
-                    .map_or(u64::MAX, |t| now.duration_since(t).as_millis() as u64),
+                last_heartbeat_ms_ago: n.last_heartbeat.map_or(u64::MAX, |t| now.duration_since(t).as_millis() as u64),
             })
             .collect()
     }
@@ -406,10 +358,7 @@ mod tests {
             }
         }
         assert_eq!(per_node.len(), 4, "every node gets chunks: {per_node:?}");
-        assert!(matches!(
-            c.place(&chunks[..1], 5, &[]),
-            Err(MetaError::NotEnoughChunkservers(_))
-        ));
+        assert!(matches!(c.place(&chunks[..1], 5, &[]), Err(MetaError::NotEnoughChunkservers(_))));
     }
 
     #[test]

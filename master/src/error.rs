@@ -40,9 +40,7 @@ impl MetaError {
             ErrorCode::IsADirectory => MetaError::IsADirectory(m),
             ErrorCode::NotEmpty => MetaError::NotEmpty(m),
             ErrorCode::InvalidArgument => MetaError::InvalidArgument(m),
-            ErrorCode::Unspecified => {
-                MetaError::Internal(anyhow::anyhow!("unknown error code: {m}"))
-            }
+            ErrorCode::Unspecified => MetaError::Internal(anyhow::anyhow!("unknown error code: {m}")),
         }
     }
 
@@ -58,10 +56,7 @@ impl MetaError {
             MetaError::InvalidArgument(m) => (ErrorCode::InvalidArgument, m),
             _ => return None,
         };
-        Some(CommandError {
-            code: code as i32,
-            message: m.clone(),
-        })
+        Some(CommandError { code: code as i32, message: m.clone() })
     }
 }
 
@@ -81,9 +76,7 @@ impl From<MetaError> for tonic::Status {
             MetaError::IsADirectory(_) => (Code::FailedPrecondition, "is_a_directory"),
             MetaError::NotEmpty(_) => (Code::FailedPrecondition, "not_empty"),
             MetaError::InvalidArgument(_) => (Code::InvalidArgument, "invalid_argument"),
-            MetaError::NotEnoughChunkservers(_) => {
-                (Code::ResourceExhausted, "not_enough_chunkservers")
-            }
+            MetaError::NotEnoughChunkservers(_) => (Code::ResourceExhausted, "not_enough_chunkservers"),
             MetaError::NotLeader { .. } => (Code::Unavailable, "not_leader"),
             MetaError::Unavailable(_) => (Code::Unavailable, "unavailable"),
             MetaError::Internal(_) => (Code::Internal, "internal"),
@@ -100,14 +93,10 @@ impl From<MetaError> for tonic::Status {
             other => other.to_string(),
         };
         let mut status = Status::new(code, msg);
-        status
-            .metadata_mut()
-            .insert(ERROR_KIND_KEY, kind.parse().expect("ascii kind"));
+        status.metadata_mut().insert(ERROR_KIND_KEY, kind.parse().expect("ascii kind"));
         if let MetaError::NotLeader { hint: Some(h) } = &e {
             if let Ok(v) = h.parse() {
-                status
-                    .metadata_mut()
-                    .insert(cairn_proto::LEADER_HINT_KEY, v);
+                status.metadata_mut().insert(cairn_proto::LEADER_HINT_KEY, v);
             }
         }
         status

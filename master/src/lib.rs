@@ -17,9 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use cairn_proto::v1::{
-    cluster_server::ClusterServer, master_server::MasterServer, raft_server::RaftServer,
-};
+use cairn_proto::v1::{cluster_server::ClusterServer, master_server::MasterServer, raft_server::RaftServer};
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
@@ -37,44 +35,27 @@ pub struct Config {
 }
 
 /// Serves until `shutdown` is cancelled (or the Raft driver fails, which cancels it).
-pub async fn run(
-    config: Config,
-    listener: tokio::net::TcpListener,
-    shutdown: CancellationToken,
-) -> Result<()> {
+pub async fn run(config: Config, listener: tokio::net::TcpListener, shutdown: CancellationToken) -> Result<()> {
     anyhow::ensure!(config.id != 0, "master id 0 is reserved");
-    anyhow::ensure!(
-        config.peers.contains_key(&config.id),
-        "--peers does not name this master (id {})",
-        config.id
-    );
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("create {}", config.data_dir.display()))?;
+    anyhow::ensure!(config.peers.contains_key(&config.id), "--peers does not name this master (id {})", config.id);
+    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("create {}", config.data_dir.display()))?;
     let db_path = config.data_dir.join("master.redb");
     let db = Arc::new(
-        redb::Database::create(&db_path)
-            .with_context(|| format!("open metadata store {}", db_path.display()))?,
+        redb::Database::create(&db_path).with_context(|| format!("open metadata store {}", db_path.display()))?,
     );
     let voters: Vec<u64> = config.peers.keys().copied().collect();
     let log = raftlog::RaftLog::open(db.clone(), &voters).context("load raft log")?;
     let state = state::State::open(db).context("open namespace")?;
     let cluster = Arc::new(cluster::Cluster::new(config.dead_after));
     let (node, driver) = node::Node::start(
-        node::NodeConfig {
-            id: config.id,
-            peers: config.peers.clone(),
-        },
+        node::NodeConfig { id: config.id, peers: config.peers.clone() },
         log,
         state.clone(),
         cluster.clone(),
         config.identity.clone(),
         shutdown.clone(),
     )?;
-    let services = service::Services {
-        node,
-        state,
-        cluster,
-    };
+    let services = service::Services { node, state, cluster };
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
         if let Ok(s) = &s {
             let _ = s.set_nodelay(true);

@@ -87,27 +87,18 @@ impl Node {
             pre_vote: true,
             ..Default::default()
         };
-        let mut raw = RawNode::new(&raft_cfg, log.clone(), &crate::logging::raft_logger())
-            .context("start raft node")?;
+        let mut raw =
+            RawNode::new(&raft_cfg, log.clone(), &crate::logging::raft_logger()).context("start raft node")?;
         let voters = log.conf_state().voters;
         if voters == [cfg.id] {
             // A group of one elects itself at once instead of waiting out an election timeout.
             raw.campaign().context("campaign")?;
         }
         let (tx, rx) = mpsc::channel(INBOX);
-        let status = Arc::new(Mutex::new(RaftStatus {
-            id: cfg.id,
-            applied_index: applied,
-            ..Default::default()
-        }));
+        let status = Arc::new(Mutex::new(RaftStatus { id: cfg.id, applied_index: applied, ..Default::default() }));
         let peers = Arc::new(cfg.peers);
-        let transport =
-            Transport::new(cfg.id, &peers, identity, tokio::runtime::Handle::current())?;
-        let node = Node {
-            tx,
-            status: status.clone(),
-            peers: peers.clone(),
-        };
+        let transport = Transport::new(cfg.id, &peers, identity, tokio::runtime::Handle::current())?;
+        let node = Node { tx, status: status.clone(), peers: peers.clone() };
         let driver = Driver {
             raw,
             log,
@@ -119,20 +110,15 @@ impl Node {
             transport,
             was_leader: false,
         };
-        let handle = std::thread::Builder::new()
-            .name("raft".into())
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_time()
-                    .build()
-                    .context("raft runtime")?;
-                let res = rt.block_on(driver.run(rx, shutdown.clone()));
-                if let Err(e) = &res {
-                    tracing::error!("raft driver stopped: {e:#}");
-                }
-                shutdown.cancel();
-                res
-            })?;
+        let handle = std::thread::Builder::new().name("raft".into()).spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().context("raft runtime")?;
+            let res = rt.block_on(driver.run(rx, shutdown.clone()));
+            if let Err(e) = &res {
+                tracing::error!("raft driver stopped: {e:#}");
+            }
+            shutdown.cancel();
+            res
+        })?;
         Ok((node, handle))
     }
 
@@ -153,9 +139,7 @@ impl Node {
         if s.leader_id == 0 {
             return Err(MetaError::Unavailable("no leader elected yet".into()));
         }
-        Err(MetaError::NotLeader {
-            hint: self.peers.get(&s.leader_id).cloned(),
-        })
+        Err(MetaError::NotLeader { hint: self.peers.get(&s.leader_id).cloned() })
     }
 
     /// Proposes a mutation and waits until it is committed and applied here.
@@ -168,9 +152,7 @@ impl Node {
         match tokio::time::timeout(PROPOSE_TIMEOUT, rx).await {
             Ok(Ok(res)) => res,
             Ok(Err(_)) => Err(MetaError::Unavailable("the master is shutting down".into())),
-            Err(_) => Err(MetaError::Unavailable(
-                "the mutation was not committed in time".into(),
-            )),
+            Err(_) => Err(MetaError::Unavailable("the mutation was not committed in time".into())),
         }
     }
 
@@ -193,9 +175,7 @@ struct Driver {
 }
 
 fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i64)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
 }
 
 impl Driver {
@@ -220,9 +200,7 @@ impl Driver {
             self.on_ready()?;
         }
         for (_, w) in self.waiters.drain() {
-            let _ = w.send(Err(MetaError::Unavailable(
-                "the master is shutting down".into(),
-            )));
+            let _ = w.send(Err(MetaError::Unavailable("the master is shutting down".into())));
         }
         Ok(())
     }
@@ -237,19 +215,13 @@ impl Driver {
                 }
                 self.next_request = self.next_request.wrapping_add(1);
                 let id = self.next_request;
-                let cmd = Command {
-                    request_id: id,
-                    time_ns: now_ns(),
-                    op: Some(op),
-                };
+                let cmd = Command { request_id: id, time_ns: now_ns(), op: Some(op) };
                 match self.raw.propose(vec![], cmd.encode_to_vec()) {
                     Ok(()) => {
                         self.waiters.insert(id, reply);
                     }
                     Err(e) => {
-                        let _ = reply.send(Err(MetaError::Unavailable(format!(
-                            "proposal refused: {e}"
-                        ))));
+                        let _ = reply.send(Err(MetaError::Unavailable(format!("proposal refused: {e}"))));
                     }
                 }
             }
@@ -273,18 +245,11 @@ impl Driver {
             anyhow::bail!("received a Raft snapshot, which this version cannot install");
         }
         self.apply(ready.take_committed_entries())?;
-        self.log
-            .append(ready.entries())
-            .context("append raft log")?;
-        if let Some(hs) = ready.hs() {
-            self.log.set_hard_state(hs).context("persist hard state")?;
-        }
+        self.log.persist(ready.entries(), ready.hs()).context("persist raft log")?;
         self.transport.send(ready.take_persisted_messages());
         let mut light = self.raw.advance(ready);
         if let Some(commit) = light.commit_index() {
-            self.log
-                .set_commit(commit)
-                .context("persist commit index")?;
+            self.log.set_commit(commit).context("persist commit index")?;
         }
         self.transport.send(light.take_messages());
         self.apply(light.take_committed_entries())?;
@@ -303,27 +268,19 @@ impl Driver {
                     if e.data.is_empty() {
                         cmds.push((0, None)); // a new leader's empty entry
                     } else {
-                        let cmd =
-                            Command::decode(&e.data[..]).context("decode committed command")?;
+                        let cmd = Command::decode(&e.data[..]).context("decode committed command")?;
                         cmds.push((cmd.request_id, Some(cmd)));
                     }
                 }
                 EntryType::EntryConfChange => {
                     let cc = ConfChange::parse_from_bytes(&e.data).context("decode conf change")?;
-                    let cs = self
-                        .raw
-                        .apply_conf_change(&cc)
-                        .context("apply conf change")?;
+                    let cs = self.raw.apply_conf_change(&cc).context("apply conf change")?;
                     self.log.set_conf_state(cs)?;
                     cmds.push((0, None));
                 }
                 EntryType::EntryConfChangeV2 => {
-                    let cc =
-                        ConfChangeV2::parse_from_bytes(&e.data).context("decode conf change")?;
-                    let cs = self
-                        .raw
-                        .apply_conf_change(&cc)
-                        .context("apply conf change")?;
+                    let cc = ConfChangeV2::parse_from_bytes(&e.data).context("decode conf change")?;
+                    let cs = self.raw.apply_conf_change(&cc).context("apply conf change")?;
                     self.log.set_conf_state(cs)?;
                     cmds.push((0, None));
                 }
@@ -331,11 +288,7 @@ impl Driver {
         }
         let results = self.state.apply_batch(&cmds, last)?;
         for ((req, cmd), res) in cmds.iter().zip(results) {
-            if let Some(Command {
-                op: Some(command::Op::RegisterChunkserver(info)),
-                ..
-            }) = cmd
-            {
+            if let Some(Command { op: Some(command::Op::RegisterChunkserver(info)), .. }) = cmd {
                 self.cluster.know(info.id, &info.addr, &info.zone);
             }
             if let Some(w) = self.waiters.remove(req) {
@@ -348,9 +301,7 @@ impl Driver {
         }
         self.status.lock().expect("status lock").applied_index = last;
         if last >= self.log.first_index_now() + COMPACT_EVERY {
-            self.log
-                .compact(last - COMPACT_KEEP)
-                .context("compact raft log")?;
+            self.log.compact(last - COMPACT_KEEP).context("compact raft log")?;
         }
         Ok(())
     }
@@ -367,9 +318,7 @@ impl Driver {
         }
         if !leader && self.was_leader {
             for (_, w) in self.waiters.drain() {
-                let _ = w.send(Err(MetaError::Unavailable(
-                    "leadership changed before the mutation committed".into(),
-                )));
+                let _ = w.send(Err(MetaError::Unavailable("leadership changed before the mutation committed".into())));
             }
         }
         self.was_leader = leader;
@@ -428,10 +377,7 @@ impl Transport {
             });
             queues.insert(id, tx);
         }
-        Ok(Transport {
-            queues,
-            addrs: peers.iter().map(|(k, v)| (*k, v.clone())).collect(),
-        })
+        Ok(Transport { queues, addrs: peers.iter().map(|(k, v)| (*k, v.clone())).collect() })
     }
 
     fn addr_of(&self, id: u64) -> Option<String> {

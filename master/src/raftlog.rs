@@ -37,9 +37,7 @@ impl Core {
         self.compacted_index + 1
     }
     fn last_index(&self) -> u64 {
-        self.entries
-            .back()
-            .map_or(self.compacted_index, |e| e.index)
+        self.entries.back().map_or(self.compacted_index, |e| e.index)
     }
 }
 
@@ -65,26 +63,19 @@ impl RaftLog {
             match txn.open_table(RAFT_STATE) {
                 Ok(t) => {
                     if let Some(v) = t.get(HARD_STATE)? {
-                        core.hard_state =
-                            HardState::parse_from_bytes(v.value()).context("decode hard state")?;
+                        core.hard_state = HardState::parse_from_bytes(v.value()).context("decode hard state")?;
                     }
                     fresh = match t.get(CONF_STATE)? {
                         Some(v) => {
-                            core.conf_state = ConfState::parse_from_bytes(v.value())
-                                .context("decode conf state")?;
+                            core.conf_state = ConfState::parse_from_bytes(v.value()).context("decode conf state")?;
                             false
                         }
                         None => true,
                     };
                     if let Some(v) = t.get(COMPACTED)? {
-                        let b: [u8; 16] = v
-                            .value()
-                            .try_into()
-                            .context("compacted marker is not 16 bytes")?;
-                        core.compacted_index =
-                            u64::from_be_bytes(b[..8].try_into().expect("8 bytes"));
-                        core.compacted_term =
-                            u64::from_be_bytes(b[8..].try_into().expect("8 bytes"));
+                        let b: [u8; 16] = v.value().try_into().context("compacted marker is not 16 bytes")?;
+                        core.compacted_index = u64::from_be_bytes(b[..8].try_into().expect("8 bytes"));
+                        core.compacted_term = u64::from_be_bytes(b[8..].try_into().expect("8 bytes"));
                     }
                 }
                 Err(redb::TableError::TableDoesNotExist(_)) => fresh = true,
@@ -94,25 +85,13 @@ impl RaftLog {
                 for item in t.range(core.compacted_index + 1..)? {
                     let (k, v) = item?;
                     let e = Entry::parse_from_bytes(v.value()).context("decode log entry")?;
-                    anyhow::ensure!(
-                        e.index == k.value(),
-                        "log entry {} stored under key {}",
-                        e.index,
-                        k.value()
-                    );
-                    anyhow::ensure!(
-                        e.index == core.last_index() + 1,
-                        "gap in the raft log before entry {}",
-                        e.index
-                    );
+                    anyhow::ensure!(e.index == k.value(), "log entry {} stored under key {}", e.index, k.value());
+                    anyhow::ensure!(e.index == core.last_index() + 1, "gap in the raft log before entry {}", e.index);
                     core.entries.push_back(e);
                 }
             }
         }
-        let log = RaftLog {
-            db,
-            core: Arc::new(RwLock::new(core)),
-        };
+        let log = RaftLog { db, core: Arc::new(RwLock::new(core)) };
         if fresh {
             let mut cs = ConfState::default();
             cs.voters = voters.to_vec();
@@ -128,50 +107,68 @@ impl RaftLog {
         Ok(())
     }
 
-    /// Appends entries (replacing any conflicting suffix) durably. Returns after fsync.
-    pub fn append(&self, entries: &[Entry]) -> Result<()> {
-        let Some(first) = entries.first() else {
-            return Ok(());
+    /// Appends entries (replacing any conflicting suffix) and records the hard state, in one
+    /// transaction that is durable (fsynced) when it returns: a Ready's entries and vote must be
+    /// on disk before any message that depends on them leaves. Only a change of commit index alone
+    /// is written without an fsync (see [`RaftLog::set_commit`]).
+    pub fn persist(&self, entries: &[Entry], hs: Option<&HardState>) -> Result<()> {
+        let (old_last, compacted, old_hs) = {
+            let core = self.core.read().expect("raft log lock");
+            (core.last_index(), core.compacted_index, core.hard_state.clone())
         };
-        let old_last = self.core.read().expect("raft log lock").last_index();
-        anyhow::ensure!(
-            first.index > self.core.read().expect("raft log lock").compacted_index,
-            "append below the compacted index"
-        );
+        if entries.is_empty() && hs.is_none() {
+            return Ok(());
+        }
+        if let Some(first) = entries.first() {
+            anyhow::ensure!(first.index > compacted, "append below the compacted index");
+        }
+        let vote_changed = hs.is_some_and(|h| h.term != old_hs.term || h.vote != old_hs.vote);
+        let mut txn = self.db.begin_write()?;
+        if entries.is_empty() && !vote_changed {
+            txn.set_durability(redb::Durability::None)?;
+        }
         {
-            let txn = self.db.begin_write()?;
-            {
-                let mut t = txn.open_table(LOG)?;
+            let mut t = txn.open_table(LOG)?;
+            if let Some(first) = entries.first() {
                 // A leader may overwrite an uncommitted suffix: drop it first.
-                let mut stale = first.index;
-                while stale <= old_last {
+                for stale in first.index..=old_last {
                     t.remove(stale)?;
-                    stale += 1;
-                }
-                for e in entries {
-                    t.insert(e.index, e.write_to_bytes()?.as_slice())?;
                 }
             }
-            txn.commit()?;
+            for e in entries {
+                t.insert(e.index, e.write_to_bytes()?.as_slice())?;
+            }
+            if let Some(hs) = hs {
+                txn.open_table(RAFT_STATE)?.insert(HARD_STATE, hs.write_to_bytes()?.as_slice())?;
+            }
         }
+        txn.commit()?;
         let mut core = self.core.write().expect("raft log lock");
-        while core.last_index() >= first.index {
-            core.entries.pop_back();
+        if let Some(first) = entries.first() {
+            while core.last_index() >= first.index {
+                core.entries.pop_back();
+            }
+            core.entries.extend(entries.iter().cloned());
         }
-        core.entries.extend(entries.iter().cloned());
+        if let Some(hs) = hs {
+            core.hard_state = hs.clone();
+        }
         Ok(())
     }
 
-    pub fn set_hard_state(&self, hs: &HardState) -> Result<()> {
-        self.put_state(HARD_STATE, &hs.write_to_bytes()?)?;
-        self.core.write().expect("raft log lock").hard_state = hs.clone();
-        Ok(())
-    }
-
+    /// Records a new commit index without an fsync. It becomes durable with the next durable
+    /// transaction; redb keeps commits in order, so whatever survives a crash is a prefix of what
+    /// was written, and an applied index on disk never exceeds the commit index on disk. A commit
+    /// index lost in a crash is learnt again from the leader (or, alone, by committing anew).
     pub fn set_commit(&self, commit: u64) -> Result<()> {
         let mut hs = self.core.read().expect("raft log lock").hard_state.clone();
         hs.commit = commit;
-        self.set_hard_state(&hs)
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(redb::Durability::None)?;
+        txn.open_table(RAFT_STATE)?.insert(HARD_STATE, hs.write_to_bytes()?.as_slice())?;
+        txn.commit()?;
+        self.core.write().expect("raft log lock").hard_state = hs;
+        Ok(())
     }
 
     pub fn set_conf_state(&self, cs: ConfState) -> Result<()> {
@@ -203,8 +200,7 @@ impl RaftLog {
             let mut marker = [0u8; 16];
             marker[..8].copy_from_slice(&index.to_be_bytes());
             marker[8..].copy_from_slice(&term.to_be_bytes());
-            txn.open_table(RAFT_STATE)?
-                .insert(COMPACTED, marker.as_slice())?;
+            txn.open_table(RAFT_STATE)?.insert(COMPACTED, marker.as_slice())?;
         }
         txn.commit()?;
         let mut core = self.core.write().expect("raft log lock");
@@ -223,10 +219,7 @@ impl RaftLog {
 impl Storage for RaftLog {
     fn initial_state(&self) -> raft::Result<RaftState> {
         let core = self.core.read().expect("raft log lock");
-        Ok(RaftState {
-            hard_state: core.hard_state.clone(),
-            conf_state: core.conf_state.clone(),
-        })
+        Ok(RaftState { hard_state: core.hard_state.clone(), conf_state: core.conf_state.clone() })
     }
 
     fn entries(
@@ -241,17 +234,10 @@ impl Storage for RaftLog {
             return Err(raft::Error::Store(StorageError::Compacted));
         }
         if high > core.last_index() + 1 {
-            return Err(storage_err(format!(
-                "entries up to {high} asked, last is {}",
-                core.last_index()
-            )));
+            return Err(storage_err(format!("entries up to {high} asked, last is {}", core.last_index())));
         }
         let off = core.first_index();
-        let mut out: Vec<Entry> = core
-            .entries
-            .range((low - off) as usize..(high - off) as usize)
-            .cloned()
-            .collect();
+        let mut out: Vec<Entry> = core.entries.range((low - off) as usize..(high - off) as usize).cloned().collect();
         raft::util::limit_size(&mut out, max_size.into());
         Ok(out)
     }
@@ -281,9 +267,7 @@ impl Storage for RaftLog {
     /// Snapshot transfer to a lagging follower arrives with the multi-master group (issue 4); a
     /// one-master group never asks for one. Until then raft-rs is told to retry later.
     fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        Err(raft::Error::Store(
-            StorageError::SnapshotTemporarilyUnavailable,
-        ))
+        Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
     }
 }
 
@@ -306,14 +290,12 @@ mod tests {
         {
             let db = Arc::new(Database::create(&path).unwrap());
             let log = RaftLog::open(db, &[1]).unwrap();
-            log.append(&(1..=10).map(|i| entry(i, 1)).collect::<Vec<_>>())
-                .unwrap();
+            log.persist(&(1..=10).map(|i| entry(i, 1)).collect::<Vec<_>>(), None).unwrap();
             // A new leader replaces an uncommitted suffix.
-            log.append(&[entry(8, 2), entry(9, 2)]).unwrap();
             let mut hs = HardState::default();
             hs.term = 2;
             hs.commit = 9;
-            log.set_hard_state(&hs).unwrap();
+            log.persist(&[entry(8, 2), entry(9, 2)], Some(&hs)).unwrap();
             log.compact(5).unwrap();
             assert_eq!(log.term(5).unwrap(), 1);
         }
@@ -326,17 +308,8 @@ mod tests {
         assert!(log.term(4).is_err());
         let st = log.initial_state().unwrap();
         assert_eq!(st.hard_state.commit, 9);
-        assert_eq!(
-            st.conf_state.voters,
-            vec![1],
-            "membership is not replaced on reopen"
-        );
-        let ents = log
-            .entries(6, 10, None, GetEntriesContext::empty(false))
-            .unwrap();
-        assert_eq!(
-            ents.iter().map(|e| e.index).collect::<Vec<_>>(),
-            vec![6, 7, 8, 9]
-        );
+        assert_eq!(st.conf_state.voters, vec![1], "membership is not replaced on reopen");
+        let ents = log.entries(6, 10, None, GetEntriesContext::empty(false)).unwrap();
+        assert_eq!(ents.iter().map(|e| e.index).collect::<Vec<_>>(), vec![6, 7, 8, 9]);
     }
 }

@@ -5,9 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use cairn_proto::v1::{
-    self as pb, cluster_server, command, command_result, master_server, raft_server,
-};
+use cairn_proto::v1::{self as pb, cluster_server, command, command_result, master_server, raft_server};
 use protobuf::Message as _;
 use tonic::{Request, Response, Status};
 
@@ -33,17 +31,13 @@ type Res<T> = Result<Response<T>, Status>;
 fn attr_of(r: command_result::Result) -> Result<pb::Attr, MetaError> {
     match r {
         command_result::Result::Attr(a) => Ok(a),
-        _ => Err(MetaError::Internal(anyhow::anyhow!(
-            "command returned no attributes"
-        ))),
+        _ => Err(MetaError::Internal(anyhow::anyhow!("command returned no attributes"))),
     }
 }
 
 fn check_replication(r: u32) -> Result<(), MetaError> {
     if r == 0 || r > MAX_REPLICATION {
-        return Err(MetaError::InvalidArgument(format!(
-            "replication {r}: must be 1 to {MAX_REPLICATION}"
-        )));
+        return Err(MetaError::InvalidArgument(format!("replication {r}: must be 1 to {MAX_REPLICATION}")));
     }
     Ok(())
 }
@@ -63,15 +57,8 @@ impl master_server::Master for Services {
             0 => LIST_PAGE_DEFAULT,
             n => n.min(LIST_PAGE_MAX),
         };
-        let (attr, entries, more) =
-            self.state
-                .reader()?
-                .list(&req.path, &req.start_after, limit)?;
-        Ok(Response::new(pb::ListResponse {
-            entries,
-            more,
-            attr: Some(attr),
-        }))
+        let (attr, entries, more) = self.state.reader()?.list(&req.path, &req.start_after, limit)?;
+        Ok(Response::new(pb::ListResponse { entries, more, attr: Some(attr) }))
     }
 
     async fn mkdir(&self, req: Request<pb::MkdirRequest>) -> Res<pb::MkdirResponse> {
@@ -96,10 +83,7 @@ impl master_server::Master for Services {
         Ok(Response::new(pb::RemoveResponse {}))
     }
 
-    async fn place_chunks(
-        &self,
-        req: Request<pb::PlaceChunksRequest>,
-    ) -> Res<pb::PlaceChunksResponse> {
+    async fn place_chunks(&self, req: Request<pb::PlaceChunksRequest>) -> Res<pb::PlaceChunksResponse> {
         self.node.ensure_leader()?;
         let req = req.into_inner();
         check_replication(req.replication)?;
@@ -112,12 +96,10 @@ impl master_server::Master for Services {
         }
         let mut chunks = Vec::with_capacity(req.chunks.len());
         for c in &req.chunks {
-            let hash = to_hash(&c.hash)
-                .ok_or_else(|| MetaError::InvalidArgument("chunk hash is not 32 bytes".into()))?;
+            let hash =
+                to_hash(&c.hash).ok_or_else(|| MetaError::InvalidArgument("chunk hash is not 32 bytes".into()))?;
             if c.length == 0 || c.length > cairn_proto::MAX_CHUNK {
-                return Err(
-                    MetaError::InvalidArgument(format!("chunk of {} bytes", c.length)).into(),
-                );
+                return Err(MetaError::InvalidArgument(format!("chunk of {} bytes", c.length)).into());
             }
             chunks.push((hash, c.length));
         }
@@ -126,33 +108,20 @@ impl master_server::Master for Services {
             .place(&chunks, req.replication as usize, &req.exclude)?
             .into_iter()
             .map(|p| match p {
-                None => pb::Placement {
-                    stored: true,
-                    targets: vec![],
-                },
-                Some(targets) => pb::Placement {
-                    stored: false,
-                    targets,
-                },
+                None => pb::Placement { stored: true, targets: vec![] },
+                Some(targets) => pb::Placement { stored: false, targets },
             })
             .collect();
         Ok(Response::new(pb::PlaceChunksResponse { placements }))
     }
 
-    async fn commit_file(
-        &self,
-        req: Request<pb::CommitFileRequest>,
-    ) -> Res<pb::CommitFileResponse> {
+    async fn commit_file(&self, req: Request<pb::CommitFileRequest>) -> Res<pb::CommitFileResponse> {
         self.node.ensure_leader()?;
         let req = req.into_inner();
         split_path(&req.path)?;
         check_replication(req.replication)?;
         check_extents(&req.extents)?;
-        let hashes: Vec<_> = req
-            .extents
-            .iter()
-            .filter_map(|e| to_hash(&e.hash))
-            .collect();
+        let hashes: Vec<_> = req.extents.iter().filter_map(|e| to_hash(&e.hash)).collect();
         self.cluster.confirm_commit(&hashes)?;
         let attr = attr_of(self.node.propose(command::Op::CommitFile(req)).await?)?;
         Ok(Response::new(pb::CommitFileResponse { attr: Some(attr) }))
@@ -166,32 +135,19 @@ impl master_server::Master for Services {
             .extents
             .into_iter()
             .map(|e| {
-                let replicas = to_hash(&e.hash)
-                    .map(|h| self.cluster.replicas(&h))
-                    .unwrap_or_default();
-                let loc = pb::ExtentLocation {
-                    offset,
-                    replicas,
-                    extent: Some(e),
-                };
+                let replicas = to_hash(&e.hash).map(|h| self.cluster.replicas(&h)).unwrap_or_default();
+                let loc = pb::ExtentLocation { offset, replicas, extent: Some(e) };
                 offset += loc.extent.as_ref().map_or(0, |e| e.length);
                 loc
             })
             .collect();
-        Ok(Response::new(pb::OpenFileResponse {
-            attr: inode.attr,
-            extents,
-        }))
+        Ok(Response::new(pb::OpenFileResponse { attr: inode.attr, extents }))
     }
 
-    async fn report_bad_replica(
-        &self,
-        req: Request<pb::ReportBadReplicaRequest>,
-    ) -> Res<pb::ReportBadReplicaResponse> {
+    async fn report_bad_replica(&self, req: Request<pb::ReportBadReplicaRequest>) -> Res<pb::ReportBadReplicaResponse> {
         self.node.ensure_leader()?;
         let req = req.into_inner();
-        let hash = to_hash(&req.hash)
-            .ok_or_else(|| MetaError::InvalidArgument("chunk hash is not 32 bytes".into()))?;
+        let hash = to_hash(&req.hash).ok_or_else(|| MetaError::InvalidArgument("chunk hash is not 32 bytes".into()))?;
         tracing::warn!(chunk = %hex::encode(hash), node = req.chunkserver_id, reason = %req.reason, "client reported a bad replica");
         self.cluster.drop_replica(&hash, req.chunkserver_id);
         Ok(Response::new(pb::ReportBadReplicaResponse {}))
@@ -216,12 +172,7 @@ impl master_server::Master for Services {
                         alive: true,
                     }
                 } else {
-                    pb::MasterStatus {
-                        id,
-                        addr: addr.clone(),
-                        role: "unknown".into(),
-                        ..Default::default()
-                    }
+                    pb::MasterStatus { id, addr: addr.clone(), role: "unknown".into(), ..Default::default() }
                 }
             })
             .collect();
@@ -257,35 +208,16 @@ impl cluster_server::Cluster for Services {
             return Err(MetaError::InvalidArgument("chunkserver id 0".into()).into());
         }
         if req.addr.parse::<std::net::SocketAddr>().is_err() {
-            return Err(MetaError::InvalidArgument(format!(
-                "chunkserver address {:?} is not host:port",
-                req.addr
-            ))
-            .into());
+            return Err(
+                MetaError::InvalidArgument(format!("chunkserver address {:?} is not host:port", req.addr)).into()
+            );
         }
-        let info = pb::ChunkserverInfo {
-            id: req.node_id,
-            addr: req.addr.clone(),
-            zone: req.zone.clone(),
-        };
-        let known = self
-            .state
-            .reader()?
-            .chunkservers()?
-            .into_iter()
-            .any(|c| c == info);
+        let info = pb::ChunkserverInfo { id: req.node_id, addr: req.addr.clone(), zone: req.zone.clone() };
+        let known = self.state.reader()?.chunkservers()?.into_iter().any(|c| c == info);
         if !known {
-            self.node
-                .propose(command::Op::RegisterChunkserver(info))
-                .await?;
+            self.node.propose(command::Op::RegisterChunkserver(info)).await?;
         }
-        self.cluster.register(
-            req.node_id,
-            &req.addr,
-            &req.zone,
-            req.capacity_bytes,
-            req.used_bytes,
-        );
+        self.cluster.register(req.node_id, &req.addr, &req.zone, req.capacity_bytes, req.used_bytes);
         tracing::info!(node = req.node_id, addr = %req.addr, zone = %req.zone, "chunkserver registered");
         Ok(Response::new(pb::RegisterResponse {}))
     }
@@ -293,31 +225,18 @@ impl cluster_server::Cluster for Services {
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Res<pb::HeartbeatResponse> {
         self.node.ensure_leader()?;
         let r = req.into_inner();
-        match self.cluster.heartbeat(
-            r.node_id,
-            r.capacity_bytes,
-            r.used_bytes,
-            r.chunks,
-            &r.added,
-            &r.removed,
-        ) {
+        match self.cluster.heartbeat(r.node_id, r.capacity_bytes, r.used_bytes, r.chunks, &r.added, &r.removed) {
             Some(report_requested) => Ok(Response::new(pb::HeartbeatResponse { report_requested })),
-            None => Err(MetaError::NotFound(format!(
-                "chunkserver {} is not registered with this leader",
-                r.node_id
-            ))
-            .into()),
+            None => {
+                Err(MetaError::NotFound(format!("chunkserver {} is not registered with this leader", r.node_id)).into())
+            }
         }
     }
 
-    async fn chunk_report(
-        &self,
-        req: Request<pb::ChunkReportRequest>,
-    ) -> Res<pb::ChunkReportResponse> {
+    async fn chunk_report(&self, req: Request<pb::ChunkReportRequest>) -> Res<pb::ChunkReportResponse> {
         self.node.ensure_leader()?;
         let r = req.into_inner();
-        self.cluster
-            .report_page(r.node_id, r.report_id, &r.hashes, r.last)?;
+        self.cluster.report_page(r.node_id, r.report_id, &r.hashes, r.last)?;
         Ok(Response::new(pb::ChunkReportResponse {}))
     }
 }

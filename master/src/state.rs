@@ -11,14 +11,11 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use cairn_proto::v1::{
-    command::Op, command_result, Attr, ChunkserverInfo, Command, CommandResult, CommitFileRequest,
-    DirEntry, Empty, Extent, Inode, InodeKind, MkdirRequest, RemoveRequest, RenameRequest,
+    command::Op, command_result, Attr, ChunkserverInfo, Command, CommandResult, CommitFileRequest, DirEntry, Empty,
+    Extent, Inode, InodeKind, MkdirRequest, RemoveRequest, RenameRequest,
 };
 use prost::Message;
-use redb::{
-    Database, ReadTransaction, ReadableDatabase, ReadableTable, Table, TableDefinition,
-    WriteTransaction,
-};
+use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction};
 
 use crate::error::MetaError;
 
@@ -105,19 +102,15 @@ trait Tables {
     /// Resolves `names` from the root; errors name the path prefix that failed.
     fn resolve(&self, names: &[&str]) -> Result<(u64, Inode), MetaError> {
         let mut id = ROOT;
-        let mut node = self
-            .inode(ROOT)?
-            .ok_or_else(|| MetaError::Internal(anyhow::anyhow!("root inode missing")))?;
+        let mut node = self.inode(ROOT)?.ok_or_else(|| MetaError::Internal(anyhow::anyhow!("root inode missing")))?;
         for (i, name) in names.iter().enumerate() {
             if kind(&node) != InodeKind::Directory {
                 return Err(MetaError::NotADirectory(join(&names[..i])));
             }
-            id = self
-                .child(id, name)?
-                .ok_or_else(|| MetaError::NotFound(join(&names[..=i])))?;
-            node = self.inode(id)?.ok_or_else(|| {
-                MetaError::Internal(anyhow::anyhow!("dangling entry {}", join(&names[..=i])))
-            })?;
+            id = self.child(id, name)?.ok_or_else(|| MetaError::NotFound(join(&names[..=i])))?;
+            node = self
+                .inode(id)?
+                .ok_or_else(|| MetaError::Internal(anyhow::anyhow!("dangling entry {}", join(&names[..=i]))))?;
         }
         Ok((id, node))
     }
@@ -168,12 +161,7 @@ impl Reader {
 
     /// One page of a directory, in bytewise name order, after `start_after`. A file lists as
     /// itself (no entries) so callers can tell what they listed from the returned attr.
-    pub fn list(
-        &self,
-        path: &str,
-        start_after: &str,
-        limit: usize,
-    ) -> Result<(Attr, Vec<DirEntry>, bool), MetaError> {
+    pub fn list(&self, path: &str, start_after: &str, limit: usize) -> Result<(Attr, Vec<DirEntry>, bool), MetaError> {
         let names = split_path(path)?;
         let (id, node) = self.resolve(&names)?;
         let attr = node.attr.clone().unwrap_or_default();
@@ -194,13 +182,9 @@ impl Reader {
                 more = true;
                 break;
             }
-            let child = self
-                .inode(v.value())?
-                .ok_or_else(|| MetaError::Internal(anyhow::anyhow!("dangling entry {name}")))?;
-            out.push(DirEntry {
-                name: name.to_string(),
-                attr: child.attr,
-            });
+            let child =
+                self.inode(v.value())?.ok_or_else(|| MetaError::Internal(anyhow::anyhow!("dangling entry {name}")))?;
+            out.push(DirEntry { name: name.to_string(), attr: child.attr });
         }
         Ok((attr, out, more))
     }
@@ -210,11 +194,7 @@ impl Reader {
         let mut out = Vec::new();
         for item in t.iter().map_err(storage)? {
             let (_, v) = item.map_err(storage)?;
-            out.push(
-                ChunkserverInfo::decode(v.value())
-                    .context("decode chunkserver")
-                    .map_err(MetaError::Internal)?,
-            );
+            out.push(ChunkserverInfo::decode(v.value()).context("decode chunkserver").map_err(MetaError::Internal)?);
         }
         Ok(out)
     }
@@ -260,21 +240,13 @@ impl Tables for Writer<'_> {
         })
     }
     fn child(&self, parent: u64, name: &str) -> Result<Option<u64>, MetaError> {
-        Ok(self
-            .dirents
-            .get((parent, name))
-            .map_err(storage)?
-            .map(|v| v.value()))
+        Ok(self.dirents.get((parent, name)).map_err(storage)?.map(|v| v.value()))
     }
 }
 
 impl Writer<'_> {
     fn counter(&self, key: &str) -> Result<u64, MetaError> {
-        Ok(self
-            .meta
-            .get(key)
-            .map_err(storage)?
-            .map_or(0, |v| v.value()))
+        Ok(self.meta.get(key).map_err(storage)?.map_or(0, |v| v.value()))
     }
     fn add_counter(&mut self, key: &str, delta: i64) -> Result<(), MetaError> {
         let v = self.counter(key)?.saturating_add_signed(delta);
@@ -282,9 +254,7 @@ impl Writer<'_> {
         Ok(())
     }
     fn put_inode(&mut self, id: u64, node: &Inode) -> Result<(), MetaError> {
-        self.inodes
-            .insert(id, node.encode_to_vec().as_slice())
-            .map_err(storage)?;
+        self.inodes.insert(id, node.encode_to_vec().as_slice()).map_err(storage)?;
         Ok(())
     }
     fn alloc_inode(&mut self) -> Result<u64, MetaError> {
@@ -293,55 +263,33 @@ impl Writer<'_> {
         Ok(id)
     }
     fn has_children(&self, dir: u64) -> Result<bool, MetaError> {
-        Ok(self
-            .dirents
-            .range((dir, "")..(dir + 1, ""))
-            .map_err(storage)?
-            .next()
-            .is_some())
+        Ok(self.dirents.range((dir, "")..(dir + 1, "")).map_err(storage)?.next().is_some())
     }
     fn children(&self, dir: u64) -> Result<Vec<(String, u64)>, MetaError> {
         let mut out = Vec::new();
-        for item in self
-            .dirents
-            .range((dir, "")..(dir + 1, ""))
-            .map_err(storage)?
-        {
+        for item in self.dirents.range((dir, "")..(dir + 1, "")).map_err(storage)? {
             let (k, v) = item.map_err(storage)?;
             out.push((k.value().1.to_string(), v.value()));
         }
         Ok(out)
     }
     fn add_link_count(&mut self, dir: u64, delta: i64, time_ns: i64) -> Result<(), MetaError> {
-        let mut node = self
-            .inode(dir)?
-            .ok_or_else(|| MetaError::Internal(anyhow::anyhow!("inode {dir} missing")))?;
+        let mut node = self.inode(dir)?.ok_or_else(|| MetaError::Internal(anyhow::anyhow!("inode {dir} missing")))?;
         let attr = node.attr.get_or_insert_default();
         attr.nlink = attr.nlink.saturating_add_signed(delta as i32);
         attr.mtime_ns = time_ns;
         attr.ctime_ns = time_ns;
         self.put_inode(dir, &node)
     }
-    fn chunk_refs(
-        &mut self,
-        extents: &[Extent],
-        replication: u32,
-        delta: i64,
-    ) -> Result<(), MetaError> {
+    fn chunk_refs(&mut self, extents: &[Extent], replication: u32, delta: i64) -> Result<(), MetaError> {
         for e in extents {
-            let cur = self
-                .chunks
-                .get(e.hash.as_slice())
-                .map_err(storage)?
-                .map(|v| v.value());
+            let cur = self.chunks.get(e.hash.as_slice()).map_err(storage)?.map(|v| v.value());
             let (count, goal) = cur.unwrap_or((0, 0));
             let count = count.saturating_add_signed(delta);
             if count == 0 {
                 self.chunks.remove(e.hash.as_slice()).map_err(storage)?;
             } else {
-                self.chunks
-                    .insert(e.hash.as_slice(), (count, goal.max(replication)))
-                    .map_err(storage)?;
+                self.chunks.insert(e.hash.as_slice(), (count, goal.max(replication))).map_err(storage)?;
             }
         }
         Ok(())
@@ -376,23 +324,15 @@ fn new_attr(id: u64, kind: InodeKind, mode: u32, uid: u32, gid: u32, time_ns: i6
 /// Checks an extent list from a client before it is proposed (and again when applied).
 pub fn check_extents(extents: &[Extent]) -> Result<u64, MetaError> {
     if extents.len() > MAX_EXTENTS {
-        return Err(MetaError::InvalidArgument(format!(
-            "{} extents, at most {MAX_EXTENTS}",
-            extents.len()
-        )));
+        return Err(MetaError::InvalidArgument(format!("{} extents, at most {MAX_EXTENTS}", extents.len())));
     }
     let mut size = 0u64;
     for e in extents {
         if e.hash.len() != cairn_proto::HASH_LEN {
-            return Err(MetaError::InvalidArgument(
-                "chunk hash is not 32 bytes".into(),
-            ));
+            return Err(MetaError::InvalidArgument("chunk hash is not 32 bytes".into()));
         }
         if e.length == 0 || e.length > cairn_proto::MAX_CHUNK {
-            return Err(MetaError::InvalidArgument(format!(
-                "extent of {} bytes",
-                e.length
-            )));
+            return Err(MetaError::InvalidArgument(format!("extent of {} bytes", e.length)));
         }
         size += e.length;
     }
@@ -412,10 +352,7 @@ impl State {
         {
             let mut inodes = txn.open_table(INODES)?;
             if inodes.get(ROOT)?.is_none() {
-                let root = Inode {
-                    attr: Some(new_attr(ROOT, InodeKind::Directory, 0o755, 0, 0, 0)),
-                    extents: vec![],
-                };
+                let root = Inode { attr: Some(new_attr(ROOT, InodeKind::Directory, 0o755, 0, 0, 0)), extents: vec![] };
                 inodes.insert(ROOT, root.encode_to_vec().as_slice())?;
             }
             txn.open_table(DIRENTS)?;
@@ -428,9 +365,7 @@ impl State {
     }
 
     pub fn reader(&self) -> Result<Reader, MetaError> {
-        Ok(Reader {
-            txn: self.db.begin_read().map_err(storage)?,
-        })
+        Ok(Reader { txn: self.db.begin_read().map_err(storage)? })
     }
 
     pub fn applied_index(&self) -> Result<u64, MetaError> {
@@ -439,12 +374,13 @@ impl State {
 
     /// Applies a batch of committed commands and records `applied` in the same durable
     /// transaction. A storage error aborts the whole batch (the caller must stop: crash-only).
-    pub fn apply_batch(
-        &self,
-        cmds: &[(u64, Option<Command>)],
-        applied: u64,
-    ) -> anyhow::Result<Vec<CommandResult>> {
-        let txn: WriteTransaction = self.db.begin_write()?;
+    pub fn apply_batch(&self, cmds: &[(u64, Option<Command>)], applied: u64) -> anyhow::Result<Vec<CommandResult>> {
+        let mut txn: WriteTransaction = self.db.begin_write()?;
+        // Not fsynced: every applied entry is already durable in the Raft log (same database), and
+        // redb persists this transaction with the next durable one, in order. After a crash the
+        // applied index on disk is older, and the entries after it are applied again from the log,
+        // so no entry is lost, skipped or applied twice.
+        txn.set_durability(redb::Durability::None)?;
         let mut results = Vec::with_capacity(cmds.len());
         {
             let mut w = Writer {
@@ -483,9 +419,7 @@ fn apply_one(w: &mut Writer<'_>, cmd: &Command) -> Result<command_result::Result
         Some(Op::Rename(req)) => rename(w, req, t).map(|_| command_result::Result::Done(Empty {})),
         Some(Op::Remove(req)) => remove(w, req, t).map(|_| command_result::Result::Done(Empty {})),
         Some(Op::RegisterChunkserver(info)) => {
-            w.chunkservers
-                .insert(info.id, info.encode_to_vec().as_slice())
-                .map_err(storage)?;
+            w.chunkservers.insert(info.id, info.encode_to_vec().as_slice()).map_err(storage)?;
             Ok(command_result::Result::Done(Empty {}))
         }
         None => Err(MetaError::InvalidArgument("empty command".into())),
@@ -506,9 +440,7 @@ fn mkdir(w: &mut Writer<'_>, req: &MkdirRequest, t: i64) -> Result<Attr, MetaErr
         let last = i + 1 == names.len();
         match w.child(dir, name)? {
             Some(id) => {
-                let node = w
-                    .inode(id)?
-                    .ok_or_else(|| MetaError::Internal(anyhow::anyhow!("dangling entry")))?;
+                let node = w.inode(id)?.ok_or_else(|| MetaError::Internal(anyhow::anyhow!("dangling entry")))?;
                 if last {
                     return if req.parents && kind(&node) == InodeKind::Directory {
                         Ok(node.attr.unwrap_or_default())
@@ -526,13 +458,7 @@ fn mkdir(w: &mut Writer<'_>, req: &MkdirRequest, t: i64) -> Result<Attr, MetaErr
                 // fail any more, so the command stays atomic.
                 let id = w.alloc_inode()?;
                 let attr = new_attr(id, InodeKind::Directory, req.mode, req.uid, req.gid, t);
-                w.put_inode(
-                    id,
-                    &Inode {
-                        attr: Some(attr.clone()),
-                        extents: vec![],
-                    },
-                )?;
+                w.put_inode(id, &Inode { attr: Some(attr.clone()), extents: vec![] })?;
                 w.dirents.insert((dir, *name), id).map_err(storage)?;
                 w.add_link_count(dir, 1, t)?;
                 if last {
@@ -553,26 +479,16 @@ fn commit_file(w: &mut Writer<'_>, req: &CommitFileRequest, t: i64) -> Result<At
     };
     let size = check_extents(&req.extents)?;
     if req.replication == 0 || req.replication > MAX_REPLICATION {
-        return Err(MetaError::InvalidArgument(format!(
-            "replication {} (1 to {MAX_REPLICATION})",
-            req.replication
-        )));
+        return Err(MetaError::InvalidArgument(format!("replication {} (1 to {MAX_REPLICATION})", req.replication)));
     }
     let parent = w.resolve_dir(parent_names)?;
     let (id, mut node) = match w.child(parent, name)? {
         Some(id) => {
-            let node = w
-                .inode(id)?
-                .ok_or_else(|| MetaError::Internal(anyhow::anyhow!("dangling entry")))?;
+            let node = w.inode(id)?.ok_or_else(|| MetaError::Internal(anyhow::anyhow!("dangling entry")))?;
             match kind(&node) {
                 InodeKind::File => {}
                 InodeKind::Directory => return Err(MetaError::IsADirectory(req.path.clone())),
-                _ => {
-                    return Err(MetaError::InvalidArgument(format!(
-                        "{} is not a regular file",
-                        req.path
-                    )))
-                }
+                _ => return Err(MetaError::InvalidArgument(format!("{} is not a regular file", req.path))),
             }
             let old = node.attr.clone().unwrap_or_default();
             w.chunk_refs(&node.extents, old.replication, -1)?;
@@ -584,13 +500,7 @@ fn commit_file(w: &mut Writer<'_>, req: &CommitFileRequest, t: i64) -> Result<At
             w.dirents.insert((parent, *name), id).map_err(storage)?;
             w.add_counter(FILES, 1)?;
             w.add_link_count(parent, 0, t)?;
-            (
-                id,
-                Inode {
-                    attr: Some(new_attr(id, InodeKind::File, req.mode, req.uid, req.gid, t)),
-                    extents: vec![],
-                },
-            )
+            (id, Inode { attr: Some(new_attr(id, InodeKind::File, req.mode, req.uid, req.gid, t)), extents: vec![] })
         }
     };
     w.chunk_refs(&req.extents, req.replication, 1)?;
@@ -610,41 +520,27 @@ fn commit_file(w: &mut Writer<'_>, req: &CommitFileRequest, t: i64) -> Result<At
 fn rename(w: &mut Writer<'_>, req: &RenameRequest, t: i64) -> Result<(), MetaError> {
     let src = split_path(&req.src)?;
     let dst = split_path(&req.dst)?;
-    let (Some((sname, sparent)), Some((dname, dparent))) = (src.split_last(), dst.split_last())
-    else {
-        return Err(MetaError::InvalidArgument(
-            "cannot rename the root directory".into(),
-        ));
+    let (Some((sname, sparent)), Some((dname, dparent))) = (src.split_last(), dst.split_last()) else {
+        return Err(MetaError::InvalidArgument("cannot rename the root directory".into()));
     };
     let sdir = w.resolve_dir(sparent)?;
-    let sid = w
-        .child(sdir, sname)?
-        .ok_or_else(|| MetaError::NotFound(req.src.clone()))?;
-    let snode = w
-        .inode(sid)?
-        .ok_or_else(|| MetaError::Internal(anyhow::anyhow!("dangling entry")))?;
+    let sid = w.child(sdir, sname)?.ok_or_else(|| MetaError::NotFound(req.src.clone()))?;
+    let snode = w.inode(sid)?.ok_or_else(|| MetaError::Internal(anyhow::anyhow!("dangling entry")))?;
     let src_is_dir = kind(&snode) == InodeKind::Directory;
     if src == dst {
         return Ok(());
     }
     if src_is_dir && dst.len() > src.len() && dst[..src.len()] == src[..] {
-        return Err(MetaError::InvalidArgument(format!(
-            "cannot move {} into its own subtree {}",
-            req.src, req.dst
-        )));
+        return Err(MetaError::InvalidArgument(format!("cannot move {} into its own subtree {}", req.src, req.dst)));
     }
     let ddir = w.resolve_dir(dparent)?;
     if let Some(did) = w.child(ddir, dname)? {
-        let dnode = w
-            .inode(did)?
-            .ok_or_else(|| MetaError::Internal(anyhow::anyhow!("dangling entry")))?;
+        let dnode = w.inode(did)?.ok_or_else(|| MetaError::Internal(anyhow::anyhow!("dangling entry")))?;
         let dst_is_dir = kind(&dnode) == InodeKind::Directory;
         match (src_is_dir, dst_is_dir) {
             (true, false) => return Err(MetaError::NotADirectory(req.dst.clone())),
             (false, true) => return Err(MetaError::IsADirectory(req.dst.clone())),
-            (true, true) if w.has_children(did)? => {
-                return Err(MetaError::NotEmpty(req.dst.clone()))
-            }
+            (true, true) if w.has_children(did)? => return Err(MetaError::NotEmpty(req.dst.clone())),
             _ => {}
         }
         w.dirents.remove((ddir, *dname)).map_err(storage)?;
@@ -665,17 +561,11 @@ fn rename(w: &mut Writer<'_>, req: &RenameRequest, t: i64) -> Result<(), MetaErr
 fn remove(w: &mut Writer<'_>, req: &RemoveRequest, t: i64) -> Result<(), MetaError> {
     let names = split_path(&req.path)?;
     let Some((name, parent_names)) = names.split_last() else {
-        return Err(MetaError::InvalidArgument(
-            "cannot remove the root directory".into(),
-        ));
+        return Err(MetaError::InvalidArgument("cannot remove the root directory".into()));
     };
     let parent = w.resolve_dir(parent_names)?;
-    let id = w
-        .child(parent, name)?
-        .ok_or_else(|| MetaError::NotFound(req.path.clone()))?;
-    let node = w
-        .inode(id)?
-        .ok_or_else(|| MetaError::Internal(anyhow::anyhow!("dangling entry")))?;
+    let id = w.child(parent, name)?.ok_or_else(|| MetaError::NotFound(req.path.clone()))?;
+    let node = w.inode(id)?.ok_or_else(|| MetaError::Internal(anyhow::anyhow!("dangling entry")))?;
     let is_dir = kind(&node) == InodeKind::Directory;
     if is_dir && !req.recursive && w.has_children(id)? {
         return Err(MetaError::NotEmpty(req.path.clone()));
@@ -688,9 +578,7 @@ fn remove(w: &mut Writer<'_>, req: &RemoveRequest, t: i64) -> Result<(), MetaErr
         if kind(&node) == InodeKind::Directory {
             for (cname, cid) in w.children(id)? {
                 w.dirents.remove((id, cname.as_str())).map_err(storage)?;
-                let child = w
-                    .inode(cid)?
-                    .ok_or_else(|| MetaError::Internal(anyhow::anyhow!("dangling entry")))?;
+                let child = w.inode(cid)?.ok_or_else(|| MetaError::Internal(anyhow::anyhow!("dangling entry")))?;
                 stack.push((cid, child));
             }
         }

@@ -48,11 +48,7 @@ mod tests {
     async fn round_trip_and_rejects_garbage() {
         let req = ChunkRequest {
             request_id: "r1".into(),
-            op: Some(Op::Get(GetChunk {
-                hash: vec![7; 32],
-                offset: 5,
-                length: 9,
-            })),
+            op: Some(Op::Get(GetChunk { hash: vec![7; 32], offset: 5, length: 9 })),
         };
         let bytes = encode(&req);
         let back: ChunkRequest = read(&mut &bytes[..]).await.unwrap();
@@ -66,9 +62,6 @@ mod tests {
         assert!(read::<ChunkRequest, _>(&mut &garbage[..]).await.is_err());
 
         let short = [0, 0, 0, 9, 1];
-        assert!(matches!(
-            read::<ChunkRequest, _>(&mut &short[..]).await,
-            Err(FrameError::Io(_))
-        ));
+        assert!(matches!(read::<ChunkRequest, _>(&mut &short[..]).await, Err(FrameError::Io(_))));
     }
 }

@@ -35,9 +35,7 @@ impl Proc {
     }
 
     pub fn alive(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 }
 
@@ -60,22 +58,11 @@ pub fn spawn(args: &[String], log: &Path) -> Proc {
     let mut line = String::new();
     let mut out = BufReader::new(child.stdout.take().expect("piped stdout"));
     out.read_line(&mut line).expect("read listening line");
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| {
-            let _ = child.kill();
-            panic!(
-                "cairn {args:?} did not start: {line:?}; log: {}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            )
-        });
-    Proc {
-        addr: addr.to_string(),
-        child: Some(child),
-        data: PathBuf::new(),
-        args: args.to_vec(),
-    }
+    let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| {
+        let _ = child.kill();
+        panic!("cairn {args:?} did not start: {line:?}; log: {}", std::fs::read_to_string(log).unwrap_or_default())
+    });
+    Proc { addr: addr.to_string(), child: Some(child), data: PathBuf::new(), args: args.to_vec() }
 }
 
 pub struct Cluster {
@@ -94,11 +81,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options {
-            chunkservers: 4,
-            capacities: vec![],
-            dead_after_s: 10,
-        }
+        Options { chunkservers: 4, capacities: vec![], dead_after_s: 10 }
     }
 }
 
@@ -110,20 +93,14 @@ impl Cluster {
         let client_tls = dir.path().join("client-tls");
         tls::issue(&ca, &client_tls, tls::Role::Client, &[]).expect("issue client cert");
         let mtls = dir.path().join("master/tls");
-        tls::issue(&ca, &mtls, tls::Role::Node, &["127.0.0.1".parse().unwrap()])
-            .expect("issue master cert");
+        tls::issue(&ca, &mtls, tls::Role::Node, &["127.0.0.1".parse().unwrap()]).expect("issue master cert");
         let mut master = Self::spawn_master(dir.path(), "127.0.0.1:0", opts.dead_after_s);
         master.data = dir.path().join("master/data");
         let mut chunkservers = Vec::new();
         for i in 0..opts.chunkservers {
             let node = dir.path().join(format!("cs{i}"));
-            tls::issue(
-                &ca,
-                &node.join("tls"),
-                tls::Role::Node,
-                &["127.0.0.1".parse().unwrap()],
-            )
-            .expect("issue cs cert");
+            tls::issue(&ca, &node.join("tls"), tls::Role::Node, &["127.0.0.1".parse().unwrap()])
+                .expect("issue cs cert");
             let mut args: Vec<String> = vec![
                 "chunkserver".into(),
                 "--data".into(),
@@ -142,12 +119,7 @@ impl Cluster {
             p.data = node.join("data");
             chunkservers.push(p);
         }
-        let c = Cluster {
-            dir,
-            master,
-            chunkservers,
-            client_tls,
-        };
+        let c = Cluster { dir, master, chunkservers, client_tls };
         c.wait_alive(opts.chunkservers);
         c
     }
@@ -180,34 +152,16 @@ impl Cluster {
                 .master
                 .args
                 .iter()
-                .map(|a| {
-                    if a == "127.0.0.1:0" {
-                        addr.clone()
-                    } else {
-                        a.clone()
-                    }
-                })
+                .map(|a| if a == "127.0.0.1:0" { addr.clone() } else { a.clone() })
                 .collect::<Vec<_>>();
             let log = self.dir.path().join("master/log2");
             let err = std::fs::File::create(&log).unwrap();
-            let mut child = Command::new(BIN)
-                .args(&args)
-                .stdout(Stdio::piped())
-                .stderr(err)
-                .stdin(Stdio::null())
-                .spawn()
-                .unwrap();
+            let mut child =
+                Command::new(BIN).args(&args).stdout(Stdio::piped()).stderr(err).stdin(Stdio::null()).spawn().unwrap();
             let mut line = String::new();
-            BufReader::new(child.stdout.take().unwrap())
-                .read_line(&mut line)
-                .unwrap();
+            BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
             if line.starts_with("listening on ") {
-                self.master = Proc {
-                    addr: addr.clone(),
-                    child: Some(child),
-                    data: self.master.data.clone(),
-                    args,
-                };
+                self.master = Proc { addr: addr.clone(), child: Some(child), data: self.master.data.clone(), args };
                 return;
             }
             let _ = child.wait();
@@ -243,11 +197,9 @@ impl Cluster {
         loop {
             let out = self.cli(&["status", "--json"]);
             if out.status.success() {
-                let v: serde_json::Value =
-                    serde_json::from_slice(&out.stdout).expect("status --json is JSON");
-                let alive = v["chunkservers"]
-                    .as_array()
-                    .map_or(0, |a| a.iter().filter(|c| c["state"] == "alive").count());
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json is JSON");
+                let alive =
+                    v["chunkservers"].as_array().map_or(0, |a| a.iter().filter(|c| c["state"] == "alive").count());
                 if alive >= n {
                     return;
                 }
@@ -263,11 +215,7 @@ impl Cluster {
 
     pub fn status(&self) -> serde_json::Value {
         let out = self.cli(&["status", "--json"]);
-        assert!(
-            out.status.success(),
-            "status failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice(&out.stdout).expect("status --json is JSON")
     }
 
@@ -282,60 +230,34 @@ impl Cluster {
 
     /// Files holding `hash` across all chunkservers' chunk trees.
     pub fn replicas_of(&self, hash: &blake3::Hash) -> Vec<PathBuf> {
-        self.chunkservers
-            .iter()
-            .map(|c| chunk_path(&c.data, hash))
-            .filter(|p| p.exists())
-            .collect()
+        self.chunkservers.iter().map(|c| chunk_path(&c.data, hash)).filter(|p| p.exists()).collect()
     }
 
     pub fn chunk_files(&self) -> usize {
-        self.chunkservers
-            .iter()
-            .map(|c| count_files(&c.data.join("chunks")))
-            .sum()
+        self.chunkservers.iter().map(|c| count_files(&c.data.join("chunks"))).sum()
     }
 }
 
 pub fn chunk_path(data: &Path, hash: &blake3::Hash) -> PathBuf {
     let hex = hash.to_hex();
-    data.join("chunks")
-        .join(&hex[0..2])
-        .join(&hex[2..4])
-        .join(hex.as_str())
+    data.join("chunks").join(&hex[0..2]).join(&hex[2..4]).join(hex.as_str())
 }
 
 pub fn count_files(dir: &Path) -> usize {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return 0;
     };
-    rd.filter_map(Result::ok)
-        .map(|e| {
-            if e.path().is_dir() {
-                count_files(&e.path())
-            } else {
-                1
-            }
-        })
-        .sum()
+    rd.filter_map(Result::ok).map(|e| if e.path().is_dir() { count_files(&e.path()) } else { 1 }).sum()
 }
 
 pub fn cli_env(args: &[&str], env: &[(String, String)], stdin: Option<&[u8]>) -> Output {
     use std::io::Write;
     let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .env_remove("CAIRN_MASTERS")
-        .env_remove("CAIRN_TLS")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args(args).env_remove("CAIRN_MASTERS").env_remove("CAIRN_TLS").stdout(Stdio::piped()).stderr(Stdio::piped());
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.stdin(if stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    });
+    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
     let mut child = cmd.spawn().expect("spawn cairn");
     if let Some(data) = stdin {
         let mut w = child.stdin.take().unwrap();
@@ -351,16 +273,8 @@ pub fn cli_env(args: &[&str], env: &[(String, String)], stdin: Option<&[u8]>) ->
 pub fn expect_error(out: &Output, what: &str) -> String {
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(!out.status.success(), "{what}: exited 0; stderr: {err}");
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{what}: exit code; stderr: {err}"
-    );
-    assert_eq!(
-        err.trim_end().lines().count(),
-        1,
-        "{what}: want one line on stderr, got: {err}"
-    );
+    assert_eq!(out.status.code(), Some(1), "{what}: exit code; stderr: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{what}: want one line on stderr, got: {err}");
     assert!(err.starts_with("cairn: "), "{what}: {err}");
     err.trim_end().to_string()
 }

@@ -12,17 +12,12 @@ use cairn_proto::MAX_CHUNK;
 use super::{ChunkHash, StoreError};
 
 pub(super) fn empty_tmp(tmp_dir: &Path) -> Result<(), StoreError> {
-    let entries = fs::read_dir(tmp_dir)
-        .map_err(|e| StoreError::io(format!("list {}", tmp_dir.display()), e))?;
+    let entries = fs::read_dir(tmp_dir).map_err(|e| StoreError::io(format!("list {}", tmp_dir.display()), e))?;
     for entry in entries {
         let entry = entry.map_err(|e| StoreError::io(format!("list {}", tmp_dir.display()), e))?;
         let path = entry.path();
         let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
-        let res = if is_dir {
-            fs::remove_dir_all(&path)
-        } else {
-            fs::remove_file(&path)
-        };
+        let res = if is_dir { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
         res.map_err(|e| StoreError::io(format!("remove {}", path.display()), e))?;
     }
     Ok(())
@@ -54,10 +49,7 @@ pub(super) fn load_node_id(path: &Path) -> Result<u64, StoreError> {
 }
 
 fn is_fanout_name(name: &str) -> bool {
-    name.len() == 2
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    name.len() == 2 && name.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Walks `chunks/ab/cd/<hash>` and returns the index and the bytes it holds. Files that are not
@@ -96,9 +88,7 @@ pub(super) fn scan_chunks(chunks_dir: &Path) -> Result<(HashMap<ChunkHash, u64>,
                     tracing::warn!(path = %path.display(), "chunk file in the wrong directory; ignored");
                     continue;
                 }
-                let meta = file
-                    .metadata()
-                    .map_err(|e| StoreError::io(format!("stat {}", path.display()), e))?;
+                let meta = file.metadata().map_err(|e| StoreError::io(format!("stat {}", path.display()), e))?;
                 if !meta.is_file() {
                     tracing::warn!(path = %path.display(), "not a regular file; ignored");
                     continue;
@@ -120,9 +110,7 @@ pub(super) fn scan_chunks(chunks_dir: &Path) -> Result<(HashMap<ChunkHash, u64>,
 /// Removes a file that has no business in the chunk tree. Unknown directories are left alone:
 /// deleting a tree we do not understand is worse than ignoring it.
 fn remove_stray(path: &Path) {
-    let is_file = fs::symlink_metadata(path)
-        .map(|m| !m.is_dir())
-        .unwrap_or(false);
+    let is_file = fs::symlink_metadata(path).map(|m| !m.is_dir()).unwrap_or(false);
     if is_file {
         tracing::warn!(path = %path.display(), "removing stray file from the chunk tree");
         if let Err(e) = fs::remove_file(path) {

@@ -3,9 +3,7 @@
 use super::*;
 
 fn data(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
 }
 
 fn files_in(dir: &Path) -> usize {
@@ -42,10 +40,7 @@ async fn put_get_round_trip_and_ranges() {
     assert_eq!(&tail.bytes[..], &bytes[299_990..]);
     let at_end = store.get(hash, 300_000, 0).await.unwrap();
     assert!(at_end.bytes.is_empty());
-    assert!(matches!(
-        store.get(hash, 300_001, 0).await,
-        Err(StoreError::Invalid(_))
-    ));
+    assert!(matches!(store.get(hash, 300_001, 0).await, Err(StoreError::Invalid(_))));
 
     let missing = ChunkHash::of(b"nope");
     let err = store.get(missing, 0, 0).await.unwrap_err();
@@ -64,18 +59,9 @@ async fn duplicate_put_is_a_no_op() {
     let bytes = Bytes::from(data(4096, 2));
     let hash = ChunkHash::of(&bytes);
     store.put(hash, bytes.clone()).await.unwrap();
-    let mtime = fs::metadata(store.chunk_path(&hash))
-        .unwrap()
-        .modified()
-        .unwrap();
+    let mtime = fs::metadata(store.chunk_path(&hash)).unwrap().modified().unwrap();
     store.put(hash, bytes.clone()).await.unwrap();
-    assert_eq!(
-        fs::metadata(store.chunk_path(&hash))
-            .unwrap()
-            .modified()
-            .unwrap(),
-        mtime
-    );
+    assert_eq!(fs::metadata(store.chunk_path(&hash)).unwrap().modified().unwrap(), mtime);
     assert_eq!(store.used_bytes(), 4096);
     assert_eq!(store.chunk_count(), 1);
     assert_eq!(files_in(&dir.path().join("chunks")), 1);
@@ -86,10 +72,7 @@ async fn hash_mismatch_is_refused_and_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let store = ChunkStore::open(dir.path(), None).await.unwrap();
     let hash = ChunkHash::of(b"the real content");
-    let err = store
-        .put(hash, Bytes::from_static(b"other content"))
-        .await
-        .unwrap_err();
+    let err = store.put(hash, Bytes::from_static(b"other content")).await.unwrap_err();
     assert!(matches!(err, StoreError::HashMismatch { .. }), "{err}");
     assert_eq!(err.status(), Status::HashMismatch);
     assert_eq!(files_in(&dir.path().join("chunks")), 0);
@@ -97,10 +80,7 @@ async fn hash_mismatch_is_refused_and_leaves_nothing() {
     assert_eq!(store.chunk_count(), 0);
     assert!(store.take_changes(10).0.is_empty());
 
-    let err = store
-        .put(ChunkHash::of(b""), Bytes::new())
-        .await
-        .unwrap_err();
+    let err = store.put(ChunkHash::of(b""), Bytes::new()).await.unwrap_err();
     assert!(matches!(err, StoreError::Invalid(_)));
 }
 
@@ -129,10 +109,7 @@ async fn corrupt_chunk_is_detected_and_moved() {
     let (added, removed) = store.take_changes(10);
     assert!(added.is_empty());
     assert_eq!(removed, vec![hash]);
-    assert!(matches!(
-        store.get(hash, 0, 0).await,
-        Err(StoreError::NotFound(_))
-    ));
+    assert!(matches!(store.get(hash, 0, 0).await, Err(StoreError::NotFound(_))));
 
     // A good copy can be stored again.
     store.put(hash, Bytes::from(bytes)).await.unwrap();
@@ -221,9 +198,5 @@ fn changes_keep_the_latest_event() {
     assert!(added.is_empty());
     assert_eq!(removed, vec![hash]);
     store.requeue_changes(added, removed);
-    assert_eq!(
-        store.take_changes(10).1,
-        vec![hash],
-        "requeued changes are not lost"
-    );
+    assert_eq!(store.take_changes(10).1, vec![hash], "requeued changes are not lost");
 }

@@ -24,8 +24,7 @@ pub fn identity(ca: &Path, out: &Path, role: Role) -> Identity {
 }
 
 pub fn client_endpoint(id: &Identity) -> quinn::Endpoint {
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("an address"))
-        .expect("client endpoint");
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("an address")).expect("client endpoint");
     ep.set_default_client_config(id.quic_client().expect("client TLS"));
     ep
 }
@@ -56,11 +55,7 @@ pub async fn put_raw(
         let (mut send, mut recv) = conn.open_bi().await?;
         let req = ChunkRequest {
             request_id: "test-put".into(),
-            op: Some(Op::Put(PutChunk {
-                hash: hash.to_vec(),
-                length,
-                chain,
-            })),
+            op: Some(Op::Put(PutChunk { hash: hash.to_vec(), length, chain })),
         };
         send.write_all(&frame::encode(&req)).await?;
         send.write_all(data).await?;
@@ -82,11 +77,7 @@ pub async fn get(
         let (mut send, mut recv) = conn.open_bi().await?;
         let req = ChunkRequest {
             request_id: "test-get".into(),
-            op: Some(Op::Get(GetChunk {
-                hash: hash.to_vec(),
-                offset,
-                length,
-            })),
+            op: Some(Op::Get(GetChunk { hash: hash.to_vec(), offset, length })),
         };
         send.write_all(&frame::encode(&req)).await?;
         send.finish()?;
@@ -114,10 +105,7 @@ pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
 pub async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + TIMEOUT;
     while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

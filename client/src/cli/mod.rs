@@ -33,8 +33,14 @@ pub struct ClusterArgs {
 
 impl ClusterArgs {
     pub async fn connect(&self) -> Result<Client> {
-        anyhow::ensure!(!self.masters.is_empty(), "no masters given: pass --masters or set CAIRN_MASTERS (cairn dev writes them to DIR/env)");
-        let tls = self.tls.clone().context("no TLS credentials given: pass --tls DIR or set CAIRN_TLS (cairn dev writes it to DIR/env)")?;
+        anyhow::ensure!(
+            !self.masters.is_empty(),
+            "no masters given: pass --masters or set CAIRN_MASTERS (cairn dev writes them to DIR/env)"
+        );
+        let tls = self
+            .tls
+            .clone()
+            .context("no TLS credentials given: pass --tls DIR or set CAIRN_TLS (cairn dev writes it to DIR/env)")?;
         let cfg = ClientConfig {
             masters: self.masters.clone(),
             tls_dir: tls,
@@ -74,12 +80,7 @@ fn format_time(ns: i64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 fn ls_line(name: &str, a: &Attr) -> String {
@@ -98,11 +99,7 @@ pub async fn ls(args: &LsArgs) -> Result<()> {
     use std::io::Write;
     if !is_dir(&attr) || !args.recursive {
         for e in &entries {
-            writeln!(
-                out,
-                "{}",
-                ls_line(&e.name, &e.attr.clone().unwrap_or_default())
-            )?;
+            writeln!(out, "{}", ls_line(&e.name, &e.attr.clone().unwrap_or_default()))?;
         }
         return Ok(());
     }
@@ -116,10 +113,7 @@ pub async fn ls(args: &LsArgs) -> Result<()> {
             let full = format!("{dir}/{}", e.name);
             writeln!(out, "{}", ls_line(&full, &a))?;
             if is_dir(&a) {
-                let (_, children) = client
-                    .list(&full)
-                    .await
-                    .with_context(|| format!("ls {full}"))?;
+                let (_, children) = client.list(&full).await.with_context(|| format!("ls {full}"))?;
                 stack.push((dir, entries));
                 stack.push((full, children));
                 break;
@@ -141,10 +135,7 @@ pub struct StatArgs {
 
 pub async fn stat(args: &StatArgs) -> Result<()> {
     let client = args.cluster.connect().await?;
-    let a = client
-        .stat(&args.path)
-        .await
-        .with_context(|| format!("stat {}", args.path))?;
+    let a = client.stat(&args.path).await.with_context(|| format!("stat {}", args.path))?;
     let kind = match a.kind() {
         InodeKind::Directory => "directory",
         InodeKind::File => "file",
@@ -159,12 +150,17 @@ pub async fn stat(args: &StatArgs) -> Result<()> {
         });
         println!("{v}");
     } else {
-        println!("  path: {}\n  type: {kind}\n inode: {}\n  size: {}\n  mode: {:o}\n nlink: {}\n mtime: {} UTC", args.path, a.inode, a.size, a.mode, a.nlink, format_time(a.mtime_ns));
+        println!(
+            "  path: {}\n  type: {kind}\n inode: {}\n  size: {}\n  mode: {:o}\n nlink: {}\n mtime: {} UTC",
+            args.path,
+            a.inode,
+            a.size,
+            a.mode,
+            a.nlink,
+            format_time(a.mtime_ns)
+        );
         if a.kind() == InodeKind::File {
-            println!(
-                "chunks: {}\n  repl: {}\nversion: {}",
-                a.extent_count, a.replication, a.version
-            );
+            println!("chunks: {}\n  repl: {}\nversion: {}", a.extent_count, a.replication, a.version);
         }
     }
     Ok(())
@@ -182,10 +178,7 @@ pub struct MkdirArgs {
 
 pub async fn mkdir(args: &MkdirArgs) -> Result<()> {
     let client = args.cluster.connect().await?;
-    client
-        .mkdir(&args.path, args.parents)
-        .await
-        .with_context(|| format!("mkdir {}", args.path))?;
+    client.mkdir(&args.path, args.parents).await.with_context(|| format!("mkdir {}", args.path))?;
     Ok(())
 }
 
@@ -204,12 +197,7 @@ pub async fn mv(args: &MvArgs) -> Result<()> {
     let mut dst = args.dst.clone();
     if let Some(a) = client.exists(&dst).await.with_context(ctx)? {
         if is_dir(&a) && args.src.trim_end_matches('/') != dst.trim_end_matches('/') {
-            let name = args
-                .src
-                .trim_end_matches('/')
-                .rsplit('/')
-                .next()
-                .unwrap_or_default();
+            let name = args.src.trim_end_matches('/').rsplit('/').next().unwrap_or_default();
             dst = crate::join(&dst, name);
         }
     }
@@ -229,15 +217,12 @@ pub struct RmArgs {
 
 pub async fn rm(args: &RmArgs) -> Result<()> {
     let client = args.cluster.connect().await?;
-    client
-        .remove(&args.path, args.recursive)
-        .await
-        .map_err(|e| match e {
-            crate::Error::NotEmpty(p) => {
-                anyhow::anyhow!("rm {}: directory not empty: {p} (use -r)", args.path)
-            }
-            e => anyhow::Error::new(e).context(format!("rm {}", args.path)),
-        })
+    client.remove(&args.path, args.recursive).await.map_err(|e| match e {
+        crate::Error::NotEmpty(p) => {
+            anyhow::anyhow!("rm {}: directory not empty: {p} (use -r)", args.path)
+        }
+        e => anyhow::Error::new(e).context(format!("rm {}", args.path)),
+    })
 }
 
 #[cfg(test)]
@@ -245,9 +230,6 @@ mod tests {
     #[test]
     fn formats_utc_times() {
         assert_eq!(super::format_time(0), "1970-01-01 00:00:00");
-        assert_eq!(
-            super::format_time(1_795_000_000 * 1_000_000_000),
-            "2026-11-18 11:06:40"
-        );
+        assert_eq!(super::format_time(1_795_000_000 * 1_000_000_000), "2026-11-18 11:06:40");
     }
 }

@@ -21,11 +21,7 @@ impl Bar {
         } else {
             "{msg} {spinner} {bytes} {binary_bytes_per_sec}"
         };
-        bar.set_style(
-            ProgressStyle::with_template(template)
-                .expect("valid template")
-                .progress_chars("=> "),
-        );
+        bar.set_style(ProgressStyle::with_template(template).expect("valid template").progress_chars("=> "));
         bar.set_message(label.to_string());
         Bar(bar)
     }

@@ -85,8 +85,7 @@ impl From<cairn_proto::v1::StatusResponse> for StatusJson {
                     capacity_bytes: c.capacity_bytes,
                     used_bytes: c.used_bytes,
                     chunks: c.chunks,
-                    last_heartbeat_ms_ago: (c.last_heartbeat_ms_ago != u64::MAX)
-                        .then_some(c.last_heartbeat_ms_ago),
+                    last_heartbeat_ms_ago: (c.last_heartbeat_ms_ago != u64::MAX).then_some(c.last_heartbeat_ms_ago),
                 })
                 .collect(),
             chunks: ChunksJson {
@@ -139,9 +138,8 @@ impl std::fmt::Display for StatusJson {
             "ID", "ADDRESS", "ZONE", "STATE", "CAPACITY", "USED", "CHUNKS", "HEARTBEAT"
         )?;
         for c in &self.chunkservers {
-            let hb = c.last_heartbeat_ms_ago.map_or("never".to_string(), |ms| {
-                format!("{:.1}s ago", ms as f64 / 1000.0)
-            });
+            let hb =
+                c.last_heartbeat_ms_ago.map_or("never".to_string(), |ms| format!("{:.1}s ago", ms as f64 / 1000.0));
             writeln!(
                 f,
                 "  {:>20}  {:<22} {:<8} {:<6} {:>10} {:>10} {:>8} {:>9}",

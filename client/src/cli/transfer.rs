@@ -34,10 +34,7 @@ pub struct PutArgs {
 
 async fn remote_target(client: &Client, local: &str, remote: &str) -> Result<String> {
     let name = || -> Result<String> {
-        anyhow::ensure!(
-            local != "-",
-            "put - {remote}: name the remote file when reading stdin"
-        );
+        anyhow::ensure!(local != "-", "put - {remote}: name the remote file when reading stdin");
         crate::base_name(Path::new(local)).with_context(|| format!("{local} has no file name"))
     };
     if remote.ends_with('/') {
@@ -52,47 +49,27 @@ async fn remote_target(client: &Client, local: &str, remote: &str) -> Result<Str
 pub async fn put(args: &PutArgs) -> Result<()> {
     let client = args.cluster.connect().await?;
     let ctx = format!("put {} {}", args.local, args.remote);
-    let opts = PutOptions {
-        replication: args.replication,
-        ..Default::default()
-    };
-    let target = remote_target(&client, &args.local, &args.remote)
-        .await
-        .with_context(|| ctx.clone())?;
+    let opts = PutOptions { replication: args.replication, ..Default::default() };
+    let target = remote_target(&client, &args.local, &args.remote).await.with_context(|| ctx.clone())?;
     if args.parents {
-        client
-            .mkdir(crate::parent_of(&target), true)
-            .await
-            .with_context(|| ctx.clone())?;
+        client.mkdir(crate::parent_of(&target), true).await.with_context(|| ctx.clone())?;
     }
     if args.local == "-" {
         let bar = Bar::bytes(None, "put");
-        let attr = client
-            .put(&target, tokio::io::stdin(), &opts, &|n| bar.inc(n))
-            .await
-            .with_context(|| ctx.clone())?;
+        let attr =
+            client.put(&target, tokio::io::stdin(), &opts, &|n| bar.inc(n)).await.with_context(|| ctx.clone())?;
         bar.finish();
         tracing::info!(bytes = attr.size, "uploaded");
         return Ok(());
     }
     let meta = std::fs::metadata(&args.local).with_context(|| format!("{ctx}: {}", args.local))?;
     if meta.is_dir() {
-        anyhow::ensure!(
-            args.recursive,
-            "{ctx}: {} is a directory (use -r)",
-            args.local
-        );
-        return put_tree(&client, Path::new(&args.local), &target, &opts)
-            .await
-            .with_context(|| ctx.clone());
+        anyhow::ensure!(args.recursive, "{ctx}: {} is a directory (use -r)", args.local);
+        return put_tree(&client, Path::new(&args.local), &target, &opts).await.with_context(|| ctx.clone());
     }
-    let file =
-        std::fs::File::open(&args.local).with_context(|| format!("{ctx}: open {}", args.local))?;
+    let file = std::fs::File::open(&args.local).with_context(|| format!("{ctx}: open {}", args.local))?;
     let bar = Bar::bytes(Some(meta.len()), "put");
-    client
-        .put_file(&target, file, &opts, &|n| bar.inc(n))
-        .await
-        .with_context(|| ctx.clone())?;
+    client.put_file(&target, file, &opts, &|n| bar.inc(n)).await.with_context(|| ctx.clone())?;
     bar.finish();
     client.close();
     Ok(())
@@ -121,26 +98,19 @@ async fn put_tree(client: &Client, root: &Path, remote: &str, opts: &PutOptions)
                 let len = e.metadata()?.len();
                 files.push((path, join(&remote, &name), len));
             } else {
-                eprintln!(
-                    "cairn: put: skipping {} (not a regular file or directory)",
-                    path.display()
-                );
+                eprintln!("cairn: put: skipping {} (not a regular file or directory)", path.display());
             }
         }
     }
     for (_, r) in &dirs {
-        client
-            .mkdir(r, true)
-            .await
-            .with_context(|| format!("mkdir {r}"))?;
+        client.mkdir(r, true).await.with_context(|| format!("mkdir {r}"))?;
     }
     let bar = Arc::new(Bar::bytes(Some(files.iter().map(|f| f.2).sum()), "put"));
     let results = futures::stream::iter(files)
         .map(|(local, remote, _)| {
             let (client, bar) = (client.clone(), bar.clone());
             async move {
-                let f = std::fs::File::open(&local)
-                    .with_context(|| format!("open {}", local.display()))?;
+                let f = std::fs::File::open(&local).with_context(|| format!("open {}", local.display()))?;
                 client
                     .put_file(&remote, f, opts, &|n| bar.inc(n))
                     .await
@@ -174,22 +144,14 @@ pub struct GetArgs {
 pub async fn get(args: &GetArgs) -> Result<()> {
     let client = args.cluster.connect().await?;
     let ctx = format!("get {}", args.remote);
-    let attr = client
-        .stat(&args.remote)
-        .await
-        .with_context(|| ctx.clone())?;
+    let attr = client.stat(&args.remote).await.with_context(|| ctx.clone())?;
     anyhow::ensure!(!is_dir(&attr), "{ctx}: is a directory");
-    let total = args
-        .length
-        .unwrap_or(u64::MAX)
-        .min(attr.size.saturating_sub(args.offset));
+    let total = args.length.unwrap_or(u64::MAX).min(attr.size.saturating_sub(args.offset));
     let bar = Bar::bytes(Some(total), "get");
     if args.local == "-" {
         let mut out = tokio::io::stdout();
         client
-            .get(&args.remote, &mut out, args.offset, args.length, &|n| {
-                bar.inc(n)
-            })
+            .get(&args.remote, &mut out, args.offset, args.length, &|n| bar.inc(n))
             .await
             .with_context(|| ctx.clone())?;
         bar.finish();
@@ -197,44 +159,23 @@ pub async fn get(args: &GetArgs) -> Result<()> {
     }
     let mut local = PathBuf::from(&args.local);
     if local.is_dir() {
-        let name = args
-            .remote
-            .trim_end_matches('/')
-            .rsplit('/')
-            .next()
-            .unwrap_or_default();
+        let name = args.remote.trim_end_matches('/').rsplit('/').next().unwrap_or_default();
         local = local.join(name);
     }
     // Write beside the target and rename at the end: a failed get leaves no half file.
-    let dir = local
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = local.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.cairn-{:08x}",
-        local
-            .file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
+        local.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
         rand::random::<u32>()
     ));
     let res = async {
-        let f = tokio::fs::File::create(&tmp)
-            .await
-            .with_context(|| format!("create {}", tmp.display()))?;
+        let f = tokio::fs::File::create(&tmp).await.with_context(|| format!("create {}", tmp.display()))?;
         let mut w = tokio::io::BufWriter::with_capacity(1 << 20, f);
-        client
-            .get(&args.remote, &mut w, args.offset, args.length, &|n| {
-                bar.inc(n)
-            })
-            .await?;
+        client.get(&args.remote, &mut w, args.offset, args.length, &|n| bar.inc(n)).await?;
         let f = w.into_inner();
-        f.sync_all()
-            .await
-            .with_context(|| format!("sync {}", tmp.display()))?;
-        tokio::fs::rename(&tmp, &local)
-            .await
-            .with_context(|| format!("rename to {}", local.display()))?;
+        f.sync_all().await.with_context(|| format!("sync {}", tmp.display()))?;
+        tokio::fs::rename(&tmp, &local).await.with_context(|| format!("rename to {}", local.display()))?;
         anyhow::Ok(())
     }
     .await;

@@ -8,11 +8,7 @@ fn open() -> (tempfile::TempDir, State) {
 }
 
 fn run(s: &State, index: u64, op: Op) -> Result<command_result::Result, ErrorCode> {
-    let cmd = Command {
-        request_id: index,
-        time_ns: index as i64,
-        op: Some(op),
-    };
+    let cmd = Command { request_id: index, time_ns: index as i64, op: Some(op) };
     let mut r = s.apply_batch(&[(index, Some(cmd))], index).unwrap();
     match r.pop().unwrap().result.unwrap() {
         command_result::Result::Error(e) => Err(e.code()),
@@ -21,24 +17,13 @@ fn run(s: &State, index: u64, op: Op) -> Result<command_result::Result, ErrorCod
 }
 
 fn mkdir(path: &str, parents: bool) -> Op {
-    Op::Mkdir(MkdirRequest {
-        path: path.into(),
-        parents,
-        mode: 0o755,
-        ..Default::default()
-    })
+    Op::Mkdir(MkdirRequest { path: path.into(), parents, mode: 0o755, ..Default::default() })
 }
 
 fn file(path: &str, chunks: &[u8]) -> Op {
     Op::CommitFile(CommitFileRequest {
         path: path.into(),
-        extents: chunks
-            .iter()
-            .map(|c| Extent {
-                hash: vec![*c; 32],
-                length: 10,
-            })
-            .collect(),
+        extents: chunks.iter().map(|c| Extent { hash: vec![*c; 32], length: 10 }).collect(),
         replication: 3,
         mode: 0o644,
         ..Default::default()
@@ -63,32 +48,13 @@ fn namespace_operations_and_their_errors() {
     assert_eq!(go(file("/a/f/g", &[1])), Err(ErrorCode::NotADirectory));
     assert_eq!(go(file("/nope/g", &[1])), Err(ErrorCode::NotFound));
     assert_eq!(go(file("/a/b", &[1])), Err(ErrorCode::IsADirectory));
+    assert_eq!(go(Op::Remove(RemoveRequest { path: "/a".into(), recursive: false })), Err(ErrorCode::NotEmpty));
     assert_eq!(
-        go(Op::Remove(RemoveRequest {
-            path: "/a".into(),
-            recursive: false
-        })),
-        Err(ErrorCode::NotEmpty)
-    );
-    assert_eq!(
-        go(Op::Rename(RenameRequest {
-            src: "/a".into(),
-            dst: "/a/b/c".into()
-        })),
+        go(Op::Rename(RenameRequest { src: "/a".into(), dst: "/a/b/c".into() })),
         Err(ErrorCode::InvalidArgument)
     );
-    assert_eq!(
-        go(Op::Rename(RenameRequest {
-            src: "/x".into(),
-            dst: "/y".into()
-        })),
-        Err(ErrorCode::NotFound)
-    );
-    go(Op::Rename(RenameRequest {
-        src: "/a/f".into(),
-        dst: "/a/b/f".into(),
-    }))
-    .unwrap();
+    assert_eq!(go(Op::Rename(RenameRequest { src: "/x".into(), dst: "/y".into() })), Err(ErrorCode::NotFound));
+    go(Op::Rename(RenameRequest { src: "/a/f".into(), dst: "/a/b/f".into() })).unwrap();
     let r = s.reader().unwrap();
     assert_eq!(r.stat("/a/b/f").unwrap().size, 20);
     assert!(matches!(r.stat("/a/f"), Err(MetaError::NotFound(_))));
@@ -111,11 +77,7 @@ fn namespace_operations_and_their_errors() {
     assert_eq!(refs, vec![2, 3]);
     assert_eq!(r.stat("/a/b/f").unwrap().version, 2);
     drop(r);
-    go(Op::Remove(RemoveRequest {
-        path: "/a".into(),
-        recursive: true,
-    }))
-    .unwrap();
+    go(Op::Remove(RemoveRequest { path: "/a".into(), recursive: true })).unwrap();
     let r = s.reader().unwrap();
     let mut n = 0;
     r.for_each_chunk(|_, _| n += 1).unwrap();
@@ -131,42 +93,20 @@ fn rename_replaces_and_lists_page_by_page() {
     for (i, n) in ["c", "a", "b", "d"].iter().enumerate() {
         run(&s, i as u64 + 1, file(&format!("/{n}"), &[i as u8])).unwrap();
     }
-    run(
-        &s,
-        10,
-        Op::Rename(RenameRequest {
-            src: "/a".into(),
-            dst: "/b".into(),
-        }),
-    )
-    .unwrap();
+    run(&s, 10, Op::Rename(RenameRequest { src: "/a".into(), dst: "/b".into() })).unwrap();
     let r = s.reader().unwrap();
     let (_, page, more) = r.list("/", "", 2).unwrap();
-    assert_eq!(
-        page.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
-        vec!["b", "c"]
-    );
+    assert_eq!(page.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), vec!["b", "c"]);
     assert!(more);
     let (_, page, more) = r.list("/", "c", 2).unwrap();
-    assert_eq!(
-        page.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
-        vec!["d"]
-    );
+    assert_eq!(page.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), vec!["d"]);
     assert!(!more);
     assert_eq!(r.files().unwrap(), 3);
 }
 
 #[test]
 fn bad_names_are_refused() {
-    for p in [
-        "",
-        "a",
-        "/a//b",
-        "/.",
-        "/a/..",
-        "/a\0b",
-        &format!("/{}", "x".repeat(256)),
-    ] {
+    for p in ["", "a", "/a//b", "/.", "/a/..", "/a\0b", &format!("/{}", "x".repeat(256))] {
         assert!(split_path(p).is_err(), "{p:?} accepted");
     }
     assert_eq!(split_path("/a/b/").unwrap(), vec!["a", "b"]);
