@@ -2,6 +2,8 @@
 //! subcommand, and maps the result to an exit code (0 ok, 1 failed, 2 usage). Errors print as one
 //! line on stderr.
 
+/// The cluster benchmark lives with the other benchmarks; `cairn bench` runs it.
+#[path = "../benches/cluster.rs"]
 mod bench;
 mod dev;
 mod servers;
