@@ -62,6 +62,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let server = matches!(cli.cmd, Cmd::Master(_) | Cmd::Chunkserver(_) | Cmd::Dev(_));
     init_tracing(server);
+    if !server {
+        // Like other Unix tools, a client command piped into `head` ends quietly when the pipe
+        // closes instead of failing on a write to it.
+        // SAFETY: restoring the default disposition of a signal before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -146,3 +146,24 @@ async fn full_disks_are_avoided_or_reported() {
     assert!(matches!(err, Error::NotEnoughChunkservers(_)), "{err}");
     assert!(matches!(client.stat("/three").await, Err(Error::NotFound(_))), "nothing half-visible");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_cannot_reach_node_services() {
+    use cairn_proto::v1::{cluster_client::ClusterClient, raft_client::RaftClient, RaftMessage, RegisterRequest};
+    let c = Cluster::start(Options { chunkservers: 1, ..Default::default() });
+    let identity = cairn_common::tls::Identity::load(&c.client_tls).unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", c.master.addr))
+        .unwrap()
+        .tls_config(identity.grpc_client())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let req = RegisterRequest { node_id: 42, addr: "127.0.0.1:9".into(), zone: "evil".into(), ..Default::default() };
+    let err = ClusterClient::new(channel.clone()).register(req).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    let err = RaftClient::new(channel).send(RaftMessage { message: vec![] }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    // The chunkserver (a node certificate) is registered as usual.
+    assert_eq!(c.status()["chunkservers"].as_array().unwrap().len(), 1);
+}

@@ -467,25 +467,32 @@ impl Client {
         let hash: [u8; 32] =
             ext.hash.as_slice().try_into().map_err(|_| Error::Internal("chunk hash is not 32 bytes".into()))?;
         let data = &self.inner.data;
-        // Nodes with a closed breaker first; open ones only as a last resort.
-        let (mut order, rest): (Vec<&ChunkserverRef>, Vec<&ChunkserverRef>) =
-            replicas.iter().partition(|r| data.allow(r.id));
-        order.extend(rest);
+        // Replicas whose breaker lets a request through first; the others only as a last
+        // resort. `allow` is asked right before a request, so a half-open probe it grants is
+        // always sent and its result always recorded.
         let mut errors = Vec::new();
-        for r in order {
-            match data.get_chunk(r, &hash, ext.length, from, to - from).await {
-                Ok(b) => {
-                    data.succeeded(r.id);
-                    return Ok(b);
+        let mut skipped = Vec::new();
+        for (pass, list) in [(0, replicas.iter().collect::<Vec<_>>()), (1, vec![])] {
+            let list = if pass == 0 { list } else { std::mem::take(&mut skipped) };
+            for r in list {
+                if pass == 0 && !data.allow(r.id) {
+                    skipped.push(r);
+                    continue;
                 }
-                Err(e) => {
-                    tracing::warn!(chunk = %hex::encode(hash), node = r.id, addr = %r.addr, "read failed: {e}");
-                    if let data::ChunkError::Corrupt(_) = e {
-                        self.report_bad(&hash, r.id, &e.to_string()).await;
-                    } else {
-                        data.failed(r.id);
+                match data.get_chunk(r, &hash, ext.length, from, to - from).await {
+                    Ok(b) => {
+                        data.succeeded(r.id);
+                        return Ok(b);
                     }
-                    errors.push(format!("{}: {e}", r.addr));
+                    Err(e) => {
+                        tracing::warn!(chunk = %hex::encode(hash), node = r.id, addr = %r.addr, "read failed: {e}");
+                        if let data::ChunkError::Corrupt(_) = e {
+                            self.report_bad(&hash, r.id, &e.to_string()).await;
+                        } else {
+                            data.failed(r.id);
+                        }
+                        errors.push(format!("{}: {e}", r.addr));
+                    }
                 }
             }
         }

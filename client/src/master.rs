@@ -73,29 +73,35 @@ impl Masters {
         let mut last_err;
         loop {
             let mut retry_now = false;
-            match self.channel().await {
-                Ok((_, ch)) => {
-                    let client = MasterClient::new(ch)
-                        .max_decoding_message_size(MAX_MESSAGE)
-                        .max_encoding_message_size(MAX_MESSAGE);
-                    match f(client).await {
-                        Ok(r) => return Ok(r.into_inner()),
-                        Err(s) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) => {
-                            let hint = s
-                                .metadata()
-                                .get(cairn_proto::LEADER_HINT_KEY)
-                                .and_then(|v| v.to_str().ok())
-                                .map(String::from);
-                            last_err = s.message().to_string();
-                            // A fresh hint is worth trying at once, once.
-                            retry_now = hint.is_some() && backoff == BACKOFF_MIN;
-                            self.move_on(hint);
-                        }
-                        Err(s) => return Err(Error::from_status(&s)),
-                    }
+            // Each attempt (connect, TLS and HTTP/2 handshakes, the call) ends by the deadline:
+            // a master that accepts connections but never answers must not hang the caller.
+            let left = self.deadline.saturating_sub(start.elapsed()).max(Duration::from_millis(100));
+            let attempt = tokio::time::timeout(left, async {
+                let (_, ch) = self.channel().await.map_err(Attempt::Connect)?;
+                let client =
+                    MasterClient::new(ch).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE);
+                f(client).await.map_err(Attempt::Status)
+            })
+            .await;
+            match attempt {
+                Ok(Ok(r)) => return Ok(r.into_inner()),
+                // Only "unavailable" is retried: the master did not take the request (not the
+                // leader, no leader yet, overloaded), or the connection failed.
+                Ok(Err(Attempt::Status(s))) if s.code() == tonic::Code::Unavailable => {
+                    let hint =
+                        s.metadata().get(cairn_proto::LEADER_HINT_KEY).and_then(|v| v.to_str().ok()).map(String::from);
+                    last_err = s.message().to_string();
+                    // A fresh hint is worth trying at once, once.
+                    retry_now = hint.is_some() && backoff == BACKOFF_MIN;
+                    self.move_on(hint);
                 }
-                Err(e) => {
+                Ok(Err(Attempt::Status(s))) => return Err(Error::from_status(&s)),
+                Ok(Err(Attempt::Connect(e))) => {
                     last_err = e;
+                    self.move_on(None);
+                }
+                Err(_) => {
+                    last_err = "the master did not answer".into();
                     self.move_on(None);
                 }
             }
@@ -111,6 +117,11 @@ impl Masters {
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
+}
+
+enum Attempt {
+    Connect(String),
+    Status(tonic::Status),
 }
 
 /// A transport error's whole chain on one line ("transport error: connection refused").

@@ -102,6 +102,17 @@ pub fn issue(ca_dir: &Path, out_dir: &Path, role: Role, ips: &[IpAddr]) -> Resul
     Ok(())
 }
 
+/// Whether a peer's leaf certificate (already verified against the cluster CA by the TLS
+/// handshake) is a node certificate, i.e. names [`NODE_NAME`]. Services that only nodes may call
+/// (Raft between masters, chunkserver registration and reports) check this: a client
+/// certificate, naming [`CLIENT_NAME`], is refused there.
+pub fn is_node_certificate(der: &[u8]) -> bool {
+    let der = CertificateDer::from(der);
+    let Ok(cert) = webpki::EndEntityCert::try_from(&der) else { return false };
+    let name = rustls_pki_types::ServerName::try_from(NODE_NAME).expect("NODE_NAME is a valid DNS name");
+    cert.verify_is_valid_for_subject_name(&name).is_ok()
+}
+
 /// A node's or client's credentials, loaded from an identity directory.
 #[derive(Clone)]
 pub struct Identity {
@@ -253,5 +264,12 @@ mod tests {
         node.quic_server().unwrap();
         node.quic_client().unwrap();
         Identity::load(&dir.path().join("c")).unwrap().quic_client().unwrap();
+        let leaf = |d: &str| {
+            let pem = std::fs::read(dir.path().join(d).join("cert.pem")).unwrap();
+            CertificateDer::pem_slice_iter(&pem).next().unwrap().unwrap().to_vec()
+        };
+        assert!(is_node_certificate(&leaf("n1")));
+        assert!(!is_node_certificate(&leaf("c")), "a client certificate is not a node's");
+        assert!(!is_node_certificate(b"garbage"));
     }
 }

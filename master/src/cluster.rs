@@ -52,6 +52,8 @@ struct Inner {
     locations: HashMap<ChunkHash, Vec<u64>>,
     /// Uploads placed but not yet committed: hash -> (targets, when).
     pending: HashMap<ChunkHash, (Vec<u64>, Instant)>,
+    /// Replicas a client reported bad: (chunk, node), served last.
+    suspects: HashSet<(ChunkHash, u64)>,
     /// Nodes whose full report this leader has received.
     reported: HashSet<u64>,
     /// Full reports being received page by page: node -> (report id, hashes so far).
@@ -182,6 +184,7 @@ impl Cluster {
                 }
             }
             g.reported.insert(id);
+            g.suspects.retain(|(_, n)| *n != id);
         }
         Ok(())
     }
@@ -285,6 +288,7 @@ impl Cluster {
             .filter_map(|id| g.nodes.get(id))
             .map(|n| {
                 let rank = match n.last_heartbeat.map(|t| now.duration_since(t)) {
+                    _ if g.suspects.contains(&(*hash, n.id)) => 3,
                     Some(d) if d < SUSPECT_AFTER => 0,
                     Some(d) if d < self.dead_after => 1,
                     _ => 2,
@@ -299,10 +303,14 @@ impl Cluster {
     }
 
     /// A replica a client found bad: stop sending readers there until the node reports again.
-    pub fn drop_replica(&self, hash: &ChunkHash, node: u64) {
+    /// A client found this replica bad. Its location stays (a client's word alone must not hide a
+    /// chunk, shared by deduplication, from every reader) but readers try it last. The
+    /// chunkserver itself checks the chunk when read and reports it removed if it is corrupt;
+    /// its next full report clears the mark.
+    pub fn suspect_replica(&self, hash: &ChunkHash, node: u64) {
         let mut g = self.lock();
-        if let Some(l) = g.locations.get_mut(hash) {
-            l.retain(|x| *x != node);
+        if g.suspects.len() < MAX_PENDING {
+            g.suspects.insert((*hash, node));
         }
     }
 

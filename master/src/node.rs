@@ -48,6 +48,9 @@ pub struct RaftStatus {
     pub leader_id: u64,
     pub commit_index: u64,
     pub applied_index: u64,
+    /// A leader serves only once the first entry of its term is applied: before that its state
+    /// may miss mutations an earlier leader acknowledged.
+    pub serving: bool,
 }
 
 /// A handle to the Raft driver. Cloning shares it.
@@ -109,6 +112,7 @@ impl Node {
             next_request: rand::random(),
             transport,
             was_leader: false,
+            term_start: u64::MAX,
         };
         let handle = std::thread::Builder::new().name("raft".into()).spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().context("raft runtime")?;
@@ -133,8 +137,11 @@ impl Node {
     /// Ok if this node leads; else NotLeader with the leader's address when one is known.
     pub fn ensure_leader(&self) -> Result<(), MetaError> {
         let s = self.status();
-        if s.role == "leader" {
+        if s.role == "leader" && s.serving {
             return Ok(());
+        }
+        if s.role == "leader" {
+            return Err(MetaError::Unavailable("new leader catching up".into()));
         }
         if s.leader_id == 0 {
             return Err(MetaError::Unavailable("no leader elected yet".into()));
@@ -172,6 +179,7 @@ struct Driver {
     next_request: u64,
     transport: Transport,
     was_leader: bool,
+    term_start: u64,
 }
 
 fn now_ns() -> i64 {
@@ -261,6 +269,12 @@ impl Driver {
         let Some(last) = entries.last().map(|e| e.index) else {
             return Ok(());
         };
+        // The commit index on disk must never be behind the applied index on disk (raft-rs
+        // refuses to start otherwise): record it first, in the same ordered stream of redb
+        // commits as the apply below.
+        if self.log.persisted_commit() < last {
+            self.log.set_commit(last).context("persist commit index")?;
+        }
         let mut cmds = Vec::with_capacity(entries.len());
         for e in entries {
             match e.get_entry_type() {
@@ -301,7 +315,13 @@ impl Driver {
         }
         self.status.lock().expect("status lock").applied_index = last;
         if last >= self.log.first_index_now() + COMPACT_EVERY {
-            self.log.compact(last - COMPACT_KEEP).context("compact raft log")?;
+            // Never compact past what every peer has: until snapshot transfer exists (issue 4) a
+            // peer behind the compacted index could not catch up.
+            let matched = self.raw.raft.prs().iter().map(|(_, p)| p.matched).min().unwrap_or(last);
+            let upto = last.min(matched).saturating_sub(COMPACT_KEEP);
+            if upto > self.log.first_index_now() {
+                self.log.compact(upto).context("compact raft log")?;
+            }
         }
         Ok(())
     }
@@ -314,6 +334,8 @@ impl Driver {
             for cs in self.state.reader()?.chunkservers()? {
                 self.cluster.know(cs.id, &cs.addr, &cs.zone);
             }
+            // The empty entry a new leader appends opens its term.
+            self.term_start = self.raw.raft.raft_log.last_index();
             tracing::info!(term = self.raw.raft.term, "became leader");
         }
         if !leader && self.was_leader {
@@ -333,6 +355,7 @@ impl Driver {
         s.term = self.raw.raft.term;
         s.leader_id = self.raw.raft.leader_id;
         s.commit_index = self.raw.raft.raft_log.committed;
+        s.serving = leader && s.applied_index >= self.term_start;
         Ok(())
     }
 }

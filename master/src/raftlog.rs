@@ -160,6 +160,11 @@ impl RaftLog {
     /// transaction; redb keeps commits in order, so whatever survives a crash is a prefix of what
     /// was written, and an applied index on disk never exceeds the commit index on disk. A commit
     /// index lost in a crash is learnt again from the leader (or, alone, by committing anew).
+    /// The commit index last written (durably or not).
+    pub fn persisted_commit(&self) -> u64 {
+        self.core.read().expect("raft log lock").hard_state.commit
+    }
+
     pub fn set_commit(&self, commit: u64) -> Result<()> {
         let mut hs = self.core.read().expect("raft log lock").hard_state.clone();
         hs.commit = commit;

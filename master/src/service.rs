@@ -28,6 +28,20 @@ pub struct Services {
 
 type Res<T> = Result<Response<T>, Status>;
 
+/// Refuses callers that are not cluster nodes: the Raft and Cluster services change the group's
+/// log and the chunk map, which a client certificate must not reach.
+fn require_node<T>(req: &Request<T>) -> Result<(), Status> {
+    let node = req
+        .peer_certs()
+        .and_then(|certs| certs.first().map(|leaf| cairn_common::tls::is_node_certificate(leaf.as_ref())))
+        .unwrap_or(false);
+    if node {
+        Ok(())
+    } else {
+        Err(Status::permission_denied("only cluster nodes may call this service"))
+    }
+}
+
 fn attr_of(r: command_result::Result) -> Result<pb::Attr, MetaError> {
     match r {
         command_result::Result::Attr(a) => Ok(a),
@@ -149,7 +163,7 @@ impl master_server::Master for Services {
         let req = req.into_inner();
         let hash = to_hash(&req.hash).ok_or_else(|| MetaError::InvalidArgument("chunk hash is not 32 bytes".into()))?;
         tracing::warn!(chunk = %hex::encode(hash), node = req.chunkserver_id, reason = %req.reason, "client reported a bad replica");
-        self.cluster.drop_replica(&hash, req.chunkserver_id);
+        self.cluster.suspect_replica(&hash, req.chunkserver_id);
         Ok(Response::new(pb::ReportBadReplicaResponse {}))
     }
 
@@ -202,6 +216,7 @@ impl master_server::Master for Services {
 #[tonic::async_trait]
 impl cluster_server::Cluster for Services {
     async fn register(&self, req: Request<pb::RegisterRequest>) -> Res<pb::RegisterResponse> {
+        require_node(&req)?;
         self.node.ensure_leader()?;
         let req = req.into_inner();
         if req.node_id == 0 {
@@ -223,6 +238,7 @@ impl cluster_server::Cluster for Services {
     }
 
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Res<pb::HeartbeatResponse> {
+        require_node(&req)?;
         self.node.ensure_leader()?;
         let r = req.into_inner();
         match self.cluster.heartbeat(r.node_id, r.capacity_bytes, r.used_bytes, r.chunks, &r.added, &r.removed) {
@@ -234,6 +250,7 @@ impl cluster_server::Cluster for Services {
     }
 
     async fn chunk_report(&self, req: Request<pb::ChunkReportRequest>) -> Res<pb::ChunkReportResponse> {
+        require_node(&req)?;
         self.node.ensure_leader()?;
         let r = req.into_inner();
         self.cluster.report_page(r.node_id, r.report_id, &r.hashes, r.last)?;
@@ -244,6 +261,7 @@ impl cluster_server::Cluster for Services {
 #[tonic::async_trait]
 impl raft_server::Raft for Services {
     async fn send(&self, req: Request<pb::RaftMessage>) -> Res<pb::RaftAck> {
+        require_node(&req)?;
         let msg = raft::eraftpb::Message::parse_from_bytes(&req.into_inner().message)
             .map_err(|e| Status::invalid_argument(format!("malformed raft message: {e}")))?;
         self.node.step(msg);

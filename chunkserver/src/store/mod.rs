@@ -586,6 +586,8 @@ fn write_durably(path: &Path, staged: &mut Staged) -> Result<(), (&'static str, 
             f
         }
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            // Some kernels create the file before they refuse O_DIRECT on it.
+            let _ = fs::remove_file(path);
             let mut f = OpenOptions::new().write(true).create_new(true).open(path).map_err(|e| ("create", e))?;
             f.write_all(staged.as_slice()).map_err(|e| ("write", e))?;
             f

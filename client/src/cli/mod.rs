@@ -103,21 +103,22 @@ pub async fn ls(args: &LsArgs) -> Result<()> {
         }
         return Ok(());
     }
-    // Depth-first, in name order, printing full paths.
-    let mut stack: Vec<(String, Vec<cairn_proto::v1::DirEntry>)> =
-        vec![(args.path.trim_end_matches('/').to_string(), entries)];
-    while let Some((dir, mut entries)) = stack.pop() {
-        entries.reverse();
-        while let Some(e) = entries.pop() {
-            let a = e.attr.clone().unwrap_or_default();
-            let full = format!("{dir}/{}", e.name);
-            writeln!(out, "{}", ls_line(&full, &a))?;
-            if is_dir(&a) {
-                let (_, children) = client.list(&full).await.with_context(|| format!("ls {full}"))?;
-                stack.push((dir, entries));
-                stack.push((full, children));
-                break;
-            }
+    // Depth-first, in name order, printing full paths. Each frame is a directory's entries and
+    // the index of the next one to print.
+    let mut stack: Vec<(String, Vec<cairn_proto::v1::DirEntry>, usize)> =
+        vec![(args.path.trim_end_matches('/').to_string(), entries, 0)];
+    while let Some((dir, entries, next)) = stack.last_mut() {
+        let Some(e) = entries.get(*next) else {
+            stack.pop();
+            continue;
+        };
+        *next += 1;
+        let a = e.attr.clone().unwrap_or_default();
+        let full = format!("{dir}/{}", e.name);
+        writeln!(out, "{}", ls_line(&full, &a))?;
+        if is_dir(&a) {
+            let (_, children) = client.list(&full).await.with_context(|| format!("ls {full}"))?;
+            stack.push((full, children, 0));
         }
     }
     Ok(())
