@@ -91,7 +91,9 @@ impl DevCluster {
         }
         c.env = std::fs::read_to_string(data.join("env"))?
             .lines()
-            .filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+            .filter_map(|l| {
+                l.trim_start_matches("export ").split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))
+            })
             .collect();
         Ok(c)
     }

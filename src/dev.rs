@@ -182,7 +182,9 @@ pub async fn run(a: &DevArgs) -> Result<()> {
         return Err(e);
     }
 
-    let env = format!("CAIRN_MASTERS={}\nCAIRN_TLS={}\n", master_addrs.join(","), client_tls.display());
+    // `export` lines: `source DIR/env` sets them for the commands a user runs next, and the file
+    // still reads as KEY=VALUE lines once the word is stripped.
+    let env = format!("export CAIRN_MASTERS={}\nexport CAIRN_TLS={}\n", master_addrs.join(","), client_tls.display());
     cairn_common::fsutil::durable_write(&env_path, env.as_bytes(), 0o644)?;
     println!(
         "Cairn dev cluster is up: {} master(s), {} chunkservers, data in {}",

@@ -43,7 +43,9 @@ fn dev_cluster_user_tour_and_restart() {
         let env: Vec<(String, String)> = std::fs::read_to_string(data_dir.join("env"))
             .unwrap()
             .lines()
-            .filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+            .filter_map(|l| {
+                l.trim_start_matches("export ").split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))
+            })
             .collect();
         assert!(env.iter().any(|(k, _)| k == "CAIRN_MASTERS"), "env names the masters: {env:?}");
         (p, env)
