@@ -93,9 +93,7 @@ impl RaftLog {
         }
         let log = RaftLog { db, core: Arc::new(RwLock::new(core)) };
         if fresh {
-            let mut cs = ConfState::default();
-            cs.voters = voters.to_vec();
-            log.set_conf_state(cs)?;
+            log.set_conf_state(ConfState { voters: voters.to_vec(), ..Default::default() })?;
         }
         Ok(log)
     }
