@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use cairn_common::tls;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 #[derive(clap::Args, Debug)]
 pub struct MasterArgs {
@@ -108,7 +109,6 @@ pub async fn master(a: &MasterArgs) -> Result<()> {
     }
     println!("listening on {local}");
     let span = tracing::info_span!("master", node = a.id);
-    let _g = span.enter();
     let shutdown = shutdown_on_signals()?;
     let cfg = cairn_master::Config {
         id: a.id,
@@ -117,7 +117,7 @@ pub async fn master(a: &MasterArgs) -> Result<()> {
         identity,
         dead_after: Duration::from_secs(a.dead_after_s.max(1)),
     };
-    cairn_master::run(cfg, listener, shutdown).await
+    cairn_master::run(cfg, listener, shutdown).instrument(span).await
 }
 
 pub async fn chunkserver(a: &ChunkserverArgs) -> Result<()> {
@@ -134,7 +134,7 @@ pub async fn chunkserver(a: &ChunkserverArgs) -> Result<()> {
         capacity_bytes: a.capacity,
         advertise: None,
     };
-    cairn_chunkserver::run(cfg, socket, shutdown).await
+    cairn_chunkserver::run(cfg, socket, shutdown).instrument(tracing::info_span!("chunkserver", addr = %local)).await
 }
 
 pub fn ca(cmd: &CaCmd) -> Result<()> {
