@@ -50,6 +50,10 @@ pub struct ChunkserverArgs {
     /// TLS identity directory (ca.pem, cert.pem, key.pem).
     #[arg(long = "tls", env = "CAIRN_TLS")]
     pub tls: PathBuf,
+    /// Address clients and peers reach this chunkserver at (default: the listen address; needed
+    /// when listening on 0.0.0.0).
+    #[arg(long)]
+    pub advertise: Option<String>,
     /// Use at most this many bytes of the disk.
     #[arg(long)]
     pub capacity: Option<u64>,
@@ -124,6 +128,15 @@ pub async fn chunkserver(a: &ChunkserverArgs) -> Result<()> {
     let identity = tls::Identity::load(&a.tls)?;
     let socket = std::net::UdpSocket::bind(&a.listen).with_context(|| format!("listen on {}", a.listen))?;
     let local = socket.local_addr()?;
+    match &a.advertise {
+        None if local.ip().is_unspecified() => {
+            anyhow::bail!("listening on {local}, which nobody can connect to: pass --advertise HOST:PORT")
+        }
+        Some(adv) if adv.parse::<std::net::SocketAddr>().is_err() => {
+            anyhow::bail!("--advertise {adv:?} is not an IP:PORT address")
+        }
+        _ => {}
+    }
     println!("listening on {local}");
     let shutdown = shutdown_on_signals()?;
     let cfg = cairn_chunkserver::Config {
@@ -132,7 +145,7 @@ pub async fn chunkserver(a: &ChunkserverArgs) -> Result<()> {
         zone: a.zone.clone(),
         identity,
         capacity_bytes: a.capacity,
-        advertise: None,
+        advertise: a.advertise.clone(),
     };
     cairn_chunkserver::run(cfg, socket, shutdown).instrument(tracing::info_span!("chunkserver", addr = %local)).await
 }
