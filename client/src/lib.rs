@@ -71,6 +71,10 @@ pub struct Client {
 struct Inner {
     masters: master::Masters,
     data: data::DataPlane,
+    /// Random and nonzero: names this client's mutations, with `seq`, so that the masters apply
+    /// a retried one only once.
+    client_id: u64,
+    seq: std::sync::atomic::AtomicU64,
 }
 
 fn is_dir(a: &Attr) -> bool {
@@ -101,7 +105,15 @@ impl Client {
             .map_err(|e| Error::InvalidArgument(format!("TLS credentials: {e:#}")))?;
         let masters = master::Masters::new(cfg.masters, identity.grpc_client(), cfg.master_deadline)?;
         let data = data::DataPlane::new(&identity).map_err(|e| Error::Internal(format!("QUIC endpoint: {e:#}")))?;
-        Ok(Client { inner: Arc::new(Inner { masters, data }) })
+        Ok(Client {
+            inner: Arc::new(Inner { masters, data, client_id: rand::random::<u64>() | 1, seq: Default::default() }),
+        })
+    }
+
+    /// A fresh id for one mutation; its retries reuse it.
+    fn next_id(&self) -> Option<pb::ClientRequestId> {
+        let seq = self.inner.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        Some(pb::ClientRequestId { client: self.inner.client_id, seq })
     }
 
     pub async fn stat(&self, path: &str) -> Result<Attr> {
@@ -156,7 +168,7 @@ impl Client {
     }
 
     pub async fn mkdir(&self, path: &str, parents: bool) -> Result<Attr> {
-        let req = pb::MkdirRequest { path: path.to_string(), parents, mode: 0o755, uid: 0, gid: 0 };
+        let req = pb::MkdirRequest { path: path.to_string(), parents, mode: 0o755, uid: 0, gid: 0, id: self.next_id() };
         let r = self
             .inner
             .masters
@@ -170,7 +182,7 @@ impl Client {
 
     /// POSIX rename: replaces a file, or an empty directory, at `dst`.
     pub async fn rename(&self, src: &str, dst: &str) -> Result<()> {
-        let req = pb::RenameRequest { src: src.to_string(), dst: dst.to_string() };
+        let req = pb::RenameRequest { src: src.to_string(), dst: dst.to_string(), id: self.next_id() };
         self.inner
             .masters
             .call(|mut c| {
@@ -182,7 +194,7 @@ impl Client {
     }
 
     pub async fn remove(&self, path: &str, recursive: bool) -> Result<()> {
-        let req = pb::RemoveRequest { path: path.to_string(), recursive };
+        let req = pb::RemoveRequest { path: path.to_string(), recursive, id: self.next_id() };
         self.inner
             .masters
             .call(|mut c| {
@@ -302,6 +314,7 @@ impl Client {
             mode: opts.mode,
             uid: 0,
             gid: 0,
+            id: self.next_id(),
         };
         let r = self
             .inner

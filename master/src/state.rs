@@ -25,6 +25,16 @@ const DIRENTS: TableDefinition<(u64, &str), u64> = TableDefinition::new("dirents
 const CHUNKS: TableDefinition<&[u8], (u64, u32)> = TableDefinition::new("chunk_refs");
 const CHUNKSERVERS: TableDefinition<u64, &[u8]> = TableDefinition::new("chunkservers");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// (client, seq) -> (leader time of the first apply, encoded CommandResult): answers to retries.
+const SESSIONS: TableDefinition<(u64, u64), (i64, &[u8])> = TableDefinition::new("client_results");
+/// (leader time, client, seq): the same entries in age order, for expiry.
+const SESSIONS_BY_TIME: TableDefinition<(i64, u64, u64), ()> = TableDefinition::new("client_results_by_time");
+
+/// How long the answer to a mutation is kept for retries of it. A client retries within its
+/// deadline (seconds); this covers it with a wide margin, and a failover in between.
+pub const RESULT_TTL_NS: i64 = 15 * 60 * 1_000_000_000;
+/// Expired answers dropped per applied batch, at most: expiry work stays bounded.
+const EXPIRE_PER_BATCH: usize = 256;
 
 const APPLIED: &str = "applied_index";
 const NEXT_INODE: &str = "next_inode";
@@ -229,6 +239,8 @@ struct Writer<'t> {
     chunks: Table<'t, &'static [u8], (u64, u32)>,
     chunkservers: Table<'t, u64, &'static [u8]>,
     meta: Table<'t, &'static str, u64>,
+    sessions: Table<'t, (u64, u64), (i64, &'static [u8])>,
+    sessions_by_time: Table<'t, (i64, u64, u64), ()>,
 }
 
 impl Tables for Writer<'_> {
@@ -359,6 +371,8 @@ impl State {
             txn.open_table(CHUNKS)?;
             txn.open_table(CHUNKSERVERS)?;
             txn.open_table(META)?;
+            txn.open_table(SESSIONS)?;
+            txn.open_table(SESSIONS_BY_TIME)?;
         }
         txn.commit()?;
         Ok(State { db })
@@ -389,10 +403,12 @@ impl State {
                 chunks: txn.open_table(CHUNKS)?,
                 chunkservers: txn.open_table(CHUNKSERVERS)?,
                 meta: txn.open_table(META)?,
+                sessions: txn.open_table(SESSIONS)?,
+                sessions_by_time: txn.open_table(SESSIONS_BY_TIME)?,
             };
             for (_, cmd) in cmds {
                 let res = match cmd {
-                    Some(cmd) => apply_one(&mut w, cmd),
+                    Some(cmd) => apply_once(&mut w, cmd),
                     None => Ok(command_result::Result::Done(Empty {})),
                 };
                 let res = match res {
@@ -404,11 +420,65 @@ impl State {
                 };
                 results.push(CommandResult { result: Some(res) });
             }
+            if let Some(now) = cmds.iter().filter_map(|(_, c)| c.as_ref().map(|c| c.time_ns)).max() {
+                expire_results(&mut w, now).map_err(|e| anyhow::anyhow!("expire client results: {e}"))?;
+            }
             w.meta.insert(APPLIED, applied)?;
         }
         txn.commit()?;
         Ok(results)
     }
+}
+
+/// The client's id of a mutation, when it sent one.
+fn request_id(cmd: &Command) -> Option<(u64, u64)> {
+    let id = match &cmd.op {
+        Some(Op::Mkdir(r)) => r.id.as_ref(),
+        Some(Op::CommitFile(r)) => r.id.as_ref(),
+        Some(Op::Rename(r)) => r.id.as_ref(),
+        Some(Op::Remove(r)) => r.id.as_ref(),
+        _ => None,
+    }?;
+    (id.client != 0).then_some((id.client, id.seq))
+}
+
+/// Applies a command once per client request id: a retry gets the first answer back.
+fn apply_once(w: &mut Writer<'_>, cmd: &Command) -> Result<command_result::Result, MetaError> {
+    let Some(key) = request_id(cmd) else { return apply_one(w, cmd) };
+    if let Some(v) = w.sessions.get(key).map_err(storage)? {
+        let (_, bytes) = v.value();
+        let first = CommandResult::decode(bytes).context("decode a remembered result").map_err(MetaError::Internal)?;
+        return first.result.ok_or_else(|| MetaError::Internal(anyhow::anyhow!("empty remembered result")));
+    }
+    let res = apply_one(w, cmd);
+    let stored = match &res {
+        Ok(r) => CommandResult { result: Some(r.clone()) },
+        Err(e) => match e.to_command() {
+            Some(ce) => CommandResult { result: Some(command_result::Result::Error(ce)) },
+            None => return res, // aborts the batch; nothing to remember
+        },
+    };
+    w.sessions.insert(key, (cmd.time_ns, stored.encode_to_vec().as_slice())).map_err(storage)?;
+    w.sessions_by_time.insert((cmd.time_ns, key.0, key.1), ()).map_err(storage)?;
+    res
+}
+
+/// Forgets answers older than [`RESULT_TTL_NS`] before `now_ns` (the leader's time in the entry).
+fn expire_results(w: &mut Writer<'_>, now_ns: i64) -> Result<(), MetaError> {
+    let cutoff = now_ns.saturating_sub(RESULT_TTL_NS);
+    let mut old = Vec::new();
+    for item in w.sessions_by_time.range((i64::MIN, 0, 0)..(cutoff, 0, 0)).map_err(storage)? {
+        let (k, _) = item.map_err(storage)?;
+        old.push(k.value());
+        if old.len() == EXPIRE_PER_BATCH {
+            break;
+        }
+    }
+    for (t, client, seq) in old {
+        w.sessions_by_time.remove((t, client, seq)).map_err(storage)?;
+        w.sessions.remove((client, seq)).map_err(storage)?;
+    }
+    Ok(())
 }
 
 fn apply_one(w: &mut Writer<'_>, cmd: &Command) -> Result<command_result::Result, MetaError> {

@@ -48,13 +48,19 @@ fn namespace_operations_and_their_errors() {
     assert_eq!(go(file("/a/f/g", &[1])), Err(ErrorCode::NotADirectory));
     assert_eq!(go(file("/nope/g", &[1])), Err(ErrorCode::NotFound));
     assert_eq!(go(file("/a/b", &[1])), Err(ErrorCode::IsADirectory));
-    assert_eq!(go(Op::Remove(RemoveRequest { path: "/a".into(), recursive: false })), Err(ErrorCode::NotEmpty));
     assert_eq!(
-        go(Op::Rename(RenameRequest { src: "/a".into(), dst: "/a/b/c".into() })),
+        go(Op::Remove(RemoveRequest { path: "/a".into(), recursive: false, id: None })),
+        Err(ErrorCode::NotEmpty)
+    );
+    assert_eq!(
+        go(Op::Rename(RenameRequest { src: "/a".into(), dst: "/a/b/c".into(), id: None })),
         Err(ErrorCode::InvalidArgument)
     );
-    assert_eq!(go(Op::Rename(RenameRequest { src: "/x".into(), dst: "/y".into() })), Err(ErrorCode::NotFound));
-    go(Op::Rename(RenameRequest { src: "/a/f".into(), dst: "/a/b/f".into() })).unwrap();
+    assert_eq!(
+        go(Op::Rename(RenameRequest { src: "/x".into(), dst: "/y".into(), id: None })),
+        Err(ErrorCode::NotFound)
+    );
+    go(Op::Rename(RenameRequest { src: "/a/f".into(), dst: "/a/b/f".into(), id: None })).unwrap();
     let r = s.reader().unwrap();
     assert_eq!(r.stat("/a/b/f").unwrap().size, 20);
     assert!(matches!(r.stat("/a/f"), Err(MetaError::NotFound(_))));
@@ -77,7 +83,7 @@ fn namespace_operations_and_their_errors() {
     assert_eq!(refs, vec![2, 3]);
     assert_eq!(r.stat("/a/b/f").unwrap().version, 2);
     drop(r);
-    go(Op::Remove(RemoveRequest { path: "/a".into(), recursive: true })).unwrap();
+    go(Op::Remove(RemoveRequest { path: "/a".into(), recursive: true, id: None })).unwrap();
     let r = s.reader().unwrap();
     let mut n = 0;
     r.for_each_chunk(|_, _| n += 1).unwrap();
@@ -93,7 +99,7 @@ fn rename_replaces_and_lists_page_by_page() {
     for (i, n) in ["c", "a", "b", "d"].iter().enumerate() {
         run(&s, i as u64 + 1, file(&format!("/{n}"), &[i as u8])).unwrap();
     }
-    run(&s, 10, Op::Rename(RenameRequest { src: "/a".into(), dst: "/b".into() })).unwrap();
+    run(&s, 10, Op::Rename(RenameRequest { src: "/a".into(), dst: "/b".into(), id: None })).unwrap();
     let r = s.reader().unwrap();
     let (_, page, more) = r.list("/", "", 2).unwrap();
     assert_eq!(page.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), vec!["b", "c"]);
@@ -112,4 +118,54 @@ fn bad_names_are_refused() {
     assert_eq!(split_path("/a/b/").unwrap(), vec!["a", "b"]);
     assert!(split_path("/").unwrap().is_empty());
     assert!(split_path(&format!("/{}", "x".repeat(255))).is_ok());
+}
+
+fn with_id(mut op: Op, client: u64, seq: u64) -> Op {
+    let id = Some(cairn_proto::v1::ClientRequestId { client, seq });
+    match &mut op {
+        Op::Mkdir(r) => r.id = id,
+        Op::CommitFile(r) => r.id = id,
+        Op::Rename(r) => r.id = id,
+        Op::Remove(r) => r.id = id,
+        Op::RegisterChunkserver(_) => {}
+    }
+    op
+}
+
+fn run_at(s: &State, index: u64, time_ns: i64, op: Op) -> Result<command_result::Result, ErrorCode> {
+    let cmd = Command { request_id: index, time_ns, op: Some(op) };
+    let mut r = s.apply_batch(&[(index, Some(cmd))], index).unwrap();
+    match r.pop().unwrap().result.unwrap() {
+        command_result::Result::Error(e) => Err(e.code()),
+        ok => Ok(ok),
+    }
+}
+
+#[test]
+fn a_retried_mutation_takes_effect_once() {
+    let (_d, s) = open();
+    let mk = with_id(mkdir("/a", false), 7, 1);
+    let first = run_at(&s, 1, 10, mk.clone()).unwrap();
+    // The retry (same client and seq) gets the first answer, not AlreadyExists.
+    assert_eq!(run_at(&s, 2, 11, mk).unwrap(), first);
+    run_at(&s, 3, 12, file("/a/f", &[1])).unwrap();
+    let mv = with_id(Op::Rename(RenameRequest { src: "/a/f".into(), dst: "/a/g".into(), id: None }), 7, 2);
+    run_at(&s, 4, 13, mv.clone()).unwrap();
+    // Someone creates /a/f again; a late retry of the rename must not move it over /a/g.
+    run_at(&s, 5, 14, file("/a/f", &[2])).unwrap();
+    run_at(&s, 6, 15, mv).unwrap();
+    let r = s.reader().unwrap();
+    assert_eq!(r.stat("/a/f").unwrap().version, 1);
+    assert!(r.stat("/a/g").is_ok());
+    drop(r);
+    // A failed mutation is remembered as failed too.
+    let rm = with_id(Op::Remove(RemoveRequest { path: "/a".into(), recursive: false, id: None }), 7, 3);
+    assert_eq!(run_at(&s, 7, 16, rm.clone()), Err(ErrorCode::NotEmpty));
+    assert_eq!(run_at(&s, 8, 17, rm), Err(ErrorCode::NotEmpty));
+    // Another client's seq 1 is its own request.
+    assert_eq!(run_at(&s, 9, 18, with_id(mkdir("/a", false), 8, 1)), Err(ErrorCode::AlreadyExists));
+    // Answers expire after the TTL: the same id is then a new request.
+    let later = 18 + RESULT_TTL_NS + 1;
+    run_at(&s, 10, later, mkdir("/b", false)).unwrap();
+    assert_eq!(run_at(&s, 11, later + 1, with_id(mkdir("/a", false), 7, 1)), Err(ErrorCode::AlreadyExists));
 }
