@@ -54,7 +54,51 @@ struct Breaker {
 pub struct DataPlane {
     endpoint: quinn::Endpoint,
     conns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<quinn::Connection>>>>>,
-    breakers: Mutex<HashMap<u64, Breaker>>,
+    breakers: Breakers,
+}
+
+/// A circuit breaker per chunkserver: after [`BREAKER_THRESHOLD`] failures in a row a node is
+/// skipped for [`BREAKER_OPEN`] (doubling on each failed probe, up to [`BREAKER_OPEN_MAX`]);
+/// then one request may probe it (half-open), and its result closes or reopens the breaker.
+#[derive(Default)]
+pub(crate) struct Breakers(Mutex<HashMap<u64, Breaker>>);
+
+impl Breakers {
+    /// Whether a request to `node` may go now. Granting a half-open probe marks it taken, so
+    /// call this right before the request and report its result.
+    pub(crate) fn allow(&self, node: u64, now: Instant) -> bool {
+        let mut g = self.0.lock().expect("breakers lock");
+        let b = g.entry(node).or_default();
+        match b.open_until {
+            None => true,
+            Some(t) if now < t => false,
+            Some(_) if b.probing => false,
+            Some(_) => {
+                b.probing = true;
+                true
+            }
+        }
+    }
+
+    pub(crate) fn succeeded(&self, node: u64) {
+        self.0.lock().expect("breakers lock").remove(&node);
+    }
+
+    pub(crate) fn failed(&self, node: u64, now: Instant) {
+        let mut g = self.0.lock().expect("breakers lock");
+        let b = g.entry(node).or_default();
+        b.failures += 1;
+        if b.probing || b.failures >= BREAKER_THRESHOLD {
+            b.open_for = if b.open_for.is_zero() { BREAKER_OPEN } else { (b.open_for * 2).min(BREAKER_OPEN_MAX) };
+            b.open_until = Some(now + b.open_for);
+            b.probing = false;
+        }
+    }
+
+    pub(crate) fn open(&self, now: Instant) -> Vec<u64> {
+        let g = self.0.lock().expect("breakers lock");
+        g.iter().filter(|(_, b)| b.open_until.is_some_and(|t| now < t)).map(|(id, _)| *id).collect()
+    }
 }
 
 fn request_id() -> String {
@@ -68,7 +112,7 @@ impl DataPlane {
         let runtime = quinn::default_runtime().ok_or_else(|| anyhow::anyhow!("no async runtime for QUIC"))?;
         let mut endpoint = quinn::Endpoint::new(cairn_common::tls::quic_endpoint_config(), None, socket, runtime)?;
         endpoint.set_default_client_config(identity.quic_client()?);
-        Ok(DataPlane { endpoint, conns: Mutex::new(HashMap::new()), breakers: Mutex::new(HashMap::new()) })
+        Ok(DataPlane { endpoint, conns: Mutex::new(HashMap::new()), breakers: Breakers::default() })
     }
 
     async fn connection(&self, addr: &str) -> Result<quinn::Connection, ChunkError> {
@@ -92,42 +136,22 @@ impl DataPlane {
         Ok(conn)
     }
 
-    /// Whether a request to `node` should be tried now. An open breaker lets one probe through
-    /// once its time is up (half-open); the probe's result closes or reopens it.
+    /// Whether a request to `node` should be tried now (see [`Breakers::allow`]).
     pub fn allow(&self, node: u64) -> bool {
-        let mut g = self.breakers.lock().expect("breakers lock");
-        let b = g.entry(node).or_default();
-        match b.open_until {
-            None => true,
-            Some(t) if Instant::now() < t => false,
-            Some(_) if b.probing => false,
-            Some(_) => {
-                b.probing = true;
-                true
-            }
-        }
+        self.breakers.allow(node, Instant::now())
     }
 
     pub fn succeeded(&self, node: u64) {
-        self.breakers.lock().expect("breakers lock").insert(node, Breaker::default());
+        self.breakers.succeeded(node);
     }
 
     pub fn failed(&self, node: u64) {
-        let mut g = self.breakers.lock().expect("breakers lock");
-        let b = g.entry(node).or_default();
-        b.failures += 1;
-        if b.probing || b.failures >= BREAKER_THRESHOLD {
-            b.open_for = if b.open_for.is_zero() { BREAKER_OPEN } else { (b.open_for * 2).min(BREAKER_OPEN_MAX) };
-            b.open_until = Some(Instant::now() + b.open_for);
-            b.probing = false;
-        }
+        self.breakers.failed(node, Instant::now());
     }
 
     /// Nodes whose breaker is open now: placement should avoid them.
     pub fn open_breakers(&self) -> Vec<u64> {
-        let now = Instant::now();
-        let g = self.breakers.lock().expect("breakers lock");
-        g.iter().filter(|(_, b)| b.open_until.is_some_and(|t| now < t)).map(|(id, _)| *id).collect()
+        self.breakers.open(Instant::now())
     }
 
     async fn exchange(
@@ -251,4 +275,35 @@ pub async fn hash_chunk(data: Bytes) -> [u8; 32] {
     }
     let h = tokio::task::spawn_blocking(move || *blake3::hash(&data).as_bytes()).await;
     h.expect("hashing does not panic")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn breaker_opens_probes_and_closes() {
+        let b = Breakers::default();
+        let t0 = Instant::now();
+        assert!(b.allow(1, t0));
+        b.failed(1, t0);
+        assert!(b.allow(1, t0), "one failure does not open the breaker");
+        b.failed(1, t0);
+        assert!(!b.allow(1, t0), "two in a row do");
+        assert_eq!(b.open(t0), vec![1]);
+        assert!(b.allow(2, t0), "other nodes are not affected");
+        // Half-open: one probe once the time is up, not two.
+        let t1 = t0 + BREAKER_OPEN;
+        assert!(b.allow(1, t1));
+        assert!(!b.allow(1, t1));
+        // A failed probe reopens it for twice as long.
+        b.failed(1, t1);
+        assert!(!b.allow(1, t1 + BREAKER_OPEN));
+        let t2 = t1 + 2 * BREAKER_OPEN;
+        assert!(b.allow(1, t2));
+        // A successful probe closes it.
+        b.succeeded(1);
+        assert!(b.allow(1, t2) && b.allow(1, t2));
+        assert!(b.open(t2).is_empty());
+    }
 }
