@@ -47,7 +47,7 @@ impl Default for Limits {
             max_requests: 256,
             max_receiving_bytes: 64 * MAX_CHUNK,
             receive_wait: Duration::from_secs(5),
-            downstream_timeout: Duration::from_secs(10),
+            downstream_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(30),
             max_chain: 16,
             drain_timeout: Duration::from_secs(5),

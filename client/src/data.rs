@@ -13,8 +13,9 @@ use cairn_proto::frame;
 use cairn_proto::v1::ChunkserverRef;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// Time for one chunk request once connected: generous, a 4 MiB chunk at 10 MB/s fits.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+/// Time for one chunk request once connected: a 4 MiB chunk at 10 MB/s fits; a dead replica
+/// costs no more than this before the next is tried.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Consecutive failures that open a node's breaker.
 const BREAKER_THRESHOLD: u32 = 2;
 const BREAKER_OPEN: Duration = Duration::from_secs(5);

@@ -222,6 +222,12 @@ impl Cluster {
                     candidates.len()
                 )));
             }
+            // Nodes that missed a couple of heartbeats are probably gone: place elsewhere while
+            // enough fresh ones remain, instead of letting uploads time out on them.
+            let fresh = |n: &Node| n.last_heartbeat.is_some_and(|t| now.duration_since(t) < SUSPECT_AFTER);
+            if candidates.iter().filter(|n| fresh(n)).count() >= replication {
+                candidates.retain(|n| fresh(n));
+            }
             candidates.sort_by(|a, b| b.free().cmp(&a.free()).then(a.id.cmp(&b.id)));
             let mut chosen: Vec<u64> = Vec::with_capacity(replication);
             let mut zones: HashSet<&str> = HashSet::new();
