@@ -269,7 +269,7 @@ impl DataPlane {
 }
 
 /// BLAKE3 of a chunk, off the async threads.
-pub async fn hash_chunk(data: Bytes) -> [u8; 32] {
+pub(crate) async fn hash_chunk(data: Bytes) -> [u8; 32] {
     // Below 64 KiB hashing takes under 15 us: cheaper here than a hand-off to another thread.
     if data.len() <= 64 << 10 {
         return *blake3::hash(&data).as_bytes();

@@ -15,8 +15,8 @@ mod data;
 pub mod error;
 mod master;
 
+use data::hash_chunk;
 use std::collections::VecDeque;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,7 +24,6 @@ use bytes::{Bytes, BytesMut};
 use cairn_proto::v1::{self as pb, Attr, ChunkserverRef, DirEntry, Extent, InodeKind};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-pub use data::hash_chunk;
 pub use error::{Error, Result};
 
 /// Chunks in flight (read ahead or being uploaded) per transfer: bounds memory to about
@@ -264,13 +263,14 @@ impl Client {
         if first.len() == opts.chunk_size {
             // More than one chunk may follow: fail before uploading them all when the commit
             // could not succeed. (A single chunk goes straight on; the commit checks the same.)
-            let parent = parent_of(path);
-            if !is_dir(&self.stat(parent).await?) {
-                return Err(Error::NotADirectory(parent.to_string()));
-            }
-            if let Some(a) = self.exists(path).await? {
-                if is_dir(&a) {
-                    return Err(Error::IsADirectory(path.to_string()));
+            match self.exists(path).await? {
+                Some(a) if is_dir(&a) => return Err(Error::IsADirectory(path.to_string())),
+                Some(_) => {} // an existing file: its parent is a directory
+                None => {
+                    let parent = parent_of(path);
+                    if !is_dir(&self.stat(parent).await?) {
+                        return Err(Error::NotADirectory(parent.to_string()));
+                    }
                 }
             }
         }
@@ -607,9 +607,4 @@ impl ChunkSource for FileSource {
         self.offset += buf.len() as u64;
         Ok(Bytes::from(buf))
     }
-}
-
-/// Local path helper for the CLI: the final component of a path.
-pub fn base_name(p: &Path) -> Option<String> {
-    p.file_name().map(|n| n.to_string_lossy().into_owned())
 }

@@ -35,7 +35,10 @@ pub struct PutArgs {
 async fn remote_target(client: &Client, local: &str, remote: &str) -> Result<String> {
     let name = || -> Result<String> {
         anyhow::ensure!(local != "-", "put - {remote}: name the remote file when reading stdin");
-        crate::base_name(Path::new(local)).with_context(|| format!("{local} has no file name"))
+        Path::new(local)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .with_context(|| format!("{local} has no file name"))
     };
     if remote.ends_with('/') {
         return Ok(join(remote, &name()?));
