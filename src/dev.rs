@@ -20,8 +20,8 @@ pub struct DevArgs {
     /// Directory for data, certificates, logs and the env file.
     #[arg(long, default_value = "cairn-dev")]
     pub dir: PathBuf,
-    /// Masters in the Raft group.
-    #[arg(long, default_value_t = 1)]
+    /// Masters in the Raft group (3 tolerates one failure; 5, two).
+    #[arg(long, default_value_t = 3)]
     pub masters: u32,
     /// Chunkservers.
     #[arg(long, default_value_t = 4)]
@@ -111,7 +111,6 @@ fn last_line(log: &Path) -> String {
 
 pub async fn run(a: &DevArgs) -> Result<()> {
     anyhow::ensure!(a.masters >= 1 && a.masters <= 7, "--masters must be 1 to 7");
-    anyhow::ensure!(a.masters == 1, "multi-master groups are not available yet: use --masters 1");
     anyhow::ensure!(a.chunkservers >= 1 && a.chunkservers <= 64, "--chunkservers must be 1 to 64");
     let exe = std::env::current_exe().context("find the cairn binary")?;
     std::fs::create_dir_all(&a.dir).with_context(|| format!("create {}", a.dir.display()))?;

@@ -22,9 +22,19 @@ pub struct MasterArgs {
     /// gRPC listen address (port 0: any free port, printed at start).
     #[arg(long)]
     pub listen: String,
-    /// Every master of the group at creation: ID=ADDR,... (this one included).
-    #[arg(long, value_delimiter = ',')]
+    /// Every master of the group at creation: ID=ADDR,... (this one included). Ignored once the
+    /// data directory holds a group; membership then changes with `cairn admin masters`.
+    #[arg(long, value_delimiter = ',', conflicts_with = "join")]
     pub peers: Vec<String>,
+    /// Start empty and wait to be added to an existing group (`cairn admin masters add ID=ADDR`).
+    #[arg(long)]
+    pub join: bool,
+    /// Address the other masters and clients reach this one at (default: the listen address).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Compact the Raft log after this many entries (followers further behind get a snapshot).
+    #[arg(long, default_value_t = cairn_master::node::COMPACT_EVERY)]
+    pub compact_every: u64,
     /// TLS identity directory (ca.pem, cert.pem, key.pem).
     #[arg(long = "tls", env = "CAIRN_TLS")]
     pub tls: PathBuf,
@@ -108,8 +118,18 @@ pub async fn master(a: &MasterArgs) -> Result<()> {
     }
     let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("listen on {}", a.listen))?;
     let local = listener.local_addr()?;
-    if peers.is_empty() {
-        peers.insert(a.id, local.to_string());
+    let advertise = match &a.advertise {
+        Some(adv) => {
+            anyhow::ensure!(adv.parse::<std::net::SocketAddr>().is_ok(), "--advertise {adv:?} is not IP:PORT");
+            adv.clone()
+        }
+        None if local.ip().is_unspecified() => {
+            anyhow::bail!("listening on {local}, which nobody can connect to: pass --advertise IP:PORT")
+        }
+        None => local.to_string(),
+    };
+    if peers.is_empty() && !a.join {
+        peers.insert(a.id, advertise.clone());
     }
     println!("listening on {local}");
     let span = tracing::info_span!("master", node = a.id);
@@ -118,6 +138,8 @@ pub async fn master(a: &MasterArgs) -> Result<()> {
         id: a.id,
         data_dir: a.data.clone(),
         peers,
+        advertise,
+        compact_every: a.compact_every,
         identity,
         dead_after: Duration::from_secs(a.dead_after_s.max(1)),
     };

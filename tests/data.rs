@@ -149,7 +149,10 @@ async fn full_disks_are_avoided_or_reported() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_certificates_cannot_reach_node_services() {
-    use cairn_proto::v1::{cluster_client::ClusterClient, raft_client::RaftClient, RaftMessage, RegisterRequest};
+    use cairn_proto::v1::{
+        cluster_client::ClusterClient, raft_client::RaftClient, DescribeRequest, RaftMessage, RegisterRequest,
+        SnapshotChunk,
+    };
     let c = Cluster::start(Options { chunkservers: 1, ..Default::default() });
     let identity = cairn_common::tls::Identity::load(&c.client_tls).unwrap();
     let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", c.master.addr))
@@ -162,7 +165,13 @@ async fn client_certificates_cannot_reach_node_services() {
     let req = RegisterRequest { node_id: 42, addr: "127.0.0.1:9".into(), zone: "evil".into(), ..Default::default() };
     let err = ClusterClient::new(channel.clone()).register(req).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
-    let err = RaftClient::new(channel).send(RaftMessage { message: vec![] }).await.unwrap_err();
+    let mut raft = RaftClient::new(channel);
+    let msgs = tokio_stream::iter(vec![RaftMessage { message: vec![], from_addr: "127.0.0.1:9".into() }]);
+    let err = raft.stream(msgs).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    let err = raft.install_snapshot(tokio_stream::iter(vec![SnapshotChunk::default()])).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    let err = raft.describe(DescribeRequest {}).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
     // The chunkserver (a node certificate) is registered as usual.
     assert_eq!(c.status()["chunkservers"].as_array().unwrap().len(), 1);

@@ -46,7 +46,7 @@ impl HeartbeatConfig {
             max_changes: 16384,
             connect_timeout: Duration::from_secs(3),
             request_timeout: Duration::from_secs(5),
-            backoff_max: Duration::from_secs(2),
+            backoff_max: Duration::from_millis(500),
         }
     }
 }

@@ -13,7 +13,9 @@ use crate::error::{Error, Result};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
-const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Metadata calls wait for an election (about a second) at most: polling more often than this
+/// costs little, and waiting longer makes every failover look slower than it is.
+const BACKOFF_MAX: Duration = Duration::from_millis(250);
 const MAX_MESSAGE: usize = 64 << 20;
 
 pub struct Masters {
@@ -22,7 +24,16 @@ pub struct Masters {
     deadline: Duration,
     request_timeout: Duration,
     /// The master believed to lead, and a channel to it.
-    current: Mutex<(usize, Option<(String, Channel)>)>,
+    current: Mutex<Current>,
+}
+
+#[derive(Default)]
+struct Current {
+    /// Index into `addrs` of the master to try next...
+    next: usize,
+    /// ...unless a leader hint named a master that is not in `addrs` (added to the group later).
+    hinted: Option<String>,
+    channel: Option<(String, Channel)>,
 }
 
 impl Masters {
@@ -30,16 +41,16 @@ impl Masters {
         if addrs.is_empty() {
             return Err(Error::InvalidArgument("no master addresses (set --masters or CAIRN_MASTERS)".into()));
         }
-        Ok(Masters { addrs, tls, deadline, request_timeout: Duration::from_secs(60), current: Mutex::new((0, None)) })
+        Ok(Masters { addrs, tls, deadline, request_timeout: Duration::from_secs(60), current: Mutex::default() })
     }
 
     async fn channel(&self) -> std::result::Result<(String, Channel), String> {
         let addr = {
             let g = self.current.lock().expect("masters lock");
-            if let Some((a, ch)) = &g.1 {
+            if let Some((a, ch)) = &g.channel {
                 return Ok((a.clone(), ch.clone()));
             }
-            self.addrs[g.0 % self.addrs.len()].clone()
+            g.hinted.clone().unwrap_or_else(|| self.addrs[g.next % self.addrs.len()].clone())
         };
         let ep = Endpoint::from_shared(format!("https://{addr}"))
             .map_err(|e| format!("bad master address {addr:?}: {e}"))?
@@ -49,16 +60,22 @@ impl Masters {
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(self.request_timeout);
         let ch = ep.connect().await.map_err(|e| format!("connect to master {addr}: {}", error_chain(&e)))?;
-        self.current.lock().expect("masters lock").1 = Some((addr.clone(), ch.clone()));
+        self.current.lock().expect("masters lock").channel = Some((addr.clone(), ch.clone()));
         Ok((addr, ch))
     }
 
     fn move_on(&self, hint: Option<String>) {
         let mut g = self.current.lock().expect("masters lock");
-        g.1 = None;
-        match hint.and_then(|h| self.addrs.iter().position(|a| *a == h).map(|i| (i, h))) {
-            Some((i, _)) => g.0 = i,
-            None => g.0 += 1,
+        g.channel = None;
+        let was_hinted = g.hinted.take().is_some();
+        match hint {
+            Some(h) => match self.addrs.iter().position(|a| *a == h) {
+                Some(i) => g.next = i,
+                None => g.hinted = Some(h),
+            },
+            // After a hinted master failed, start over from the list where it was left.
+            None if was_hinted => {}
+            None => g.next += 1,
         }
     }
 

@@ -58,7 +58,15 @@ struct Inner {
     reported: HashSet<u64>,
     /// Full reports being received page by page: node -> (report id, hashes so far).
     partial: HashMap<u64, (u64, HashSet<ChunkHash>)>,
+    /// When this master became leader (the last reset).
+    since: Option<Instant>,
+    /// When the last full report completed.
+    last_report: Option<Instant>,
 }
+
+/// After every known chunkserver has sent its full report, wait this long more (a heartbeat and a
+/// half) for the chunks written just before the leader changed, which arrive in heartbeats.
+const SETTLE_AFTER_REPORTS: Duration = Duration::from_millis(1500);
 
 pub struct Cluster {
     inner: Mutex<Inner>,
@@ -90,6 +98,23 @@ impl Cluster {
         *g = Inner::default();
         // Keep the registry (addresses, zones) so status lists every known node; liveness restarts.
         g.nodes = nodes.into_values().map(|n| (n.id, Node { last_heartbeat: None, reserved: 0, ..n })).collect();
+        g.since = Some(Instant::now());
+    }
+
+    /// Whether the chunk map is complete enough to act on: every known chunkserver reported (or
+    /// had the time a live one needs to). Until then a missing location means "not reported
+    /// yet", not "lost": nothing is declared under-replicated, and callers are asked to retry.
+    pub fn settled(&self, now: Instant) -> bool {
+        self.settled_locked(&self.lock(), now)
+    }
+
+    fn settled_locked(&self, g: &Inner, now: Instant) -> bool {
+        let Some(since) = g.since else { return true };
+        if now.duration_since(since) >= self.dead_after {
+            return true;
+        }
+        let all = g.nodes.keys().all(|id| g.reported.contains(id));
+        all && g.last_report.is_none_or(|t| now.duration_since(t) >= SETTLE_AFTER_REPORTS)
     }
 
     /// Adds registry entries read from the replicated state (no liveness).
@@ -184,6 +209,7 @@ impl Cluster {
                 }
             }
             g.reported.insert(id);
+            g.last_report = Some(Instant::now());
             g.suspects.retain(|(_, n)| *n != id);
         }
         Ok(())
@@ -217,6 +243,9 @@ impl Cluster {
                 .collect();
             if candidates.len() < replication {
                 let live = g.nodes.values().filter(|n| self.alive(n, now)).count();
+                if !self.settled_locked(&g, now) {
+                    return Err(MetaError::Unavailable("a new leader is waiting for chunkservers to report".into()));
+                }
                 return Err(MetaError::NotEnoughChunkservers(format!(
                     "{} of {live} live chunkservers have room for a chunk, replication {replication} asked",
                     candidates.len()
@@ -266,6 +295,13 @@ impl Cluster {
             let known = g.locations.get(h).is_some_and(|l| !l.is_empty());
             let pending = g.pending.get(h).is_some_and(|(_, t)| now.duration_since(*t) < PENDING_TTL);
             if !known && !pending {
+                if !self.settled_locked(&g, now) {
+                    // Placed by an earlier leader, perhaps: its holders have not reported yet.
+                    return Err(MetaError::Unavailable(format!(
+                        "chunk {} is not reported yet by a new leader's chunkservers",
+                        hex::encode(h)
+                    )));
+                }
                 return Err(MetaError::InvalidArgument(format!("chunk {} was never uploaded", hex::encode(h))));
             }
         }

@@ -10,6 +10,7 @@ pub mod node;
 pub mod raftlog;
 mod service;
 pub mod state;
+pub mod transport;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -27,8 +28,13 @@ pub const MAX_MESSAGE: usize = 64 << 20;
 pub struct Config {
     pub id: u64,
     pub data_dir: PathBuf,
-    /// Every voter at the group's creation, this master included: id -> gRPC address.
+    /// Every voter at the group's creation, this master included: id -> gRPC address. Empty:
+    /// join an existing group (an admin adds this master with `cairn admin masters add`).
     pub peers: BTreeMap<u64, String>,
+    /// The address peers and clients reach this master at.
+    pub advertise: String,
+    /// Compact the Raft log after this many entries.
+    pub compact_every: u64,
     pub identity: cairn_common::tls::Identity,
     /// Silence after which a chunkserver counts as dead.
     pub dead_after: Duration,
@@ -37,7 +43,11 @@ pub struct Config {
 /// Serves until `shutdown` is cancelled (or the Raft driver fails, which cancels it).
 pub async fn run(config: Config, listener: tokio::net::TcpListener, shutdown: CancellationToken) -> Result<()> {
     anyhow::ensure!(config.id != 0, "master id 0 is reserved");
-    anyhow::ensure!(config.peers.contains_key(&config.id), "--peers does not name this master (id {})", config.id);
+    anyhow::ensure!(
+        config.peers.is_empty() || config.peers.contains_key(&config.id),
+        "--peers does not name this master (id {})",
+        config.id
+    );
     std::fs::create_dir_all(&config.data_dir).with_context(|| format!("create {}", config.data_dir.display()))?;
     let db_path = config.data_dir.join("master.redb");
     let db = Arc::new(
@@ -46,16 +56,42 @@ pub async fn run(config: Config, listener: tokio::net::TcpListener, shutdown: Ca
     let voters: Vec<u64> = config.peers.keys().copied().collect();
     let log = raftlog::RaftLog::open(db.clone(), &voters).context("load raft log")?;
     let state = state::State::open(db).context("open namespace")?;
+    if !voters.is_empty() {
+        state.bootstrap_masters(&config.peers)?;
+    } else if !log.is_member_of_a_group() {
+        tracing::info!("waiting to be added to a master group (cairn admin masters add)");
+    }
     let cluster = Arc::new(cluster::Cluster::new(config.dead_after));
+    // `stop` ends the gRPC server and the driver; a signal (`shutdown`) first hands leadership
+    // over, so that a planned restart of the leader costs no election timeout.
+    let stop = CancellationToken::new();
     let (node, driver) = node::Node::start(
-        node::NodeConfig { id: config.id, peers: config.peers.clone() },
+        node::NodeConfig { id: config.id, data_dir: config.data_dir.clone(), compact_every: config.compact_every },
         log,
         state.clone(),
         cluster.clone(),
         config.identity.clone(),
-        shutdown.clone(),
+        config.advertise.clone(),
+        stop.clone(),
     )?;
-    let services = service::Services { node, state, cluster };
+    {
+        let (node, stop) = (node.clone(), stop.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = stop.cancelled() => return,
+            }
+            let s = node.status();
+            if s.role == "leader" && s.voters.len() > 1 {
+                match node.transfer_leader(0).await {
+                    Ok(to) => tracing::info!(to, "handed leadership over before stopping"),
+                    Err(e) => tracing::warn!("could not hand leadership over before stopping: {e}"),
+                }
+            }
+            stop.cancel();
+        });
+    }
+    let services = service::Services { node, state, cluster, identity: config.identity.clone() };
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
         if let Ok(s) = &s {
             let _ = s.set_nodelay(true);
@@ -73,9 +109,9 @@ pub async fn run(config: Config, listener: tokio::net::TcpListener, shutdown: Ca
         )
         .add_service(ClusterServer::new(services.clone()).max_decoding_message_size(MAX_MESSAGE))
         .add_service(RaftServer::new(services).max_decoding_message_size(MAX_MESSAGE))
-        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
+        .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned())
         .await;
-    shutdown.cancel();
+    stop.cancel();
     let driven = tokio::task::spawn_blocking(move || driver.join()).await;
     served.context("gRPC server")?;
     match driven {

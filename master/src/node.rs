@@ -1,19 +1,25 @@
-//! The Raft driver: one thread owns the `RawNode`, ticks it, feeds it proposals and peer messages
-//! from a bounded channel, and handles each `Ready` in the order raft-rs prescribes (see
+//! The Raft driver: one thread owns the `RawNode`, ticks it, feeds it proposals, reads and peer
+//! messages from a bounded channel, and handles each `Ready` in the order raft-rs prescribes (see
 //! CONVENTIONS.md section 5): nothing is acknowledged, voted or acked to a peer before it is
 //! durable in redb. Proposals that arrive while a batch is being written wait in the channel and
 //! go out together in the next one, so many mutations share one fsync (group commit).
+//!
+//! The logic lives in [`Core`], which knows nothing of threads, sockets or wall clocks: the
+//! network is a [`Network`] and time is whatever calls [`Core::tick`]. The production driver wraps
+//! it in a tokio loop with a gRPC transport ([`crate::transport`]); the deterministic simulation
+//! test wraps it in a simulated network and clock.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
-use cairn_proto::v1::{command, command_result, raft_client::RaftClient, Command, RaftMessage};
+use cairn_proto::v1::{command, command_result, Command, MasterMember};
 use prost::Message as _;
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeV2, Entry, EntryType, Message as RaftMsg};
-use raft::{RawNode, StateRole};
+use raft::eraftpb::{ConfChange, ConfChangeType, ConfChangeV2, Entry, EntryType, Message as RaftMsg, MessageType};
+use raft::{RawNode, SnapshotStatus, StateRole};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -22,21 +28,44 @@ use crate::error::MetaError;
 use crate::raftlog::RaftLog;
 use crate::state::State;
 
-const TICK: Duration = Duration::from_millis(100);
+/// One Raft tick. Heartbeats go every 2 ticks (100 ms); a follower that hears nothing for 10 to
+/// 20 ticks (0.5 to 1 s, randomized by raft-rs) campaigns. Loopback and LAN round trips are well
+/// under a millisecond, so a heartbeat is missed only when a node is really gone or stalled.
+pub const TICK: Duration = Duration::from_millis(50);
+const ELECTION_TICKS: usize = 10;
+const HEARTBEAT_TICKS: usize = 2;
 const INBOX: usize = 8192;
 /// Messages taken from the inbox before the next Ready is handled: bounds one batch.
 const BATCH: usize = 4096;
 const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Compact the log when this many applied entries precede the last compaction...
-const COMPACT_EVERY: u64 = 20_000;
-/// ...keeping this many applied entries for peers that are slightly behind.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// A leadership transfer that has not happened after this many ticks (2 s) has failed.
+const TRANSFER_TICKS: u64 = 40;
+/// Log compaction ("snapshot" in Raft terms: the state machine in redb is always a complete
+/// snapshot as of its applied index) after this many entries or payload bytes...
+pub const COMPACT_EVERY: u64 = 20_000;
+const COMPACT_BYTES: u64 = 64 << 20;
+/// ...keeping this many applied entries, so that a follower slightly behind catches up from the
+/// log; one further behind gets a snapshot.
 const COMPACT_KEEP: u64 = 2_000;
 
-type Reply = oneshot::Sender<Result<command_result::Result, MetaError>>;
+pub type Reply = oneshot::Sender<Result<command_result::Result, MetaError>>;
+type ReadReply = oneshot::Sender<Result<(), MetaError>>;
+type TransferReply = oneshot::Sender<Result<u64, MetaError>>;
 
-enum Msg {
+pub enum Msg {
     Propose { op: command::Op, reply: Reply },
+    /// Linearizable read barrier: answered once this leader's state includes every mutation
+    /// committed before the request (ReadIndex).
+    Read { reply: ReadReply },
     Step(Box<RaftMsg>),
+    /// A snapshot streamed in from the leader: the MsgSnapshot and the file holding its records.
+    Snapshot { msg: Box<RaftMsg>, file: PathBuf },
+    SnapshotSent { to: u64, ok: bool },
+    Membership { member: MasterMember, reply: Reply },
+    Transfer { to: u64, reply: TransferReply },
+    /// A peer's address, learnt from a message it sent.
+    Learn { id: u64, addr: String },
 }
 
 /// What the rest of the master may know of the Raft node, refreshed after every Ready.
@@ -51,6 +80,17 @@ pub struct RaftStatus {
     /// A leader serves only once the first entry of its term is applied: before that its state
     /// may miss mutations an earlier leader acknowledged.
     pub serving: bool,
+    /// Leader only: the highest log index known to be on each voter.
+    pub matched: BTreeMap<u64, u64>,
+    pub voters: Vec<u64>,
+}
+
+/// Sends Raft messages to peers. MsgSnapshot messages carry no data: the network streams the
+/// state from `RaftLog::take_outgoing_snapshot` and reports the outcome with `Msg::SnapshotSent`.
+pub trait Network: Send {
+    fn send(&mut self, msgs: Vec<RaftMsg>, log: &RaftLog);
+    /// The group's members changed (or were loaded): id -> address.
+    fn set_peers(&mut self, peers: &BTreeMap<u64, String>);
 }
 
 /// A handle to the Raft driver. Cloning shares it.
@@ -58,13 +98,30 @@ pub struct RaftStatus {
 pub struct Node {
     tx: mpsc::Sender<Msg>,
     status: Arc<Mutex<RaftStatus>>,
-    peers: Arc<BTreeMap<u64, String>>,
+    peers: Arc<RwLock<BTreeMap<u64, String>>>,
+    snapshot_dir: PathBuf,
 }
 
 pub struct NodeConfig {
     pub id: u64,
-    /// Every voter of the group at its creation, this node included: id -> gRPC address.
-    pub peers: BTreeMap<u64, String>,
+    /// Where incoming snapshots are staged.
+    pub data_dir: PathBuf,
+    /// Compact the log after this many entries (tests use small values).
+    pub compact_every: u64,
+}
+
+fn raft_config(id: u64, applied: u64) -> raft::Config {
+    raft::Config {
+        id,
+        election_tick: ELECTION_TICKS,
+        heartbeat_tick: HEARTBEAT_TICKS,
+        applied,
+        max_size_per_msg: 1 << 20,
+        max_inflight_msgs: 256,
+        check_quorum: true,
+        pre_vote: true,
+        ..Default::default()
+    }
 }
 
 impl Node {
@@ -76,47 +133,20 @@ impl Node {
         state: State,
         cluster: Arc<Cluster>,
         identity: cairn_common::tls::Identity,
+        my_addr: String,
         shutdown: CancellationToken,
     ) -> Result<(Node, std::thread::JoinHandle<Result<()>>)> {
-        let applied = state.applied_index()?;
-        let raft_cfg = raft::Config {
-            id: cfg.id,
-            election_tick: 10,
-            heartbeat_tick: 2,
-            applied,
-            max_size_per_msg: 1 << 20,
-            max_inflight_msgs: 256,
-            check_quorum: true,
-            pre_vote: true,
-            ..Default::default()
-        };
-        let mut raw =
-            RawNode::new(&raft_cfg, log.clone(), &crate::logging::raft_logger()).context("start raft node")?;
-        let voters = log.conf_state().voters;
-        if voters == [cfg.id] {
-            // A group of one elects itself at once instead of waiting out an election timeout.
-            raw.campaign().context("campaign")?;
-        }
         let (tx, rx) = mpsc::channel(INBOX);
-        let status = Arc::new(Mutex::new(RaftStatus { id: cfg.id, applied_index: applied, ..Default::default() }));
-        let peers = Arc::new(cfg.peers);
-        let transport = Transport::new(cfg.id, &peers, identity, tokio::runtime::Handle::current())?;
-        let node = Node { tx, status: status.clone(), peers: peers.clone() };
-        let driver = Driver {
-            raw,
-            log,
-            state,
-            cluster,
-            status,
-            waiters: HashMap::new(),
-            next_request: rand::random(),
-            transport,
-            was_leader: false,
-            term_start: u64::MAX,
-        };
+        let net =
+            crate::transport::Transport::new(cfg.id, my_addr, identity, tx.clone(), tokio::runtime::Handle::current());
+        let peers = Arc::new(RwLock::new(BTreeMap::new()));
+        let mut core = Core::new(cfg.id, log, state, cluster, Box::new(net), peers.clone(), Box::new(now_ns))?;
+        core.compact_every = cfg.compact_every.max(1);
+        let status = core.status.clone();
+        let node = Node { tx, status, peers, snapshot_dir: cfg.data_dir };
         let handle = std::thread::Builder::new().name("raft".into()).spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().context("raft runtime")?;
-            let res = rt.block_on(driver.run(rx, shutdown.clone()));
+            let res = rt.block_on(run(core, rx, shutdown.clone()));
             if let Err(e) = &res {
                 tracing::error!("raft driver stopped: {e:#}");
             }
@@ -130,8 +160,13 @@ impl Node {
         self.status.lock().expect("status lock").clone()
     }
 
-    pub fn peers(&self) -> &BTreeMap<u64, String> {
-        &self.peers
+    /// The group's members as of the applied index: id -> gRPC address.
+    pub fn peers(&self) -> BTreeMap<u64, String> {
+        self.peers.read().expect("peers lock").clone()
+    }
+
+    pub fn snapshot_dir(&self) -> &std::path::Path {
+        &self.snapshot_dir
     }
 
     /// Ok if this node leads; else NotLeader with the leader's address when one is known.
@@ -146,84 +181,226 @@ impl Node {
         if s.leader_id == 0 {
             return Err(MetaError::Unavailable("no leader elected yet".into()));
         }
-        Err(MetaError::NotLeader { hint: self.peers.get(&s.leader_id).cloned() })
+        Err(MetaError::NotLeader { hint: self.peers.read().expect("peers lock").get(&s.leader_id).cloned() })
+    }
+
+    fn send(&self, m: Msg) -> Result<(), MetaError> {
+        self.tx.try_send(m).map_err(|_| MetaError::Unavailable("the master is overloaded; retry".into()))
+    }
+
+    async fn wait<T>(rx: oneshot::Receiver<Result<T, MetaError>>, timeout: Duration, what: &str) -> Result<T, MetaError> {
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(res)) => res,
+            Ok(Err(_)) => Err(MetaError::Unavailable("the master is shutting down".into())),
+            Err(_) => Err(MetaError::Unavailable(format!("the {what} did not complete in time"))),
+        }
     }
 
     /// Proposes a mutation and waits until it is committed and applied here.
     pub async fn propose(&self, op: command::Op) -> Result<command_result::Result, MetaError> {
         self.ensure_leader()?;
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .try_send(Msg::Propose { op, reply })
-            .map_err(|_| MetaError::Unavailable("the master is overloaded; retry".into()))?;
-        match tokio::time::timeout(PROPOSE_TIMEOUT, rx).await {
-            Ok(Ok(res)) => res,
-            Ok(Err(_)) => Err(MetaError::Unavailable("the master is shutting down".into())),
-            Err(_) => Err(MetaError::Unavailable("the mutation was not committed in time".into())),
-        }
+        self.send(Msg::Propose { op, reply })?;
+        Self::wait(rx, PROPOSE_TIMEOUT, "mutation").await
+    }
+
+    /// Waits until a read on this master's state is linearizable: it leads (confirmed by a
+    /// quorum after the request arrived) and has applied everything committed before it.
+    pub async fn read_barrier(&self) -> Result<(), MetaError> {
+        self.ensure_leader()?;
+        let (reply, rx) = oneshot::channel();
+        self.send(Msg::Read { reply })?;
+        Self::wait(rx, READ_TIMEOUT, "read").await
+    }
+
+    /// Adds or removes one voter; answers once the change is committed and applied here.
+    pub async fn change_membership(&self, member: MasterMember) -> Result<(), MetaError> {
+        self.ensure_leader()?;
+        let (reply, rx) = oneshot::channel();
+        self.send(Msg::Membership { member, reply })?;
+        Self::wait(rx, PROPOSE_TIMEOUT, "membership change").await.map(|_| ())
+    }
+
+    /// Hands leadership to `to` (0: the most up-to-date follower); answers with the new leader.
+    pub async fn transfer_leader(&self, to: u64) -> Result<u64, MetaError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Msg::Transfer { to, reply })?;
+        Self::wait(rx, TICK * (TRANSFER_TICKS as u32 + 10), "leadership transfer").await
     }
 
     /// Hands a message from a peer to the driver; dropped when the inbox is full (Raft retries).
-    pub fn step(&self, msg: RaftMsg) {
+    pub fn step(&self, msg: RaftMsg, from_addr: &str) {
+        self.step_learn(msg.from, from_addr);
         let _ = self.tx.try_send(Msg::Step(Box::new(msg)));
+    }
+
+    /// Remembers the address of a peer this master does not know yet (it joined, or this master
+    /// is joining and has no snapshot yet).
+    pub fn step_learn(&self, id: u64, addr: &str) {
+        if !addr.is_empty() && !self.peers.read().expect("peers lock").contains_key(&id) {
+            let _ = self.tx.try_send(Msg::Learn { id, addr: addr.to_string() });
+        }
+    }
+
+    /// Hands a fully received snapshot to the driver, which installs it if raft-rs accepts it.
+    pub async fn install_snapshot(&self, msg: RaftMsg, file: PathBuf) -> Result<(), MetaError> {
+        self.tx
+            .send(Msg::Snapshot { msg: Box::new(msg), file })
+            .await
+            .map_err(|_| MetaError::Unavailable("the master is shutting down".into()))
     }
 }
 
-struct Driver {
+pub fn now_ns() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
+}
+
+async fn run(mut core: Core, mut rx: mpsc::Receiver<Msg>, shutdown: CancellationToken) -> Result<()> {
+    let mut ticker = tokio::time::interval(TICK);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = ticker.tick() => core.tick(),
+            m = rx.recv() => {
+                let Some(m) = m else { break };
+                core.handle(m);
+                for _ in 1..BATCH {
+                    match rx.try_recv() {
+                        Ok(m) => core.handle(m),
+                        Err(_) => break,
+                    }
+                }
+            }
+        }
+        core.on_ready()?;
+    }
+    core.fail_all("the master is shutting down");
+    Ok(())
+}
+
+/// Read requests on their way through ReadIndex.
+#[derive(Default)]
+struct Reads {
+    /// Arrived since the last ReadIndex request was issued.
+    batch: Vec<ReadReply>,
+    next_ctx: u64,
+    /// Issued, by context: (tick issued, waiters).
+    inflight: HashMap<u64, (u64, Vec<ReadReply>)>,
+    /// Confirmed by a quorum: released once the applied index reaches the read index.
+    ready: Vec<(u64, Vec<ReadReply>)>,
+}
+
+/// The Raft node and the state machine it drives; see the module documentation.
+pub struct Core {
     raw: RawNode<RaftLog>,
     log: RaftLog,
     state: State,
     cluster: Arc<Cluster>,
     status: Arc<Mutex<RaftStatus>>,
+    peers: Arc<RwLock<BTreeMap<u64, String>>>,
+    net: Box<dyn Network>,
+    clock: Box<dyn Fn() -> i64 + Send>,
     waiters: HashMap<u64, Reply>,
     next_request: u64,
-    transport: Transport,
+    reads: Reads,
+    transfers: Vec<(u64, TransferReply)>,
+    /// The file of a snapshot being offered to raft-rs, with its index.
+    incoming: Option<(u64, PathBuf)>,
     was_leader: bool,
     term_start: u64,
+    ticks: u64,
+    pub compact_every: u64,
 }
 
-fn now_ns() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
-}
-
-impl Driver {
-    async fn run(mut self, mut rx: mpsc::Receiver<Msg>, shutdown: CancellationToken) -> Result<()> {
-        let mut ticker = tokio::time::interval(TICK);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = ticker.tick() => { self.raw.tick(); }
-                m = rx.recv() => {
-                    let Some(m) = m else { break };
-                    self.handle(m);
-                    for _ in 1..BATCH {
-                        match rx.try_recv() {
-                            Ok(m) => self.handle(m),
-                            Err(_) => break,
-                        }
-                    }
-                }
-            }
-            self.on_ready()?;
+impl Core {
+    /// Restores the node from `log` and `state` (what is durable) and loads the group's members.
+    pub fn new(
+        id: u64,
+        log: RaftLog,
+        state: State,
+        cluster: Arc<Cluster>,
+        mut net: Box<dyn Network>,
+        peers: Arc<RwLock<BTreeMap<u64, String>>>,
+        clock: Box<dyn Fn() -> i64 + Send>,
+    ) -> Result<Core> {
+        let applied = state.applied_index()?;
+        let mut raw = RawNode::new(&raft_config(id, applied), log.clone(), &crate::logging::raft_logger())
+            .context("start raft node")?;
+        if log.conf_state().voters == [id] {
+            // A group of one elects itself at once instead of waiting out an election timeout.
+            raw.campaign().context("campaign")?;
         }
-        for (_, w) in self.waiters.drain() {
-            let _ = w.send(Err(MetaError::Unavailable("the master is shutting down".into())));
-        }
-        Ok(())
+        let members = state.reader()?.masters()?;
+        net.set_peers(&members);
+        *peers.write().expect("peers lock") = members;
+        let status = Arc::new(Mutex::new(RaftStatus { id, applied_index: applied, ..Default::default() }));
+        Ok(Core {
+            raw,
+            log,
+            state,
+            cluster,
+            status,
+            peers,
+            net,
+            clock,
+            waiters: HashMap::new(),
+            next_request: rand::random(),
+            reads: Reads::default(),
+            transfers: Vec::new(),
+            incoming: None,
+            was_leader: false,
+            term_start: u64::MAX,
+            ticks: 0,
+            compact_every: COMPACT_EVERY,
+        })
     }
 
-    fn handle(&mut self, m: Msg) {
+    pub fn status_handle(&self) -> Arc<Mutex<RaftStatus>> {
+        self.status.clone()
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    pub fn tick(&mut self) {
+        self.ticks += 1;
+        self.raw.tick();
+        // Reads raft-rs dropped (it may, e.g. right after an election) must not wait forever.
+        let stale = self.ticks.saturating_sub((READ_TIMEOUT.as_millis() / TICK.as_millis()) as u64);
+        self.reads.inflight.retain(|_, (t, _)| *t >= stale);
+        let now = self.ticks;
+        let mut i = 0;
+        while i < self.transfers.len() {
+            if self.transfers[i].0 <= now {
+                let (_, reply) = self.transfers.swap_remove(i);
+                let _ = reply.send(Err(MetaError::Unavailable("the leadership transfer did not complete".into())));
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn leader_hint(&self) -> MetaError {
+        let hint = self.peers.read().expect("peers lock").get(&self.raw.raft.leader_id).cloned();
+        MetaError::NotLeader { hint }
+    }
+
+    fn next_id(&mut self) -> u64 {
+        self.next_request = self.next_request.wrapping_add(1);
+        self.next_request
+    }
+
+    pub fn handle(&mut self, m: Msg) {
+        let leader = self.raw.raft.state == StateRole::Leader;
         match m {
+            Msg::Propose { reply, .. } | Msg::Membership { reply, .. } if !leader => {
+                let _ = reply.send(Err(self.leader_hint()));
+            }
             Msg::Propose { op, reply } => {
-                if self.raw.raft.state != StateRole::Leader {
-                    let hint = self.transport.addr_of(self.raw.raft.leader_id);
-                    let _ = reply.send(Err(MetaError::NotLeader { hint }));
-                    return;
-                }
-                self.next_request = self.next_request.wrapping_add(1);
-                let id = self.next_request;
-                let cmd = Command { request_id: id, time_ns: now_ns(), op: Some(op) };
+                let id = self.next_id();
+                let cmd = Command { request_id: id, time_ns: (self.clock)(), op: Some(op) };
                 match self.raw.propose(vec![], cmd.encode_to_vec()) {
                     Ok(()) => {
                         self.waiters.insert(id, reply);
@@ -233,36 +410,182 @@ impl Driver {
                     }
                 }
             }
+            Msg::Membership { member, reply } => self.propose_membership(member, reply),
+            Msg::Read { reply } if !leader => {
+                let _ = reply.send(Err(self.leader_hint()));
+            }
+            Msg::Read { reply } => self.reads.batch.push(reply),
             Msg::Step(m) => {
                 if let Err(e) = self.raw.step(*m) {
                     tracing::debug!("raft step: {e}");
                 }
             }
+            Msg::Snapshot { msg, file } => {
+                let index = msg.get_snapshot().get_metadata().index;
+                self.discard_incoming();
+                self.incoming = Some((index, file));
+                if let Err(e) = self.raw.step(*msg) {
+                    tracing::debug!("raft step (snapshot): {e}");
+                }
+            }
+            Msg::SnapshotSent { to, ok } => {
+                let status = if ok { SnapshotStatus::Finish } else { SnapshotStatus::Failure };
+                self.raw.report_snapshot(to, status);
+            }
+            Msg::Transfer { reply, .. } if !leader => {
+                let _ = reply.send(Err(self.leader_hint()));
+            }
+            Msg::Transfer { to, reply } => self.transfer(to, reply),
+            Msg::Learn { id, addr } => {
+                let mut peers = self.peers.read().expect("peers lock").clone();
+                if id != self.raw.raft.id && !peers.contains_key(&id) {
+                    peers.insert(id, addr);
+                    self.net.set_peers(&peers);
+                }
+            }
         }
     }
 
-    fn on_ready(&mut self) -> Result<()> {
+    fn propose_membership(&mut self, member: MasterMember, reply: Reply) {
+        let voters = self.log.conf_state().voters;
+        let present = voters.contains(&member.id);
+        let refuse = |m: String| Err::<(), _>(MetaError::InvalidArgument(m));
+        let check = if member.id == 0 {
+            refuse("master id 0 is reserved".into())
+        } else if member.removed && !present {
+            refuse(format!("master {} is not a member of the group", member.id))
+        } else if member.removed && member.id == self.raw.raft.id {
+            refuse(format!("master {} leads the group: transfer leadership first", member.id))
+        } else if member.removed && voters.len() == 1 {
+            refuse("cannot remove the last master".into())
+        } else if !member.removed && present {
+            refuse(format!("master {} is already a member", member.id))
+        } else if !member.removed && member.addr.parse::<std::net::SocketAddr>().is_err() {
+            refuse(format!("master address {:?} is not IP:PORT", member.addr))
+        } else {
+            Ok(())
+        };
+        if let Err(e) = check {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        let id = self.next_id();
+        let cmd = Command { request_id: id, time_ns: (self.clock)(), op: Some(command::Op::SetMaster(member.clone())) };
+        let mut cc = ConfChange::default();
+        cc.node_id = member.id;
+        cc.set_change_type(if member.removed { ConfChangeType::RemoveNode } else { ConfChangeType::AddNode });
+        cc.context = cmd.encode_to_vec().into();
+        match self.raw.propose_conf_change(vec![], cc) {
+            Ok(()) => {
+                self.waiters.insert(id, reply);
+            }
+            Err(e) => {
+                let msg = if matches!(e, raft::Error::ProposalDropped) {
+                    "another membership change is in progress; retry when it is done".to_string()
+                } else {
+                    format!("membership change refused: {e}")
+                };
+                let _ = reply.send(Err(MetaError::Unavailable(msg)));
+            }
+        }
+    }
+
+    fn transfer(&mut self, to: u64, reply: TransferReply) {
+        let me = self.raw.raft.id;
+        let target = if to != 0 {
+            Some(to)
+        } else {
+            self.raw.raft.prs().iter().filter(|(id, _)| **id != me).max_by_key(|(_, p)| p.matched).map(|(id, _)| *id)
+        };
+        match target {
+            Some(t) if t == me => {
+                let _ = reply.send(Ok(me));
+            }
+            Some(t) if self.log.conf_state().voters.contains(&t) => {
+                self.raw.transfer_leader(t);
+                self.transfers.push((self.ticks + TRANSFER_TICKS, reply));
+            }
+            Some(t) => {
+                let _ = reply.send(Err(MetaError::InvalidArgument(format!("master {t} is not a member of the group"))));
+            }
+            None => {
+                let _ = reply.send(Err(MetaError::Unavailable("no other master to hand leadership to".into())));
+            }
+        }
+    }
+
+    fn discard_incoming(&mut self) {
+        if let Some((_, f)) = self.incoming.take() {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+
+    /// Fails every waiting caller (leadership lost, or shutting down). A mutation that was
+    /// proposed may still commit: its client retries with the same request id and gets the result.
+    pub fn fail_all(&mut self, why: &str) {
+        for (_, w) in self.waiters.drain() {
+            let _ = w.send(Err(MetaError::Unavailable(why.into())));
+        }
+        let reads = std::mem::take(&mut self.reads);
+        self.reads.next_ctx = reads.next_ctx;
+        let all = reads.batch.into_iter().chain(reads.inflight.into_values().flat_map(|(_, v)| v));
+        for r in all.chain(reads.ready.into_iter().flat_map(|(_, v)| v)) {
+            let _ = r.send(Err(MetaError::Unavailable(why.into())));
+        }
+    }
+
+    pub fn on_ready(&mut self) -> Result<()> {
+        if !self.reads.batch.is_empty() && self.raw.raft.state == StateRole::Leader {
+            self.reads.next_ctx += 1;
+            let ctx = self.reads.next_ctx;
+            let batch = std::mem::take(&mut self.reads.batch);
+            self.reads.inflight.insert(ctx, (self.ticks, batch));
+            self.raw.read_index(ctx.to_be_bytes().to_vec());
+        }
         if !self.raw.has_ready() {
+            self.discard_incoming();
             return Ok(());
         }
         let mut ready = self.raw.ready();
-        self.transport.send(ready.take_messages());
+        self.net.send(ready.take_messages(), &self.log);
         if !ready.snapshot().is_empty() {
-            // Only a lagging follower of a multi-master group receives snapshots; their transfer
-            // arrives with issue 4, and `RaftLog::snapshot` never produces one before that.
-            anyhow::bail!("received a Raft snapshot, which this version cannot install");
+            self.install_snapshot(ready.snapshot().clone())?;
+        }
+        self.discard_incoming();
+        for rs in ready.take_read_states() {
+            let ctx = rs.request_ctx.as_slice().try_into().map(u64::from_be_bytes).unwrap_or(0);
+            if let Some((_, w)) = self.reads.inflight.remove(&ctx) {
+                self.reads.ready.push((rs.index, w));
+            }
         }
         self.apply(ready.take_committed_entries())?;
         self.log.persist(ready.entries(), ready.hs()).context("persist raft log")?;
-        self.transport.send(ready.take_persisted_messages());
+        self.net.send(ready.take_persisted_messages(), &self.log);
         let mut light = self.raw.advance(ready);
         if let Some(commit) = light.commit_index() {
             self.log.set_commit(commit).context("persist commit index")?;
         }
-        self.transport.send(light.take_messages());
+        self.net.send(light.take_messages(), &self.log);
         self.apply(light.take_committed_entries())?;
         self.raw.advance_apply();
         self.after_ready()
+    }
+
+    fn install_snapshot(&mut self, snap: raft::eraftpb::Snapshot) -> Result<()> {
+        let meta = snap.get_metadata();
+        let Some((index, file)) = self.incoming.take() else {
+            anyhow::bail!("raft-rs applied a snapshot at {} that was not streamed in", meta.index);
+        };
+        anyhow::ensure!(index == meta.index, "snapshot file is for index {index}, raft-rs applies {}", meta.index);
+        let records = crate::transport::read_snapshot_file(&file)?;
+        self.log.install_snapshot(meta, records).context("install snapshot")?;
+        let _ = std::fs::remove_file(&file);
+        self.status.lock().expect("status lock").applied_index = meta.index;
+        let members = self.state.reader()?.masters()?;
+        self.net.set_peers(&members);
+        *self.peers.write().expect("peers lock") = members;
+        tracing::info!(index = meta.index, term = meta.term, "installed a snapshot from the leader");
+        Ok(())
     }
 
     fn apply(&mut self, entries: Vec<Entry>) -> Result<()> {
@@ -278,19 +601,17 @@ impl Driver {
         let mut cmds = Vec::with_capacity(entries.len());
         for e in entries {
             match e.get_entry_type() {
+                EntryType::EntryNormal if e.data.is_empty() => cmds.push((0, None)), // a new leader's entry
                 EntryType::EntryNormal => {
-                    if e.data.is_empty() {
-                        cmds.push((0, None)); // a new leader's empty entry
-                    } else {
-                        let cmd = Command::decode(&e.data[..]).context("decode committed command")?;
-                        cmds.push((cmd.request_id, Some(cmd)));
-                    }
+                    let cmd = Command::decode(&e.data[..]).context("decode committed command")?;
+                    cmds.push((cmd.request_id, Some(cmd)));
                 }
                 EntryType::EntryConfChange => {
                     let cc = ConfChange::parse_from_bytes(&e.data).context("decode conf change")?;
                     let cs = self.raw.apply_conf_change(&cc).context("apply conf change")?;
                     self.log.set_conf_state(cs)?;
-                    cmds.push((0, None));
+                    let cmd = Command::decode(&cc.context[..]).context("decode conf change context")?;
+                    cmds.push((cmd.request_id, Some(cmd)));
                 }
                 EntryType::EntryConfChangeV2 => {
                     let cc = ConfChangeV2::parse_from_bytes(&e.data).context("decode conf change")?;
@@ -301,9 +622,17 @@ impl Driver {
             }
         }
         let results = self.state.apply_batch(&cmds, last)?;
+        let mut members_changed = false;
         for ((req, cmd), res) in cmds.iter().zip(results) {
-            if let Some(Command { op: Some(command::Op::RegisterChunkserver(info)), .. }) = cmd {
-                self.cluster.know(info.id, &info.addr, &info.zone);
+            match cmd.as_ref().and_then(|c| c.op.as_ref()) {
+                Some(command::Op::RegisterChunkserver(info)) => self.cluster.know(info.id, &info.addr, &info.zone),
+                Some(command::Op::SetMaster(m)) => {
+                    members_changed = true;
+                    if m.removed && m.id == self.raw.raft.id {
+                        tracing::warn!("this master was removed from the group; it can be stopped");
+                    }
+                }
+                _ => {}
             }
             if let Some(w) = self.waiters.remove(req) {
                 let _ = w.send(match res.result {
@@ -313,17 +642,34 @@ impl Driver {
                 });
             }
         }
+        if members_changed {
+            let members = self.state.reader()?.masters()?;
+            self.net.set_peers(&members);
+            *self.peers.write().expect("peers lock") = members;
+        }
         self.status.lock().expect("status lock").applied_index = last;
-        if last >= self.log.first_index_now() + COMPACT_EVERY {
-            // Never compact past what every peer has: until snapshot transfer exists (issue 4) a
-            // peer behind the compacted index could not catch up.
-            let matched = self.raw.raft.prs().iter().map(|(_, p)| p.matched).min().unwrap_or(last);
-            let upto = last.min(matched).saturating_sub(COMPACT_KEEP);
-            if upto > self.log.first_index_now() {
+        self.release_reads(last);
+        let (entries, bytes) = self.log.size();
+        if entries >= self.compact_every + COMPACT_KEEP.min(self.compact_every) || bytes >= COMPACT_BYTES {
+            let upto = last.saturating_sub(COMPACT_KEEP.min(self.compact_every));
+            if upto >= self.log.first_index_now() {
                 self.log.compact(upto).context("compact raft log")?;
             }
         }
         Ok(())
+    }
+
+    fn release_reads(&mut self, applied: u64) {
+        let mut i = 0;
+        while i < self.reads.ready.len() {
+            if self.reads.ready[i].0 <= applied {
+                for w in self.reads.ready.swap_remove(i).1 {
+                    let _ = w.send(Ok(()));
+                }
+            } else {
+                i += 1;
+            }
+        }
     }
 
     fn after_ready(&mut self) -> Result<()> {
@@ -339,11 +685,16 @@ impl Driver {
             tracing::info!(term = self.raw.raft.term, "became leader");
         }
         if !leader && self.was_leader {
-            for (_, w) in self.waiters.drain() {
-                let _ = w.send(Err(MetaError::Unavailable("leadership changed before the mutation committed".into())));
+            self.fail_all("leadership changed before the request completed");
+        }
+        if !leader {
+            for (_, reply) in self.transfers.drain(..) {
+                let _ = reply.send(Ok(self.raw.raft.leader_id));
             }
         }
         self.was_leader = leader;
+        let applied = self.raw.raft.raft_log.applied;
+        self.release_reads(applied);
         let mut s = self.status.lock().expect("status lock");
         s.role = match self.raw.raft.state {
             StateRole::Leader => "leader",
@@ -356,62 +707,13 @@ impl Driver {
         s.leader_id = self.raw.raft.leader_id;
         s.commit_index = self.raw.raft.raft_log.committed;
         s.serving = leader && s.applied_index >= self.term_start;
+        s.voters = self.log.conf_state().voters;
+        s.matched = if leader { self.raw.raft.prs().iter().map(|(id, p)| (*id, p.matched)).collect() } else { BTreeMap::new() };
         Ok(())
     }
-}
 
-/// Sends Raft messages to peers over gRPC, one task and one bounded queue per peer. A full queue
-/// drops the message: Raft retransmits, and a slow peer must not stall the driver.
-struct Transport {
-    queues: HashMap<u64, mpsc::Sender<RaftMsg>>,
-    addrs: HashMap<u64, String>,
-}
-
-impl Transport {
-    fn new(
-        me: u64,
-        peers: &BTreeMap<u64, String>,
-        identity: cairn_common::tls::Identity,
-        rt: tokio::runtime::Handle,
-    ) -> Result<Transport> {
-        let mut queues = HashMap::new();
-        for (&id, addr) in peers.iter().filter(|(id, _)| **id != me) {
-            let (tx, mut rx) = mpsc::channel::<RaftMsg>(1024);
-            let endpoint = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
-                .tls_config(identity.grpc_client())?
-                .tcp_nodelay(true)
-                .connect_timeout(Duration::from_secs(2))
-                .timeout(Duration::from_secs(5));
-            rt.spawn(async move {
-                let channel = endpoint.connect_lazy();
-                let mut client = RaftClient::new(channel);
-                while let Some(m) = rx.recv().await {
-                    let bytes = match m.write_to_bytes() {
-                        Ok(b) => b,
-                        Err(e) => {
-                            tracing::error!("encode raft message: {e}");
-                            continue;
-                        }
-                    };
-                    if let Err(e) = client.send(RaftMessage { message: bytes }).await {
-                        tracing::debug!(peer = id, "raft send failed: {e}");
-                    }
-                }
-            });
-            queues.insert(id, tx);
-        }
-        Ok(Transport { queues, addrs: peers.iter().map(|(k, v)| (*k, v.clone())).collect() })
-    }
-
-    fn addr_of(&self, id: u64) -> Option<String> {
-        self.addrs.get(&id).cloned()
-    }
-
-    fn send(&self, msgs: Vec<RaftMsg>) {
-        for m in msgs {
-            if let Some(q) = self.queues.get(&m.to) {
-                let _ = q.try_send(m);
-            }
-        }
+    /// Whether `m` is a snapshot message (which the network must stream, not send as is).
+    pub fn is_snapshot(m: &RaftMsg) -> bool {
+        m.get_msg_type() == MessageType::MsgSnapshot
     }
 }

@@ -6,14 +6,14 @@
 //! database, see `state`) has already applied durably; the index and term just before the first
 //! kept entry are remembered so that raft-rs can still check the log-matching property there.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, RwLock};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
 
 use anyhow::{Context, Result};
 use protobuf::Message as _;
-use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
-use redb::{Database, ReadableDatabase, TableDefinition};
+use redb::{Database, ReadTransaction, ReadableDatabase, TableDefinition};
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
 const RAFT_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_state");
@@ -22,6 +22,12 @@ const HARD_STATE: &str = "hard_state";
 const CONF_STATE: &str = "conf_state";
 /// (index, term) of the last compacted entry, 16 bytes big-endian.
 const COMPACTED: &str = "compacted";
+/// A new group's members start from this (index, term), as if an entry holding the initial
+/// configuration had been committed and compacted: a master that joins later starts empty at 0,
+/// so the leader can only bring it up to date with a snapshot, which carries the configuration
+/// (the log alone would not: the initial members are in no entry).
+const BOOT_INDEX: u64 = 1;
+const BOOT_TERM: u64 = 1;
 
 #[derive(Default)]
 struct Core {
@@ -30,6 +36,8 @@ struct Core {
     compacted_index: u64,
     compacted_term: u64,
     entries: VecDeque<Entry>,
+    /// Payload bytes of `entries`.
+    bytes: u64,
 }
 
 impl Core {
@@ -46,6 +54,9 @@ impl Core {
 pub struct RaftLog {
     db: Arc<Database>,
     core: Arc<RwLock<Core>>,
+    /// Snapshots handed to raft-rs, by the peer they are for: the read transaction pins the
+    /// state machine as of the snapshot's index while the transport streams it.
+    outgoing: Arc<Mutex<HashMap<u64, (SnapshotMetadata, ReadTransaction)>>>,
 }
 
 fn storage_err(e: impl std::fmt::Display) -> raft::Error {
@@ -54,7 +65,8 @@ fn storage_err(e: impl std::fmt::Display) -> raft::Error {
 
 impl RaftLog {
     /// Loads the log from `db`. A database without a conf state is a new member of the group
-    /// described by `voters`: that membership is written down before anything else happens.
+    /// described by `voters`: that membership is written down before anything else happens. With
+    /// no voters, the master joins an existing group and waits for its leader's snapshot.
     pub fn open(db: Arc<Database>, voters: &[u64]) -> Result<RaftLog> {
         let mut core = Core::default();
         let fresh;
@@ -87,15 +99,79 @@ impl RaftLog {
                     let e = Entry::parse_from_bytes(v.value()).context("decode log entry")?;
                     anyhow::ensure!(e.index == k.value(), "log entry {} stored under key {}", e.index, k.value());
                     anyhow::ensure!(e.index == core.last_index() + 1, "gap in the raft log before entry {}", e.index);
+                    core.bytes += e.data.len() as u64;
                     core.entries.push_back(e);
                 }
             }
         }
-        let log = RaftLog { db, core: Arc::new(RwLock::new(core)) };
-        if fresh {
-            log.set_conf_state(ConfState { voters: voters.to_vec(), ..Default::default() })?;
+        let log = RaftLog { db, core: Arc::new(RwLock::new(core)), outgoing: Arc::default() };
+        if fresh && !voters.is_empty() {
+            log.bootstrap(voters)?;
         }
         Ok(log)
+    }
+
+    fn bootstrap(&self, voters: &[u64]) -> Result<()> {
+        let cs = ConfState { voters: voters.to_vec(), ..Default::default() };
+        let hs = HardState { term: BOOT_TERM, commit: BOOT_INDEX, ..Default::default() };
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(RAFT_STATE)?;
+            t.insert(CONF_STATE, cs.write_to_bytes()?.as_slice())?;
+            t.insert(HARD_STATE, hs.write_to_bytes()?.as_slice())?;
+            t.insert(COMPACTED, marker(BOOT_INDEX, BOOT_TERM).as_slice())?;
+        }
+        txn.commit()?;
+        let mut core = self.core.write().expect("raft log lock");
+        core.conf_state = cs;
+        core.hard_state = hs;
+        core.compacted_index = BOOT_INDEX;
+        core.compacted_term = BOOT_TERM;
+        Ok(())
+    }
+
+    /// Whether this master has a configuration (false: it waits to join a group).
+    pub fn is_member_of_a_group(&self) -> bool {
+        let core = self.core.read().expect("raft log lock");
+        !core.conf_state.voters.is_empty() || core.compacted_index > 0
+    }
+
+    /// The snapshot raft-rs asked for on behalf of peer `to`, with the read transaction that holds
+    /// its state; taken once by the transport.
+    pub fn take_outgoing_snapshot(&self, to: u64) -> Option<(SnapshotMetadata, ReadTransaction)> {
+        self.outgoing.lock().expect("snapshot lock").remove(&to)
+    }
+
+    /// Replaces the state machine and the log with a snapshot, in one durable transaction: the
+    /// state tables get `records`, the log is emptied and starts after the snapshot's index.
+    pub fn install_snapshot(
+        &self,
+        meta: &SnapshotMetadata,
+        records: impl Iterator<Item = Result<(u32, Vec<u8>, Vec<u8>)>>,
+    ) -> Result<()> {
+        let mut hs = self.core.read().expect("raft log lock").hard_state.clone();
+        hs.term = hs.term.max(meta.term);
+        hs.commit = hs.commit.max(meta.index);
+        let cs = meta.get_conf_state().clone();
+        let txn = self.db.begin_write()?;
+        crate::state::load(&txn, records, meta.index)?;
+        txn.delete_table(LOG)?;
+        txn.open_table(LOG)?;
+        {
+            let mut t = txn.open_table(RAFT_STATE)?;
+            t.insert(CONF_STATE, cs.write_to_bytes()?.as_slice())?;
+            t.insert(HARD_STATE, hs.write_to_bytes()?.as_slice())?;
+            t.insert(COMPACTED, marker(meta.index, meta.term).as_slice())?;
+        }
+        txn.commit()?;
+        let mut core = self.core.write().expect("raft log lock");
+        core.entries.clear();
+        core.bytes = 0;
+        core.compacted_index = meta.index;
+        core.compacted_term = meta.term;
+        core.conf_state = cs;
+        core.hard_state = hs;
+        Ok(())
     }
 
     fn put_state(&self, key: &str, bytes: &[u8]) -> Result<()> {
@@ -144,8 +220,11 @@ impl RaftLog {
         let mut core = self.core.write().expect("raft log lock");
         if let Some(first) = entries.first() {
             while core.last_index() >= first.index {
-                core.entries.pop_back();
+                if let Some(e) = core.entries.pop_back() {
+                    core.bytes -= e.data.len() as u64;
+                }
             }
+            core.bytes += entries.iter().map(|e| e.data.len() as u64).sum::<u64>();
             core.entries.extend(entries.iter().cloned());
         }
         if let Some(hs) = hs {
@@ -200,23 +279,34 @@ impl RaftLog {
             for i in from..=index {
                 t.remove(i)?;
             }
-            let mut marker = [0u8; 16];
-            marker[..8].copy_from_slice(&index.to_be_bytes());
-            marker[8..].copy_from_slice(&term.to_be_bytes());
-            txn.open_table(RAFT_STATE)?.insert(COMPACTED, marker.as_slice())?;
+            txn.open_table(RAFT_STATE)?.insert(COMPACTED, marker(index, term).as_slice())?;
         }
         txn.commit()?;
         let mut core = self.core.write().expect("raft log lock");
         let drop = (index - core.compacted_index) as usize;
-        core.entries.drain(..drop);
+        let freed: u64 = core.entries.drain(..drop).map(|e| e.data.len() as u64).sum();
+        core.bytes -= freed;
         core.compacted_index = index;
         core.compacted_term = term;
         Ok(())
     }
 
+    /// Entries and payload bytes in the log (after the compacted prefix).
+    pub fn size(&self) -> (u64, u64) {
+        let core = self.core.read().expect("raft log lock");
+        (core.entries.len() as u64, core.bytes)
+    }
+
     pub fn first_index_now(&self) -> u64 {
         self.core.read().expect("raft log lock").first_index()
     }
+}
+
+fn marker(index: u64, term: u64) -> [u8; 16] {
+    let mut m = [0u8; 16];
+    m[..8].copy_from_slice(&index.to_be_bytes());
+    m[8..].copy_from_slice(&term.to_be_bytes());
+    m
 }
 
 impl Storage for RaftLog {
@@ -267,10 +357,25 @@ impl Storage for RaftLog {
         Ok(self.core.read().expect("raft log lock").last_index())
     }
 
-    /// Snapshot transfer to a lagging follower arrives with the multi-master group (issue 4); a
-    /// one-master group never asks for one. Until then raft-rs is told to retry later.
-    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
+    /// A snapshot of the state machine as of its applied index, for a follower behind the
+    /// compacted log. The state is not copied here: a redb read transaction pins it, and the
+    /// transport streams it to the follower (see `node::Transport`). raft-rs calls this on the
+    /// driver thread, never between a batch's apply and its conf-state update.
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        let txn = self.db.begin_read().map_err(storage_err)?;
+        let index = crate::state::applied_in(&txn).map_err(storage_err)?;
+        if index < request_index {
+            return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
+        }
+        let term = self.term(index)?;
+        let mut meta = SnapshotMetadata::default();
+        meta.index = index;
+        meta.term = term;
+        meta.set_conf_state(self.conf_state());
+        let mut snap = Snapshot::default();
+        snap.set_metadata(meta.clone());
+        self.outgoing.lock().expect("snapshot lock").insert(to, (meta, txn));
+        Ok(snap)
     }
 }
 
@@ -293,7 +398,8 @@ mod tests {
         {
             let db = Arc::new(Database::create(&path).unwrap());
             let log = RaftLog::open(db, &[1]).unwrap();
-            log.persist(&(1..=10).map(|i| entry(i, 1)).collect::<Vec<_>>(), None).unwrap();
+            assert_eq!(log.first_index().unwrap(), BOOT_INDEX + 1, "a new group starts after its bootstrap index");
+            log.persist(&(2..=10).map(|i| entry(i, 1)).collect::<Vec<_>>(), None).unwrap();
             // A new leader replaces an uncommitted suffix.
             let mut hs = HardState::default();
             hs.term = 2;

@@ -3,27 +3,85 @@
 //! command, and translate errors once (`MetaError` -> `tonic::Status`).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use cairn_proto::v1::{self as pb, cluster_server, command, command_result, master_server, raft_server};
 use protobuf::Message as _;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::cluster::{to_hash, Cluster};
 use crate::error::MetaError;
-use crate::node::Node;
+use crate::node::{Node, RaftStatus};
 use crate::state::{check_extents, split_path, State};
 
 const LIST_PAGE_DEFAULT: usize = 1000;
 const LIST_PAGE_MAX: usize = 10_000;
 const PLACE_MAX_CHUNKS: usize = 1024;
 const MAX_REPLICATION: u32 = 16;
+/// How long status waits for each other master to describe itself.
+const DESCRIBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 #[derive(Clone)]
 pub struct Services {
     pub node: Node,
     pub state: State,
     pub cluster: Arc<Cluster>,
+    pub identity: cairn_common::tls::Identity,
+}
+
+fn describe(s: &RaftStatus, addr: String) -> pb::MasterStatus {
+    pb::MasterStatus {
+        id: s.id,
+        addr,
+        role: if s.role.is_empty() { "follower".into() } else { s.role.clone() },
+        term: s.term,
+        commit_index: s.commit_index,
+        applied_index: s.applied_index,
+        alive: true,
+        matched_index: s.matched.get(&s.id).copied().unwrap_or(0),
+    }
+}
+
+impl Services {
+    /// Every member of the group as it describes itself (asked in parallel, each within
+    /// DESCRIBE_TIMEOUT), with the leader's view of its log.
+    async fn masters(&self) -> Vec<pb::MasterStatus> {
+        let me = self.node.status();
+        let asks = self.node.peers().into_iter().map(|(id, addr)| {
+            let me = &me;
+            async move {
+                let matched = me.matched.get(&id).copied().unwrap_or(0);
+                if id == me.id {
+                    return pb::MasterStatus { matched_index: matched, ..describe(me, addr) };
+                }
+                let asked = tokio::time::timeout(DESCRIBE_TIMEOUT, async {
+                    let ep = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+                        .map_err(|e| e.to_string())?
+                        .tls_config(self.identity.grpc_client())
+                        .map_err(|e| e.to_string())?
+                        .tcp_nodelay(true);
+                    let ch = ep.connect().await.map_err(|e| e.to_string())?;
+                    pb::raft_client::RaftClient::new(ch)
+                        .describe(pb::DescribeRequest {})
+                        .await
+                        .map(|r| r.into_inner())
+                        .map_err(|e| e.to_string())
+                })
+                .await;
+                match asked {
+                    Ok(Ok(s)) => pb::MasterStatus { id, addr, matched_index: matched, alive: true, ..s },
+                    _ => pb::MasterStatus {
+                        id,
+                        addr,
+                        role: "unreachable".into(),
+                        matched_index: matched,
+                        ..Default::default()
+                    },
+                }
+            }
+        });
+        futures::future::join_all(asks).await
+    }
 }
 
 type Res<T> = Result<Response<T>, Status>;
@@ -59,13 +117,13 @@ fn check_replication(r: u32) -> Result<(), MetaError> {
 #[tonic::async_trait]
 impl master_server::Master for Services {
     async fn stat(&self, req: Request<pb::StatRequest>) -> Res<pb::StatResponse> {
-        self.node.ensure_leader()?;
+        self.node.read_barrier().await?;
         let attr = self.state.reader()?.stat(&req.into_inner().path)?;
         Ok(Response::new(pb::StatResponse { attr: Some(attr) }))
     }
 
     async fn list(&self, req: Request<pb::ListRequest>) -> Res<pb::ListResponse> {
-        self.node.ensure_leader()?;
+        self.node.read_barrier().await?;
         let req = req.into_inner();
         let limit = match req.limit as usize {
             0 => LIST_PAGE_DEFAULT,
@@ -142,8 +200,9 @@ impl master_server::Master for Services {
     }
 
     async fn open_file(&self, req: Request<pb::OpenFileRequest>) -> Res<pb::OpenFileResponse> {
-        self.node.ensure_leader()?;
+        self.node.read_barrier().await?;
         let inode = self.state.reader()?.open_file(&req.into_inner().path)?;
+        let settled = self.cluster.settled(Instant::now());
         let mut offset = 0;
         let extents = inode
             .extents
@@ -154,7 +213,10 @@ impl master_server::Master for Services {
                 offset += loc.extent.as_ref().map_or(0, |e| e.length);
                 loc
             })
-            .collect();
+            .collect::<Vec<_>>();
+        if !settled && extents.iter().any(|e| e.replicas.is_empty()) {
+            return Err(MetaError::Unavailable("a new leader is waiting for chunkservers to report".into()).into());
+        }
         Ok(Response::new(pb::OpenFileResponse { attr: inode.attr, extents }))
     }
 
@@ -168,33 +230,18 @@ impl master_server::Master for Services {
     }
 
     async fn status(&self, _req: Request<pb::StatusRequest>) -> Res<pb::StatusResponse> {
-        self.node.ensure_leader()?;
-        let me = self.node.status();
-        let masters = self
-            .node
-            .peers()
-            .iter()
-            .map(|(&id, addr)| {
-                if id == me.id {
-                    pb::MasterStatus {
-                        id,
-                        addr: addr.clone(),
-                        role: me.role.clone(),
-                        term: me.term,
-                        commit_index: me.commit_index,
-                        applied_index: me.applied_index,
-                        alive: true,
-                    }
-                } else {
-                    pb::MasterStatus { id, addr: addr.clone(), role: "unknown".into(), ..Default::default() }
-                }
-            })
-            .collect();
+        self.node.read_barrier().await?;
+        let masters = self.masters().await;
         let reader = self.state.reader()?;
         let mut health = pb::ChunkHealth::default();
         let now = Instant::now();
+        // A new leader that has not heard from every chunkserver declares nothing missing yet.
+        let settled = self.cluster.settled(now);
         reader.for_each_chunk(|hash, goal| {
             health.total += 1;
+            if !settled {
+                return;
+            }
             let live = to_hash(hash).map_or(0, |h| self.cluster.live_count(&h, now));
             match live {
                 0 => health.lost += 1,
@@ -210,6 +257,23 @@ impl master_server::Master for Services {
             files: reader.files()?,
             bytes: reader.bytes()?,
         }))
+    }
+
+    async fn change_membership(
+        &self,
+        req: Request<pb::ChangeMembershipRequest>,
+    ) -> Res<pb::ChangeMembershipResponse> {
+        let r = req.into_inner();
+        let member = pb::MasterMember { id: r.id, addr: r.addr, removed: r.remove };
+        self.node.change_membership(member).await?;
+        tracing::info!(id = r.id, removed = r.remove, "master group membership changed");
+        Ok(Response::new(pb::ChangeMembershipResponse { masters: self.masters().await }))
+    }
+
+    async fn transfer_leader(&self, req: Request<pb::TransferLeaderRequest>) -> Res<pb::TransferLeaderResponse> {
+        self.node.ensure_leader()?;
+        let leader = self.node.transfer_leader(req.into_inner().to).await?;
+        Ok(Response::new(pb::TransferLeaderResponse { leader }))
     }
 }
 
@@ -260,11 +324,44 @@ impl cluster_server::Cluster for Services {
 
 #[tonic::async_trait]
 impl raft_server::Raft for Services {
-    async fn send(&self, req: Request<pb::RaftMessage>) -> Res<pb::RaftAck> {
+    async fn stream(&self, req: Request<Streaming<pb::RaftMessage>>) -> Res<pb::RaftAck> {
         require_node(&req)?;
-        let msg = raft::eraftpb::Message::parse_from_bytes(&req.into_inner().message)
-            .map_err(|e| Status::invalid_argument(format!("malformed raft message: {e}")))?;
-        self.node.step(msg);
+        let mut stream = req.into_inner();
+        while let Some(m) = stream.message().await? {
+            let msg = raft::eraftpb::Message::parse_from_bytes(&m.message)
+                .map_err(|e| Status::invalid_argument(format!("malformed raft message: {e}")))?;
+            self.node.step(msg, &m.from_addr);
+        }
         Ok(Response::new(pb::RaftAck {}))
+    }
+
+    async fn install_snapshot(&self, req: Request<Streaming<pb::SnapshotChunk>>) -> Res<pb::RaftAck> {
+        require_node(&req)?;
+        let mut stream = req.into_inner();
+        let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+        let msg = raft::eraftpb::Message::parse_from_bytes(&first.message)
+            .map_err(|e| Status::invalid_argument(format!("malformed raft message: {e}")))?;
+        if msg.get_msg_type() != raft::eraftpb::MessageType::MsgSnapshot {
+            return Err(Status::invalid_argument("a snapshot stream must start with a snapshot message"));
+        }
+        let internal = |e: anyhow::Error| Status::internal(format!("stage snapshot: {e:#}"));
+        let mut file = crate::transport::SnapshotFile::create(self.node.snapshot_dir()).map_err(internal)?;
+        file.write(&first.records).map_err(internal)?;
+        while let Some(chunk) = stream.message().await? {
+            file.write(&chunk.records).map_err(internal)?;
+        }
+        let path = file.finish().map_err(internal)?;
+        if !first.from_addr.is_empty() {
+            self.node.step_learn(msg.from, &first.from_addr);
+        }
+        self.node.install_snapshot(msg, path).await?;
+        Ok(Response::new(pb::RaftAck {}))
+    }
+
+    async fn describe(&self, req: Request<pb::DescribeRequest>) -> Res<pb::MasterStatus> {
+        require_node(&req)?;
+        let s = self.node.status();
+        let addr = self.node.peers().get(&s.id).cloned().unwrap_or_default();
+        Ok(Response::new(describe(&s, addr)))
     }
 }

@@ -29,6 +29,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const SESSIONS: TableDefinition<(u64, u64), (i64, &[u8])> = TableDefinition::new("client_results");
 /// (leader time, client, seq): the same entries in age order, for expiry.
 const SESSIONS_BY_TIME: TableDefinition<(i64, u64, u64), ()> = TableDefinition::new("client_results_by_time");
+/// Master id -> gRPC address: the group's members as of the applied index.
+const MASTERS: TableDefinition<u64, &str> = TableDefinition::new("masters");
 
 /// How long the answer to a mutation is kept for retries of it. A client retries within its
 /// deadline (seconds); this covers it with a wide margin, and a failover in between.
@@ -199,6 +201,17 @@ impl Reader {
         Ok((attr, out, more))
     }
 
+    /// The master group's members and addresses, as of this reader's applied index.
+    pub fn masters(&self) -> Result<std::collections::BTreeMap<u64, String>, MetaError> {
+        let t = self.txn.open_table(MASTERS).map_err(storage)?;
+        let mut out = std::collections::BTreeMap::new();
+        for item in t.iter().map_err(storage)? {
+            let (k, v) = item.map_err(storage)?;
+            out.insert(k.value(), v.value().to_string());
+        }
+        Ok(out)
+    }
+
     pub fn chunkservers(&self) -> Result<Vec<ChunkserverInfo>, MetaError> {
         let t = self.txn.open_table(CHUNKSERVERS).map_err(storage)?;
         let mut out = Vec::new();
@@ -241,6 +254,7 @@ struct Writer<'t> {
     meta: Table<'t, &'static str, u64>,
     sessions: Table<'t, (u64, u64), (i64, &'static [u8])>,
     sessions_by_time: Table<'t, (i64, u64, u64), ()>,
+    masters: Table<'t, u64, &'static str>,
 }
 
 impl Tables for Writer<'_> {
@@ -373,6 +387,7 @@ impl State {
             txn.open_table(META)?;
             txn.open_table(SESSIONS)?;
             txn.open_table(SESSIONS_BY_TIME)?;
+            txn.open_table(MASTERS)?;
         }
         txn.commit()?;
         Ok(State { db })
@@ -405,6 +420,7 @@ impl State {
                 meta: txn.open_table(META)?,
                 sessions: txn.open_table(SESSIONS)?,
                 sessions_by_time: txn.open_table(SESSIONS_BY_TIME)?,
+                masters: txn.open_table(MASTERS)?,
             };
             for (_, cmd) in cmds {
                 let res = match cmd {
@@ -490,6 +506,14 @@ fn apply_one(w: &mut Writer<'_>, cmd: &Command) -> Result<command_result::Result
         Some(Op::Remove(req)) => remove(w, req, t).map(|_| command_result::Result::Done(Empty {})),
         Some(Op::RegisterChunkserver(info)) => {
             w.chunkservers.insert(info.id, info.encode_to_vec().as_slice()).map_err(storage)?;
+            Ok(command_result::Result::Done(Empty {}))
+        }
+        Some(Op::SetMaster(m)) => {
+            if m.removed {
+                w.masters.remove(m.id).map_err(storage)?;
+            } else if !m.addr.is_empty() {
+                w.masters.insert(m.id, m.addr.as_str()).map_err(storage)?;
+            }
             Ok(command_result::Result::Done(Empty {}))
         }
         None => Err(MetaError::InvalidArgument("empty command".into())),
@@ -659,3 +683,163 @@ fn remove(w: &mut Writer<'_>, req: &RemoveRequest, t: i64) -> Result<(), MetaErr
 
 #[cfg(test)]
 mod tests;
+
+// ---------------------------------------------------------------- snapshots
+
+/// The applied index as seen by `txn`.
+pub fn applied_in(txn: &ReadTransaction) -> anyhow::Result<u64> {
+    Ok(txn.open_table(META)?.get(APPLIED)?.map_or(0, |v| v.value()))
+}
+
+/// Table ids of snapshot records: a wire contract between masters, like proto field numbers.
+const T_INODES: u32 = 1;
+const T_DIRENTS: u32 = 2;
+const T_CHUNKS: u32 = 3;
+const T_CHUNKSERVERS: u32 = 4;
+const T_META: u32 = 5;
+const T_SESSIONS: u32 = 6;
+const T_SESSIONS_BY_TIME: u32 = 7;
+const T_MASTERS: u32 = 8;
+
+fn u64_at(b: &[u8], at: usize) -> anyhow::Result<u64> {
+    Ok(u64::from_be_bytes(b.get(at..at + 8).context("short snapshot record")?.try_into().expect("8 bytes")))
+}
+
+/// Every record of every state table as seen by `txn`, in table and key order. `emit` may fail
+/// (a closed stream), which stops the dump.
+pub fn dump(
+    txn: &ReadTransaction,
+    mut emit: impl FnMut(u32, Vec<u8>, Vec<u8>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    for item in txn.open_table(INODES)?.iter()? {
+        let (k, v) = item?;
+        emit(T_INODES, k.value().to_be_bytes().to_vec(), v.value().to_vec())?;
+    }
+    for item in txn.open_table(DIRENTS)?.iter()? {
+        let (k, v) = item?;
+        let (parent, name) = k.value();
+        let mut key = parent.to_be_bytes().to_vec();
+        key.extend_from_slice(name.as_bytes());
+        emit(T_DIRENTS, key, v.value().to_be_bytes().to_vec())?;
+    }
+    for item in txn.open_table(CHUNKS)?.iter()? {
+        let (k, v) = item?;
+        let (refs, goal) = v.value();
+        let mut val = refs.to_be_bytes().to_vec();
+        val.extend_from_slice(&goal.to_be_bytes());
+        emit(T_CHUNKS, k.value().to_vec(), val)?;
+    }
+    for item in txn.open_table(CHUNKSERVERS)?.iter()? {
+        let (k, v) = item?;
+        emit(T_CHUNKSERVERS, k.value().to_be_bytes().to_vec(), v.value().to_vec())?;
+    }
+    for item in txn.open_table(META)?.iter()? {
+        let (k, v) = item?;
+        emit(T_META, k.value().as_bytes().to_vec(), v.value().to_be_bytes().to_vec())?;
+    }
+    for item in txn.open_table(SESSIONS)?.iter()? {
+        let (k, v) = item?;
+        let (client, seq) = k.value();
+        let (t, res) = v.value();
+        let mut key = client.to_be_bytes().to_vec();
+        key.extend_from_slice(&seq.to_be_bytes());
+        let mut val = t.to_be_bytes().to_vec();
+        val.extend_from_slice(res);
+        emit(T_SESSIONS, key, val)?;
+    }
+    for item in txn.open_table(SESSIONS_BY_TIME)?.iter()? {
+        let (k, _) = item?;
+        let (t, client, seq) = k.value();
+        let mut key = t.to_be_bytes().to_vec();
+        key.extend_from_slice(&client.to_be_bytes());
+        key.extend_from_slice(&seq.to_be_bytes());
+        emit(T_SESSIONS_BY_TIME, key, vec![])?;
+    }
+    for item in txn.open_table(MASTERS)?.iter()? {
+        let (k, v) = item?;
+        emit(T_MASTERS, k.value().to_be_bytes().to_vec(), v.value().as_bytes().to_vec())?;
+    }
+    Ok(())
+}
+
+/// Replaces every state table with the records of a snapshot, inside the caller's transaction
+/// (which also resets the Raft log, so that both change together or not at all), and sets the
+/// applied index to the snapshot's.
+pub fn load(
+    txn: &WriteTransaction,
+    records: impl Iterator<Item = anyhow::Result<(u32, Vec<u8>, Vec<u8>)>>,
+    applied: u64,
+) -> anyhow::Result<()> {
+    txn.delete_table(INODES)?;
+    txn.delete_table(DIRENTS)?;
+    txn.delete_table(CHUNKS)?;
+    txn.delete_table(CHUNKSERVERS)?;
+    txn.delete_table(META)?;
+    txn.delete_table(SESSIONS)?;
+    txn.delete_table(SESSIONS_BY_TIME)?;
+    txn.delete_table(MASTERS)?;
+    let mut inodes = txn.open_table(INODES)?;
+    let mut dirents = txn.open_table(DIRENTS)?;
+    let mut chunks = txn.open_table(CHUNKS)?;
+    let mut chunkservers = txn.open_table(CHUNKSERVERS)?;
+    let mut meta = txn.open_table(META)?;
+    let mut sessions = txn.open_table(SESSIONS)?;
+    let mut by_time = txn.open_table(SESSIONS_BY_TIME)?;
+    let mut masters = txn.open_table(MASTERS)?;
+    for r in records {
+        let (table, k, v) = r?;
+        match table {
+            T_INODES => {
+                inodes.insert(u64_at(&k, 0)?, v.as_slice())?;
+            }
+            T_DIRENTS => {
+                let name = std::str::from_utf8(k.get(8..).unwrap_or_default()).context("directory entry name")?;
+                dirents.insert((u64_at(&k, 0)?, name), u64_at(&v, 0)?)?;
+            }
+            T_CHUNKS => {
+                let goal = u32::from_be_bytes(v.get(8..12).context("short chunk record")?.try_into().expect("4 bytes"));
+                chunks.insert(k.as_slice(), (u64_at(&v, 0)?, goal))?;
+            }
+            T_CHUNKSERVERS => {
+                chunkservers.insert(u64_at(&k, 0)?, v.as_slice())?;
+            }
+            T_META => {
+                meta.insert(std::str::from_utf8(&k).context("meta key")?, u64_at(&v, 0)?)?;
+            }
+            T_SESSIONS => {
+                let t = u64_at(&v, 0)? as i64;
+                sessions.insert((u64_at(&k, 0)?, u64_at(&k, 8)?), (t, &v[8..]))?;
+            }
+            T_SESSIONS_BY_TIME => {
+                by_time.insert((u64_at(&k, 0)? as i64, u64_at(&k, 8)?, u64_at(&k, 16)?), ())?;
+            }
+            T_MASTERS => {
+                masters.insert(u64_at(&k, 0)?, std::str::from_utf8(&v).context("master address")?)?;
+            }
+            other => anyhow::bail!("snapshot record of unknown table {other}"),
+        }
+    }
+    meta.insert(APPLIED, applied)?;
+    Ok(())
+}
+
+impl State {
+    pub fn db(&self) -> &Arc<Database> {
+        &self.db
+    }
+
+    /// Records the group's first members (a new group's bootstrap, before any entry).
+    pub fn bootstrap_masters(&self, peers: &std::collections::BTreeMap<u64, String>) -> anyhow::Result<()> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(MASTERS)?;
+            if t.iter()?.next().is_none() {
+                for (id, addr) in peers {
+                    t.insert(*id, addr.as_str())?;
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+}

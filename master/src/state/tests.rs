@@ -127,7 +127,7 @@ fn with_id(mut op: Op, client: u64, seq: u64) -> Op {
         Op::CommitFile(r) => r.id = id,
         Op::Rename(r) => r.id = id,
         Op::Remove(r) => r.id = id,
-        Op::RegisterChunkserver(_) => {}
+        Op::RegisterChunkserver(_) | Op::SetMaster(_) => {}
     }
     op
 }
