@@ -47,6 +47,9 @@ enum Cmd {
     Rm(cli::RmArgs),
     /// Show masters, chunkservers and replication health.
     Status(cli::StatusArgs),
+    /// Administer the cluster: the master group's membership and leadership.
+    #[command(subcommand)]
+    Admin(cli::AdminCmd),
     /// Measure put/get throughput and small-file rate, beside the local disk.
     Bench(bench::BenchArgs),
 }
@@ -91,6 +94,7 @@ fn main() -> ExitCode {
             Cmd::Mv(a) => cli::mv(a).await,
             Cmd::Rm(a) => cli::rm(a).await,
             Cmd::Status(a) => cli::status(a).await,
+            Cmd::Admin(a) => cli::admin(a).await,
             Cmd::Bench(a) => bench::run(a).await,
         }
     });

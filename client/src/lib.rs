@@ -208,6 +208,31 @@ impl Client {
         self.inner.masters.call(|mut c| async move { c.status(pb::StatusRequest {}).await }).await
     }
 
+    /// Adds (`addr` given) or removes a master of the group; returns the members afterwards.
+    pub async fn change_masters(&self, id: u64, addr: Option<&str>) -> Result<Vec<pb::MasterStatus>> {
+        let req =
+            pb::ChangeMembershipRequest { id, addr: addr.unwrap_or_default().to_string(), remove: addr.is_none() };
+        let r = self
+            .inner
+            .masters
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.change_membership(req).await }
+            })
+            .await?;
+        Ok(r.masters)
+    }
+
+    /// Hands leadership to master `to` (0: the most up-to-date follower); returns the new leader.
+    pub async fn transfer_leader(&self, to: u64) -> Result<u64> {
+        let r = self
+            .inner
+            .masters
+            .call(|mut c| async move { c.transfer_leader(pb::TransferLeaderRequest { to }).await })
+            .await?;
+        Ok(r.leader)
+    }
+
     async fn open(&self, path: &str) -> Result<pb::OpenFileResponse> {
         let p = path.to_string();
         self.inner

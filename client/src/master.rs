@@ -112,6 +112,13 @@ impl Masters {
                     retry_now = hint.is_some() && backoff == BACKOFF_MIN;
                     self.move_on(hint);
                 }
+                // The connection broke while the call was in flight (the master died): whether
+                // it took effect is unknown, and every mutation carries a request id, so a retry
+                // is answered with the first result if there was one.
+                Ok(Err(Attempt::Status(s))) if matches!(s.code(), tonic::Code::Unknown | tonic::Code::Cancelled) => {
+                    last_err = s.message().to_string();
+                    self.move_on(None);
+                }
                 Ok(Err(Attempt::Status(s))) => return Err(Error::from_status(&s)),
                 Ok(Err(Attempt::Connect(e))) => {
                     last_err = e;

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 /// gRPC messages can carry the extent list of a very large file.
 pub const MAX_MESSAGE: usize = 64 << 20;
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
 pub struct Config {
     pub id: u64,
@@ -98,7 +99,7 @@ pub async fn run(config: Config, listener: tokio::net::TcpListener, shutdown: Ca
         }
         s
     });
-    let served = tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .tls_config(config.identity.grpc_server())
         .context("gRPC TLS")?
         .tcp_nodelay(true)
@@ -109,8 +110,17 @@ pub async fn run(config: Config, listener: tokio::net::TcpListener, shutdown: Ca
         )
         .add_service(ClusterServer::new(services.clone()).max_decoding_message_size(MAX_MESSAGE))
         .add_service(RaftServer::new(services).max_decoding_message_size(MAX_MESSAGE))
-        .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned())
-        .await;
+        .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
+    // A graceful stop waits for requests in flight, and the peers' Raft streams never end: give
+    // unary calls a moment, then drop the rest.
+    let grace = async {
+        stop.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    let served = tokio::select! {
+        r = server => r,
+        _ = grace => Ok(()),
+    };
     stop.cancel();
     let driven = tokio::task::spawn_blocking(move || driver.join()).await;
     served.context("gRPC server")?;

@@ -54,18 +54,38 @@ type ReadReply = oneshot::Sender<Result<(), MetaError>>;
 type TransferReply = oneshot::Sender<Result<u64, MetaError>>;
 
 pub enum Msg {
-    Propose { op: command::Op, reply: Reply },
+    Propose {
+        op: command::Op,
+        reply: Reply,
+    },
     /// Linearizable read barrier: answered once this leader's state includes every mutation
     /// committed before the request (ReadIndex).
-    Read { reply: ReadReply },
+    Read {
+        reply: ReadReply,
+    },
     Step(Box<RaftMsg>),
     /// A snapshot streamed in from the leader: the MsgSnapshot and the file holding its records.
-    Snapshot { msg: Box<RaftMsg>, file: PathBuf },
-    SnapshotSent { to: u64, ok: bool },
-    Membership { member: MasterMember, reply: Reply },
-    Transfer { to: u64, reply: TransferReply },
+    Snapshot {
+        msg: Box<RaftMsg>,
+        file: PathBuf,
+    },
+    SnapshotSent {
+        to: u64,
+        ok: bool,
+    },
+    Membership {
+        member: MasterMember,
+        reply: Reply,
+    },
+    Transfer {
+        to: u64,
+        reply: TransferReply,
+    },
     /// A peer's address, learnt from a message it sent.
-    Learn { id: u64, addr: String },
+    Learn {
+        id: u64,
+        addr: String,
+    },
 }
 
 /// What the rest of the master may know of the Raft node, refreshed after every Ready.
@@ -188,7 +208,11 @@ impl Node {
         self.tx.try_send(m).map_err(|_| MetaError::Unavailable("the master is overloaded; retry".into()))
     }
 
-    async fn wait<T>(rx: oneshot::Receiver<Result<T, MetaError>>, timeout: Duration, what: &str) -> Result<T, MetaError> {
+    async fn wait<T>(
+        rx: oneshot::Receiver<Result<T, MetaError>>,
+        timeout: Duration,
+        what: &str,
+    ) -> Result<T, MetaError> {
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(res)) => res,
             Ok(Err(_)) => Err(MetaError::Unavailable("the master is shutting down".into())),
@@ -291,6 +315,18 @@ struct Reads {
     ready: Vec<(u64, Vec<ReadReply>)>,
 }
 
+/// Knobs for a [`Core`] driven by a deterministic simulation (`master/tests/sim.rs`). Production
+/// uses the defaults, through [`Core::new`].
+#[derive(Clone, Debug, Default)]
+pub struct CoreOptions {
+    /// A fixed election timeout in ticks (at least 10) instead of one that raft-rs draws from
+    /// `thread_rng` between 10 and 20 ticks, which a seeded simulation could not replay: the
+    /// simulation randomizes when each node ticks instead.
+    pub election_ticks: Option<usize>,
+    /// The first id matching proposals to their callers (default: random).
+    pub first_request_id: Option<u64>,
+}
+
 /// The Raft node and the state machine it drives; see the module documentation.
 pub struct Core {
     raw: RawNode<RaftLog>,
@@ -320,13 +356,32 @@ impl Core {
         log: RaftLog,
         state: State,
         cluster: Arc<Cluster>,
-        mut net: Box<dyn Network>,
+        net: Box<dyn Network>,
         peers: Arc<RwLock<BTreeMap<u64, String>>>,
         clock: Box<dyn Fn() -> i64 + Send>,
     ) -> Result<Core> {
+        Core::with_options(id, log, state, cluster, net, peers, clock, CoreOptions::default())
+    }
+
+    /// [`Core::new`] with the knobs of a simulation.
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_options(
+        id: u64,
+        log: RaftLog,
+        state: State,
+        cluster: Arc<Cluster>,
+        mut net: Box<dyn Network>,
+        peers: Arc<RwLock<BTreeMap<u64, String>>>,
+        clock: Box<dyn Fn() -> i64 + Send>,
+        opts: CoreOptions,
+    ) -> Result<Core> {
         let applied = state.applied_index()?;
-        let mut raw = RawNode::new(&raft_config(id, applied), log.clone(), &crate::logging::raft_logger())
-            .context("start raft node")?;
+        let mut config = raft_config(id, applied);
+        if let Some(ticks) = opts.election_ticks {
+            config.min_election_tick = ticks;
+            config.max_election_tick = ticks + 1;
+        }
+        let mut raw = RawNode::new(&config, log.clone(), &crate::logging::raft_logger()).context("start raft node")?;
         if log.conf_state().voters == [id] {
             // A group of one elects itself at once instead of waiting out an election timeout.
             raw.campaign().context("campaign")?;
@@ -345,7 +400,7 @@ impl Core {
             net,
             clock,
             waiters: HashMap::new(),
-            next_request: rand::random(),
+            next_request: opts.first_request_id.unwrap_or_else(rand::random),
             reads: Reads::default(),
             transfers: Vec::new(),
             incoming: None,
@@ -450,6 +505,12 @@ impl Core {
         let voters = self.log.conf_state().voters;
         let present = voters.contains(&member.id);
         let refuse = |m: String| Err::<(), _>(MetaError::InvalidArgument(m));
+        let known = self.peers.read().expect("peers lock").get(&member.id).cloned();
+        if !member.removed && present && known.as_deref() == Some(member.addr.as_str()) {
+            // A retry of an add that took effect.
+            let _ = reply.send(Ok(command_result::Result::Done(cairn_proto::v1::Empty {})));
+            return;
+        }
         let check = if member.id == 0 {
             refuse("master id 0 is reserved".into())
         } else if member.removed && !present {
@@ -687,7 +748,7 @@ impl Core {
         if !leader && self.was_leader {
             self.fail_all("leadership changed before the request completed");
         }
-        if !leader {
+        if !leader && self.raw.raft.leader_id != 0 {
             for (_, reply) in self.transfers.drain(..) {
                 let _ = reply.send(Ok(self.raw.raft.leader_id));
             }
@@ -708,7 +769,8 @@ impl Core {
         s.commit_index = self.raw.raft.raft_log.committed;
         s.serving = leader && s.applied_index >= self.term_start;
         s.voters = self.log.conf_state().voters;
-        s.matched = if leader { self.raw.raft.prs().iter().map(|(id, p)| (*id, p.matched)).collect() } else { BTreeMap::new() };
+        s.matched =
+            if leader { self.raw.raft.prs().iter().map(|(id, p)| (*id, p.matched)).collect() } else { BTreeMap::new() };
         Ok(())
     }
 

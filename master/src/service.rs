@@ -259,10 +259,7 @@ impl master_server::Master for Services {
         }))
     }
 
-    async fn change_membership(
-        &self,
-        req: Request<pb::ChangeMembershipRequest>,
-    ) -> Res<pb::ChangeMembershipResponse> {
+    async fn change_membership(&self, req: Request<pb::ChangeMembershipRequest>) -> Res<pb::ChangeMembershipResponse> {
         let r = req.into_inner();
         let member = pb::MasterMember { id: r.id, addr: r.addr, removed: r.remove };
         self.node.change_membership(member).await?;

@@ -54,6 +54,9 @@ impl Transport {
     }
 
     fn client(&self, addr: &str) -> Result<RaftClient<Channel>> {
+        // The channel's background task must live on the server's runtime (with IO), not on the
+        // driver thread's, which has only a timer.
+        let _rt = self.rt.enter();
         let ep = Endpoint::from_shared(format!("https://{addr}"))?
             .tls_config(self.identity.grpc_client())?
             .tcp_nodelay(true)

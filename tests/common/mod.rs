@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use cairn_client::{Client, ClientConfig};
 use cairn_common::tls;
 
+pub mod group;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_cairn");
 pub const MIB: usize = 1 << 20;
 

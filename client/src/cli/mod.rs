@@ -2,6 +2,7 @@
 //! and one async function per command. Output goes to stdout; progress bars to stderr, only on a
 //! terminal. Errors are returned with a short context and printed as one line by `main`.
 
+mod admin;
 mod progress;
 mod status;
 mod transfer;
@@ -14,6 +15,7 @@ use cairn_proto::v1::{Attr, InodeKind};
 
 use crate::{Client, ClientConfig};
 
+pub use admin::{admin, AdminCmd};
 pub use status::{status, StatusArgs, StatusJson};
 pub use transfer::{get, put, GetArgs, PutArgs};
 

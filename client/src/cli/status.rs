@@ -24,6 +24,49 @@ pub struct MasterJson {
     pub commit_index: u64,
     pub applied_index: u64,
     pub alive: bool,
+    /// The leader's view: the highest log index known to be on this master (0 if unknown).
+    #[serde(default)]
+    pub matched_index: u64,
+    /// Entries committed by the group that this master has not applied yet.
+    #[serde(default)]
+    pub lag: u64,
+}
+
+/// The masters of a status or membership answer, with each one's lag behind the leader's commit.
+pub fn masters_json(masters: Vec<cairn_proto::v1::MasterStatus>) -> Vec<MasterJson> {
+    let commit = masters.iter().filter(|m| m.role == "leader").map(|m| m.commit_index).max().unwrap_or(0);
+    masters
+        .into_iter()
+        .map(|m| MasterJson {
+            lag: if m.alive { commit.saturating_sub(m.applied_index) } else { 0 },
+            id: m.id,
+            addr: m.addr,
+            role: m.role,
+            term: m.term,
+            commit_index: m.commit_index,
+            applied_index: m.applied_index,
+            alive: m.alive,
+            matched_index: m.matched_index,
+        })
+        .collect()
+}
+
+/// The masters as a table (shared by `status` and `admin masters`).
+pub fn write_masters(f: &mut impl std::fmt::Write, masters: &[MasterJson]) -> std::fmt::Result {
+    writeln!(
+        f,
+        "  {:>4}  {:<22} {:<12} {:>6} {:>10} {:>10} {:>8}",
+        "ID", "ADDRESS", "ROLE", "TERM", "COMMIT", "APPLIED", "LAG"
+    )?;
+    for m in masters {
+        let lag = if m.alive { m.lag.to_string() } else { "-".into() };
+        writeln!(
+            f,
+            "  {:>4}  {:<22} {:<12} {:>6} {:>10} {:>10} {:>8}",
+            m.id, m.addr, m.role, m.term, m.commit_index, m.applied_index, lag
+        )?;
+    }
+    Ok(())
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -61,19 +104,7 @@ impl From<cairn_proto::v1::StatusResponse> for StatusJson {
     fn from(s: cairn_proto::v1::StatusResponse) -> StatusJson {
         let c = s.chunks.unwrap_or_default();
         StatusJson {
-            masters: s
-                .masters
-                .into_iter()
-                .map(|m| MasterJson {
-                    id: m.id,
-                    addr: m.addr,
-                    role: m.role,
-                    term: m.term,
-                    commit_index: m.commit_index,
-                    applied_index: m.applied_index,
-                    alive: m.alive,
-                })
-                .collect(),
+            masters: masters_json(s.masters),
             chunkservers: s
                 .chunkservers
                 .into_iter()
@@ -119,18 +150,7 @@ fn human(n: u64) -> String {
 impl std::fmt::Display for StatusJson {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "MASTERS")?;
-        writeln!(
-            f,
-            "  {:>4}  {:<22} {:<10} {:>6} {:>10} {:>10}",
-            "ID", "ADDRESS", "ROLE", "TERM", "COMMIT", "APPLIED"
-        )?;
-        for m in &self.masters {
-            writeln!(
-                f,
-                "  {:>4}  {:<22} {:<10} {:>6} {:>10} {:>10}",
-                m.id, m.addr, m.role, m.term, m.commit_index, m.applied_index
-            )?;
-        }
+        write_masters(f, &self.masters)?;
         writeln!(f, "CHUNKSERVERS")?;
         writeln!(
             f,

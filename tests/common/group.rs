@@ -1,0 +1,302 @@
+//! A master group of real `cairn master` processes (ids 1..=n) and chunkservers that know all of
+//! them, on loopback ports picked by the OS. Every process is killed by PID when the group drops.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cairn_client::{Client, ClientConfig, PutOptions};
+use cairn_common::tls;
+
+use super::{cli_env, random_bytes, spawn, Proc, BIN};
+
+pub struct Group {
+    pub dir: tempfile::TempDir,
+    /// masters[i] has id i + 1; a killed one keeps its slot (child None) for a restart.
+    pub masters: Vec<Proc>,
+    pub chunkservers: Vec<Proc>,
+    pub client_tls: PathBuf,
+    ca: PathBuf,
+    extra: Vec<String>,
+}
+
+/// A port the OS had free a moment ago: masters must know each other's addresses before any of
+/// them starts, so they cannot bind port 0 themselves.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Group {
+    /// `extra` is added to every master's arguments (e.g. a small --compact-every).
+    pub fn start(masters: usize, chunkservers: usize, extra: &[&str]) -> Group {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = dir.path().join("ca");
+        tls::init_ca(&ca).expect("init CA");
+        let client_tls = dir.path().join("client-tls");
+        tls::issue(&ca, &client_tls, tls::Role::Client, &[]).expect("issue client cert");
+        let addrs: Vec<String> = (0..masters).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+        let peers = addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>().join(",");
+        let mut g = Group {
+            dir,
+            masters: vec![],
+            chunkservers: vec![],
+            client_tls,
+            ca,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        for (i, addr) in addrs.iter().enumerate() {
+            let mut args = g.master_args(i as u64 + 1, addr);
+            args.extend(["--peers".into(), peers.clone()]);
+            let p = g.spawn_master(i as u64 + 1, args);
+            g.masters.push(p);
+        }
+        for i in 0..chunkservers {
+            let node = g.dir.path().join(format!("cs{i}"));
+            tls::issue(&g.ca, &node.join("tls"), tls::Role::Node, &[]).expect("issue cs cert");
+            let args: Vec<String> = vec![
+                "chunkserver".into(),
+                "--data".into(),
+                node.join("data").display().to_string(),
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--masters".into(),
+                addrs.join(","),
+                "--tls".into(),
+                node.join("tls").display().to_string(),
+            ];
+            let mut p = spawn(&args, &node.join("log"));
+            p.data = node.join("data");
+            g.chunkservers.push(p);
+        }
+        g.wait_alive(chunkservers);
+        g
+    }
+
+    fn master_args(&self, id: u64, addr: &str) -> Vec<String> {
+        let node = self.dir.path().join(format!("m{id}"));
+        if !node.join("tls/cert.pem").exists() {
+            tls::issue(&self.ca, &node.join("tls"), tls::Role::Node, &[]).expect("issue master cert");
+        }
+        let mut args: Vec<String> = vec![
+            "master".into(),
+            "--id".into(),
+            id.to_string(),
+            "--data".into(),
+            node.join("data").display().to_string(),
+            "--listen".into(),
+            addr.into(),
+            "--tls".into(),
+            node.join("tls").display().to_string(),
+        ];
+        args.extend(self.extra.iter().cloned());
+        args
+    }
+
+    /// Starts `args`, retrying while the port is still held by a process just killed.
+    fn spawn_master(&self, id: u64, args: Vec<String>) -> Proc {
+        let start = Instant::now();
+        let mut n = 0;
+        loop {
+            n += 1;
+            let log = self.dir.path().join(format!("m{id}/log.{n}"));
+            std::fs::create_dir_all(log.parent().unwrap()).unwrap();
+            let err = std::fs::File::create(&log).unwrap();
+            let mut child =
+                Command::new(BIN).args(&args).stdout(Stdio::piped()).stderr(err).stdin(Stdio::null()).spawn().unwrap();
+            let mut line = String::new();
+            BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+            if let Some(addr) = line.trim().strip_prefix("listening on ") {
+                let data = self.dir.path().join(format!("m{id}/data"));
+                return Proc { addr: addr.to_string(), child: Some(child), data, args };
+            }
+            let _ = child.wait();
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "master {id} did not start: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Starts master `id` empty, waiting to be added (`--join`), on a new port.
+    pub fn start_joining(&mut self, id: u64) -> String {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut args = self.master_args(id, &addr);
+        args.push("--join".into());
+        let p = self.spawn_master(id, args);
+        assert_eq!(self.masters.len() as u64 + 1, id, "joining ids follow the group's");
+        self.masters.push(p);
+        addr
+    }
+
+    pub fn kill_master(&mut self, id: u64) {
+        self.masters[id as usize - 1].kill();
+    }
+
+    /// Restarts a killed master on its address and data.
+    pub fn restart_master(&mut self, id: u64) {
+        let args = self.masters[id as usize - 1].args.clone();
+        self.masters[id as usize - 1] = self.spawn_master(id, args);
+    }
+
+    /// Every master's log, concatenated (for assertions on what happened).
+    pub fn master_log(&self, id: u64) -> String {
+        let dir = self.dir.path().join(format!("m{id}"));
+        let mut out = String::new();
+        for n in 1..100 {
+            match std::fs::read_to_string(dir.join(format!("log.{n}"))) {
+                Ok(s) => out.push_str(&s),
+                Err(_) => break,
+            }
+        }
+        out
+    }
+
+    pub fn addrs(&self) -> Vec<String> {
+        self.masters.iter().map(|m| m.addr.clone()).collect()
+    }
+
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("CAIRN_MASTERS".into(), self.addrs().join(",")),
+            ("CAIRN_TLS".into(), self.client_tls.display().to_string()),
+        ]
+    }
+
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        cli_env(args, &self.env(), None)
+    }
+
+    /// `cairn status --json`, retried until it answers.
+    pub fn status(&self) -> serde_json::Value {
+        let start = Instant::now();
+        loop {
+            let out = self.cli(&["status", "--json"]);
+            if out.status.success() {
+                return serde_json::from_slice(&out.stdout).expect("status --json is JSON");
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "status: {}", String::from_utf8_lossy(&out.stderr));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The id of the master that leads now (waits for one).
+    pub fn leader(&self) -> u64 {
+        let s = self.status();
+        s["masters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["role"] == "leader")
+            .and_then(|m| m["id"].as_u64())
+            .expect("status names a leader")
+    }
+
+    pub fn wait_alive(&self, n: usize) {
+        super::wait_for(&format!("{n} chunkservers alive"), Duration::from_secs(30), || {
+            let s = self.status();
+            s["chunkservers"].as_array().map_or(0, |a| a.iter().filter(|c| c["state"] == "alive").count()) >= n
+        });
+    }
+
+    /// Waits until every listed master applied everything the leader committed.
+    pub fn wait_caught_up(&self, ids: &[u64]) {
+        super::wait_for("masters to catch up", Duration::from_secs(30), || {
+            let s = self.status();
+            let ms = s["masters"].as_array().unwrap().clone();
+            let commit = ms.iter().find(|m| m["role"] == "leader").and_then(|m| m["commit_index"].as_u64());
+            commit.is_some_and(|c| {
+                ids.iter().all(|id| {
+                    ms.iter().any(|m| m["id"] == *id && m["alive"] == true && m["applied_index"].as_u64() >= Some(c))
+                })
+            })
+        });
+    }
+
+    pub async fn client(&self, deadline: Duration) -> Client {
+        Client::connect(ClientConfig {
+            masters: self.addrs(),
+            tls_dir: self.client_tls.clone(),
+            master_deadline: deadline,
+        })
+        .await
+        .expect("connect client")
+    }
+}
+
+/// A client writing small files without pause, remembering each one the cluster acknowledged.
+pub struct Load {
+    pub stop: Arc<AtomicBool>,
+    pub acked: Arc<Mutex<Vec<(String, u64, usize)>>>,
+    pub failed: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+pub fn content(seed: u64, len: usize) -> Vec<u8> {
+    random_bytes(len, seed)
+}
+
+impl Load {
+    pub fn start(client: Client, prefix: &str, seed: u64) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let failed = Arc::new(AtomicU64::new(0));
+        let (s, a, f, prefix) = (stop.clone(), acked.clone(), failed.clone(), prefix.to_string());
+        let task = tokio::spawn(async move {
+            while client.mkdir(&prefix, true).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let mut i = 0u64;
+            while !s.load(Ordering::Relaxed) {
+                let path = format!("{prefix}/f{i}");
+                let fseed = seed * 1_000_000 + i;
+                let len = 1 + (fseed.wrapping_mul(2_654_435_761) % (200 << 10)) as usize;
+                let data = bytes::Bytes::from(content(fseed, len));
+                match client.put_bytes(&path, data, &PutOptions::default()).await {
+                    Ok(_) => a.lock().unwrap().push((path, fseed, len)),
+                    Err(e) => {
+                        eprintln!("load: {path}: {e}");
+                        f.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                i += 1;
+            }
+            client.close();
+        });
+        Load { stop, acked, failed, task }
+    }
+
+    pub fn acked(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    /// Waits until `n` more files than now were acknowledged (writes resumed).
+    pub async fn wait_more(&self, n: usize, timeout: Duration) {
+        let want = self.acked() + n;
+        let start = Instant::now();
+        while self.acked() < want {
+            assert!(start.elapsed() < timeout, "writes did not resume: {} acked, want {want}", self.acked());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn finish(self) -> Vec<(String, u64, usize)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap();
+        let v = self.acked.lock().unwrap().clone();
+        v
+    }
+}
+
+/// Reads back every acknowledged file and compares it with what was written.
+pub async fn verify(client: &Client, acked: &[(String, u64, usize)]) {
+    for (path, seed, len) in acked {
+        let got = client.read(path, 0, None).await.unwrap_or_else(|e| panic!("acknowledged {path} lost: {e}"));
+        assert!(got == content(*seed, *len), "acknowledged {path} reads back wrong");
+    }
+}
