@@ -18,8 +18,32 @@ use cairn_client::{Client, ClientConfig, PutOptions};
 use futures::StreamExt as _;
 use rand::{RngCore, SeedableRng};
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Large-file put/get, small puts, mkdir latency, beside the local disk.
+    Data,
+    /// Kill the master leader repeatedly under metadata load; time to the next mutation.
+    Failover,
+    /// File creates per second from many clients.
+    Metadata,
+    /// Many files: creates, master memory per file, store size, snapshot catch-up, restart.
+    Scale,
+}
+
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
+    /// What to measure.
+    #[arg(long, value_enum, default_value = "data")]
+    pub mode: Mode,
+    /// failover: leader kills.
+    #[arg(long, default_value_t = 20)]
+    pub trials: usize,
+    /// metadata, scale: concurrent clients (own connections); failover: writers.
+    #[arg(long, default_value_t = 32)]
+    pub clients: usize,
+    /// metadata: files created; scale: files in the namespace.
+    #[arg(long)]
+    pub files: Option<usize>,
     /// Size of the large file, MiB.
     #[arg(long, default_value_t = 2048)]
     pub size_mib: usize,
@@ -46,10 +70,10 @@ pub struct BenchArgs {
     pub dir: Option<PathBuf>,
 }
 
-struct Row {
-    what: String,
-    value: String,
-    note: String,
+pub(crate) struct Row {
+    pub what: String,
+    pub value: String,
+    pub note: String,
 }
 
 fn mbps(bytes: u64, d: Duration) -> f64 {
@@ -190,6 +214,9 @@ pub async fn run(a: &BenchArgs) -> Result<()> {
             tmp.path().to_path_buf()
         }
     };
+    if a.mode != Mode::Data {
+        return master_modes(a, &dir).await;
+    }
     let mut rows = Vec::new();
     if !a.no_disk {
         eprintln!("measuring the local disk...");
@@ -308,10 +335,40 @@ pub async fn run(a: &BenchArgs) -> Result<()> {
     client.remove(&run_dir, true).await?;
     client.close();
 
+    print_rows(rows);
+    Ok(())
+}
+
+fn print_rows(rows: Vec<Row>) {
     println!("| measurement | result | notes |");
     println!("|---|---|---|");
     for r in rows {
         println!("| {} | {} | {} |", r.what, r.value, r.note);
     }
+}
+
+/// The master-group modes run on a cluster of their own: they kill and restart masters.
+async fn master_modes(a: &BenchArgs, dir: &Path) -> Result<()> {
+    anyhow::ensure!(
+        std::env::var_os("CAIRN_MASTERS").is_none(),
+        "--mode {:?} kills and restarts masters, so it runs on a cluster it starts: unset CAIRN_MASTERS",
+        a.mode
+    );
+    anyhow::ensure!(a.clients >= 1 && a.trials >= 1, "--clients and --trials must be at least 1");
+    eprintln!("starting a dev cluster (3 masters, {} chunkservers) in {}...", a.chunkservers, dir.display());
+    let c = DevCluster::start(dir, a.chunkservers)?;
+    let masters: Vec<String> =
+        c.var("CAIRN_MASTERS").context("env without CAIRN_MASTERS")?.split(',').map(String::from).collect();
+    let tls = PathBuf::from(c.var("CAIRN_TLS").context("env without CAIRN_TLS")?);
+    let mut m = crate::bench_masters::Masters::new(dir.join("cluster"), masters, tls);
+    let rows = match a.mode {
+        Mode::Failover => crate::bench_masters::failover(&mut m, a.trials, a.clients.min(8)).await?,
+        Mode::Metadata => crate::bench_masters::metadata(&m, a.clients, a.files.unwrap_or(100_000)).await?,
+        Mode::Scale => crate::bench_masters::scale(&mut m, a.clients, a.files.unwrap_or(1_000_000)).await?,
+        Mode::Data => unreachable!("handled by run"),
+    };
+    drop(m);
+    drop(c);
+    print_rows(rows);
     Ok(())
 }

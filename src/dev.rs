@@ -147,7 +147,12 @@ pub async fn run(a: &DevArgs) -> Result<()> {
                 "--tls".into(),
                 node.join("tls").display().to_string(),
             ];
-            procs.push(spawn(&exe, &format!("master {id}"), &args, &dir.join(format!("logs/master-{id}.log")))?);
+            let p = spawn(&exe, &format!("master {id}"), &args, &dir.join(format!("logs/master-{id}.log")))?;
+            // For tools that stop or restart one master (`cairn bench --mode failover`).
+            if let Some(pid) = p.child.id() {
+                std::fs::write(node.join("pid"), format!("{pid}\n"))?;
+            }
+            procs.push(p);
         }
         for i in 1..=a.chunkservers {
             let node = dir.join(format!("chunkserver-{i}"));

@@ -5,6 +5,8 @@
 /// The cluster benchmark lives with the other benchmarks; `cairn bench` runs it.
 #[path = "../benches/cluster.rs"]
 mod bench;
+#[path = "../benches/masters.rs"]
+mod bench_masters;
 mod dev;
 mod servers;
 
