@@ -18,7 +18,9 @@ use anyhow::{Context, Result};
 use cairn_proto::v1::{command, command_result, Command, MasterMember};
 use prost::Message as _;
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeType, ConfChangeV2, Entry, EntryType, Message as RaftMsg, MessageType};
+use raft::eraftpb::{
+    ConfChange, ConfChangeType, ConfChangeV2, Entry, EntryType, HardState, Message as RaftMsg, MessageType,
+};
 use raft::{RawNode, SnapshotStatus, StateRole};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -619,12 +621,12 @@ impl Core {
                 self.reads.ready.push((rs.index, w));
             }
         }
-        self.apply(ready.take_committed_entries())?;
-        self.log.persist(ready.entries(), ready.hs()).context("persist raft log")?;
+        let committed = ready.take_committed_entries();
+        self.apply_and_persist(committed, ready.entries(), ready.hs())?;
         self.net.send(ready.take_persisted_messages(), &self.log);
         let mut light = self.raw.advance(ready);
         if let Some(commit) = light.commit_index() {
-            self.log.set_commit(commit).context("persist commit index")?;
+            self.log.set_commit(commit);
         }
         self.net.send(light.take_messages(), &self.log);
         self.apply(light.take_committed_entries())?;
@@ -649,16 +651,12 @@ impl Core {
         Ok(())
     }
 
-    fn apply(&mut self, entries: Vec<Entry>) -> Result<()> {
+    /// Decodes committed entries into state-machine commands; configuration changes take effect
+    /// in raft-rs here. None when there is nothing to apply.
+    fn prepare_apply(&mut self, entries: Vec<Entry>) -> Result<Option<(Vec<(u64, Option<Command>)>, u64)>> {
         let Some(last) = entries.last().map(|e| e.index) else {
-            return Ok(());
+            return Ok(None);
         };
-        // The commit index on disk must never be behind the applied index on disk (raft-rs
-        // refuses to start otherwise): record it first, in the same ordered stream of redb
-        // commits as the apply below.
-        if self.log.persisted_commit() < last {
-            self.log.set_commit(last).context("persist commit index")?;
-        }
         let mut cmds = Vec::with_capacity(entries.len());
         for e in entries {
             match e.get_entry_type() {
@@ -682,7 +680,54 @@ impl Core {
                 }
             }
         }
-        let results = self.state.apply_batch(&cmds, last)?;
+        // The commit index on disk must never be behind the applied index on disk (raft-rs
+        // refuses to start otherwise): it goes into the same transaction as the apply.
+        self.log.set_commit(last);
+        Ok(Some((cmds, last)))
+    }
+
+    /// Applies committed entries in a transaction of their own (not fsynced: see
+    /// `State::apply_batch_with`).
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<()> {
+        let Some((cmds, last)) = self.prepare_apply(entries)? else {
+            return Ok(());
+        };
+        let log = &self.log;
+        let results = self.state.apply_batch_with(&cmds, last, &|txn| log.write_hard_state_in(txn))?;
+        self.finish_apply(cmds, results, last)
+    }
+
+    /// Applies a Ready's committed entries and persists its new entries and hard state in one
+    /// transaction (durable when the log needs it): one commit instead of two per Ready.
+    fn apply_and_persist(&mut self, committed: Vec<Entry>, entries: &[Entry], hs: Option<&HardState>) -> Result<()> {
+        let prepared = self.prepare_apply(committed)?;
+        if prepared.is_none() && entries.is_empty() && hs.is_none() {
+            return Ok(());
+        }
+        let mut txn = self.state.db().begin_write()?;
+        let results = match &prepared {
+            Some((cmds, last)) => Some(self.state.apply_in(&txn, cmds, *last)?),
+            None => None,
+        };
+        self.log.persist_in(&mut txn, entries, hs).context("persist raft log")?;
+        if hs.is_none() && prepared.is_some() {
+            self.log.write_hard_state_in(&txn)?;
+        }
+        txn.commit().context("commit raft log and state")?;
+        self.log.persisted(entries, hs);
+        match (prepared, results) {
+            (Some((cmds, last)), Some(results)) => self.finish_apply(cmds, results, last),
+            _ => Ok(()),
+        }
+    }
+
+    /// After an apply committed: answers the waiting callers and updates what depends on it.
+    fn finish_apply(
+        &mut self,
+        cmds: Vec<(u64, Option<Command>)>,
+        results: Vec<cairn_proto::v1::CommandResult>,
+        last: u64,
+    ) -> Result<()> {
         let mut members_changed = false;
         for ((req, cmd), res) in cmds.iter().zip(results) {
             match cmd.as_ref().and_then(|c| c.op.as_ref()) {

@@ -186,37 +186,59 @@ impl RaftLog {
     /// on disk before any message that depends on them leaves. Only a change of commit index alone
     /// is written without an fsync (see [`RaftLog::set_commit`]).
     pub fn persist(&self, entries: &[Entry], hs: Option<&HardState>) -> Result<()> {
+        if entries.is_empty() && hs.is_none() {
+            return Ok(());
+        }
+        let mut txn = self.db.begin_write()?;
+        self.persist_in(&mut txn, entries, hs)?;
+        txn.commit()?;
+        self.persisted(entries, hs);
+        Ok(())
+    }
+
+    /// The writes of [`RaftLog::persist`] inside the caller's transaction, which this makes
+    /// durable if it must be (new entries, or a new term or vote). After the commit the caller
+    /// calls [`RaftLog::persisted`].
+    pub fn persist_in(
+        &self,
+        txn: &mut redb::WriteTransaction,
+        entries: &[Entry],
+        hs: Option<&HardState>,
+    ) -> Result<()> {
         let (old_last, compacted, old_hs) = {
             let core = self.core.read().expect("raft log lock");
             (core.last_index(), core.compacted_index, core.hard_state.clone())
         };
-        if entries.is_empty() && hs.is_none() {
-            return Ok(());
-        }
         if let Some(first) = entries.first() {
             anyhow::ensure!(first.index > compacted, "append below the compacted index");
         }
         let vote_changed = hs.is_some_and(|h| h.term != old_hs.term || h.vote != old_hs.vote);
-        let mut txn = self.db.begin_write()?;
-        if entries.is_empty() && !vote_changed {
-            txn.set_durability(redb::Durability::None)?;
-        }
-        {
-            let mut t = txn.open_table(LOG)?;
-            if let Some(first) = entries.first() {
-                // A leader may overwrite an uncommitted suffix: drop it first.
-                for stale in first.index..=old_last {
-                    t.remove(stale)?;
-                }
-            }
-            for e in entries {
-                t.insert(e.index, e.write_to_bytes()?.as_slice())?;
-            }
-            if let Some(hs) = hs {
-                txn.open_table(RAFT_STATE)?.insert(HARD_STATE, hs.write_to_bytes()?.as_slice())?;
+        txn.set_durability(if entries.is_empty() && !vote_changed {
+            redb::Durability::None
+        } else {
+            redb::Durability::Immediate
+        })?;
+        let mut t = txn.open_table(LOG)?;
+        if let Some(first) = entries.first() {
+            // A leader may overwrite an uncommitted suffix: drop it first.
+            for stale in first.index..=old_last {
+                t.remove(stale)?;
             }
         }
-        txn.commit()?;
+        for e in entries {
+            t.insert(e.index, e.write_to_bytes()?.as_slice())?;
+        }
+        if let Some(hs) = hs {
+            let mut hs = hs.clone();
+            // A commit index recorded in memory only (set_commit) may be ahead of the Ready's.
+            hs.commit = hs.commit.max(old_hs.commit);
+            txn.open_table(RAFT_STATE)?.insert(HARD_STATE, hs.write_to_bytes()?.as_slice())?;
+        }
+        Ok(())
+    }
+
+    /// Updates the in-memory mirror after a transaction with [`RaftLog::persist_in`] committed.
+    pub fn persisted(&self, entries: &[Entry], hs: Option<&HardState>) {
         let mut core = self.core.write().expect("raft log lock");
         if let Some(first) = entries.first() {
             while core.last_index() >= first.index {
@@ -228,28 +250,31 @@ impl RaftLog {
             core.entries.extend(entries.iter().cloned());
         }
         if let Some(hs) = hs {
+            let commit = core.hard_state.commit.max(hs.commit);
             core.hard_state = hs.clone();
+            core.hard_state.commit = commit;
         }
-        Ok(())
     }
 
-    /// Records a new commit index without an fsync. It becomes durable with the next durable
-    /// transaction; redb keeps commits in order, so whatever survives a crash is a prefix of what
-    /// was written, and an applied index on disk never exceeds the commit index on disk. A commit
-    /// index lost in a crash is learnt again from the leader (or, alone, by committing anew).
-    /// The commit index last written (durably or not).
+    /// The commit index last recorded (in memory; on disk with the next write, see below).
     pub fn persisted_commit(&self) -> u64 {
         self.core.read().expect("raft log lock").hard_state.commit
     }
 
-    pub fn set_commit(&self, commit: u64) -> Result<()> {
-        let mut hs = self.core.read().expect("raft log lock").hard_state.clone();
-        hs.commit = commit;
-        let mut txn = self.db.begin_write()?;
-        txn.set_durability(redb::Durability::None)?;
+    /// Records a new commit index in memory only. It reaches the disk inside the next transaction
+    /// of the state machine (see [`RaftLog::write_hard_state_in`]), which is the one that needs
+    /// it: an applied index on disk must never exceed the commit index on disk. A commit index
+    /// lost in a crash is learnt again from the leader (or, alone, by committing anew).
+    pub fn set_commit(&self, commit: u64) {
+        let mut core = self.core.write().expect("raft log lock");
+        core.hard_state.commit = core.hard_state.commit.max(commit);
+    }
+
+    /// Writes the hard state as known in memory into `txn`. Its term and vote are already durable
+    /// (`persist` writes them before memory changes); its commit index may be newer.
+    pub fn write_hard_state_in(&self, txn: &redb::WriteTransaction) -> Result<()> {
+        let hs = self.core.read().expect("raft log lock").hard_state.clone();
         txn.open_table(RAFT_STATE)?.insert(HARD_STATE, hs.write_to_bytes()?.as_slice())?;
-        txn.commit()?;
-        self.core.write().expect("raft log lock").hard_state = hs;
         Ok(())
     }
 

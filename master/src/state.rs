@@ -404,44 +404,66 @@ impl State {
     /// Applies a batch of committed commands and records `applied` in the same durable
     /// transaction. A storage error aborts the whole batch (the caller must stop: crash-only).
     pub fn apply_batch(&self, cmds: &[(u64, Option<Command>)], applied: u64) -> anyhow::Result<Vec<CommandResult>> {
+        self.apply_batch_with(cmds, applied, &|_| Ok(()))
+    }
+
+    /// [`State::apply_batch`], with `extra` writing more into the same transaction (the Raft
+    /// commit index, which must reach the disk no later than the applied index).
+    pub fn apply_batch_with(
+        &self,
+        cmds: &[(u64, Option<Command>)],
+        applied: u64,
+        extra: &dyn Fn(&WriteTransaction) -> anyhow::Result<()>,
+    ) -> anyhow::Result<Vec<CommandResult>> {
         let mut txn: WriteTransaction = self.db.begin_write()?;
+        extra(&txn)?;
         // Not fsynced: every applied entry is already durable in the Raft log (same database), and
         // redb persists this transaction with the next durable one, in order. After a crash the
         // applied index on disk is older, and the entries after it are applied again from the log,
         // so no entry is lost, skipped or applied twice.
         txn.set_durability(redb::Durability::None)?;
-        let mut results = Vec::with_capacity(cmds.len());
-        {
-            let mut w = Writer {
-                inodes: txn.open_table(INODES)?,
-                dirents: txn.open_table(DIRENTS)?,
-                chunks: txn.open_table(CHUNKS)?,
-                chunkservers: txn.open_table(CHUNKSERVERS)?,
-                meta: txn.open_table(META)?,
-                sessions: txn.open_table(SESSIONS)?,
-                sessions_by_time: txn.open_table(SESSIONS_BY_TIME)?,
-                masters: txn.open_table(MASTERS)?,
-            };
-            for (_, cmd) in cmds {
-                let res = match cmd {
-                    Some(cmd) => apply_once(&mut w, cmd),
-                    None => Ok(command_result::Result::Done(Empty {})),
-                };
-                let res = match res {
-                    Ok(r) => r,
-                    Err(e) => match e.to_command() {
-                        Some(ce) => command_result::Result::Error(ce),
-                        None => return Err(anyhow::anyhow!("apply failed: {e}")),
-                    },
-                };
-                results.push(CommandResult { result: Some(res) });
-            }
-            if let Some(now) = cmds.iter().filter_map(|(_, c)| c.as_ref().map(|c| c.time_ns)).max() {
-                expire_results(&mut w, now).map_err(|e| anyhow::anyhow!("expire client results: {e}"))?;
-            }
-            w.meta.insert(APPLIED, applied)?;
-        }
+        let results = self.apply_in(&txn, cmds, applied)?;
         txn.commit()?;
+        Ok(results)
+    }
+
+    /// Applies a batch of committed commands inside the caller's transaction and records
+    /// `applied` there. An error means the transaction must be dropped (and the master stop).
+    pub fn apply_in(
+        &self,
+        txn: &WriteTransaction,
+        cmds: &[(u64, Option<Command>)],
+        applied: u64,
+    ) -> anyhow::Result<Vec<CommandResult>> {
+        let mut results = Vec::with_capacity(cmds.len());
+        let mut w = Writer {
+            inodes: txn.open_table(INODES)?,
+            dirents: txn.open_table(DIRENTS)?,
+            chunks: txn.open_table(CHUNKS)?,
+            chunkservers: txn.open_table(CHUNKSERVERS)?,
+            meta: txn.open_table(META)?,
+            sessions: txn.open_table(SESSIONS)?,
+            sessions_by_time: txn.open_table(SESSIONS_BY_TIME)?,
+            masters: txn.open_table(MASTERS)?,
+        };
+        for (_, cmd) in cmds {
+            let res = match cmd {
+                Some(cmd) => apply_once(&mut w, cmd),
+                None => Ok(command_result::Result::Done(Empty {})),
+            };
+            let res = match res {
+                Ok(r) => r,
+                Err(e) => match e.to_command() {
+                    Some(ce) => command_result::Result::Error(ce),
+                    None => return Err(anyhow::anyhow!("apply failed: {e}")),
+                },
+            };
+            results.push(CommandResult { result: Some(res) });
+        }
+        if let Some(now) = cmds.iter().filter_map(|(_, c)| c.as_ref().map(|c| c.time_ns)).max() {
+            expire_results(&mut w, now).map_err(|e| anyhow::anyhow!("expire client results: {e}"))?;
+        }
+        w.meta.insert(APPLIED, applied)?;
         Ok(results)
     }
 }
