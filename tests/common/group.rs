@@ -1,9 +1,7 @@
 //! A master group of real `cairn master` processes (ids 1..=n) and chunkservers that know all of
 //! them, on loopback ports picked by the OS. Every process is killed by PID when the group drops.
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -11,7 +9,7 @@ use std::time::{Duration, Instant};
 use cairn_client::{Client, ClientConfig, PutOptions};
 use cairn_common::tls;
 
-use super::{cli_env, random_bytes, spawn, Proc, BIN};
+use super::{cli_env, random_bytes, spawn, spawn_retrying, Proc};
 
 pub struct Group {
     pub dir: tempfile::TempDir,
@@ -97,29 +95,15 @@ impl Group {
 
     /// Starts `args`, retrying while the port is still held by a process just killed.
     fn spawn_master(&self, id: u64, args: Vec<String>) -> Proc {
-        let start = Instant::now();
-        let mut n = 0;
-        loop {
-            n += 1;
-            let log = self.dir.path().join(format!("m{id}/log.{n}"));
-            std::fs::create_dir_all(log.parent().unwrap()).unwrap();
-            let err = std::fs::File::create(&log).unwrap();
-            let mut child =
-                Command::new(BIN).args(&args).stdout(Stdio::piped()).stderr(err).stdin(Stdio::null()).spawn().unwrap();
-            let mut line = String::new();
-            BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-            if let Some(addr) = line.trim().strip_prefix("listening on ") {
-                let data = self.dir.path().join(format!("m{id}/data"));
-                return Proc { addr: addr.to_string(), child: Some(child), data, args };
-            }
-            let _ = child.wait();
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "master {id} did not start: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        let dir = self.dir.path().join(format!("m{id}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = |_| {
+            let n = (1..).find(|n| !dir.join(format!("log.{n}")).exists()).unwrap();
+            dir.join(format!("log.{n}"))
+        };
+        let mut p = spawn_retrying(&args, log);
+        p.data = dir.join("data");
+        p
     }
 
     /// Starts master `id` empty, waiting to be added (`--join`), on a new port.

@@ -67,6 +67,32 @@ pub fn spawn(args: &[String], log: &Path) -> Proc {
     Proc { addr: addr.to_string(), child: Some(child), data: PathBuf::new(), args: args.to_vec() }
 }
 
+/// Starts `cairn ARGS` until it listens, retrying for a while when it exits at once (its port is
+/// still held by a process just killed). `log(n)` names the log of attempt n.
+pub fn spawn_retrying(args: &[String], log: impl Fn(usize) -> PathBuf) -> Proc {
+    let start = Instant::now();
+    let mut n = 0;
+    loop {
+        n += 1;
+        let path = log(n);
+        let err = std::fs::File::create(&path).expect("create log");
+        let mut child =
+            Command::new(BIN).args(args).stdout(Stdio::piped()).stderr(err).stdin(Stdio::null()).spawn().unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        if let Some(addr) = line.trim().strip_prefix("listening on ") {
+            return Proc { addr: addr.to_string(), child: Some(child), data: PathBuf::new(), args: args.to_vec() };
+        }
+        let _ = child.wait();
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "cairn {args:?} did not start: {}",
+            std::fs::read_to_string(&path).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub master: Proc,
@@ -147,33 +173,16 @@ impl Cluster {
     pub fn restart_master(&mut self) {
         self.master.kill();
         let addr = self.master.addr.clone();
-        let start = Instant::now();
-        loop {
-            // The port was ours a moment ago; retry briefly if the OS has not released it yet.
-            let args = self
-                .master
-                .args
-                .iter()
-                .map(|a| if a == "127.0.0.1:0" { addr.clone() } else { a.clone() })
-                .collect::<Vec<_>>();
-            let log = self.dir.path().join("master/log2");
-            let err = std::fs::File::create(&log).unwrap();
-            let mut child =
-                Command::new(BIN).args(&args).stdout(Stdio::piped()).stderr(err).stdin(Stdio::null()).spawn().unwrap();
-            let mut line = String::new();
-            BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-            if line.starts_with("listening on ") {
-                self.master = Proc { addr: addr.clone(), child: Some(child), data: self.master.data.clone(), args };
-                return;
-            }
-            let _ = child.wait();
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "master did not restart: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        let args = self
+            .master
+            .args
+            .iter()
+            .map(|a| if a == "127.0.0.1:0" { addr.clone() } else { a.clone() })
+            .collect::<Vec<_>>();
+        let log = self.dir.path().join("master/log2");
+        let data = self.master.data.clone();
+        self.master = spawn_retrying(&args, |_| log.clone());
+        self.master.data = data;
     }
 
     pub fn env(&self) -> Vec<(String, String)> {
