@@ -161,6 +161,17 @@ fn bad_input_gets_one_line_and_exit_1() {
     assert!(e.contains("not enough chunkservers"), "{e}");
     let e = expect_error(&c.cli(&["get", "/dir", "-"]), "get of a directory");
     assert!(e.contains("is a directory"), "{e}");
+    // Membership: bad input is refused before or by the leader, in one line.
+    let e = expect_error(&c.cli(&["admin", "masters", "add", "nonsense"]), "add without ID=ADDR");
+    assert!(e.contains("ID=ADDR"), "{e}");
+    let e = expect_error(&c.cli(&["admin", "masters", "add", "2=not-an-address"]), "add with a bad address");
+    assert!(e.contains("IP:PORT"), "{e}");
+    let e = expect_error(&c.cli(&["admin", "masters", "remove", "9"]), "remove a stranger");
+    assert!(e.contains("not a member"), "{e}");
+    let e = expect_error(&c.cli(&["admin", "masters", "remove", "1"]), "remove the only master");
+    assert!(e.contains("leads") || e.contains("last master"), "{e}");
+    let e = expect_error(&c.cli(&["admin", "masters", "transfer"]), "transfer with nobody to take over");
+    assert!(e.contains("no other master"), "{e}");
     // The namespace is untouched by all of that.
     let ls = String::from_utf8(c.cli(&["ls", "-r", "/"]).stdout).unwrap();
     assert_eq!(ls.lines().count(), 5, "{ls}");

@@ -572,7 +572,7 @@ impl Core {
                 let _ = reply.send(Err(MetaError::InvalidArgument(format!("master {t} is not a member of the group"))));
             }
             None => {
-                let _ = reply.send(Err(MetaError::Unavailable("no other master to hand leadership to".into())));
+                let _ = reply.send(Err(MetaError::InvalidArgument("no other master to hand leadership to".into())));
             }
         }
     }
