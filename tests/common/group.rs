@@ -212,12 +212,22 @@ impl Group {
     }
 }
 
-/// A client writing small files without pause, remembering each one the cluster acknowledged.
+/// A client writing small files and creating directories without pause, remembering each one
+/// the cluster acknowledged. A mkdir that fails with "already exists" means a retry took effect
+/// twice: the load records it and `finish` fails the test.
 pub struct Load {
     pub stop: Arc<AtomicBool>,
     pub acked: Arc<Mutex<Vec<(String, u64, usize)>>>,
+    pub dirs: Arc<Mutex<Vec<String>>>,
+    pub twice: Arc<Mutex<Vec<String>>>,
     pub failed: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// What a load got acknowledged.
+pub struct Acked {
+    pub files: Vec<(String, u64, usize)>,
+    pub dirs: Vec<String>,
 }
 
 pub fn content(seed: u64, len: usize) -> Vec<u8> {
@@ -225,34 +235,56 @@ pub fn content(seed: u64, len: usize) -> Vec<u8> {
 }
 
 impl Load {
+    /// Four writers, each in its own directory under `prefix`, sharing `client`.
     pub fn start(client: Client, prefix: &str, seed: u64) -> Load {
+        const WORKERS: u64 = 4;
         let stop = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(Mutex::new(Vec::new()));
         let failed = Arc::new(AtomicU64::new(0));
-        let (s, a, f, prefix) = (stop.clone(), acked.clone(), failed.clone(), prefix.to_string());
-        let task = tokio::spawn(async move {
-            while client.mkdir(&prefix, true).await.is_err() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            let mut i = 0u64;
-            while !s.load(Ordering::Relaxed) {
-                let path = format!("{prefix}/f{i}");
-                let fseed = seed * 1_000_000 + i;
-                let len = 1 + (fseed.wrapping_mul(2_654_435_761) % (200 << 10)) as usize;
-                let data = bytes::Bytes::from(content(fseed, len));
-                match client.put_bytes(&path, data, &PutOptions::default()).await {
-                    Ok(_) => a.lock().unwrap().push((path, fseed, len)),
-                    Err(e) => {
-                        eprintln!("load: {path}: {e}");
-                        f.fetch_add(1, Ordering::Relaxed);
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
+        let (dirs, twice): (Arc<Mutex<Vec<String>>>, Arc<Mutex<Vec<String>>>) = Default::default();
+        let mut workers = Vec::new();
+        for w in 0..WORKERS {
+            let (s, a, f, d, t) = (stop.clone(), acked.clone(), failed.clone(), dirs.clone(), twice.clone());
+            let (client, prefix) = (client.clone(), format!("{prefix}/w{w}"));
+            let seed = seed * WORKERS + w;
+            workers.push(tokio::spawn(async move {
+                while client.mkdir(&prefix, true).await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                i += 1;
+                let mut i = 0u64;
+                while !s.load(Ordering::Relaxed) {
+                    let path = format!("{prefix}/f{i}");
+                    let fseed = seed * 1_000_000 + i;
+                    let len = 1 + (fseed.wrapping_mul(2_654_435_761) % (200 << 10)) as usize;
+                    let data = bytes::Bytes::from(content(fseed, len));
+                    match client.put_bytes(&path, data, &PutOptions::default()).await {
+                        Ok(_) => a.lock().unwrap().push((path, fseed, len)),
+                        Err(e) => {
+                            eprintln!("load: {path}: {e}");
+                            f.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                    let dir = format!("{prefix}/d{i}");
+                    match client.mkdir(&dir, false).await {
+                        Ok(_) => d.lock().unwrap().push(dir),
+                        Err(cairn_client::Error::AlreadyExists(_)) => t.lock().unwrap().push(dir),
+                        Err(e) => {
+                            eprintln!("load: {dir}: {e}");
+                            f.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    i += 1;
+                }
+            }));
+        }
+        let task = tokio::spawn(async move {
+            for w in workers {
+                let _ = w.await;
             }
             client.close();
         });
-        Load { stop, acked, failed, task }
+        Load { stop, acked, dirs, twice, failed, task }
     }
 
     pub fn acked(&self) -> usize {
@@ -269,18 +301,23 @@ impl Load {
         }
     }
 
-    pub async fn finish(self) -> Vec<(String, u64, usize)> {
+    pub async fn finish(self) -> Acked {
         self.stop.store(true, Ordering::Relaxed);
         self.task.await.unwrap();
-        let v = self.acked.lock().unwrap().clone();
-        v
+        let twice = self.twice.lock().unwrap().clone();
+        assert!(twice.is_empty(), "retried mkdirs answered 'already exists' (applied twice): {twice:?}");
+        Acked { files: self.acked.lock().unwrap().clone(), dirs: self.dirs.lock().unwrap().clone() }
     }
 }
 
-/// Reads back every acknowledged file and compares it with what was written.
-pub async fn verify(client: &Client, acked: &[(String, u64, usize)]) {
-    for (path, seed, len) in acked {
+/// Reads back every acknowledged file and compares it with what was written, and finds every
+/// acknowledged directory.
+pub async fn verify(client: &Client, acked: &Acked) {
+    for (path, seed, len) in &acked.files {
         let got = client.read(path, 0, None).await.unwrap_or_else(|e| panic!("acknowledged {path} lost: {e}"));
         assert!(got == content(*seed, *len), "acknowledged {path} reads back wrong");
+    }
+    for dir in &acked.dirs {
+        client.stat(dir).await.unwrap_or_else(|e| panic!("acknowledged directory {dir} lost: {e}"));
     }
 }
