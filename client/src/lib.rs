@@ -210,8 +210,12 @@ impl Client {
 
     /// Adds (`addr` given) or removes a master of the group; returns the members afterwards.
     pub async fn change_masters(&self, id: u64, addr: Option<&str>) -> Result<Vec<pb::MasterStatus>> {
-        let req =
-            pb::ChangeMembershipRequest { id, addr: addr.unwrap_or_default().to_string(), remove: addr.is_none() };
+        let req = pb::ChangeMembershipRequest {
+            id,
+            addr: addr.unwrap_or_default().to_string(),
+            remove: addr.is_none(),
+            request: self.next_id(),
+        };
         let r = self
             .inner
             .masters

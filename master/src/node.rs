@@ -504,6 +504,25 @@ impl Core {
     }
 
     fn propose_membership(&mut self, member: MasterMember, reply: Reply) {
+        // A retry of a change that took effect gets its first answer (not "already a member" or
+        // "not a member").
+        if let Some(r) = member.request.as_ref().filter(|r| r.client != 0) {
+            match self.state.reader().and_then(|rd| rd.remembered(r.client, r.seq)) {
+                Ok(Some(command_result::Result::Error(e))) => {
+                    let _ = reply.send(Err(MetaError::from_command(e)));
+                    return;
+                }
+                Ok(Some(first)) => {
+                    let _ = reply.send(Ok(first));
+                    return;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+            }
+        }
         let voters = self.log.conf_state().voters;
         let present = voters.contains(&member.id);
         let refuse = |m: String| Err::<(), _>(MetaError::InvalidArgument(m));

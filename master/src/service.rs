@@ -261,7 +261,7 @@ impl master_server::Master for Services {
 
     async fn change_membership(&self, req: Request<pb::ChangeMembershipRequest>) -> Res<pb::ChangeMembershipResponse> {
         let r = req.into_inner();
-        let member = pb::MasterMember { id: r.id, addr: r.addr, removed: r.remove };
+        let member = pb::MasterMember { id: r.id, addr: r.addr, removed: r.remove, request: r.request };
         self.node.change_membership(member).await?;
         tracing::info!(id = r.id, removed = r.remove, "master group membership changed");
         Ok(Response::new(pb::ChangeMembershipResponse { masters: self.masters().await }))

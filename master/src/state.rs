@@ -201,6 +201,15 @@ impl Reader {
         Ok((attr, out, more))
     }
 
+    /// The answer the state machine remembers for a client's mutation, if it applied it.
+    pub fn remembered(&self, client: u64, seq: u64) -> Result<Option<command_result::Result>, MetaError> {
+        let t = self.txn.open_table(SESSIONS).map_err(storage)?;
+        let Some(v) = t.get((client, seq)).map_err(storage)? else { return Ok(None) };
+        let (_, bytes) = v.value();
+        let r = CommandResult::decode(bytes).context("decode a remembered result").map_err(MetaError::Internal)?;
+        Ok(r.result)
+    }
+
     /// The master group's members and addresses, as of this reader's applied index.
     pub fn masters(&self) -> Result<std::collections::BTreeMap<u64, String>, MetaError> {
         let t = self.txn.open_table(MASTERS).map_err(storage)?;
@@ -475,6 +484,7 @@ fn request_id(cmd: &Command) -> Option<(u64, u64)> {
         Some(Op::CommitFile(r)) => r.id.as_ref(),
         Some(Op::Rename(r)) => r.id.as_ref(),
         Some(Op::Remove(r)) => r.id.as_ref(),
+        Some(Op::SetMaster(m)) => m.request.as_ref(),
         _ => None,
     }?;
     (id.client != 0).then_some((id.client, id.seq))

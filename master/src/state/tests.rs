@@ -169,3 +169,19 @@ fn a_retried_mutation_takes_effect_once() {
     run_at(&s, 10, later, mkdir("/b", false)).unwrap();
     assert_eq!(run_at(&s, 11, later + 1, with_id(mkdir("/a", false), 7, 1)), Err(ErrorCode::AlreadyExists));
 }
+
+#[test]
+fn membership_changes_are_remembered_for_retries() {
+    let (_d, s) = open();
+    let id = Some(cairn_proto::v1::ClientRequestId { client: 9, seq: 4 });
+    let add = cairn_proto::v1::MasterMember { id: 4, addr: "127.0.0.1:7004".into(), removed: false, request: id };
+    assert!(s.reader().unwrap().remembered(9, 4).unwrap().is_none());
+    let first = run_at(&s, 1, 10, Op::SetMaster(add)).unwrap();
+    let r = s.reader().unwrap();
+    assert_eq!(r.remembered(9, 4).unwrap(), Some(first));
+    assert_eq!(r.masters().unwrap().get(&4).map(String::as_str), Some("127.0.0.1:7004"));
+    drop(r);
+    let rm = cairn_proto::v1::MasterMember { id: 4, removed: true, ..Default::default() };
+    run_at(&s, 2, 11, Op::SetMaster(rm)).unwrap();
+    assert!(!s.reader().unwrap().masters().unwrap().contains_key(&4));
+}
