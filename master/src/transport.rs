@@ -167,7 +167,7 @@ impl Drop for Transport {
 }
 
 /// Feeds one peer's stream; opens a new stream whenever the last one ended.
-async fn peer_loop(id: u64, mut client: RaftClient<Channel>, mut rx: mpsc::Receiver<RaftMsg>, my_addr: String) {
+async fn peer_loop(id: u64, client: RaftClient<Channel>, mut rx: mpsc::Receiver<RaftMsg>, my_addr: String) {
     let encode = |m: RaftMsg| -> Option<RaftMessage> {
         match m.write_to_bytes() {
             Ok(message) => Some(RaftMessage { message, from_addr: my_addr.clone() }),
@@ -208,7 +208,6 @@ async fn peer_loop(id: u64, mut client: RaftClient<Channel>, mut rx: mpsc::Recei
         drop(stx);
         call.abort();
         tokio::time::sleep(RECONNECT).await;
-        client = client.clone();
     }
 }
 
