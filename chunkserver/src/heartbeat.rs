@@ -33,6 +33,8 @@ pub struct HeartbeatConfig {
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
     pub backoff_max: Duration,
+    /// The node's QUIC endpoint, to pull chunks for re-replication jobs (None: jobs are ignored).
+    pub endpoint: Option<quinn::Endpoint>,
 }
 
 impl HeartbeatConfig {
@@ -47,6 +49,58 @@ impl HeartbeatConfig {
             connect_timeout: Duration::from_secs(3),
             request_timeout: Duration::from_secs(5),
             backoff_max: Duration::from_millis(500),
+            endpoint: None,
+        }
+    }
+}
+
+/// Copies at most this many chunks at once for re-replication.
+const COPIES_IN_FLIGHT: usize = 8;
+const COPY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs the master's re-replication jobs: pulls each chunk from a source over QUIC and stores it
+/// (the store verifies the hash and makes it durable); the next heartbeat reports it added.
+#[derive(Clone)]
+struct Copier {
+    endpoint: quinn::Endpoint,
+    store: ChunkStore,
+    permits: std::sync::Arc<tokio::sync::Semaphore>,
+    busy: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<[u8; 32]>>>,
+}
+
+impl Copier {
+    fn submit(&self, jobs: Vec<cairn_proto::v1::CopyJob>) {
+        for job in jobs {
+            let Some(hash) = crate::store::ChunkHash::from_slice(&job.hash) else { continue };
+            if self.store.contains(&hash) || !self.busy.lock().unwrap_or_else(|p| p.into_inner()).insert(hash.0) {
+                continue;
+            }
+            let this = self.clone();
+            tokio::spawn(async move {
+                let _permit = this.permits.acquire().await;
+                let mut done = false;
+                for src in &job.sources {
+                    match crate::quic::fetch(&this.endpoint, &src.addr, &hash, COPY_TIMEOUT).await {
+                        Ok(data) => match this.store.put(hash, data).await {
+                            Ok(()) => {
+                                tracing::info!(chunk = %hash.to_hex(), from = %src.addr, "re-replicated a chunk");
+                                done = true;
+                                break;
+                            }
+                            Err(e) => {
+                                tracing::warn!(chunk = %hash.to_hex(), from = %src.addr, "storing a copied chunk failed: {e}")
+                            }
+                        },
+                        Err(e) => {
+                            tracing::warn!(chunk = %hash.to_hex(), from = %src.addr, "copying a chunk failed: {e:#}")
+                        }
+                    }
+                }
+                if !done {
+                    tracing::warn!(chunk = %hash.to_hex(), "no source could provide the chunk; the master will retry");
+                }
+                this.busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&hash.0);
+            });
         }
     }
 }
@@ -186,6 +240,7 @@ impl FailureLog {
 
 struct Worker {
     config: HeartbeatConfig,
+    copier: Option<Copier>,
     store: ChunkStore,
     masters: Masters,
     backoff: Backoff,
@@ -209,7 +264,13 @@ pub async fn run(config: HeartbeatConfig, identity: &Identity, store: ChunkStore
         channels: HashMap::new(),
     };
     let backoff = Backoff { attempt: 0, max: config.backoff_max };
-    let mut worker = Worker { config, store, masters, backoff, log: FailureLog { consecutive: 0 } };
+    let copier = config.endpoint.clone().map(|endpoint| Copier {
+        endpoint,
+        store: store.clone(),
+        permits: std::sync::Arc::new(tokio::sync::Semaphore::new(COPIES_IN_FLIGHT)),
+        busy: Default::default(),
+    });
+    let mut worker = Worker { config, copier, store, masters, backoff, log: FailureLog { consecutive: 0 } };
     worker.run(&shutdown).await;
     tracing::debug!("heartbeat worker stopped");
 }
@@ -337,6 +398,9 @@ impl Worker {
         match self.masters.call(|mut c| async move { c.heartbeat(req).await }).await {
             Ok(resp) => {
                 self.log.succeeded();
+                if let Some(c) = &self.copier {
+                    c.submit(resp.copy);
+                }
                 Ok(resp.report_requested)
             }
             Err(status) => {

@@ -47,7 +47,8 @@ pub async fn run(config: Config, socket: UdpSocket, shutdown: CancellationToken)
     span.in_scope(|| tracing::info!(addr = %local, advertise, zone = config.zone, "chunkserver starting"));
 
     let hb_shutdown = shutdown.child_token();
-    let hb_config = heartbeat::HeartbeatConfig::new(config.masters.clone(), advertise, config.zone.clone());
+    let mut hb_config = heartbeat::HeartbeatConfig::new(config.masters.clone(), advertise, config.zone.clone());
+    hb_config.endpoint = Some(endpoint.clone());
     let hb_store = store.clone();
     let identity = config.identity.clone();
     let hb_token = hb_shutdown.clone();

@@ -475,3 +475,31 @@ fn abort_put(downstream: Option<Downstream>, why: String) -> ChunkResponse {
     }
     error_response(Status::Invalid, why)
 }
+
+/// Fetches a whole chunk from the chunkserver at `addr` (re-replication pulls with this). The
+/// caller verifies the bytes against the hash when it stores them.
+pub async fn fetch(endpoint: &Endpoint, addr: &str, hash: &ChunkHash, timeout: Duration) -> Result<bytes::Bytes> {
+    let run = async {
+        let target: SocketAddr = tokio::net::lookup_host(addr)
+            .await
+            .with_context(|| format!("resolve {addr}"))?
+            .next()
+            .with_context(|| format!("{addr} resolves to no address"))?;
+        let conn = endpoint.connect(target, NODE_NAME).with_context(|| format!("connect to {addr}"))?.await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let req = ChunkRequest {
+            request_id: format!("copy-{}", &hash.to_hex()[..12]),
+            op: Some(Op::Get(GetChunk { hash: hash.0.to_vec(), offset: 0, length: 0 })),
+        };
+        send.write_all(&frame::encode(&req)).await?;
+        send.finish()?;
+        let resp: ChunkResponse = frame::read(&mut recv).await?;
+        anyhow::ensure!(resp.status() == Status::Ok, "{addr}: {:?}: {}", resp.status(), resp.message);
+        anyhow::ensure!(resp.length <= MAX_CHUNK, "{addr} announced {} bytes", resp.length);
+        let mut buf = bytes::BytesMut::zeroed(resp.length as usize);
+        recv.read_exact(&mut buf).await?;
+        conn.close(quinn::VarInt::from_u32(0), b"done");
+        anyhow::Ok(buf.freeze())
+    };
+    tokio::time::timeout(timeout, run).await.with_context(|| format!("fetch from {addr}: timed out"))?
+}

@@ -68,7 +68,7 @@ impl Cluster for FakeMaster {
         if n == self.not_found_on {
             return Err(tonic::Status::not_found("unknown node"));
         }
-        Ok(Response::new(HeartbeatResponse { report_requested: n == self.report_on }))
+        Ok(Response::new(HeartbeatResponse { report_requested: n == self.report_on, copy: vec![] }))
     }
 
     async fn chunk_report(

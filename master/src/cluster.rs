@@ -2,11 +2,11 @@
 //! each chunk. None of it is in the Raft log (as in GFS): a new leader rebuilds it from
 //! registrations, heartbeats and full chunk reports. Placement of new chunks is decided here.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use cairn_proto::v1::{ChunkserverRef, ChunkserverStatus};
+use cairn_proto::v1::{ChunkserverRef, ChunkserverStatus, CopyJob};
 
 use crate::error::MetaError;
 
@@ -62,7 +62,20 @@ struct Inner {
     since: Option<Instant>,
     /// When the last full report completed.
     last_report: Option<Instant>,
+    /// Re-replication: copy jobs waiting for their target's next heartbeat, by target...
+    jobs: HashMap<u64, Vec<CopyJob>>,
+    /// ...and every chunk being copied: (target, when assigned).
+    repairing: HashMap<ChunkHash, (u64, Instant)>,
+    /// The live nodes at the last repair scan: a change (a death) calls for a new scan.
+    scanned_live: Option<BTreeSet<u64>>,
+    /// Something besides a death may have lost replicas (removals, bad replicas).
+    repair_dirty: bool,
 }
+
+/// Copy jobs a node runs at once, as a target and as a source: repair does not starve clients.
+pub const REPAIR_PER_NODE: usize = 16;
+/// A copy not reported done after this long is assigned again.
+const REPAIR_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// After every known chunkserver has sent its full report, wait this long more (a heartbeat and a
 /// half) for the chunks written just before the leader changed, which arrive in heartbeats.
@@ -158,7 +171,7 @@ impl Cluster {
         chunks: u64,
         added: &[Vec<u8>],
         removed: &[Vec<u8>],
-    ) -> Option<bool> {
+    ) -> Option<(bool, Vec<CopyJob>)> {
         let mut g = self.lock();
         let n = g.nodes.get_mut(&id)?;
         n.capacity = capacity;
@@ -171,6 +184,12 @@ impl Cluster {
             if !l.contains(&id) {
                 l.push(id);
             }
+            if g.repairing.get(&h).is_some_and(|(t, _)| *t == id) {
+                g.repairing.remove(&h);
+            }
+        }
+        if !removed.is_empty() {
+            g.repair_dirty = true;
         }
         for h in removed.iter().filter_map(|h| to_hash(h)) {
             if let Some(l) = g.locations.get_mut(&h) {
@@ -180,7 +199,85 @@ impl Cluster {
                 }
             }
         }
-        Some(!g.reported.contains(&id))
+        let jobs = g.jobs.remove(&id).unwrap_or_default();
+        Some((!g.reported.contains(&id), jobs))
+    }
+
+    /// Whether a repair scan is worth its cost: the set of live nodes changed since the last
+    /// one, replicas were removed or reported bad, or copies are still in flight.
+    pub fn repair_scan_needed(&self, now: Instant) -> bool {
+        let g = self.lock();
+        let live: BTreeSet<u64> = g.nodes.values().filter(|n| self.alive(n, now)).map(|n| n.id).collect();
+        g.repair_dirty || !g.repairing.is_empty() || g.scanned_live.as_ref() != Some(&live)
+    }
+
+    /// Assigns copy jobs for chunks with fewer live replicas than their goal: the chunks with
+    /// the fewest replicas left first; each to a live node that lacks it (another zone first,
+    /// then the most free space), pulling from live holders; at most REPAIR_PER_NODE jobs per
+    /// node as target and as source. Returns (under-replicated chunks, jobs assigned now).
+    pub fn plan_repairs(&self, chunks: &[(ChunkHash, u32)], now: Instant) -> (usize, usize) {
+        let mut g = self.lock();
+        g.repairing.retain(|_, (_, t)| now.duration_since(*t) < REPAIR_TIMEOUT);
+        let live: BTreeSet<u64> = g.nodes.values().filter(|n| self.alive(n, now)).map(|n| n.id).collect();
+        g.scanned_live = Some(live.clone());
+        g.repair_dirty = false;
+        let mut need: Vec<(usize, ChunkHash, Vec<u64>)> = Vec::new();
+        for (h, goal) in chunks {
+            let holders: Vec<u64> = g
+                .locations
+                .get(h)
+                .map(|l| l.iter().copied().filter(|id| live.contains(id) && !g.suspects.contains(&(*h, *id))).collect())
+                .unwrap_or_default();
+            if !holders.is_empty() && holders.len() < *goal as usize {
+                need.push((holders.len(), *h, holders));
+            }
+        }
+        need.sort_by_key(|(n, _, _)| *n);
+        let under = need.len();
+        let mut load: HashMap<u64, usize> = HashMap::new();
+        for (t, _) in g.repairing.values() {
+            *load.entry(*t).or_default() += 1;
+        }
+        let mut sources: HashMap<u64, usize> = HashMap::new();
+        let mut assigned = 0;
+        for (_, h, holders) in need {
+            if g.repairing.contains_key(&h) {
+                continue;
+            }
+            let zones: HashSet<&str> =
+                holders.iter().filter_map(|id| g.nodes.get(id)).map(|n| n.zone.as_str()).collect();
+            let target = g
+                .nodes
+                .values()
+                .filter(|n| live.contains(&n.id) && !holders.contains(&n.id))
+                .filter(|n| load.get(&n.id).copied().unwrap_or(0) < REPAIR_PER_NODE)
+                .filter(|n| n.free() >= cairn_proto::MAX_CHUNK + FREE_MARGIN)
+                .max_by_key(|n| (!zones.contains(n.zone.as_str()), n.free(), std::cmp::Reverse(n.id)))
+                .map(|n| n.id);
+            let Some(target) = target else { continue };
+            let mut srcs: Vec<u64> =
+                holders.iter().copied().filter(|id| sources.get(id).copied().unwrap_or(0) < REPAIR_PER_NODE).collect();
+            if srcs.is_empty() {
+                continue;
+            }
+            let fresh = |id: &u64| g.nodes.get(id).and_then(|n| n.last_heartbeat).map(|t| now.duration_since(t));
+            srcs.sort_by_key(fresh);
+            *sources.entry(srcs[0]).or_default() += 1;
+            *load.entry(target).or_default() += 1;
+            let job = CopyJob {
+                hash: h.to_vec(),
+                sources: srcs.iter().filter_map(|id| g.nodes.get(id)).map(|n| n.aref()).collect(),
+            };
+            g.jobs.entry(target).or_default().push(job);
+            g.repairing.insert(h, (target, now));
+            assigned += 1;
+        }
+        (under, assigned)
+    }
+
+    /// Chunks being copied or waiting to be (status: the repair queue).
+    pub fn repair_queue(&self) -> u64 {
+        self.lock().repairing.len() as u64
     }
 
     /// One page of a full report; the last page replaces what was known of the node.
@@ -351,6 +448,7 @@ impl Cluster {
     /// its next full report clears the mark.
     pub fn suspect_replica(&self, hash: &ChunkHash, node: u64) {
         let mut g = self.lock();
+        g.repair_dirty = true;
         if g.suspects.len() < MAX_PENDING {
             g.suspects.insert((*hash, node));
         }
@@ -430,8 +528,43 @@ mod tests {
         assert_eq!(c.replicas(&[1; 32]).len(), 1);
         c.report_page(1, 8, &[vec![2; 32]], true).unwrap();
         assert!(c.replicas(&[1; 32]).is_empty());
-        assert_eq!(c.heartbeat(1, 1, 0, 1, &[], &[]), Some(false));
-        assert_eq!(c.heartbeat(2, 1, 0, 0, &[], &[]), Some(true));
+        assert_eq!(c.heartbeat(1, 1, 0, 1, &[], &[]).map(|r| r.0), Some(false));
+        assert_eq!(c.heartbeat(2, 1, 0, 0, &[], &[]).map(|r| r.0), Some(true));
         assert_eq!(c.heartbeat(99, 1, 0, 0, &[], &[]), None);
+    }
+
+    #[test]
+    fn lost_replicas_are_copied_fewest_left_first_within_limits() {
+        let c = Cluster::new(Duration::from_secs(10));
+        for id in 1..=4 {
+            c.register(id, &format!("127.0.0.1:{id}"), "z", 100 << 30, 0);
+        }
+        // Chunk a on 1, 2 and 3; chunk b on 3 only... then node 3 stops heartbeating.
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        c.report_page(1, 1, &[a.to_vec()], true).unwrap();
+        c.report_page(2, 1, &[a.to_vec()], true).unwrap();
+        c.report_page(3, 1, &[a.to_vec(), b.to_vec()], true).unwrap();
+        c.report_page(4, 1, &[b.to_vec()], true).unwrap();
+        c.lock().nodes.get_mut(&3).unwrap().last_heartbeat = Some(Instant::now() - Duration::from_secs(11));
+        let now = Instant::now();
+        assert!(c.repair_scan_needed(now));
+        let (under, assigned) = c.plan_repairs(&[(a, 3), (b, 3)], now);
+        assert_eq!((under, assigned), (2, 2));
+        assert!(!c.repair_scan_needed(now) || c.repair_queue() > 0);
+        // b (one replica left) is copied to a node that lacks it, from node 4; a goes to node 4.
+        let (_, jobs4) = c.heartbeat(4, 100 << 30, 0, 1, &[], &[]).unwrap();
+        let (_, jobs1) = c.heartbeat(1, 100 << 30, 0, 1, &[], &[]).unwrap();
+        let (_, jobs2) = c.heartbeat(2, 100 << 30, 0, 1, &[], &[]).unwrap();
+        let all: Vec<_> = jobs4.iter().chain(&jobs1).chain(&jobs2).collect();
+        assert_eq!(all.len(), 2, "{all:?}");
+        assert!(jobs4.iter().any(|j| j.hash == a.to_vec() && j.sources.iter().all(|s| s.id == 1 || s.id == 2)));
+        assert!(jobs4.iter().all(|j| j.hash != b.to_vec()), "node 4 holds b already");
+        assert_eq!(c.repair_queue(), 2);
+        // Nothing is assigned twice while copies are in flight.
+        assert_eq!(c.plan_repairs(&[(a, 3), (b, 3)], now).1, 0);
+        // The target reports the copy: done.
+        c.heartbeat(4, 100 << 30, 0, 2, &[a.to_vec()], &[]).unwrap();
+        assert_eq!(c.repair_queue(), 1);
+        assert_eq!(c.live_count(&a, Instant::now()), 3);
     }
 }

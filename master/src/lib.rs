@@ -92,6 +92,7 @@ pub async fn run(config: Config, listener: tokio::net::TcpListener, shutdown: Ca
             stop.cancel();
         });
     }
+    tokio::spawn(repair_loop(node.clone(), state.clone(), cluster.clone(), stop.clone()));
     let services = service::Services { node, state, cluster, identity: config.identity.clone() };
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
         if let Ok(s) = &s {
@@ -128,5 +129,45 @@ pub async fn run(config: Config, listener: tokio::net::TcpListener, shutdown: Ca
         Ok(Ok(res)) => res,
         Ok(Err(_)) => Err(anyhow::anyhow!("raft driver panicked")),
         Err(e) => Err(anyhow::anyhow!("join raft driver: {e}")),
+    }
+}
+
+/// How often the leader looks for chunks that lost replicas (only when something changed: a
+/// node died, replicas were removed or reported bad, or copies are in flight).
+const REPAIR_EVERY: Duration = Duration::from_secs(1);
+
+/// The leader's re-replication planner: scans the chunk reference counts against live replica
+/// locations and queues copy jobs, which chunkservers receive with their heartbeats.
+async fn repair_loop(node: node::Node, state: state::State, cluster: Arc<cluster::Cluster>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(REPAIR_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = std::time::Instant::now();
+        if node.ensure_leader().is_err() || !cluster.settled(now) || !cluster.repair_scan_needed(now) {
+            continue;
+        }
+        let (state, cluster) = (state.clone(), cluster.clone());
+        let planned = tokio::task::spawn_blocking(move || {
+            let mut chunks = Vec::new();
+            state.reader()?.for_each_chunk(|hash, goal| {
+                if let Some(h) = cluster::to_hash(hash) {
+                    chunks.push((h, goal));
+                }
+            })?;
+            anyhow::Ok(cluster.plan_repairs(&chunks, now))
+        })
+        .await;
+        match planned {
+            Ok(Ok((under, assigned))) if under > 0 => {
+                tracing::info!(under_replicated = under, assigned, "re-replication");
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!("repair scan: {e:#}"),
+            Err(e) => tracing::warn!("repair scan task: {e}"),
+        }
     }
 }

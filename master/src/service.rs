@@ -250,6 +250,7 @@ impl master_server::Master for Services {
                 _ => {}
             }
         })?;
+        health.repair_queue = self.cluster.repair_queue();
         Ok(Response::new(pb::StatusResponse {
             masters,
             chunkservers: self.cluster.status(),
@@ -303,7 +304,7 @@ impl cluster_server::Cluster for Services {
         self.node.ensure_leader()?;
         let r = req.into_inner();
         match self.cluster.heartbeat(r.node_id, r.capacity_bytes, r.used_bytes, r.chunks, &r.added, &r.removed) {
-            Some(report_requested) => Ok(Response::new(pb::HeartbeatResponse { report_requested })),
+            Some((report_requested, copy)) => Ok(Response::new(pb::HeartbeatResponse { report_requested, copy })),
             None => {
                 Err(MetaError::NotFound(format!("chunkserver {} is not registered with this leader", r.node_id)).into())
             }
