@@ -72,7 +72,7 @@ struct Inner {
     repair_dirty: bool,
 }
 
-/// Copy jobs a node runs at once, as a target and as a source: repair does not starve clients.
+/// Copies a node receives at once, and new copies it is the first source of per planning round.
 pub const REPAIR_PER_NODE: usize = 16;
 /// A copy not reported done after this long is assigned again.
 const REPAIR_TIMEOUT: Duration = Duration::from_secs(60);
@@ -213,8 +213,9 @@ impl Cluster {
 
     /// Assigns copy jobs for chunks with fewer live replicas than their goal: the chunks with
     /// the fewest replicas left first; each to a live node that lacks it (another zone first,
-    /// then the most free space), pulling from live holders; at most REPAIR_PER_NODE jobs per
-    /// node as target and as source. Returns (under-replicated chunks, jobs assigned now).
+    /// then the most free space), pulling from live holders; at most REPAIR_PER_NODE copies in
+    /// flight per target, and per first source in one round. Returns (under-replicated chunks,
+    /// jobs assigned now).
     pub fn plan_repairs(&self, chunks: &[(ChunkHash, u32)], now: Instant) -> (usize, usize) {
         let mut g = self.lock();
         g.repairing.retain(|_, (_, t)| now.duration_since(*t) < REPAIR_TIMEOUT);
