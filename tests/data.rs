@@ -154,14 +154,7 @@ async fn client_certificates_cannot_reach_node_services() {
         SnapshotChunk,
     };
     let c = Cluster::start(Options { chunkservers: 1, ..Default::default() });
-    let identity = cairn_common::tls::Identity::load(&c.client_tls).unwrap();
-    let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", c.master.addr))
-        .unwrap()
-        .tls_config(identity.grpc_client())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = common::grpc_channel(&c.master.addr, &c.client_tls).await;
     let req = RegisterRequest { node_id: 42, addr: "127.0.0.1:9".into(), zone: "evil".into(), ..Default::default() };
     let err = ClusterClient::new(channel.clone()).register(req).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");

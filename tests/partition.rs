@@ -165,14 +165,7 @@ async fn an_isolated_leader_cannot_commit_and_steps_down() {
 
     // A mutation sent to the isolated leader alone (no retries, no hints followed) is not
     // acknowledged: it cannot reach a quorum, and the leader steps down (check-quorum).
-    let identity = tls::Identity::load(&client_tls).unwrap();
-    let ch = tonic::transport::Endpoint::from_shared(format!("https://{}", all[old]))
-        .unwrap()
-        .tls_config(identity.grpc_client())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let ch = common::grpc_channel(&all[old], &client_tls).await;
     let req = MkdirRequest { path: "/minority".into(), mode: 0o755, ..Default::default() };
     let res = tokio::time::timeout(Duration::from_secs(15), MasterClient::new(ch.clone()).mkdir(req)).await;
     match res {

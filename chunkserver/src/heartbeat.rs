@@ -62,7 +62,7 @@ const COPY_TIMEOUT: Duration = Duration::from_secs(30);
 /// (the store verifies the hash and makes it durable); the next heartbeat reports it added.
 #[derive(Clone)]
 struct Copier {
-    endpoint: quinn::Endpoint,
+    pool: std::sync::Arc<crate::quic::Pool>,
     store: ChunkStore,
     permits: std::sync::Arc<tokio::sync::Semaphore>,
     busy: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<[u8; 32]>>>,
@@ -80,7 +80,7 @@ impl Copier {
                 let _permit = this.permits.acquire().await;
                 let mut done = false;
                 for src in &job.sources {
-                    match crate::quic::fetch(&this.endpoint, &src.addr, &hash, COPY_TIMEOUT).await {
+                    match crate::quic::fetch(&this.pool, &src.addr, &hash, COPY_TIMEOUT).await {
                         Ok(data) => match this.store.put(hash, data).await {
                             Ok(()) => {
                                 tracing::info!(chunk = %hash.to_hex(), from = %src.addr, "re-replicated a chunk");
@@ -265,7 +265,7 @@ pub async fn run(config: HeartbeatConfig, identity: &Identity, store: ChunkStore
     };
     let backoff = Backoff { attempt: 0, max: config.backoff_max };
     let copier = config.endpoint.clone().map(|endpoint| Copier {
-        endpoint,
+        pool: std::sync::Arc::new(crate::quic::Pool::new(endpoint, config.connect_timeout)),
         store: store.clone(),
         permits: std::sync::Arc::new(tokio::sync::Semaphore::new(COPIES_IN_FLIGHT)),
         busy: Default::default(),

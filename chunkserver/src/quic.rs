@@ -73,13 +73,17 @@ pub fn endpoint(identity: &Identity, socket: UdpSocket) -> Result<Endpoint> {
 }
 
 /// Connections to other chunkservers, by the address the chain names them with.
-struct Pool {
+pub(crate) struct Pool {
     endpoint: Endpoint,
     connect_timeout: Duration,
     conns: Mutex<HashMap<String, Connection>>,
 }
 
 impl Pool {
+    pub(crate) fn new(endpoint: Endpoint, connect_timeout: Duration) -> Pool {
+        Pool { endpoint, connect_timeout, conns: Mutex::new(HashMap::new()) }
+    }
+
     fn cached(&self, addr: &str) -> Option<Connection> {
         let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         conns.get(addr).filter(|c| c.close_reason().is_none()).cloned()
@@ -146,11 +150,7 @@ pub async fn serve(endpoint: Endpoint, store: ChunkStore, limits: Limits, shutdo
     );
     let server = Arc::new(Server {
         store,
-        pool: Pool {
-            endpoint: endpoint.clone(),
-            connect_timeout: limits.downstream_timeout,
-            conns: Mutex::new(HashMap::new()),
-        },
+        pool: Pool::new(endpoint.clone(), limits.downstream_timeout),
         requests: Arc::new(Semaphore::new(limits.max_requests)),
         receiving: Arc::new(Semaphore::new(receiving_permits)),
         limits,
@@ -476,17 +476,12 @@ fn abort_put(downstream: Option<Downstream>, why: String) -> ChunkResponse {
     error_response(Status::Invalid, why)
 }
 
-/// Fetches a whole chunk from the chunkserver at `addr` (re-replication pulls with this). The
-/// caller verifies the bytes against the hash when it stores them.
-pub async fn fetch(endpoint: &Endpoint, addr: &str, hash: &ChunkHash, timeout: Duration) -> Result<bytes::Bytes> {
+/// Fetches a whole chunk from the chunkserver at `addr` over a pooled connection
+/// (re-replication pulls with this). The caller verifies the bytes against the hash when it
+/// stores them.
+pub(crate) async fn fetch(pool: &Pool, addr: &str, hash: &ChunkHash, timeout: Duration) -> Result<bytes::Bytes> {
     let run = async {
-        let target: SocketAddr = tokio::net::lookup_host(addr)
-            .await
-            .with_context(|| format!("resolve {addr}"))?
-            .next()
-            .with_context(|| format!("{addr} resolves to no address"))?;
-        let conn = endpoint.connect(target, NODE_NAME).with_context(|| format!("connect to {addr}"))?.await?;
-        let (mut send, mut recv) = conn.open_bi().await?;
+        let (mut send, mut recv) = pool.open(addr).await?;
         let req = ChunkRequest {
             request_id: format!("copy-{}", &hash.to_hex()[..12]),
             op: Some(Op::Get(GetChunk { hash: hash.0.to_vec(), offset: 0, length: 0 })),
@@ -498,7 +493,6 @@ pub async fn fetch(endpoint: &Endpoint, addr: &str, hash: &ChunkHash, timeout: D
         anyhow::ensure!(resp.length <= MAX_CHUNK, "{addr} announced {} bytes", resp.length);
         let mut buf = bytes::BytesMut::zeroed(resp.length as usize);
         recv.read_exact(&mut buf).await?;
-        conn.close(quinn::VarInt::from_u32(0), b"done");
         anyhow::Ok(buf.freeze())
     };
     tokio::time::timeout(timeout, run).await.with_context(|| format!("fetch from {addr}: timed out"))?

@@ -256,11 +256,6 @@ impl RaftLog {
         }
     }
 
-    /// The commit index last recorded (in memory; on disk with the next write, see below).
-    pub fn persisted_commit(&self) -> u64 {
-        self.core.read().expect("raft log lock").hard_state.commit
-    }
-
     /// Records a new commit index in memory only. It reaches the disk inside the next transaction
     /// of the state machine (see [`RaftLog::write_hard_state_in`]), which is the one that needs
     /// it: an applied index on disk must never exceed the commit index on disk. A commit index

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use cairn_client::{Client, ClientConfig, PutOptions};
 use cairn_common::tls;
 
-use super::{cli_env, random_bytes, spawn, spawn_retrying, Proc};
+use super::{chunkserver_args, cli_env, random_bytes, spawn, spawn_retrying, Proc};
 
 pub struct Group {
     pub dir: tempfile::TempDir,
@@ -54,18 +54,7 @@ impl Group {
         for i in 0..chunkservers {
             let node = g.dir.path().join(format!("cs{i}"));
             tls::issue(&g.ca, &node.join("tls"), tls::Role::Node, &[]).expect("issue cs cert");
-            let args: Vec<String> = vec![
-                "chunkserver".into(),
-                "--data".into(),
-                node.join("data").display().to_string(),
-                "--listen".into(),
-                "127.0.0.1:0".into(),
-                "--masters".into(),
-                addrs.join(","),
-                "--tls".into(),
-                node.join("tls").display().to_string(),
-            ];
-            let mut p = spawn(&args, &node.join("log"));
+            let mut p = spawn(&chunkserver_args(&node, &addrs.join(",")), &node.join("log"));
             p.data = node.join("data");
             g.chunkservers.push(p);
         }

@@ -93,6 +93,33 @@ pub fn spawn_retrying(args: &[String], log: impl Fn(usize) -> PathBuf) -> Proc {
     }
 }
 
+/// `cairn chunkserver` on loopback (any port) with data and TLS identity under `node`.
+pub fn chunkserver_args(node: &Path, masters: &str) -> Vec<String> {
+    vec![
+        "chunkserver".into(),
+        "--data".into(),
+        node.join("data").display().to_string(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--masters".into(),
+        masters.into(),
+        "--tls".into(),
+        node.join("tls").display().to_string(),
+    ]
+}
+
+/// A gRPC channel to a master with the client certificate in `tls` (tests that call RPCs raw).
+pub async fn grpc_channel(addr: &str, tls: &Path) -> tonic::transport::Channel {
+    let identity = tls::Identity::load(tls).expect("load client identity");
+    tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+        .expect("endpoint")
+        .tls_config(identity.grpc_client())
+        .expect("TLS config")
+        .connect()
+        .await
+        .expect("connect to master")
+}
+
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub master: Proc,
@@ -129,17 +156,7 @@ impl Cluster {
             let node = dir.path().join(format!("cs{i}"));
             tls::issue(&ca, &node.join("tls"), tls::Role::Node, &["127.0.0.1".parse().unwrap()])
                 .expect("issue cs cert");
-            let mut args: Vec<String> = vec![
-                "chunkserver".into(),
-                "--data".into(),
-                node.join("data").display().to_string(),
-                "--listen".into(),
-                "127.0.0.1:0".into(),
-                "--masters".into(),
-                master.addr.clone(),
-                "--tls".into(),
-                node.join("tls").display().to_string(),
-            ];
+            let mut args = chunkserver_args(&node, &master.addr);
             if let Some(Some(cap)) = opts.capacities.get(i) {
                 args.extend(["--capacity".into(), cap.to_string()]);
             }
