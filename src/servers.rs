@@ -41,6 +41,10 @@ pub struct MasterArgs {
     /// Seconds of silence after which a chunkserver counts as dead.
     #[arg(long, default_value_t = 10)]
     pub dead_after_s: u64,
+    /// Seconds an uploaded chunk is kept while no file references it (an upload must commit
+    /// within this time); also how long a new leader waits before it collects garbage.
+    #[arg(long, default_value_t = cairn_master::cluster::DEFAULT_GC_GRACE.as_secs())]
+    pub gc_grace_s: u64,
 }
 
 #[derive(clap::Args, Debug)]
@@ -64,9 +68,13 @@ pub struct ChunkserverArgs {
     /// when listening on 0.0.0.0).
     #[arg(long)]
     pub advertise: Option<String>,
-    /// Use at most this many bytes of the disk.
-    #[arg(long)]
+    /// Use at most this many bytes of the disk (K, M, G, T suffixes).
+    #[arg(long, value_parser = cairn_common::units::parse_bytes)]
     pub capacity: Option<u64>,
+    /// Bytes per second the scrubber re-reads to find corrupt chunks (0: off). The default
+    /// checks a 4 TB disk about every three days.
+    #[arg(long, default_value = "16M", value_parser = cairn_common::units::parse_bytes)]
+    pub scrub_rate: u64,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -142,6 +150,7 @@ pub async fn master(a: &MasterArgs) -> Result<()> {
         compact_every: a.compact_every,
         identity,
         dead_after: Duration::from_secs(a.dead_after_s.max(1)),
+        gc_grace: Duration::from_secs(a.gc_grace_s),
     };
     cairn_master::run(cfg, listener, shutdown).instrument(span).await
 }
@@ -168,6 +177,7 @@ pub async fn chunkserver(a: &ChunkserverArgs) -> Result<()> {
         identity,
         capacity_bytes: a.capacity,
         advertise: a.advertise.clone(),
+        scrub_rate: a.scrub_rate,
     };
     cairn_chunkserver::run(cfg, socket, shutdown).instrument(tracing::info_span!("chunkserver", addr = %local)).await
 }

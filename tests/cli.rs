@@ -172,6 +172,16 @@ fn bad_input_gets_one_line_and_exit_1() {
     assert!(e.contains("leads") || e.contains("last master"), "{e}");
     let e = expect_error(&c.cli(&["admin", "masters", "transfer"]), "transfer with nobody to take over");
     assert!(e.contains("no other master"), "{e}");
+    // Repair limits: changed one at a time, shown by status, nonsense refused.
+    let out = c.cli(&["admin", "repair", "--rate", "50M", "--copies", "4", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((r["rate_limit_bytes"].as_u64(), r["copies"].as_u64()), (Some(50 << 20), Some(4)), "{r}");
+    assert!(c.cli(&["admin", "repair", "--copies", "6"]).status.success());
+    let s = c.status();
+    assert_eq!((s["repair"]["rate_limit_bytes"].as_u64(), s["repair"]["copies"].as_u64()), (Some(50 << 20), Some(6)));
+    let e = expect_error(&c.cli(&["admin", "repair", "--copies", "0"]), "zero copies");
+    assert!(e.contains("1 to 256"), "{e}");
     // The namespace is untouched by all of that.
     let ls = String::from_utf8(c.cli(&["ls", "-r", "/"]).stdout).unwrap();
     assert_eq!(ls.lines().count(), 5, "{ls}");

@@ -4,18 +4,22 @@
 //! address in [`LEADER_HINT_KEY`]), retries every failure with bounded backoff, and never exits
 //! before shutdown: the data path keeps serving whether or not a master is reachable.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cairn_common::tls::Identity;
 use cairn_proto::v1::cluster_client::ClusterClient;
-use cairn_proto::v1::{ChunkReportRequest, HeartbeatRequest, RegisterRequest};
+use cairn_proto::v1::{
+    ChunkReportRequest, ChunkserverRef, CopyJob, HeartbeatRequest, RegisterRequest, RepairLimits,
+};
 use cairn_proto::LEADER_HINT_KEY;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, ClientTlsConfig};
 
-use crate::store::ChunkStore;
+use crate::store::{ChunkHash, ChunkStore};
 
 /// How this node presents itself to the masters, and how often it reports.
 #[derive(Clone, Debug)]
@@ -54,54 +58,96 @@ impl HeartbeatConfig {
     }
 }
 
-/// Copies at most this many chunks at once for re-replication.
-const COPIES_IN_FLIGHT: usize = 8;
 const COPY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs the master's re-replication jobs: pulls each chunk from a source over QUIC and stores it
-/// (the store verifies the hash and makes it durable); the next heartbeat reports it added.
+/// (the store verifies the hash and makes it durable); the next heartbeat reports it added, or
+/// failed. The master's limits bound the copies in flight and their bandwidth.
 #[derive(Clone)]
 struct Copier {
-    pool: std::sync::Arc<crate::quic::Pool>,
+    pool: Arc<crate::quic::Pool>,
     store: ChunkStore,
-    permits: std::sync::Arc<tokio::sync::Semaphore>,
-    busy: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<[u8; 32]>>>,
+    busy: Arc<Mutex<HashSet<[u8; 32]>>>,
+    failed: Arc<Mutex<Vec<[u8; 32]>>>,
+    /// Bytes stored by copies since start (the master derives the repair rate from it).
+    copied: Arc<AtomicU64>,
+    pace: Arc<crate::pace::Pace>,
+    copies: Arc<AtomicUsize>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Copier {
-    fn submit(&self, jobs: Vec<cairn_proto::v1::CopyJob>) {
+    fn new(pool: crate::quic::Pool, store: ChunkStore) -> Copier {
+        Copier {
+            pool: Arc::new(pool),
+            store,
+            busy: Default::default(),
+            failed: Default::default(),
+            copied: Default::default(),
+            pace: Arc::new(crate::pace::Pace::new(0)),
+            copies: Arc::new(AtomicUsize::new(1)),
+        }
+    }
+
+    /// Starts the jobs not already running, up to the limit on copies in flight. The master
+    /// sends every job again with each heartbeat until it is reported, so one left out now
+    /// starts later.
+    fn submit(&self, jobs: Vec<CopyJob>, limits: Option<RepairLimits>) {
+        if let Some(l) = limits {
+            self.pace.set_rate(l.rate_bytes);
+            self.copies.store(l.copies.max(1) as usize, Ordering::Relaxed);
+        }
         for job in jobs {
-            let Some(hash) = crate::store::ChunkHash::from_slice(&job.hash) else { continue };
-            if self.store.contains(&hash) || !self.busy.lock().unwrap_or_else(|p| p.into_inner()).insert(hash.0) {
+            let Some(hash) = ChunkHash::from_slice(&job.hash) else { continue };
+            if self.store.contains(&hash) {
                 continue;
+            }
+            {
+                let mut busy = locked(&self.busy);
+                if busy.contains(&hash.0) {
+                    continue;
+                }
+                if busy.len() >= self.copies.load(Ordering::Relaxed) {
+                    break;
+                }
+                busy.insert(hash.0);
             }
             let this = self.clone();
             tokio::spawn(async move {
-                let _permit = this.permits.acquire().await;
-                let mut done = false;
-                for src in &job.sources {
-                    match crate::quic::fetch(&this.pool, &src.addr, &hash, COPY_TIMEOUT).await {
-                        Ok(data) => match this.store.put(hash, data).await {
-                            Ok(()) => {
-                                tracing::info!(chunk = %hash.to_hex(), from = %src.addr, "re-replicated a chunk");
-                                done = true;
-                                break;
-                            }
-                            Err(e) => {
-                                tracing::warn!(chunk = %hash.to_hex(), from = %src.addr, "storing a copied chunk failed: {e}")
-                            }
-                        },
+                if !this.copy(hash, &job.sources).await {
+                    tracing::warn!(chunk = %hash.to_hex(), "no source could provide the chunk; the master will plan it again");
+                    locked(&this.failed).push(hash.0);
+                }
+                locked(&this.busy).remove(&hash.0);
+            });
+        }
+    }
+
+    /// Copies one chunk from the first source that serves it. Returns whether it is stored.
+    async fn copy(&self, hash: ChunkHash, sources: &[ChunkserverRef]) -> bool {
+        for src in sources {
+            match crate::quic::fetch(&self.pool, &src.addr, &hash, COPY_TIMEOUT).await {
+                Ok(data) => {
+                    let len = data.len() as u64;
+                    self.pace.take(len).await;
+                    match self.store.put(hash, data).await {
+                        Ok(()) => {
+                            self.copied.fetch_add(len, Ordering::Relaxed);
+                            tracing::debug!(chunk = %hash.to_hex(), from = %src.addr, "re-replicated a chunk");
+                            return true;
+                        }
                         Err(e) => {
-                            tracing::warn!(chunk = %hash.to_hex(), from = %src.addr, "copying a chunk failed: {e:#}")
+                            tracing::warn!(chunk = %hash.to_hex(), from = %src.addr, "storing a copied chunk failed: {e}")
                         }
                     }
                 }
-                if !done {
-                    tracing::warn!(chunk = %hash.to_hex(), "no source could provide the chunk; the master will retry");
-                }
-                this.busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&hash.0);
-            });
+                Err(e) => tracing::warn!(chunk = %hash.to_hex(), from = %src.addr, "copying a chunk failed: {e:#}"),
+            }
         }
+        false
     }
 }
 
@@ -264,12 +310,10 @@ pub async fn run(config: HeartbeatConfig, identity: &Identity, store: ChunkStore
         channels: HashMap::new(),
     };
     let backoff = Backoff { attempt: 0, max: config.backoff_max };
-    let copier = config.endpoint.clone().map(|endpoint| Copier {
-        pool: std::sync::Arc::new(crate::quic::Pool::new(endpoint, config.connect_timeout)),
-        store: store.clone(),
-        permits: std::sync::Arc::new(tokio::sync::Semaphore::new(COPIES_IN_FLIGHT)),
-        busy: Default::default(),
-    });
+    let copier = config
+        .endpoint
+        .clone()
+        .map(|endpoint| Copier::new(crate::quic::Pool::new(endpoint, config.connect_timeout), store.clone()));
     let mut worker = Worker { config, copier, store, masters, backoff, log: FailureLog { consecutive: 0 } };
     worker.run(&shutdown).await;
     tracing::debug!("heartbeat worker stopped");
@@ -383,9 +427,12 @@ impl Worker {
     }
 
     /// One heartbeat. Returns whether the master wants a full report. The changes it carries are
-    /// handed back to the store if the master did not take them.
+    /// handed back to the store if the master did not take them. Deletes in the answer are done
+    /// before this returns, so before the next heartbeat: a node the master hears from again has
+    /// carried out every delete it was sent.
     async fn heartbeat(&mut self) -> Result<bool, tonic::Status> {
         let (added, removed) = self.store.take_changes(self.config.max_changes);
+        let failed = self.copier.as_ref().map(|c| std::mem::take(&mut *locked(&c.failed))).unwrap_or_default();
         let req = HeartbeatRequest {
             node_id: self.store.node_id(),
             capacity_bytes: self.store.capacity_bytes(),
@@ -393,21 +440,51 @@ impl Worker {
             chunks: self.store.chunk_count(),
             added: added.iter().map(|h| h.0.to_vec()).collect(),
             removed: removed.iter().map(|h| h.0.to_vec()).collect(),
+            copy_failed: failed.iter().map(|h| h.to_vec()).collect(),
+            copied_bytes: self.copier.as_ref().map_or(0, |c| c.copied.load(Ordering::Relaxed)),
         };
         let master = self.masters.current.clone();
         match self.masters.call(|mut c| async move { c.heartbeat(req).await }).await {
             Ok(resp) => {
                 self.log.succeeded();
+                if !resp.delete.is_empty() {
+                    self.delete(resp.delete).await;
+                }
                 if let Some(c) = &self.copier {
-                    c.submit(resp.copy);
+                    c.submit(resp.copy, resp.limits);
                 }
                 Ok(resp.report_requested)
             }
             Err(status) => {
                 self.store.requeue_changes(added, removed);
+                if let Some(c) = &self.copier {
+                    locked(&c.failed).extend(failed);
+                }
                 self.log.failed("heartbeat", &master, &status);
                 Err(status)
             }
+        }
+    }
+
+    /// Deletes chunks the master no longer wants here (garbage, or surplus replicas).
+    async fn delete(&self, hashes: Vec<Vec<u8>>) {
+        let store = self.store.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            let mut deleted = 0;
+            for h in hashes.iter().filter_map(|h| ChunkHash::from_slice(h)) {
+                match store.delete_blocking(&h) {
+                    Ok(true) => deleted += 1,
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(chunk = %h.to_hex(), "delete failed: {e}"),
+                }
+            }
+            deleted
+        })
+        .await;
+        match done {
+            Ok(n) if n > 0 => tracing::info!(chunks = n, "deleted chunks the master asked to"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("delete task: {e}"),
         }
     }
 }

@@ -16,7 +16,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub mod heartbeat;
+mod pace;
 pub mod quic;
+pub mod scrub;
 pub mod store;
 
 /// Everything a chunkserver needs to start.
@@ -31,6 +33,8 @@ pub struct Config {
     pub capacity_bytes: Option<u64>,
     /// Address registered with the master; default: the socket's local address.
     pub advertise: Option<String>,
+    /// Bytes per second the scrubber re-reads and checks (0: no scrubbing).
+    pub scrub_rate: u64,
 }
 
 /// Runs a chunkserver until `shutdown` is cancelled. `socket` is an already-bound UDP socket.
@@ -57,9 +61,15 @@ pub async fn run(config: Config, socket: UdpSocket, shutdown: CancellationToken)
             .instrument(tracing::info_span!(parent: &span, "heartbeat")),
     );
 
+    let scrub = tokio::spawn(
+        scrub::run(store.clone(), config.scrub_rate, shutdown.child_token())
+            .instrument(tracing::info_span!(parent: &span, "scrub")),
+    );
+
     let served =
         quic::serve(endpoint, store, quic::Limits::default(), shutdown.child_token()).instrument(span.clone()).await;
     hb_shutdown.cancel();
+    scrub.abort();
     if let Err(e) = hb.await {
         span.in_scope(|| tracing::error!(error = %e, "heartbeat worker panicked"));
     }

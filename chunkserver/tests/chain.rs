@@ -210,6 +210,7 @@ async fn run_serves_while_the_master_is_down() {
         identity: node,
         capacity_bytes: Some(1 << 20),
         advertise: None,
+        scrub_rate: 0,
     };
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(cairn_chunkserver::run(config, socket, shutdown.clone()));

@@ -68,7 +68,7 @@ impl Cluster for FakeMaster {
         if n == self.not_found_on {
             return Err(tonic::Status::not_found("unknown node"));
         }
-        Ok(Response::new(HeartbeatResponse { report_requested: n == self.report_on, copy: vec![] }))
+        Ok(Response::new(HeartbeatResponse { report_requested: n == self.report_on, ..Default::default() }))
     }
 
     async fn chunk_report(
@@ -138,6 +138,7 @@ async fn follows_leader_registers_reports_and_heartbeats() {
         identity: node_id,
         capacity_bytes: None,
         advertise: Some(format!("localhost:{}", addr.port())),
+        scrub_rate: 0,
     };
     let server = tokio::spawn(cairn_chunkserver::run(config, socket, shutdown.child_token()));
 

@@ -227,6 +227,16 @@ impl Client {
         Ok(r.masters)
     }
 
+    /// Changes the re-replication limits per chunkserver (None: leave as is); returns the limits
+    /// in force afterwards.
+    pub async fn set_repair_limits(&self, rate_bytes: Option<u64>, copies: Option<u32>) -> Result<pb::RepairLimits> {
+        let req = pb::SetRepairLimitsRequest { rate_bytes, copies, id: self.next_id() };
+        self.inner
+            .masters
+            .call(|mut c| async move { c.set_repair_limits(req).await })
+            .await
+    }
+
     /// Hands leadership to master `to` (0: the most up-to-date follower); returns the new leader.
     pub async fn transfer_leader(&self, to: u64) -> Result<u64> {
         let r = self

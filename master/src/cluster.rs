@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use cairn_proto::v1::{ChunkserverRef, ChunkserverStatus, CopyJob};
+use cairn_proto::v1::{
+    ChunkserverRef, ChunkserverStatus, CopyJob, HeartbeatRequest, HeartbeatResponse, RepairLimits,
+};
 
 use crate::error::MetaError;
 
@@ -17,8 +19,10 @@ pub type ChunkHash = [u8; 32];
 pub const DEFAULT_DEAD_AFTER: Duration = Duration::from_secs(10);
 /// A node that missed this much is listed after the healthy replicas of a chunk.
 const SUSPECT_AFTER: Duration = Duration::from_millis(2500);
-/// Placements not yet committed stop counting as locations after this long.
-const PENDING_TTL: Duration = Duration::from_secs(600);
+/// How long a chunk stays safe from garbage collection after a client was last told to upload
+/// it, or that it is stored, or committed it: an upload must commit within this time. A new
+/// leader, which does not know its predecessor's placements, collects nothing for this long.
+pub const DEFAULT_GC_GRACE: Duration = Duration::from_secs(3600);
 /// Space kept free on every chunkserver, beyond what a placement needs.
 const FREE_MARGIN: u64 = 64 << 20;
 const MAX_PENDING: usize = 1 << 20;
@@ -35,6 +39,8 @@ struct Node {
     /// pick the same "emptiest" node for every chunk.
     reserved: u64,
     last_heartbeat: Option<Instant>,
+    /// The node's count of bytes copied for re-replication, at its last heartbeat.
+    copied: Option<u64>,
 }
 
 impl Node {
@@ -44,6 +50,10 @@ impl Node {
     fn aref(&self) -> ChunkserverRef {
         ChunkserverRef { id: self.id, addr: self.addr.clone() }
     }
+}
+
+fn default_limits() -> RepairLimits {
+    RepairLimits { rate_bytes: crate::state::DEFAULT_REPAIR_RATE, copies: crate::state::DEFAULT_REPAIR_COPIES }
 }
 
 #[derive(Default)]
@@ -60,30 +70,79 @@ struct Inner {
     partial: HashMap<u64, (u64, HashSet<ChunkHash>)>,
     /// When this master became leader (the last reset).
     since: Option<Instant>,
+    /// Chunks being deleted, whole (garbage) or surplus replicas, until each node reports them
+    /// removed or dies.
+    deleting: HashMap<ChunkHash, Deleting>,
+    /// Unreferenced chunks the last collection left alone because a client may still commit
+    /// them (placed within the grace period).
+    gc_waiting: usize,
+    limits: RepairLimits,
+    /// Bytes copied by re-replication, as heartbeats reported them: (when, bytes).
+    copied: std::collections::VecDeque<(Instant, u64)>,
     /// When the last full report completed.
     last_report: Option<Instant>,
-    /// Re-replication: copy jobs waiting for their target's next heartbeat, by target...
-    jobs: HashMap<u64, Vec<CopyJob>>,
-    /// ...and every chunk being copied: (target, when assigned).
-    repairing: HashMap<ChunkHash, (u64, Instant)>,
+    /// Re-replication: every chunk being copied. The job goes out with each of the target's
+    /// heartbeats until it reports the chunk added or the copy failed.
+    repairing: HashMap<ChunkHash, Repair>,
     /// The live nodes at the last repair scan: a change (a death) calls for a new scan.
     scanned_live: Option<BTreeSet<u64>>,
     /// Something besides a death may have lost replicas (removals, bad replicas).
     repair_dirty: bool,
 }
 
-/// Copies a node receives at once, and new copies it is the first source of per planning round.
-pub const REPAIR_PER_NODE: usize = 16;
-/// A copy not reported done after this long is assigned again.
+struct Repair {
+    target: u64,
+    since: Instant,
+    job: CopyJob,
+}
+
+struct Deleting {
+    /// The whole chunk is garbage (no file references it), not a surplus replica: nobody may
+    /// upload or commit it until the deletes are done.
+    gc: bool,
+    /// Nodes that have yet to report the chunk removed.
+    nodes: HashSet<u64>,
+}
+
+/// A copy not reported done or failed after this long is assigned again.
 const REPAIR_TIMEOUT: Duration = Duration::from_secs(60);
+/// Deletes sent to one node per heartbeat; the rest follow in the next ones.
+const DELETES_PER_HEARTBEAT: usize = 4096;
+/// Chunks marked for deletion (garbage or surplus) per collection round.
+const DELETE_BATCH: usize = 20_000;
+/// Copy throughput shown in status is averaged over this long.
+const RATE_WINDOW: Duration = Duration::from_secs(5);
 
 /// After every known chunkserver has sent its full report, wait this long more (a heartbeat and a
 /// half) for the chunks written just before the leader changed, which arrive in heartbeats.
 const SETTLE_AFTER_REPORTS: Duration = Duration::from_millis(1500);
 
+impl Inner {
+    /// `node` no longer holds `hash`: one delete less to wait for.
+    fn deleted(&mut self, hash: &ChunkHash, node: u64) {
+        if let Some(d) = self.deleting.get_mut(hash) {
+            d.nodes.remove(&node);
+            if d.nodes.is_empty() {
+                self.deleting.remove(hash);
+            }
+        }
+    }
+
+    /// Whether `node`'s replica of `hash` counts: not reported bad, not being trimmed.
+    fn good(&self, hash: &ChunkHash, node: u64) -> bool {
+        !self.suspects.contains(&(*hash, node)) && !self.deleting.get(hash).is_some_and(|d| d.nodes.contains(&node))
+    }
+
+    /// Whether `hash` is garbage being deleted: nobody may upload or commit it meanwhile.
+    fn collecting(&self, hash: &ChunkHash) -> bool {
+        self.deleting.get(hash).is_some_and(|d| d.gc)
+    }
+}
+
 pub struct Cluster {
     inner: Mutex<Inner>,
     dead_after: Duration,
+    gc_grace: Duration,
 }
 
 pub fn to_hash(b: &[u8]) -> Option<ChunkHash> {
@@ -92,7 +151,18 @@ pub fn to_hash(b: &[u8]) -> Option<ChunkHash> {
 
 impl Cluster {
     pub fn new(dead_after: Duration) -> Cluster {
-        Cluster { inner: Mutex::new(Inner::default()), dead_after }
+        let inner = Inner { limits: default_limits(), ..Inner::default() };
+        Cluster { inner: Mutex::new(inner), dead_after, gc_grace: DEFAULT_GC_GRACE }
+    }
+
+    pub fn gc_grace(&self) -> Duration {
+        self.gc_grace
+    }
+
+    /// Sets how long after its last placement an unreferenced chunk may be collected.
+    pub fn with_gc_grace(mut self, grace: Duration) -> Cluster {
+        self.gc_grace = grace;
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -108,7 +178,8 @@ impl Cluster {
     pub fn reset(&self) {
         let mut g = self.lock();
         let nodes = std::mem::take(&mut g.nodes);
-        *g = Inner::default();
+        let limits = g.limits;
+        *g = Inner { limits, ..Inner::default() };
         // Keep the registry (addresses, zones) so status lists every known node; liveness restarts.
         g.nodes = nodes.into_values().map(|n| (n.id, Node { last_heartbeat: None, reserved: 0, ..n })).collect();
         g.since = Some(Instant::now());
@@ -142,6 +213,7 @@ impl Cluster {
             chunks: 0,
             reserved: 0,
             last_heartbeat: None,
+            copied: None,
         });
         n.addr = addr.into();
         n.zone = zone.into();
@@ -162,45 +234,78 @@ impl Cluster {
     }
 
     /// Records a heartbeat. Returns None for a node this leader does not know (it must register),
-    /// else whether a full report is wanted.
-    pub fn heartbeat(
-        &self,
-        id: u64,
-        capacity: u64,
-        used: u64,
-        chunks: u64,
-        added: &[Vec<u8>],
-        removed: &[Vec<u8>],
-    ) -> Option<(bool, Vec<CopyJob>)> {
+    /// else the answer: whether a full report is wanted, the copy jobs and deletes for the node.
+    pub fn heartbeat(&self, r: &HeartbeatRequest) -> Option<HeartbeatResponse> {
+        let now = Instant::now();
         let mut g = self.lock();
+        let id = r.node_id;
         let n = g.nodes.get_mut(&id)?;
-        n.capacity = capacity;
-        n.used = used;
-        n.chunks = chunks;
+        n.capacity = r.capacity_bytes;
+        n.used = r.used_bytes;
+        n.chunks = r.chunks;
         n.reserved = 0;
-        n.last_heartbeat = Some(Instant::now());
-        for h in added.iter().filter_map(|h| to_hash(h)) {
+        n.last_heartbeat = Some(now);
+        // A restarted node counts from zero again.
+        let copied = n.copied.map_or(0, |c| r.copied_bytes.saturating_sub(c));
+        n.copied = Some(r.copied_bytes);
+        if copied > 0 {
+            g.copied.push_back((now, copied));
+        }
+        while g.copied.front().is_some_and(|(t, _)| now.duration_since(*t) > RATE_WINDOW) {
+            g.copied.pop_front();
+        }
+        for h in r.added.iter().filter_map(|h| to_hash(h)) {
             let l = g.locations.entry(h).or_default();
             if !l.contains(&id) {
                 l.push(id);
             }
-            if g.repairing.get(&h).is_some_and(|(t, _)| *t == id) {
+            if g.repairing.get(&h).is_some_and(|rep| rep.target == id) {
                 g.repairing.remove(&h);
             }
         }
-        if !removed.is_empty() {
+        for h in r.copy_failed.iter().filter_map(|h| to_hash(h)) {
+            if g.repairing.get(&h).is_some_and(|rep| rep.target == id) {
+                g.repairing.remove(&h);
+                g.repair_dirty = true;
+            }
+        }
+        if !r.removed.is_empty() {
             g.repair_dirty = true;
         }
-        for h in removed.iter().filter_map(|h| to_hash(h)) {
+        for h in r.removed.iter().filter_map(|h| to_hash(h)) {
             if let Some(l) = g.locations.get_mut(&h) {
                 l.retain(|x| *x != id);
                 if l.is_empty() {
                     g.locations.remove(&h);
                 }
             }
+            g.deleted(&h, id);
         }
-        let jobs = g.jobs.remove(&id).unwrap_or_default();
-        Some((!g.reported.contains(&id), jobs))
+        let copy = g.repairing.values().filter(|rep| rep.target == id).map(|rep| rep.job.clone()).collect();
+        let delete = g
+            .deleting
+            .iter()
+            .filter(|(_, d)| d.nodes.contains(&id))
+            .take(DELETES_PER_HEARTBEAT)
+            .map(|(h, _)| h.to_vec())
+            .collect();
+        Some(HeartbeatResponse {
+            report_requested: !g.reported.contains(&id),
+            copy,
+            delete,
+            limits: Some(g.limits),
+        })
+    }
+
+    /// The re-replication limits sent to chunkservers (the replicated setting, as last read).
+    pub fn set_limits(&self, limits: RepairLimits) {
+        self.lock().limits = limits;
+    }
+
+    /// Bytes per second copied by re-replication over the last few seconds.
+    pub fn repair_rate(&self) -> u64 {
+        let g = self.lock();
+        g.copied.iter().map(|(_, b)| b).sum::<u64>() / RATE_WINDOW.as_secs().max(1)
     }
 
     /// Whether a repair scan is worth its cost: the set of live nodes changed since the last
@@ -213,13 +318,15 @@ impl Cluster {
 
     /// Assigns copy jobs for chunks with fewer live replicas than their goal: the chunks with
     /// the fewest replicas left first; each to a live node that lacks it (another zone first,
-    /// then the most free space), pulling from live holders; at most REPAIR_PER_NODE copies in
+    /// then the most free space), pulling from live holders; at most `copies` (the limit) in
     /// flight per target, and per first source in one round. Returns (under-replicated chunks,
     /// jobs assigned now).
     pub fn plan_repairs(&self, chunks: &[(ChunkHash, u32)], now: Instant) -> (usize, usize) {
         let mut g = self.lock();
-        g.repairing.retain(|_, (_, t)| now.duration_since(*t) < REPAIR_TIMEOUT);
         let live: BTreeSet<u64> = g.nodes.values().filter(|n| self.alive(n, now)).map(|n| n.id).collect();
+        // A copy whose target died or that never finished is planned again.
+        g.repairing.retain(|_, r| live.contains(&r.target) && now.duration_since(r.since) < REPAIR_TIMEOUT);
+        let per_node = g.limits.copies.max(1) as usize;
         g.scanned_live = Some(live.clone());
         g.repair_dirty = false;
         let mut need: Vec<(usize, ChunkHash, Vec<u64>)> = Vec::new();
@@ -227,7 +334,7 @@ impl Cluster {
             let holders: Vec<u64> = g
                 .locations
                 .get(h)
-                .map(|l| l.iter().copied().filter(|id| live.contains(id) && !g.suspects.contains(&(*h, *id))).collect())
+                .map(|l| l.iter().copied().filter(|id| live.contains(id) && g.good(h, *id)).collect())
                 .unwrap_or_default();
             if !holders.is_empty() && holders.len() < *goal as usize {
                 need.push((holders.len(), *h, holders));
@@ -236,8 +343,8 @@ impl Cluster {
         need.sort_by_key(|(n, _, _)| *n);
         let under = need.len();
         let mut load: HashMap<u64, usize> = HashMap::new();
-        for (t, _) in g.repairing.values() {
-            *load.entry(*t).or_default() += 1;
+        for r in g.repairing.values() {
+            *load.entry(r.target).or_default() += 1;
         }
         let mut sources: HashMap<u64, usize> = HashMap::new();
         let mut assigned = 0;
@@ -251,13 +358,13 @@ impl Cluster {
                 .nodes
                 .values()
                 .filter(|n| live.contains(&n.id) && !holders.contains(&n.id))
-                .filter(|n| load.get(&n.id).copied().unwrap_or(0) < REPAIR_PER_NODE)
+                .filter(|n| load.get(&n.id).copied().unwrap_or(0) < per_node)
                 .filter(|n| n.free() >= cairn_proto::MAX_CHUNK + FREE_MARGIN)
                 .max_by_key(|n| (!zones.contains(n.zone.as_str()), n.free(), std::cmp::Reverse(n.id)))
                 .map(|n| n.id);
             let Some(target) = target else { continue };
             let mut srcs: Vec<u64> =
-                holders.iter().copied().filter(|id| sources.get(id).copied().unwrap_or(0) < REPAIR_PER_NODE).collect();
+                holders.iter().copied().filter(|id| sources.get(id).copied().unwrap_or(0) < per_node).collect();
             if srcs.is_empty() {
                 continue;
             }
@@ -269,11 +376,134 @@ impl Cluster {
                 hash: h.to_vec(),
                 sources: srcs.iter().filter_map(|id| g.nodes.get(id)).map(|n| n.aref()).collect(),
             };
-            g.jobs.entry(target).or_default().push(job);
-            g.repairing.insert(h, (target, now));
+            g.repairing.insert(h, Repair { target, since: now, job });
             assigned += 1;
         }
         (under, assigned)
+    }
+
+    /// Every chunk some node is known to hold, for a collection round.
+    pub fn located(&self) -> Vec<ChunkHash> {
+        self.lock().locations.keys().copied().collect()
+    }
+
+    /// Garbage collection, step one. `orphans` are located chunks that the namespace did not
+    /// reference at a read just before. Marks them as being collected, unless a client may still
+    /// commit one: it was placed, said stored or committed within the grace period, or this
+    /// master has led for less than that (its predecessor's placements are unknown to it). From
+    /// the mark on, nobody can place or commit a marked chunk, so a namespace read taken after
+    /// this call that still finds no reference proves it garbage: hand that to [`Cluster::collect`].
+    pub fn mark_garbage(&self, orphans: &[ChunkHash], now: Instant) -> Vec<ChunkHash> {
+        let mut g = self.lock();
+        // Deletes to nodes that died are dropped (a node that comes back reports what it holds),
+        // and so are marks a failed round left behind.
+        let live: HashSet<u64> = g.nodes.values().filter(|n| self.alive(n, now)).map(|n| n.id).collect();
+        g.deleting.retain(|_, d| {
+            d.nodes.retain(|id| live.contains(id));
+            !d.nodes.is_empty()
+        });
+        g.pending.retain(|_, (_, t)| now.duration_since(*t) < self.gc_grace);
+        let tenure = g.since.is_some_and(|s| now.duration_since(s) >= self.gc_grace);
+        let mut marked = Vec::new();
+        let mut waiting = 0;
+        for h in orphans {
+            if g.deleting.contains_key(h) {
+                continue;
+            }
+            if !tenure || g.pending.contains_key(h) || g.repairing.contains_key(h) || marked.len() >= DELETE_BATCH {
+                waiting += 1;
+                continue;
+            }
+            g.deleting.insert(*h, Deleting { gc: true, nodes: HashSet::new() });
+            marked.push(*h);
+        }
+        g.gc_waiting = waiting;
+        marked
+    }
+
+    /// Garbage collection, step two: of the chunks [`Cluster::mark_garbage`] marked, `garbage`
+    /// are still unreferenced and are deleted from every live holder; the others are unmarked.
+    /// Returns the number of replicas to delete.
+    pub fn collect(&self, marked: &[ChunkHash], garbage: &HashSet<ChunkHash>, now: Instant) -> usize {
+        let mut g = self.lock();
+        let mut replicas = 0;
+        for h in marked {
+            let holders: HashSet<u64> = if garbage.contains(h) {
+                g.locations.get(h).map_or_else(HashSet::new, |l| {
+                    l.iter().copied().filter(|id| g.nodes.get(id).is_some_and(|n| self.alive(n, now))).collect()
+                })
+            } else {
+                HashSet::new()
+            };
+            replicas += holders.len();
+            if holders.is_empty() {
+                g.deleting.remove(h);
+            } else {
+                g.deleting.insert(*h, Deleting { gc: true, nodes: holders });
+            }
+        }
+        replicas
+    }
+
+    /// Deletes surplus replicas: of each referenced chunk (hash, goal) with more good live
+    /// replicas than its goal, keeps `goal` of them, spread over zones, then on the freshest and
+    /// emptiest nodes, and deletes the rest. A chunk being copied or deleted is left alone.
+    /// Returns the number of replicas to delete.
+    pub fn plan_trims(&self, chunks: &[(ChunkHash, u32)], now: Instant) -> usize {
+        let mut g = self.lock();
+        let mut replicas = 0;
+        for (h, goal) in chunks {
+            if replicas >= DELETE_BATCH {
+                break;
+            }
+            if g.repairing.contains_key(h) || g.deleting.contains_key(h) {
+                continue;
+            }
+            let Some(l) = g.locations.get(h) else { continue };
+            let mut good: Vec<&Node> = l
+                .iter()
+                .filter(|id| g.good(h, **id))
+                .filter_map(|id| g.nodes.get(id))
+                .filter(|n| self.alive(n, now))
+                .collect();
+            let goal = *goal as usize;
+            if good.len() <= goal {
+                continue;
+            }
+            let stale = |n: &Node| n.last_heartbeat.is_none_or(|t| now.duration_since(t) >= SUSPECT_AFTER);
+            good.sort_by(|a, b| stale(a).cmp(&stale(b)).then(b.free().cmp(&a.free())).then(a.id.cmp(&b.id)));
+            let mut keep: Vec<u64> = Vec::with_capacity(goal);
+            let mut zones: HashSet<&str> = HashSet::new();
+            for n in &good {
+                if keep.len() < goal && zones.insert(n.zone.as_str()) {
+                    keep.push(n.id);
+                }
+            }
+            for n in &good {
+                if keep.len() < goal && !keep.contains(&n.id) {
+                    keep.push(n.id);
+                }
+            }
+            let drop: HashSet<u64> = good.iter().map(|n| n.id).filter(|id| !keep.contains(id)).collect();
+            replicas += drop.len();
+            g.deleting.insert(*h, Deleting { gc: false, nodes: drop });
+        }
+        replicas
+    }
+
+    /// Status: (replicas of unreferenced chunks waiting or being deleted, surplus replicas being
+    /// deleted).
+    pub fn delete_backlog(&self) -> (u64, u64) {
+        let g = self.lock();
+        let (mut gc, mut trim) = (g.gc_waiting as u64, 0);
+        for d in g.deleting.values() {
+            if d.gc {
+                gc += d.nodes.len() as u64;
+            } else {
+                trim += d.nodes.len() as u64;
+            }
+        }
+        (gc, trim)
     }
 
     /// Chunks being copied or waiting to be (status: the repair queue).
@@ -300,6 +530,11 @@ impl Cluster {
                 }
                 !l.is_empty()
             });
+            let gone: Vec<ChunkHash> =
+                g.deleting.iter().filter(|(h, d)| d.nodes.contains(&id) && !set.contains(*h)).map(|(h, _)| *h).collect();
+            for h in gone {
+                g.deleted(&h, id);
+            }
             for h in set {
                 let l = g.locations.entry(h).or_default();
                 if !l.contains(&id) {
@@ -325,7 +560,17 @@ impl Cluster {
         let now = Instant::now();
         let mut g = self.lock();
         let mut out = Vec::with_capacity(chunks.len());
+        for (hash, _) in chunks {
+            if g.collecting(hash) {
+                return Err(MetaError::Unavailable(format!(
+                    "chunk {} is being garbage-collected; upload it again in a moment",
+                    hex::encode(hash)
+                )));
+            }
+        }
         for (hash, len) in chunks {
+            // Whatever the answer, the client may commit this chunk now: keep it from collection.
+            self.protect(&mut g, hash, now);
             let live_holders = g
                 .locations
                 .get(hash)
@@ -375,9 +620,6 @@ impl Cluster {
                     n.reserved += len;
                 }
             }
-            if g.pending.len() >= MAX_PENDING {
-                g.pending.retain(|_, (_, t)| now.duration_since(*t) < PENDING_TTL);
-            }
             g.pending.insert(*hash, (chosen, now));
             out.push(Some(refs));
         }
@@ -390,8 +632,15 @@ impl Cluster {
         let now = Instant::now();
         let mut g = self.lock();
         for h in hashes {
+            if g.collecting(h) {
+                return Err(MetaError::InvalidArgument(format!(
+                    "chunk {} was garbage-collected: its upload began more than {} s ago; upload it again",
+                    hex::encode(h),
+                    self.gc_grace.as_secs()
+                )));
+            }
             let known = g.locations.get(h).is_some_and(|l| !l.is_empty());
-            let pending = g.pending.get(h).is_some_and(|(_, t)| now.duration_since(*t) < PENDING_TTL);
+            let pending = g.pending.get(h).is_some_and(|(_, t)| now.duration_since(*t) < self.gc_grace);
             if !known && !pending {
                 if !self.settled_locked(&g, now) {
                     // Placed by an earlier leader, perhaps: its holders have not reported yet.
@@ -404,16 +653,26 @@ impl Cluster {
             }
         }
         for h in hashes {
-            if let Some((targets, _)) = g.pending.remove(h) {
-                let l = g.locations.entry(*h).or_default();
-                for id in targets {
-                    if !l.contains(&id) {
-                        l.push(id);
-                    }
+            let targets = g.pending.get_mut(h).map(|(t, _)| std::mem::take(t)).unwrap_or_default();
+            let l = g.locations.entry(*h).or_default();
+            for id in targets {
+                if !l.contains(&id) {
+                    l.push(id);
                 }
             }
+            // Until the commit is applied (and after), a collection round must skip this chunk.
+            self.protect(&mut g, h, now);
         }
         Ok(())
+    }
+
+    /// Records that a client was just told about `hash` (placed, stored, committed): it is not
+    /// collected within the grace period from now.
+    fn protect(&self, g: &mut Inner, hash: &ChunkHash, now: Instant) {
+        if g.pending.len() >= MAX_PENDING && !g.pending.contains_key(hash) {
+            g.pending.retain(|_, (_, t)| now.duration_since(*t) < self.gc_grace);
+        }
+        g.pending.entry(*hash).or_insert_with(|| (Vec::new(), now)).1 = now;
     }
 
     /// Replicas of a chunk for a reader: healthy nodes first, then suspect ones, dead ones last.
@@ -428,7 +687,7 @@ impl Cluster {
             .filter_map(|id| g.nodes.get(id))
             .map(|n| {
                 let rank = match n.last_heartbeat.map(|t| now.duration_since(t)) {
-                    _ if g.suspects.contains(&(*hash, n.id)) => 3,
+                    _ if !g.good(hash, n.id) => 3,
                     Some(d) if d < SUSPECT_AFTER => 0,
                     Some(d) if d < self.dead_after => 1,
                     _ => 2,
@@ -485,6 +744,18 @@ impl Cluster {
 mod tests {
     use super::*;
 
+    fn beat(id: u64, added: &[ChunkHash], removed: &[ChunkHash]) -> HeartbeatRequest {
+        HeartbeatRequest {
+            node_id: id,
+            capacity_bytes: 100 << 30,
+            used_bytes: 0,
+            chunks: 1,
+            added: added.iter().map(|h| h.to_vec()).collect(),
+            removed: removed.iter().map(|h| h.to_vec()).collect(),
+            ..Default::default()
+        }
+    }
+
     fn cluster(n: u64) -> Cluster {
         let c = Cluster::new(DEFAULT_DEAD_AFTER);
         for id in 1..=n {
@@ -529,9 +800,112 @@ mod tests {
         assert_eq!(c.replicas(&[1; 32]).len(), 1);
         c.report_page(1, 8, &[vec![2; 32]], true).unwrap();
         assert!(c.replicas(&[1; 32]).is_empty());
-        assert_eq!(c.heartbeat(1, 1, 0, 1, &[], &[]).map(|r| r.0), Some(false));
-        assert_eq!(c.heartbeat(2, 1, 0, 0, &[], &[]).map(|r| r.0), Some(true));
-        assert_eq!(c.heartbeat(99, 1, 0, 0, &[], &[]), None);
+        assert_eq!(c.heartbeat(&beat(1, &[], &[])).map(|r| r.report_requested), Some(false));
+        assert_eq!(c.heartbeat(&beat(2, &[], &[])).map(|r| r.report_requested), Some(true));
+        assert_eq!(c.heartbeat(&beat(99, &[], &[])), None);
+    }
+
+    /// A cluster whose leader has led for longer than the grace period.
+    fn seasoned(n: u64, grace: Duration) -> Cluster {
+        let c = cluster(n).with_gc_grace(grace);
+        c.reset();
+        for id in 1..=n {
+            c.register(id, &format!("127.0.0.1:{id}"), &format!("z{id}"), 10 << 30, 0);
+        }
+        c.lock().since = Some(Instant::now() - grace - Duration::from_secs(1));
+        c
+    }
+
+    fn deletes_for(c: &Cluster, id: u64) -> Vec<Vec<u8>> {
+        c.heartbeat(&beat(id, &[], &[])).unwrap().delete
+    }
+
+    #[test]
+    fn garbage_is_deleted_only_when_no_upload_can_still_commit_it() {
+        let grace = Duration::from_secs(60);
+        let c = seasoned(3, grace);
+        let (old, fresh) = ([1u8; 32], [2u8; 32]);
+        for id in 1..=3 {
+            c.report_page(id, 1, &[old.to_vec(), fresh.to_vec()], true).unwrap();
+        }
+        // `fresh` was just offered to a client (already stored): it may be committed any moment.
+        assert_eq!(c.place(&[(fresh, 10)], 3, &[]).unwrap(), vec![None]);
+        let now = Instant::now();
+        let marked = c.mark_garbage(&[old, fresh], now);
+        assert_eq!(marked, vec![old], "a recently placed chunk is not collected");
+        // From the mark on, nobody can place or commit the chunk being collected.
+        assert!(matches!(c.place(&[(old, 10)], 3, &[]), Err(MetaError::Unavailable(_))));
+        assert!(matches!(c.confirm_commit(&[old]), Err(MetaError::InvalidArgument(_))));
+        assert_eq!(c.collect(&marked, &marked.iter().copied().collect(), now), 3);
+        assert_eq!(deletes_for(&c, 1), vec![old.to_vec()]);
+        // Deletes come again until reported done; each node's report clears its part.
+        assert_eq!(deletes_for(&c, 1), vec![old.to_vec()]);
+        for id in 1..=3 {
+            c.heartbeat(&beat(id, &[], &[old])).unwrap();
+        }
+        assert!(deletes_for(&c, 1).is_empty());
+        assert_eq!(c.delete_backlog(), (1, 0), "fresh still waits for its grace period");
+        // Gone everywhere: the chunk can be uploaded again.
+        assert!(c.place(&[(old, 10)], 3, &[]).unwrap()[0].is_some());
+    }
+
+    #[test]
+    fn a_reference_that_appears_before_the_deletes_cancels_them() {
+        let c = seasoned(3, Duration::from_secs(60));
+        let h = [3u8; 32];
+        c.report_page(1, 1, &[h.to_vec()], true).unwrap();
+        let now = Instant::now();
+        let marked = c.mark_garbage(&[h], now);
+        assert_eq!(marked, vec![h]);
+        // The read after marking found a file referencing it: unmarked, nothing deleted.
+        assert_eq!(c.collect(&marked, &HashSet::new(), now), 0);
+        assert!(deletes_for(&c, 1).is_empty());
+        assert_eq!(c.place(&[(h, 10)], 1, &[]).unwrap(), vec![None]);
+    }
+
+    #[test]
+    fn a_new_leader_collects_nothing_within_the_grace_period() {
+        let c = cluster(1).with_gc_grace(Duration::from_secs(60));
+        c.reset();
+        c.report_page(1, 1, &[vec![4; 32]], true).unwrap();
+        assert!(c.mark_garbage(&[[4; 32]], Instant::now()).is_empty());
+        assert_eq!(c.delete_backlog(), (1, 0));
+    }
+
+    #[test]
+    fn surplus_replicas_are_trimmed_keeping_zones_apart() {
+        let c = seasoned(4, Duration::from_secs(60));
+        // Nodes 1 and 2 share a zone; 3 and 4 have their own.
+        c.register(2, "127.0.0.1:2", "z1", 10 << 30, 0);
+        let h = [5u8; 32];
+        for id in 1..=4 {
+            c.report_page(id, 1, &[h.to_vec()], true).unwrap();
+        }
+        assert_eq!(c.plan_trims(&[(h, 3)], Instant::now()), 1);
+        let trimmed: Vec<u64> = (1..=4).filter(|id| !deletes_for(&c, *id).is_empty()).collect();
+        assert!(trimmed == vec![1] || trimmed == vec![2], "one of the two in zone z1 goes: {trimmed:?}");
+        assert_eq!(c.delete_backlog(), (0, 1));
+        assert_eq!(c.replicas(&h).last().map(|r| r.id), Some(trimmed[0]), "readers try it last");
+        assert_eq!(c.plan_trims(&[(h, 3)], Instant::now()), 0, "nothing twice");
+        c.heartbeat(&beat(trimmed[0], &[], &[h])).unwrap();
+        assert_eq!(c.live_count(&h, Instant::now()), 3);
+        assert_eq!(c.plan_trims(&[(h, 3)], Instant::now()), 0);
+    }
+
+    #[test]
+    fn a_failed_copy_is_planned_again_at_once() {
+        let c = cluster(3);
+        let h = [6u8; 32];
+        c.report_page(1, 1, &[h.to_vec()], true).unwrap();
+        let now = Instant::now();
+        assert_eq!(c.plan_repairs(&[(h, 2)], now), (1, 1));
+        let target = (2..=3).find(|id| !c.heartbeat(&beat(*id, &[], &[])).unwrap().copy.is_empty()).unwrap();
+        assert_eq!(c.plan_repairs(&[(h, 2)], now).1, 0, "in flight");
+        let mut failed = beat(target, &[], &[]);
+        failed.copy_failed = vec![h.to_vec()];
+        c.heartbeat(&failed).unwrap();
+        assert!(c.repair_scan_needed(now));
+        assert_eq!(c.plan_repairs(&[(h, 2)], now).1, 1);
     }
 
     #[test]
@@ -553,9 +927,9 @@ mod tests {
         assert_eq!((under, assigned), (2, 2));
         assert!(!c.repair_scan_needed(now) || c.repair_queue() > 0);
         // b (one replica left) is copied to a node that lacks it, from node 4; a goes to node 4.
-        let (_, jobs4) = c.heartbeat(4, 100 << 30, 0, 1, &[], &[]).unwrap();
-        let (_, jobs1) = c.heartbeat(1, 100 << 30, 0, 1, &[], &[]).unwrap();
-        let (_, jobs2) = c.heartbeat(2, 100 << 30, 0, 1, &[], &[]).unwrap();
+        let jobs4 = c.heartbeat(&beat(4, &[], &[])).unwrap().copy;
+        let jobs1 = c.heartbeat(&beat(1, &[], &[])).unwrap().copy;
+        let jobs2 = c.heartbeat(&beat(2, &[], &[])).unwrap().copy;
         let all: Vec<_> = jobs4.iter().chain(&jobs1).chain(&jobs2).collect();
         assert_eq!(all.len(), 2, "{all:?}");
         assert!(jobs4.iter().any(|j| j.hash == a.to_vec() && j.sources.iter().all(|s| s.id == 1 || s.id == 2)));
@@ -563,8 +937,9 @@ mod tests {
         assert_eq!(c.repair_queue(), 2);
         // Nothing is assigned twice while copies are in flight.
         assert_eq!(c.plan_repairs(&[(a, 3), (b, 3)], now).1, 0);
-        // The target reports the copy: done.
-        c.heartbeat(4, 100 << 30, 0, 2, &[a.to_vec()], &[]).unwrap();
+        // A job comes again until it is done; the target reports the copy: done.
+        assert_eq!(c.heartbeat(&beat(4, &[], &[])).unwrap().copy, jobs4);
+        c.heartbeat(&beat(4, &[a], &[])).unwrap();
         assert_eq!(c.repair_queue(), 1);
         assert_eq!(c.live_count(&a, Instant::now()), 3);
     }

@@ -39,6 +39,8 @@ pub struct Config {
     pub identity: cairn_common::tls::Identity,
     /// Silence after which a chunkserver counts as dead.
     pub dead_after: Duration,
+    /// How long after its last placement an unreferenced chunk is safe from collection.
+    pub gc_grace: Duration,
 }
 
 /// Serves until `shutdown` is cancelled (or the Raft driver fails, which cancels it).
@@ -62,7 +64,7 @@ pub async fn run(config: Config, listener: tokio::net::TcpListener, shutdown: Ca
     } else if !log.is_member_of_a_group() {
         tracing::info!("waiting to be added to a master group (cairn admin masters add)");
     }
-    let cluster = Arc::new(cluster::Cluster::new(config.dead_after));
+    let cluster = Arc::new(cluster::Cluster::new(config.dead_after).with_gc_grace(config.gc_grace));
     // `stop` ends the gRPC server and the driver; a signal (`shutdown`) first hands leadership
     // over, so that a planned restart of the leader costs no election timeout.
     let stop = CancellationToken::new();
@@ -135,39 +137,80 @@ pub async fn run(config: Config, listener: tokio::net::TcpListener, shutdown: Ca
 /// How often the leader looks for chunks that lost replicas (only when something changed: a
 /// node died, replicas were removed or reported bad, or copies are in flight).
 const REPAIR_EVERY: Duration = Duration::from_secs(1);
+/// How often the leader looks for garbage and surplus replicas.
+const COLLECT_EVERY: Duration = Duration::from_secs(10);
 
-/// The leader's re-replication planner: scans the chunk reference counts against live replica
-/// locations and queues copy jobs, which chunkservers receive with their heartbeats.
+/// The leader's chunk maintenance: re-replication planning (copy jobs), garbage collection and
+/// trimming of surplus replicas (deletes); chunkservers receive both with their heartbeats.
 async fn repair_loop(node: node::Node, state: state::State, cluster: Arc<cluster::Cluster>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(REPAIR_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_collect = std::time::Instant::now();
+    // A short grace (tests) deserves equally prompt collection.
+    let collect_every = COLLECT_EVERY.min(cluster.gc_grace() / 4).max(REPAIR_EVERY);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
         let now = std::time::Instant::now();
-        if node.ensure_leader().is_err() || !cluster.settled(now) || !cluster.repair_scan_needed(now) {
+        if node.ensure_leader().is_err() || !cluster.settled(now) {
             continue;
         }
+        let collect = now.duration_since(last_collect) >= collect_every;
+        if collect {
+            last_collect = now;
+        }
         let (state, cluster) = (state.clone(), cluster.clone());
-        let planned = tokio::task::spawn_blocking(move || {
-            let mut chunks = Vec::new();
-            state.reader()?.for_each_chunk(|hash, goal| {
-                if let Some(h) = cluster::to_hash(hash) {
-                    chunks.push((h, goal));
-                }
-            })?;
-            anyhow::Ok(cluster.plan_repairs(&chunks, now))
-        })
-        .await;
-        match planned {
-            Ok(Ok((under, assigned))) if under > 0 => {
-                tracing::info!(under_replicated = under, assigned, "re-replication");
-            }
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!("repair scan: {e:#}"),
-            Err(e) => tracing::warn!("repair scan task: {e}"),
+        let done = tokio::task::spawn_blocking(move || maintain(&state, &cluster, collect, now)).await;
+        match done {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("chunk maintenance: {e:#}"),
+            Err(e) => tracing::warn!("chunk maintenance task: {e}"),
         }
     }
+}
+
+/// One round of [`repair_loop`], off the async runtime.
+fn maintain(state: &state::State, cluster: &cluster::Cluster, collect: bool, now: std::time::Instant) -> Result<()> {
+    cluster.set_limits(state.reader()?.repair_limits()?);
+    if cluster.repair_scan_needed(now) {
+        let mut chunks = Vec::new();
+        state.reader()?.for_each_chunk(|hash, goal| {
+            if let Some(h) = cluster::to_hash(hash) {
+                chunks.push((h, goal));
+            }
+        })?;
+        let (under, assigned) = cluster.plan_repairs(&chunks, now);
+        if under > 0 {
+            tracing::info!(under_replicated = under, assigned, "re-replication");
+        }
+    }
+    if !collect {
+        return Ok(());
+    }
+    let located = cluster.located();
+    let goals = state.reader()?.chunk_goals(&located)?;
+    let mut orphans = Vec::new();
+    let mut referenced = Vec::new();
+    for (h, goal) in located.into_iter().zip(goals) {
+        match goal {
+            Some(goal) => referenced.push((h, goal)),
+            None => orphans.push(h),
+        }
+    }
+    let trimmed = cluster.plan_trims(&referenced, now);
+    let marked = cluster.mark_garbage(&orphans, now);
+    // Read again after marking: a reference committed in between shows here, and none can come
+    // later (a marked chunk can be neither placed nor committed).
+    let garbage: Result<std::collections::HashSet<cluster::ChunkHash>> = (|| {
+        let goals = state.reader()?.chunk_goals(&marked)?;
+        Ok(marked.iter().zip(goals).filter(|(_, g)| g.is_none()).map(|(h, _)| *h).collect())
+    })();
+    let deletes = cluster.collect(&marked, garbage.as_ref().unwrap_or(&Default::default()), now);
+    let garbage = garbage?;
+    if trimmed > 0 || deletes > 0 {
+        tracing::info!(surplus_replicas = trimmed, garbage_chunks = garbage.len(), garbage_replicas = deletes, "deleting");
+    }
+    Ok(())
 }

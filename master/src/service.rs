@@ -251,6 +251,9 @@ impl master_server::Master for Services {
             }
         })?;
         health.repair_queue = self.cluster.repair_queue();
+        (health.gc_backlog, health.trim_queue) = self.cluster.delete_backlog();
+        health.repair_bytes_per_s = self.cluster.repair_rate();
+        health.repair_limits = Some(reader.repair_limits()?);
         Ok(Response::new(pb::StatusResponse {
             masters,
             chunkservers: self.cluster.status(),
@@ -272,6 +275,19 @@ impl master_server::Master for Services {
         self.node.ensure_leader()?;
         let leader = self.node.transfer_leader(req.into_inner().to).await?;
         Ok(Response::new(pb::TransferLeaderResponse { leader }))
+    }
+
+    async fn set_repair_limits(&self, req: Request<pb::SetRepairLimitsRequest>) -> Res<pb::RepairLimits> {
+        self.node.ensure_leader()?;
+        let req = req.into_inner();
+        crate::state::check_repair_limits(&req)?;
+        match self.node.propose(command::Op::SetRepairLimits(req)).await? {
+            command_result::Result::Limits(l) => {
+                self.cluster.set_limits(l);
+                Ok(Response::new(l))
+            }
+            _ => Err(MetaError::Internal(anyhow::anyhow!("unexpected answer to a repair limits change")).into()),
+        }
     }
 }
 
@@ -303,8 +319,8 @@ impl cluster_server::Cluster for Services {
         require_node(&req)?;
         self.node.ensure_leader()?;
         let r = req.into_inner();
-        match self.cluster.heartbeat(r.node_id, r.capacity_bytes, r.used_bytes, r.chunks, &r.added, &r.removed) {
-            Some((report_requested, copy)) => Ok(Response::new(pb::HeartbeatResponse { report_requested, copy })),
+        match self.cluster.heartbeat(&r) {
+            Some(resp) => Ok(Response::new(resp)),
             None => {
                 Err(MetaError::NotFound(format!("chunkserver {} is not registered with this leader", r.node_id)).into())
             }

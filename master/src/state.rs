@@ -12,7 +12,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use cairn_proto::v1::{
     command::Op, command_result, Attr, ChunkserverInfo, Command, CommandResult, CommitFileRequest, DirEntry, Empty,
-    Extent, Inode, InodeKind, MkdirRequest, RemoveRequest, RenameRequest,
+    Extent, Inode, InodeKind, MkdirRequest, RemoveRequest, RenameRequest, RepairLimits, SetRepairLimitsRequest,
 };
 use prost::Message;
 use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction};
@@ -42,6 +42,15 @@ const APPLIED: &str = "applied_index";
 const NEXT_INODE: &str = "next_inode";
 const FILES: &str = "files";
 const BYTES: &str = "bytes";
+const REPAIR_RATE: &str = "repair_rate_bytes";
+const REPAIR_COPIES: &str = "repair_copies";
+
+/// Re-replication bandwidth per chunkserver until an admin sets another (`cairn admin repair`):
+/// about a third of what one node's disk and QUIC path take here, so client traffic keeps the
+/// rest. Copies in flight per chunkserver: enough to keep a 4 MiB-chunk pipeline full.
+pub const DEFAULT_REPAIR_RATE: u64 = 200 << 20;
+pub const DEFAULT_REPAIR_COPIES: u32 = 16;
+pub const MAX_REPAIR_COPIES: u32 = 256;
 
 pub const ROOT: u64 = 1;
 /// Longest name in a directory, as on Linux.
@@ -241,6 +250,19 @@ impl Reader {
         Ok(())
     }
 
+    /// The replication goal of each chunk that some file references (None: no file does).
+    pub fn chunk_goals<'h>(
+        &self,
+        hashes: impl IntoIterator<Item = &'h [u8; 32]>,
+    ) -> Result<Vec<Option<u32>>, MetaError> {
+        let t = self.txn.open_table(CHUNKS).map_err(storage)?;
+        let mut out = Vec::new();
+        for h in hashes {
+            out.push(t.get(h.as_slice()).map_err(storage)?.map(|v| v.value().1));
+        }
+        Ok(out)
+    }
+
     pub fn counter(&self, key: &str) -> Result<u64, MetaError> {
         let t = self.txn.open_table(META).map_err(storage)?;
         Ok(t.get(key).map_err(storage)?.map_or(0, |v| v.value()))
@@ -248,6 +270,16 @@ impl Reader {
 
     pub fn files(&self) -> Result<u64, MetaError> {
         self.counter(FILES)
+    }
+
+    /// The re-replication limits in force: the defaults until an admin changed them.
+    pub fn repair_limits(&self) -> Result<RepairLimits, MetaError> {
+        let t = self.txn.open_table(META).map_err(storage)?;
+        let get = |k: &str| t.get(k).map_err(storage).map(|v| v.map(|v| v.value()));
+        Ok(RepairLimits {
+            rate_bytes: get(REPAIR_RATE)?.unwrap_or(DEFAULT_REPAIR_RATE),
+            copies: get(REPAIR_COPIES)?.map_or(DEFAULT_REPAIR_COPIES, |c| c as u32),
+        })
     }
     pub fn bytes(&self) -> Result<u64, MetaError> {
         self.counter(BYTES)
@@ -485,6 +517,7 @@ fn request_id(cmd: &Command) -> Option<(u64, u64)> {
         Some(Op::Rename(r)) => r.id.as_ref(),
         Some(Op::Remove(r)) => r.id.as_ref(),
         Some(Op::SetMaster(m)) => m.request.as_ref(),
+        Some(Op::SetRepairLimits(r)) => r.id.as_ref(),
         _ => None,
     }?;
     (id.client != 0).then_some((id.client, id.seq))
@@ -548,8 +581,33 @@ fn apply_one(w: &mut Writer<'_>, cmd: &Command) -> Result<command_result::Result
             }
             Ok(command_result::Result::Done(Empty {}))
         }
+        Some(Op::SetRepairLimits(req)) => {
+            check_repair_limits(req)?;
+            if let Some(rate) = req.rate_bytes {
+                w.meta.insert(REPAIR_RATE, rate).map_err(storage)?;
+            }
+            if let Some(copies) = req.copies {
+                w.meta.insert(REPAIR_COPIES, u64::from(copies)).map_err(storage)?;
+            }
+            let get = |k: &str| w.meta.get(k).map_err(storage).map(|v| v.map(|v| v.value()));
+            Ok(command_result::Result::Limits(RepairLimits {
+                rate_bytes: get(REPAIR_RATE)?.unwrap_or(DEFAULT_REPAIR_RATE),
+                copies: get(REPAIR_COPIES)?.map_or(DEFAULT_REPAIR_COPIES, |c| c as u32),
+            }))
+        }
         None => Err(MetaError::InvalidArgument("empty command".into())),
     }
+}
+
+/// Limits an admin may set: at least one copy in flight, and not so many that one node's memory
+/// (a chunk buffer per copy) runs out.
+pub fn check_repair_limits(req: &SetRepairLimitsRequest) -> Result<(), MetaError> {
+    if let Some(c) = req.copies {
+        if c == 0 || c > MAX_REPAIR_COPIES {
+            return Err(MetaError::InvalidArgument(format!("{c} copies in flight (1 to {MAX_REPAIR_COPIES})")));
+        }
+    }
+    Ok(())
 }
 
 fn mkdir(w: &mut Writer<'_>, req: &MkdirRequest, t: i64) -> Result<Attr, MetaError> {

@@ -132,11 +132,13 @@ pub struct Options {
     /// Per-chunkserver capacity caps (None: the disk).
     pub capacities: Vec<Option<u64>>,
     pub dead_after_s: u64,
+    /// More arguments for the master (e.g. a short `--gc-grace-s`).
+    pub master_args: Vec<String>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { chunkservers: 4, capacities: vec![], dead_after_s: 10 }
+        Options { chunkservers: 4, capacities: vec![], dead_after_s: 10, master_args: vec![] }
     }
 }
 
@@ -149,7 +151,7 @@ impl Cluster {
         tls::issue(&ca, &client_tls, tls::Role::Client, &[]).expect("issue client cert");
         let mtls = dir.path().join("master/tls");
         tls::issue(&ca, &mtls, tls::Role::Node, &["127.0.0.1".parse().unwrap()]).expect("issue master cert");
-        let mut master = Self::spawn_master(dir.path(), "127.0.0.1:0", opts.dead_after_s);
+        let mut master = Self::spawn_master(dir.path(), "127.0.0.1:0", opts.dead_after_s, &opts.master_args);
         master.data = dir.path().join("master/data");
         let mut chunkservers = Vec::new();
         for i in 0..opts.chunkservers {
@@ -169,8 +171,8 @@ impl Cluster {
         c
     }
 
-    fn spawn_master(dir: &Path, listen: &str, dead_after_s: u64) -> Proc {
-        let args: Vec<String> = vec![
+    fn spawn_master(dir: &Path, listen: &str, dead_after_s: u64, extra: &[String]) -> Proc {
+        let mut args: Vec<String> = vec![
             "master".into(),
             "--id".into(),
             "1".into(),
@@ -183,6 +185,7 @@ impl Cluster {
             "--dead-after-s".into(),
             dead_after_s.to_string(),
         ];
+        args.extend_from_slice(extra);
         spawn(&args, &dir.join("master/log"))
     }
 
@@ -200,6 +203,17 @@ impl Cluster {
         let data = self.master.data.clone();
         self.master = spawn_retrying(&args, |_| log.clone());
         self.master.data = data;
+    }
+
+    /// Starts chunkserver `i` again (after a kill) on its data, on a new port.
+    pub fn restart_chunkserver(&mut self, i: usize) {
+        let old = &mut self.chunkservers[i];
+        old.kill();
+        let (args, data) = (old.args.clone(), old.data.clone());
+        let dir = self.dir.path().join(format!("cs{i}"));
+        let mut p = spawn_retrying(&args, |n| dir.join(format!("log.{n}")));
+        p.data = data;
+        self.chunkservers[i] = p;
     }
 
     pub fn env(&self) -> Vec<(String, String)> {

@@ -355,6 +355,22 @@ impl ChunkStore {
             .map_err(|e| StoreError::io("get task failed", io::Error::other(e)))?
     }
 
+    /// Deletes the chunk `hash` (the master found it unreferenced or surplus) and queues its
+    /// removal for the master. Returns whether it was here.
+    pub fn delete_blocking(&self, hash: &ChunkHash) -> Result<bool, StoreError> {
+        if !self.contains(hash) {
+            return Ok(false);
+        }
+        let path = self.inner.chunk_path(hash);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StoreError::io(format!("remove {}", path.display()), e)),
+        }
+        self.inner.forget(*hash);
+        Ok(true)
+    }
+
     /// [`ChunkStore::get`] for callers outside the async runtime.
     pub fn get_blocking(&self, hash: ChunkHash, offset: u64, length: u64) -> Result<ChunkRead, StoreError> {
         self.inner.get_blocking(hash, offset, length)

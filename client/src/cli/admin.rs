@@ -1,15 +1,33 @@
-//! `cairn admin`: operations on the cluster itself. For now the master group: list its members,
-//! add or remove one (a Raft configuration change, one at a time), and hand leadership over.
+//! `cairn admin`: operations on the cluster itself. The master group: list its members, add or
+//! remove one (a Raft configuration change, one at a time), and hand leadership over. Repair:
+//! show and change the re-replication limits, which take effect within seconds.
 
 use anyhow::{Context, Result};
 
-use super::status::{masters_json, write_masters};
+use super::status::{human, masters_json, write_masters, RepairJson, StatusJson};
 use super::ClusterArgs;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum AdminCmd {
     /// The master group: list (default), add, remove, transfer.
     Masters(MastersArgs),
+    /// Re-replication: show progress and limits; change the limits with --rate and --copies.
+    Repair(RepairArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RepairArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Copy bandwidth per chunkserver, bytes per second (K, M, G suffixes; 0: unlimited).
+    #[arg(long, value_parser = cairn_common::units::parse_bytes)]
+    pub rate: Option<u64>,
+    /// Copies in flight per chunkserver (1 to 256).
+    #[arg(long)]
+    pub copies: Option<u32>,
+    /// Print JSON (the `repair` object of `cairn status --json`).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -49,7 +67,35 @@ fn parse_member(s: &str) -> Result<(u64, String)> {
 pub async fn admin(cmd: &AdminCmd) -> Result<()> {
     match cmd {
         AdminCmd::Masters(a) => masters(a).await,
+        AdminCmd::Repair(a) => repair(a).await,
     }
+}
+
+async fn repair(a: &RepairArgs) -> Result<()> {
+    if let Some(c) = a.copies {
+        anyhow::ensure!((1..=256).contains(&c), "--copies {c}: use 1 to 256");
+    }
+    let client = a.cluster.connect().await?;
+    if a.rate.is_some() || a.copies.is_some() {
+        client.set_repair_limits(a.rate, a.copies).await.context("set repair limits")?;
+    }
+    let s: StatusJson = client.status().await.context("status")?.into();
+    client.close();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&s.repair)?);
+    } else {
+        let RepairJson { rate_limit_bytes, copies, bytes_per_s } = s.repair;
+        let limit = if rate_limit_bytes == 0 { "unlimited".into() } else { format!("{}/s", human(rate_limit_bytes)) };
+        println!("limits per chunkserver: {limit}, {copies} copies in flight");
+        println!(
+            "under-replicated {}  lost {}  copying {}  at {}/s",
+            s.chunks.under_replicated,
+            s.chunks.lost,
+            s.chunks.repair_queue,
+            human(bytes_per_s)
+        );
+    }
+    Ok(())
 }
 
 async fn masters(a: &MastersArgs) -> Result<()> {

@@ -89,6 +89,23 @@ pub struct ChunksJson {
     pub over_replicated: u64,
     pub lost: u64,
     pub repair_queue: u64,
+    /// Replicas of chunks no file references, waiting for their grace period or being deleted.
+    #[serde(default)]
+    pub gc_backlog: u64,
+    /// Surplus replicas being deleted (a node came back after its chunks were copied).
+    #[serde(default)]
+    pub trim_queue: u64,
+}
+
+/// Re-replication: its limits per chunkserver and its current throughput.
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct RepairJson {
+    /// Copy bandwidth per chunkserver, bytes per second (0: unlimited).
+    pub rate_limit_bytes: u64,
+    /// Copies in flight per chunkserver.
+    pub copies: u32,
+    /// Bytes copied per second over the last few seconds, whole cluster.
+    pub bytes_per_s: u64,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -96,6 +113,8 @@ pub struct StatusJson {
     pub masters: Vec<MasterJson>,
     pub chunkservers: Vec<ChunkserverJson>,
     pub chunks: ChunksJson,
+    #[serde(default)]
+    pub repair: RepairJson,
     pub files: u64,
     pub bytes: u64,
 }
@@ -125,6 +144,13 @@ impl From<cairn_proto::v1::StatusResponse> for StatusJson {
                 over_replicated: c.over_replicated,
                 lost: c.lost,
                 repair_queue: c.repair_queue,
+                gc_backlog: c.gc_backlog,
+                trim_queue: c.trim_queue,
+            },
+            repair: RepairJson {
+                rate_limit_bytes: c.repair_limits.map_or(0, |l| l.rate_bytes),
+                copies: c.repair_limits.map_or(0, |l| l.copies),
+                bytes_per_s: c.repair_bytes_per_s,
             },
             files: s.files,
             bytes: s.bytes,
@@ -132,7 +158,7 @@ impl From<cairn_proto::v1::StatusResponse> for StatusJson {
     }
 }
 
-fn human(n: u64) -> String {
+pub fn human(n: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut v = n as f64;
     let mut u = 0;
@@ -176,8 +202,19 @@ impl std::fmt::Display for StatusJson {
         let c = &self.chunks;
         writeln!(
             f,
-            "CHUNKS  total {}  under-replicated {}  over-replicated {}  lost {}  repair queue {}",
-            c.total, c.under_replicated, c.over_replicated, c.lost, c.repair_queue
+            "CHUNKS  total {}  under-replicated {}  over-replicated {}  lost {}",
+            c.total, c.under_replicated, c.over_replicated, c.lost
+        )?;
+        let r = &self.repair;
+        let limit = if r.rate_limit_bytes == 0 { "unlimited".into() } else { format!("{}/s", human(r.rate_limit_bytes)) };
+        writeln!(
+            f,
+            "REPAIR  copying {} at {}/s  (limit {limit} and {} copies per node)  deleting: garbage {}  surplus {}",
+            c.repair_queue,
+            human(r.bytes_per_s),
+            r.copies,
+            c.gc_backlog,
+            c.trim_queue
         )?;
         write!(f, "FILES   {}  ({})", self.files, human(self.bytes))
     }

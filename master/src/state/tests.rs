@@ -127,6 +127,7 @@ fn with_id(mut op: Op, client: u64, seq: u64) -> Op {
         Op::CommitFile(r) => r.id = id,
         Op::Rename(r) => r.id = id,
         Op::Remove(r) => r.id = id,
+        Op::SetRepairLimits(r) => r.id = id,
         Op::RegisterChunkserver(_) | Op::SetMaster(_) => {}
     }
     op
@@ -184,4 +185,29 @@ fn membership_changes_are_remembered_for_retries() {
     let rm = cairn_proto::v1::MasterMember { id: 4, removed: true, ..Default::default() };
     run_at(&s, 2, 11, Op::SetMaster(rm)).unwrap();
     assert!(!s.reader().unwrap().masters().unwrap().contains_key(&4));
+}
+
+#[test]
+fn repair_limits_default_change_one_at_a_time_and_refuse_nonsense() {
+    let (_d, s) = open();
+    let defaults = RepairLimits { rate_bytes: DEFAULT_REPAIR_RATE, copies: DEFAULT_REPAIR_COPIES };
+    assert_eq!(s.reader().unwrap().repair_limits().unwrap(), defaults);
+    let set = |rate_bytes, copies| Op::SetRepairLimits(SetRepairLimitsRequest { rate_bytes, copies, id: None });
+    let r = run(&s, 1, set(Some(0), None)).unwrap();
+    assert_eq!(r, command_result::Result::Limits(RepairLimits { rate_bytes: 0, ..defaults }));
+    run(&s, 2, set(None, Some(4))).unwrap();
+    assert_eq!(s.reader().unwrap().repair_limits().unwrap(), RepairLimits { rate_bytes: 0, copies: 4 });
+    assert_eq!(run(&s, 3, set(None, Some(0))), Err(ErrorCode::InvalidArgument));
+    assert_eq!(run(&s, 4, set(Some(1), Some(MAX_REPAIR_COPIES + 1))), Err(ErrorCode::InvalidArgument));
+    assert_eq!(s.reader().unwrap().repair_limits().unwrap(), RepairLimits { rate_bytes: 0, copies: 4 });
+}
+
+#[test]
+fn chunk_goals_name_referenced_chunks_only() {
+    let (_d, s) = open();
+    run(&s, 1, file("/f", &[1, 2])).unwrap();
+    let goals = s.reader().unwrap().chunk_goals(&[[1u8; 32], [3u8; 32]]).unwrap();
+    assert_eq!(goals, vec![Some(3), None]);
+    run(&s, 2, Op::Remove(RemoveRequest { path: "/f".into(), recursive: false, id: None })).unwrap();
+    assert_eq!(s.reader().unwrap().chunk_goals(&[[1u8; 32]]).unwrap(), vec![None]);
 }
