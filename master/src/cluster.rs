@@ -61,7 +61,7 @@ struct Inner {
     nodes: BTreeMap<u64, Node>,
     locations: HashMap<ChunkHash, Vec<u64>>,
     /// Uploads placed but not yet committed: hash -> (targets, when).
-    pending: HashMap<ChunkHash, (Vec<u64>, Instant)>,
+    pending: HashMap<ChunkHash, Pending>,
     /// Replicas a client reported bad: (chunk, node), served last.
     suspects: HashSet<(ChunkHash, u64)>,
     /// Nodes whose full report this leader has received.
@@ -88,6 +88,15 @@ struct Inner {
     scanned_live: Option<BTreeSet<u64>>,
     /// Something besides a death may have lost replicas (removals, bad replicas).
     repair_dirty: bool,
+}
+
+/// A chunk clients were told to upload, or that it is stored: they may commit it until `until`.
+struct Pending {
+    /// Where it was placed (not yet locations: the replicas ack to the client, not to us).
+    targets: Vec<u64>,
+    until: Instant,
+    /// Placements answered and not yet followed by a commit naming the chunk.
+    outstanding: u32,
 }
 
 struct Repair {
@@ -389,11 +398,13 @@ impl Cluster {
 
     /// Garbage collection, step one. `orphans` are located chunks that the namespace did not
     /// reference at a read just before. Marks them as being collected, unless a client may still
-    /// commit one: it was placed, said stored or committed within the grace period, or this
-    /// master has led for less than that (its predecessor's placements are unknown to it). From
-    /// the mark on, nobody can place or commit a marked chunk, so a namespace read taken after
-    /// this call that still finds no reference proves it garbage: hand that to [`Cluster::collect`].
-    pub fn mark_garbage(&self, orphans: &[ChunkHash], now: Instant) -> Vec<ChunkHash> {
+    /// commit one: it was placed or said stored within the grace period and not committed since,
+    /// or this master has led for less than that (its predecessor's placements are unknown to
+    /// it). From the mark on, nobody can place or commit a marked chunk. `fence` is called under
+    /// the same lock as the marking (and [`Cluster::confirm_commit`] proposes under it too): a
+    /// namespace read after everything proposed before the fence is applied, that still finds no
+    /// reference, proves a marked chunk garbage. Hand that to [`Cluster::collect`].
+    pub fn mark_garbage<F>(&self, orphans: &[ChunkHash], now: Instant, fence: impl FnOnce() -> F) -> (Vec<ChunkHash>, F) {
         let mut g = self.lock();
         // Deletes to nodes that died are dropped (a node that comes back reports what it holds),
         // and so are marks a failed round left behind.
@@ -402,7 +413,7 @@ impl Cluster {
             d.nodes.retain(|id| live.contains(id));
             !d.nodes.is_empty()
         });
-        g.pending.retain(|_, (_, t)| now.duration_since(*t) < self.gc_grace);
+        g.pending.retain(|_, p| p.until > now);
         let tenure = g.since.is_some_and(|s| now.duration_since(s) >= self.gc_grace);
         let mut marked = Vec::new();
         let mut waiting = 0;
@@ -418,7 +429,8 @@ impl Cluster {
             marked.push(*h);
         }
         g.gc_waiting = waiting;
-        marked
+        let f = fence();
+        (marked, f)
     }
 
     /// Garbage collection, step two: of the chunks [`Cluster::mark_garbage`] marked, `garbage`
@@ -620,15 +632,23 @@ impl Cluster {
                     n.reserved += len;
                 }
             }
-            g.pending.insert(*hash, (chosen, now));
+            if let Some(p) = g.pending.get_mut(hash) {
+                p.targets = chosen;
+            }
             out.push(Some(refs));
         }
         Ok(out)
     }
 
-    /// Checks that every chunk of a commit is stored somewhere (or was just placed), and turns the
-    /// placements of those chunks into locations: their replicas acked before the client commits.
-    pub fn confirm_commit(&self, hashes: &[ChunkHash]) -> Result<(), MetaError> {
+    /// Checks that every chunk of a commit is stored somewhere (or was just placed), turns the
+    /// placements of those chunks into locations (their replicas acked before the client
+    /// commits), and calls `propose` under the lock, so that the proposal is ordered before any
+    /// later collection fence (see [`Cluster::mark_garbage`]).
+    pub fn confirm_commit<R>(
+        &self,
+        hashes: &[ChunkHash],
+        propose: impl FnOnce() -> Result<R, MetaError>,
+    ) -> Result<R, MetaError> {
         let now = Instant::now();
         let mut g = self.lock();
         for h in hashes {
@@ -640,7 +660,7 @@ impl Cluster {
                 )));
             }
             let known = g.locations.get(h).is_some_and(|l| !l.is_empty());
-            let pending = g.pending.get(h).is_some_and(|(_, t)| now.duration_since(*t) < self.gc_grace);
+            let pending = g.pending.get(h).is_some_and(|p| p.until > now);
             if !known && !pending {
                 if !self.settled_locked(&g, now) {
                     // Placed by an earlier leader, perhaps: its holders have not reported yet.
@@ -653,26 +673,32 @@ impl Cluster {
             }
         }
         for h in hashes {
-            let targets = g.pending.get_mut(h).map(|(t, _)| std::mem::take(t)).unwrap_or_default();
+            let Some(p) = g.pending.get_mut(h) else { continue };
+            let targets = std::mem::take(&mut p.targets);
+            // This upload is done with its placement; others of the same chunk may not be.
+            p.outstanding = p.outstanding.saturating_sub(1);
+            if p.outstanding == 0 {
+                g.pending.remove(h);
+            }
             let l = g.locations.entry(*h).or_default();
             for id in targets {
                 if !l.contains(&id) {
                     l.push(id);
                 }
             }
-            // Until the commit is applied (and after), a collection round must skip this chunk.
-            self.protect(&mut g, h, now);
         }
-        Ok(())
+        propose()
     }
 
-    /// Records that a client was just told about `hash` (placed, stored, committed): it is not
-    /// collected within the grace period from now.
+    /// Records that a client was just told about `hash` (placed or stored): it may commit it
+    /// within the grace period from now.
     fn protect(&self, g: &mut Inner, hash: &ChunkHash, now: Instant) {
         if g.pending.len() >= MAX_PENDING && !g.pending.contains_key(hash) {
-            g.pending.retain(|_, (_, t)| now.duration_since(*t) < self.gc_grace);
+            g.pending.retain(|_, p| p.until > now);
         }
-        g.pending.entry(*hash).or_insert_with(|| (Vec::new(), now)).1 = now;
+        let p = g.pending.entry(*hash).or_insert_with(|| Pending { targets: Vec::new(), until: now, outstanding: 0 });
+        p.until = now + self.gc_grace;
+        p.outstanding = p.outstanding.saturating_add(1);
     }
 
     /// Replicas of a chunk for a reader: healthy nodes first, then suspect ones, dead ones last.
@@ -785,9 +811,9 @@ mod tests {
     fn commit_needs_an_upload_and_known_chunks_are_not_placed_again() {
         let c = cluster(3);
         let h = [9u8; 32];
-        assert!(c.confirm_commit(&[h]).is_err());
+        assert!(c.confirm_commit(&[h], || Ok(())).is_err());
         c.place(&[(h, 10)], 3, &[]).unwrap();
-        c.confirm_commit(&[h]).unwrap();
+        c.confirm_commit(&[h], || Ok(())).unwrap();
         assert_eq!(c.replicas(&h).len(), 3);
         assert_eq!(c.place(&[(h, 10)], 3, &[]).unwrap(), vec![None]);
     }
@@ -831,11 +857,11 @@ mod tests {
         // `fresh` was just offered to a client (already stored): it may be committed any moment.
         assert_eq!(c.place(&[(fresh, 10)], 3, &[]).unwrap(), vec![None]);
         let now = Instant::now();
-        let marked = c.mark_garbage(&[old, fresh], now);
+        let (marked, ()) = c.mark_garbage(&[old, fresh], now, || ());
         assert_eq!(marked, vec![old], "a recently placed chunk is not collected");
         // From the mark on, nobody can place or commit the chunk being collected.
         assert!(matches!(c.place(&[(old, 10)], 3, &[]), Err(MetaError::Unavailable(_))));
-        assert!(matches!(c.confirm_commit(&[old]), Err(MetaError::InvalidArgument(_))));
+        assert!(matches!(c.confirm_commit(&[old], || Ok(())), Err(MetaError::InvalidArgument(_))));
         assert_eq!(c.collect(&marked, &marked.iter().copied().collect(), now), 3);
         assert_eq!(deletes_for(&c, 1), vec![old.to_vec()]);
         // Deletes come again until reported done; each node's report clears its part.
@@ -850,12 +876,35 @@ mod tests {
     }
 
     #[test]
+    fn a_commit_ends_its_own_placements_protection_only() {
+        let c = seasoned(3, Duration::from_secs(60));
+        let h = [7u8; 32];
+        for id in 1..=3 {
+            c.report_page(id, 1, &[h.to_vec()], true).unwrap();
+        }
+        // Two uploads of the same content are told it is stored; one commits.
+        c.place(&[(h, 10)], 3, &[]).unwrap();
+        c.place(&[(h, 10)], 3, &[]).unwrap();
+        let mut order = Vec::new();
+        c.confirm_commit(&[h], || {
+            order.push("proposed");
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(order, ["proposed"], "the proposal is sent under the check");
+        assert!(c.mark_garbage(&[h], Instant::now(), || ()).0.is_empty(), "the other upload may still commit");
+        c.confirm_commit(&[h], || Ok(())).unwrap();
+        // Both committed: once the files go, the chunk is garbage at once.
+        assert_eq!(c.mark_garbage(&[h], Instant::now(), || ()).0, vec![h]);
+    }
+
+    #[test]
     fn a_reference_that_appears_before_the_deletes_cancels_them() {
         let c = seasoned(3, Duration::from_secs(60));
         let h = [3u8; 32];
         c.report_page(1, 1, &[h.to_vec()], true).unwrap();
         let now = Instant::now();
-        let marked = c.mark_garbage(&[h], now);
+        let (marked, ()) = c.mark_garbage(&[h], now, || ());
         assert_eq!(marked, vec![h]);
         // The read after marking found a file referencing it: unmarked, nothing deleted.
         assert_eq!(c.collect(&marked, &HashSet::new(), now), 0);
@@ -868,7 +917,7 @@ mod tests {
         let c = cluster(1).with_gc_grace(Duration::from_secs(60));
         c.reset();
         c.report_page(1, 1, &[vec![4; 32]], true).unwrap();
-        assert!(c.mark_garbage(&[[4; 32]], Instant::now()).is_empty());
+        assert!(c.mark_garbage(&[[4; 32]], Instant::now(), || ()).0.is_empty());
         assert_eq!(c.delete_backlog(), (1, 0));
     }
 

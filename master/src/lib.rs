@@ -12,7 +12,7 @@ mod service;
 pub mod state;
 pub mod transport;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -157,60 +157,90 @@ async fn repair_loop(node: node::Node, state: state::State, cluster: Arc<cluster
         if node.ensure_leader().is_err() || !cluster.settled(now) {
             continue;
         }
-        let collect = now.duration_since(last_collect) >= collect_every;
-        if collect {
-            last_collect = now;
+        let (s, c) = (state.clone(), cluster.clone());
+        if let Err(e) = blocking(move || plan_repairs(&s, &c, now)).await {
+            tracing::warn!("re-replication planning: {e:#}");
         }
-        let (state, cluster) = (state.clone(), cluster.clone());
-        let done = tokio::task::spawn_blocking(move || maintain(&state, &cluster, collect, now)).await;
-        match done {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!("chunk maintenance: {e:#}"),
-            Err(e) => tracing::warn!("chunk maintenance task: {e}"),
+        if now.duration_since(last_collect) >= collect_every {
+            last_collect = now;
+            if let Err(e) = collect_round(&node, &state, &cluster, now).await {
+                tracing::warn!("garbage collection: {e:#}");
+            }
         }
     }
 }
 
-/// One round of [`repair_loop`], off the async runtime.
-fn maintain(state: &state::State, cluster: &cluster::Cluster, collect: bool, now: std::time::Instant) -> Result<()> {
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.context("maintenance task")?
+}
+
+fn plan_repairs(state: &state::State, cluster: &cluster::Cluster, now: std::time::Instant) -> Result<()> {
     cluster.set_limits(state.reader()?.repair_limits()?);
-    if cluster.repair_scan_needed(now) {
-        let mut chunks = Vec::new();
-        state.reader()?.for_each_chunk(|hash, goal| {
-            if let Some(h) = cluster::to_hash(hash) {
-                chunks.push((h, goal));
-            }
-        })?;
-        let (under, assigned) = cluster.plan_repairs(&chunks, now);
-        if under > 0 {
-            tracing::info!(under_replicated = under, assigned, "re-replication");
-        }
-    }
-    if !collect {
+    if !cluster.repair_scan_needed(now) {
         return Ok(());
     }
-    let located = cluster.located();
-    let goals = state.reader()?.chunk_goals(&located)?;
-    let mut orphans = Vec::new();
-    let mut referenced = Vec::new();
-    for (h, goal) in located.into_iter().zip(goals) {
-        match goal {
-            Some(goal) => referenced.push((h, goal)),
-            None => orphans.push(h),
+    let mut chunks = Vec::new();
+    state.reader()?.for_each_chunk(|hash, goal| {
+        if let Some(h) = cluster::to_hash(hash) {
+            chunks.push((h, goal));
         }
+    })?;
+    let (under, assigned) = cluster.plan_repairs(&chunks, now);
+    if under > 0 {
+        tracing::info!(under_replicated = under, assigned, "re-replication");
     }
-    let trimmed = cluster.plan_trims(&referenced, now);
-    let marked = cluster.mark_garbage(&orphans, now);
-    // Read again after marking: a reference committed in between shows here, and none can come
-    // later (a marked chunk can be neither placed nor committed).
-    let garbage: Result<std::collections::HashSet<cluster::ChunkHash>> = (|| {
-        let goals = state.reader()?.chunk_goals(&marked)?;
-        Ok(marked.iter().zip(goals).filter(|(_, g)| g.is_none()).map(|(h, _)| *h).collect())
-    })();
-    let deletes = cluster.collect(&marked, garbage.as_ref().unwrap_or(&Default::default()), now);
+    Ok(())
+}
+
+/// How long a collection round waits for the entries proposed before its fence to apply.
+const FENCE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One round of garbage collection and trimming. See `Cluster::mark_garbage` for why it cannot
+/// delete a chunk that a commit is about to reference.
+async fn collect_round(
+    node: &node::Node,
+    state: &state::State,
+    cluster: &Arc<cluster::Cluster>,
+    now: std::time::Instant,
+) -> Result<()> {
+    let (s, c) = (state.clone(), cluster.clone());
+    let orphans = blocking(move || {
+        let located = c.located();
+        let goals = s.reader()?.chunk_goals(&located)?;
+        let mut orphans = Vec::new();
+        let mut referenced = Vec::new();
+        for (h, goal) in located.into_iter().zip(goals) {
+            match goal {
+                Some(goal) => referenced.push((h, goal)),
+                None => orphans.push(h),
+            }
+        }
+        let trimmed = c.plan_trims(&referenced, now);
+        if trimmed > 0 {
+            tracing::info!(replicas = trimmed, "deleting surplus replicas");
+        }
+        Ok(orphans)
+    })
+    .await?;
+    let (marked, fence) = cluster.mark_garbage(&orphans, now, || node.fence());
+    if marked.is_empty() {
+        return Ok(());
+    }
+    // Everything proposed before the fence (every commit that passed its check before the
+    // marks) is applied before the namespace is read again; no commit can name a marked chunk
+    // after the fence.
+    let garbage = async {
+        node.applied_through(fence?, FENCE_TIMEOUT).await?;
+        let (s, m) = (state.clone(), marked.clone());
+        blocking(move || {
+            let goals = s.reader()?.chunk_goals(&m)?;
+            Ok(m.iter().zip(goals).filter(|(_, g)| g.is_none()).map(|(h, _)| *h).collect::<HashSet<_>>())
+        })
+        .await
+    }
+    .await;
+    let deletes = cluster.collect(&marked, garbage.as_ref().unwrap_or(&HashSet::new()), now);
     let garbage = garbage?;
-    if trimmed > 0 || deletes > 0 {
-        tracing::info!(surplus_replicas = trimmed, garbage_chunks = garbage.len(), garbage_replicas = deletes, "deleting");
-    }
+    tracing::info!(chunks = garbage.len(), replicas = deletes, "deleting garbage");
     Ok(())
 }

@@ -83,6 +83,11 @@ pub enum Msg {
         to: u64,
         reply: TransferReply,
     },
+    /// Answered with the index of the last entry in this leader's log: every proposal sent
+    /// before this message has an index at or below it.
+    Fence {
+        reply: TransferReply,
+    },
     /// A peer's address, learnt from a message it sent.
     Learn {
         id: u64,
@@ -225,9 +230,49 @@ impl Node {
     /// Proposes a mutation and waits until it is committed and applied here.
     pub async fn propose(&self, op: command::Op) -> Result<command_result::Result, MetaError> {
         self.ensure_leader()?;
+        let rx = self.propose_nowait(op)?;
+        Self::answer(rx).await
+    }
+
+    /// Sends a proposal without waiting for it: its place in the log is fixed relative to any
+    /// message sent before or after (see [`Node::fence`]). [`Node::answer`] waits for the result.
+    pub fn propose_nowait(&self, op: command::Op) -> Result<oneshot::Receiver<Result<command_result::Result, MetaError>>, MetaError> {
+        self.ensure_leader()?;
         let (reply, rx) = oneshot::channel();
         self.send(Msg::Propose { op, reply })?;
+        Ok(rx)
+    }
+
+    pub async fn answer(
+        rx: oneshot::Receiver<Result<command_result::Result, MetaError>>,
+    ) -> Result<command_result::Result, MetaError> {
         Self::wait(rx, PROPOSE_TIMEOUT, "mutation").await
+    }
+
+    /// Asks for the last index of the leader's log as of now, without waiting: every proposal
+    /// sent earlier is at or below it. [`Node::applied_through`] waits until it is applied.
+    pub fn fence(&self) -> Result<oneshot::Receiver<Result<u64, MetaError>>, MetaError> {
+        self.ensure_leader()?;
+        let (reply, rx) = oneshot::channel();
+        self.send(Msg::Fence { reply })?;
+        Ok(rx)
+    }
+
+    /// Waits until this master has applied every entry up to the index a fence answers.
+    pub async fn applied_through(
+        &self,
+        fence: oneshot::Receiver<Result<u64, MetaError>>,
+        timeout: Duration,
+    ) -> Result<(), MetaError> {
+        let start = tokio::time::Instant::now();
+        let index = Self::wait(fence, timeout, "fence").await?;
+        while self.status.lock().expect("status lock").applied_index < index {
+            if start.elapsed() >= timeout {
+                return Err(MetaError::Unavailable(format!("entries up to {index} were not applied in time")));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
     }
 
     /// Waits until a read on this master's state is linearizable: it leads (confirmed by a
@@ -468,6 +513,12 @@ impl Core {
                 }
             }
             Msg::Membership { member, reply } => self.propose_membership(member, reply),
+            Msg::Fence { reply } if !leader => {
+                let _ = reply.send(Err(self.leader_hint()));
+            }
+            Msg::Fence { reply } => {
+                let _ = reply.send(Ok(self.raw.raft.raft_log.last_index()));
+            }
             Msg::Read { reply } if !leader => {
                 let _ = reply.send(Err(self.leader_hint()));
             }

@@ -194,8 +194,8 @@ impl master_server::Master for Services {
         check_replication(req.replication)?;
         check_extents(&req.extents)?;
         let hashes: Vec<_> = req.extents.iter().filter_map(|e| to_hash(&e.hash)).collect();
-        self.cluster.confirm_commit(&hashes)?;
-        let attr = attr_of(self.node.propose(command::Op::CommitFile(req)).await?)?;
+        let answer = self.cluster.confirm_commit(&hashes, || self.node.propose_nowait(command::Op::CommitFile(req)))?;
+        let attr = attr_of(Node::answer(answer).await?)?;
         Ok(Response::new(pb::CommitFileResponse { attr: Some(attr) }))
     }
 
