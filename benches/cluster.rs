@@ -28,6 +28,8 @@ pub enum Mode {
     Metadata,
     /// Many files: creates, master memory per file, store size, snapshot catch-up, restart.
     Scale,
+    /// Writers and readers for --duration-s while --fault kills and restarts nodes; CSV + PNG.
+    Faults,
 }
 
 #[derive(clap::Args, Debug)]
@@ -68,6 +70,28 @@ pub struct BenchArgs {
     /// Directory for the started cluster and the disk reference (default: a temp dir).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// faults: concurrent writers (each keeps its last 4 files and deletes older ones).
+    #[arg(long, default_value_t = 2)]
+    pub writers: usize,
+    /// faults: concurrent readers (random files; every byte verified).
+    #[arg(long, default_value_t = 4)]
+    pub readers: usize,
+    /// faults: length of the run, seconds.
+    #[arg(long, default_value_t = 90)]
+    pub duration_s: u64,
+    /// faults: KIND[:N]@SECONDS, repeatable: kill-chunkserver (default: the fullest),
+    /// restart-chunkserver (default: the last killed), kill-leader, restart-master.
+    #[arg(long)]
+    pub fault: Vec<String>,
+    /// faults: data written before the run (what a killed node's copies come from), MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub prefill_mib: usize,
+    /// faults: size of each file written and read, MiB.
+    #[arg(long, default_value_t = 32)]
+    pub file_mib: usize,
+    /// faults: where the CSV timeline and the PNG chart go.
+    #[arg(long, default_value = ".")]
+    pub out: PathBuf,
 }
 
 pub(crate) struct Row {
@@ -139,7 +163,7 @@ impl Drop for DevCluster {
 
 /// Hashes what it is given: `get` writes into it, so the benchmark verifies every byte without
 /// holding the file in memory.
-struct HashSink(blake3::Hasher, u64);
+pub(crate) struct HashSink(pub blake3::Hasher, pub u64);
 
 impl tokio::io::AsyncWrite for HashSink {
     fn poll_write(mut self: Pin<&mut Self>, _: &mut TaskContext<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
@@ -155,7 +179,7 @@ impl tokio::io::AsyncWrite for HashSink {
     }
 }
 
-fn random(n: usize, seed: u64) -> Vec<u8> {
+pub(crate) fn random(n: usize, seed: u64) -> Vec<u8> {
     let mut v = vec![0u8; n];
     rand::rngs::SmallRng::seed_from_u64(seed).fill_bytes(&mut v);
     v
@@ -347,21 +371,32 @@ fn print_rows(rows: Vec<Row>) {
     }
 }
 
-/// The master-group modes run on a cluster of their own: they kill and restart masters.
+fn masters_list(c: &DevCluster) -> Result<Vec<String>> {
+    Ok(c.var("CAIRN_MASTERS").context("env without CAIRN_MASTERS")?.split(',').map(String::from).collect())
+}
+
+/// The master-group and fault modes run on a cluster of their own: they kill and restart nodes.
 async fn master_modes(a: &BenchArgs, dir: &Path) -> Result<()> {
+    if let (Mode::Faults, Ok(masters)) = (a.mode, std::env::var("CAIRN_MASTERS")) {
+        anyhow::ensure!(a.fault.is_empty(), "--fault needs a cluster the benchmark starts: unset CAIRN_MASTERS");
+        let tls = PathBuf::from(std::env::var("CAIRN_TLS").context("CAIRN_MASTERS without CAIRN_TLS")?);
+        let masters = masters.split(',').map(String::from).collect();
+        print_rows(crate::bench_faults::run(a, None, masters, tls).await?);
+        return Ok(());
+    }
     anyhow::ensure!(
         std::env::var_os("CAIRN_MASTERS").is_none(),
-        "--mode {:?} kills and restarts masters, so it runs on a cluster it starts: unset CAIRN_MASTERS",
+        "--mode {:?} kills and restarts nodes, so it runs on a cluster it starts: unset CAIRN_MASTERS",
         a.mode
     );
     anyhow::ensure!(a.clients >= 1 && a.trials >= 1, "--clients and --trials must be at least 1");
     eprintln!("starting a dev cluster (3 masters, {} chunkservers) in {}...", a.chunkservers, dir.display());
     let c = DevCluster::start(dir, a.chunkservers)?;
-    let masters: Vec<String> =
-        c.var("CAIRN_MASTERS").context("env without CAIRN_MASTERS")?.split(',').map(String::from).collect();
+    let masters = masters_list(&c)?;
     let tls = PathBuf::from(c.var("CAIRN_TLS").context("env without CAIRN_TLS")?);
-    let mut m = crate::bench_masters::Masters::new(dir.join("cluster"), masters, tls);
+    let mut m = crate::bench_masters::Masters::new(dir.join("cluster"), masters.clone(), tls.clone());
     let rows = match a.mode {
+        Mode::Faults => crate::bench_faults::run(a, Some(dir.join("cluster")), masters, tls).await?,
         Mode::Failover => crate::bench_masters::failover(&mut m, a.trials, a.clients.min(8)).await?,
         Mode::Metadata => crate::bench_masters::metadata(&m, a.clients, a.files.unwrap_or(100_000)).await?,
         Mode::Scale => crate::bench_masters::scale(&mut m, a.clients, a.files.unwrap_or(1_000_000)).await?,

@@ -27,17 +27,7 @@ pub struct Masters {
     pub cluster_dir: PathBuf,
     pub addrs: Vec<String>,
     pub tls: PathBuf,
-    /// Masters this benchmark restarted: id -> its child (killed at the end).
-    restarted: BTreeMap<u64, std::process::Child>,
-}
-
-impl Drop for Masters {
-    fn drop(&mut self) {
-        for c in self.restarted.values_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+    procs: crate::bench_procs::NodeProcs,
 }
 
 fn pct(sorted: &[Duration], q: f64) -> Duration {
@@ -50,7 +40,8 @@ fn ms(d: Duration) -> String {
 
 impl Masters {
     pub fn new(cluster_dir: PathBuf, addrs: Vec<String>, tls: PathBuf) -> Masters {
-        Masters { cluster_dir, addrs, tls, restarted: BTreeMap::new() }
+        let procs = crate::bench_procs::NodeProcs::new(cluster_dir.clone(), "master");
+        Masters { cluster_dir, addrs, tls, procs }
     }
 
     async fn client(&self, deadline: Duration) -> Result<Client> {
@@ -62,53 +53,18 @@ impl Masters {
         .await?)
     }
 
-    fn pid(&self, id: u64) -> Result<u32> {
-        if let Some(c) = self.restarted.get(&id) {
-            return Ok(c.id());
-        }
-        let f = self.cluster_dir.join(format!("master-{id}/pid"));
-        let s = std::fs::read_to_string(&f).with_context(|| format!("read {}", f.display()))?;
-        Ok(s.trim().parse()?)
+    pub fn pid(&self, id: u64) -> Result<u32> {
+        self.procs.pid(id)
     }
 
     /// SIGKILL to master `id`; returns its command line, to start it again.
-    fn kill(&mut self, id: u64) -> Result<Vec<String>> {
-        let pid = self.pid(id)?;
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).context("read the master's command line")?;
-        let args: Vec<String> =
-            cmdline.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into()).collect();
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL)?;
-        if let Some(mut c) = self.restarted.remove(&id) {
-            let _ = c.wait();
-        }
-        Ok(args)
+    pub fn kill(&mut self, id: u64) -> Result<Vec<String>> {
+        self.procs.kill(id)
     }
 
     /// Starts a killed master again with the same arguments (retrying while its port is held).
-    fn restart(&mut self, id: u64, args: &[String]) -> Result<Instant> {
-        let log = self.cluster_dir.join(format!("logs/master-{id}.bench.log"));
-        let start = Instant::now();
-        loop {
-            let err = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
-            let mut child = std::process::Command::new(&args[0])
-                .args(&args[1..])
-                .stdout(std::process::Stdio::null())
-                .stderr(err)
-                .stdin(std::process::Stdio::null())
-                .spawn()
-                .context("restart master")?;
-            std::thread::sleep(Duration::from_millis(100));
-            if child.try_wait()?.is_none() {
-                self.restarted.insert(id, child);
-                return Ok(start);
-            }
-            anyhow::ensure!(
-                start.elapsed() < Duration::from_secs(20),
-                "master {id} did not restart; see {}",
-                log.display()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+    pub fn restart(&mut self, id: u64, args: &[String]) -> Result<Instant> {
+        self.procs.restart(id, args)
     }
 
     /// The leader's id and every master's (alive, applied index), with the leader's commit.

@@ -148,7 +148,7 @@ pub async fn run(a: &DevArgs) -> Result<()> {
                 node.join("tls").display().to_string(),
             ];
             let p = spawn(&exe, &format!("master {id}"), &args, &dir.join(format!("logs/master-{id}.log")))?;
-            // For tools that stop or restart one master (`cairn bench --mode failover`).
+            // For tools that kill or restart one master (`cairn bench --mode failover|faults`).
             if let Some(pid) = p.child.id() {
                 std::fs::write(node.join("pid"), format!("{pid}\n"))?;
             }
@@ -171,12 +171,12 @@ pub async fn run(a: &DevArgs) -> Result<()> {
             if let Some(c) = a.chunkserver_capacity {
                 args.extend(["--capacity".into(), c.to_string()]);
             }
-            procs.push(spawn(
-                &exe,
-                &format!("chunkserver {i}"),
-                &args,
-                &dir.join(format!("logs/chunkserver-{i}.log")),
-            )?);
+            let p = spawn(&exe, &format!("chunkserver {i}"), &args, &dir.join(format!("logs/chunkserver-{i}.log")))?;
+            // For tools that kill or restart one chunkserver (`cairn bench --mode faults`).
+            if let Some(pid) = p.child.id() {
+                std::fs::write(node.join("pid"), format!("{pid}\n"))?;
+            }
+            procs.push(p);
         }
         wait_ready(&master_addrs, &client_tls, a.chunkservers as usize, &mut procs, &shutdown).await
     }

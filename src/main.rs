@@ -5,8 +5,12 @@
 /// The cluster benchmark lives with the other benchmarks; `cairn bench` runs it.
 #[path = "../benches/cluster.rs"]
 mod bench;
+#[path = "../benches/faults.rs"]
+mod bench_faults;
 #[path = "../benches/masters.rs"]
 mod bench_masters;
+#[path = "../benches/procs.rs"]
+mod bench_procs;
 mod dev;
 mod servers;
 

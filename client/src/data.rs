@@ -15,7 +15,11 @@ use cairn_proto::v1::ChunkserverRef;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Time for one chunk request once connected: a 4 MiB chunk at 10 MB/s fits; a dead replica
 /// costs no more than this before the next is tried.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a read waits for a replica to start answering when another replica could serve it:
+/// a live chunkserver answers in milliseconds, and a node that just died (its QUIC connection
+/// still looks open) must not stall readers until the master declares it dead.
+pub const FAILOVER_AFTER: Duration = Duration::from_secs(1);
 /// Consecutive failures that open a node's breaker.
 const BREAKER_THRESHOLD: u32 = 2;
 const BREAKER_OPEN: Duration = Duration::from_secs(5);
@@ -212,7 +216,8 @@ impl DataPlane {
 
     /// Reads `length` bytes at `offset` of a chunk from one replica (length 0: the rest). A whole
     /// chunk is checked against its hash here; a range was checked by the server, which verifies
-    /// the chunk before it serves any part of it.
+    /// the chunk before it serves any part of it. The replica must start answering within
+    /// `patience` (connection included).
     pub async fn get_chunk(
         &self,
         node: &ChunkserverRef,
@@ -220,6 +225,7 @@ impl DataPlane {
         chunk_len: u64,
         offset: u64,
         length: u64,
+        patience: Duration,
     ) -> Result<Bytes, ChunkError> {
         let req = ChunkRequest {
             request_id: request_id(),
@@ -227,7 +233,9 @@ impl DataPlane {
         };
         let want = if length == 0 { chunk_len.saturating_sub(offset) } else { length };
         let fetch = async {
-            let (resp, mut recv) = self.exchange(&node.addr, req, None).await?;
+            let (resp, mut recv) = tokio::time::timeout(patience, self.exchange(&node.addr, req, None))
+                .await
+                .map_err(|_| ChunkError::Unreachable(format!("{}: no answer within {patience:?}", node.addr)))??;
             match resp.status() {
                 Status::Ok => {}
                 Status::Corrupt => return Err(ChunkError::Corrupt(format!("{} found its copy corrupt", node.addr))),

@@ -524,6 +524,7 @@ impl Client {
         // always sent and its result always recorded.
         let mut errors = Vec::new();
         let mut skipped = Vec::new();
+        let mut left = replicas.len();
         for (pass, list) in [(0, replicas.iter().collect::<Vec<_>>()), (1, vec![])] {
             let list = if pass == 0 { list } else { std::mem::take(&mut skipped) };
             for r in list {
@@ -531,7 +532,10 @@ impl Client {
                     skipped.push(r);
                     continue;
                 }
-                match data.get_chunk(r, &hash, ext.length, from, to - from).await {
+                left -= 1;
+                // Quick to move on while another replica remains; the last one gets all the time.
+                let patience = if left > 0 { data::FAILOVER_AFTER } else { data::REQUEST_TIMEOUT };
+                match data.get_chunk(r, &hash, ext.length, from, to - from, patience).await {
                     Ok(b) => {
                         data.succeeded(r.id);
                         return Ok(b);

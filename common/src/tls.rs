@@ -238,11 +238,12 @@ fn transport() -> Arc<quinn::TransportConfig> {
     t.receive_window(quinn::VarInt::from_u32(128 << 20));
     t.send_window(128 << 20);
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(512));
-    // A peer silent for 10 s is gone: its connection closes, and requests on it fail over
-    // instead of waiting. Keep-alives every 2 s keep idle but healthy connections open.
-    t.keep_alive_interval(Some(Duration::from_secs(2)));
+    // A peer silent for 4 s is gone (a killed process sends no close): its connection closes,
+    // and uploads on it fail over instead of waiting for their whole timeout. Keep-alives every
+    // second keep idle but healthy connections open, far below the master's 10 s dead timeout.
+    t.keep_alive_interval(Some(Duration::from_secs(1)));
     t.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(Duration::from_secs(10)).expect("10 s fits a QUIC idle timeout"),
+        quinn::IdleTimeout::try_from(Duration::from_secs(4)).expect("4 s fits a QUIC idle timeout"),
     ));
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(65_000);

@@ -591,11 +591,13 @@ impl Cluster {
                 out.push(None);
                 continue;
             }
-            let mut candidates: Vec<&Node> = g
-                .nodes
-                .values()
-                .filter(|n| self.alive(n, now) && !exclude.contains(&n.id) && n.free() >= len + FREE_MARGIN)
-                .collect();
+            let mut candidates: Vec<&Node> =
+                g.nodes.values().filter(|n| self.alive(n, now) && n.free() >= len + FREE_MARGIN).collect();
+            // The client's exclusions are its experience, which can blame a healthy node for a
+            // failure further down a chain: avoid them while enough others remain.
+            if candidates.iter().filter(|n| !exclude.contains(&n.id)).count() >= replication {
+                candidates.retain(|n| !exclude.contains(&n.id));
+            }
             if candidates.len() < replication {
                 let live = g.nodes.values().filter(|n| self.alive(n, now)).count();
                 if !self.settled_locked(&g, now) {
@@ -612,7 +614,8 @@ impl Cluster {
             if candidates.iter().filter(|n| fresh(n)).count() >= replication {
                 candidates.retain(|n| fresh(n));
             }
-            candidates.sort_by(|a, b| b.free().cmp(&a.free()).then(a.id.cmp(&b.id)));
+            let excluded = |n: &Node| exclude.contains(&n.id);
+            candidates.sort_by(|a, b| excluded(a).cmp(&excluded(b)).then(b.free().cmp(&a.free())).then(a.id.cmp(&b.id)));
             let mut chosen: Vec<u64> = Vec::with_capacity(replication);
             let mut zones: HashSet<&str> = HashSet::new();
             // First pass: one node per zone; second: fill up with the emptiest remaining.
@@ -805,6 +808,14 @@ mod tests {
         }
         assert_eq!(per_node.len(), 4, "every node gets chunks: {per_node:?}");
         assert!(matches!(c.place(&chunks[..1], 5, &[]), Err(MetaError::NotEnoughChunkservers(_))));
+        // Exclusions are avoided while enough other nodes remain, and used as a last resort.
+        let ids = |p: Vec<Option<Vec<ChunkserverRef>>>| -> Vec<u64> {
+            let mut v: Vec<u64> = p[0].as_ref().unwrap().iter().map(|r| r.id).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(ids(c.place(&[([9; 32], 1)], 3, &[2]).unwrap()), vec![1, 3, 4]);
+        assert_eq!(ids(c.place(&[([9; 32], 1)], 3, &[1, 2]).unwrap()).len(), 3);
     }
 
     #[test]
