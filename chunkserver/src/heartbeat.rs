@@ -62,18 +62,31 @@ const COPY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs the master's re-replication jobs: pulls each chunk from a source over QUIC and stores it
 /// (the store verifies the hash and makes it durable); the next heartbeat reports it added, or
-/// failed. The master's limits bound the copies in flight and their bandwidth.
+/// failed. Jobs wait in a queue and `copies` workers take the next one as soon as they finish
+/// one, so copying does not pause between heartbeats. The master's limits bound the workers and
+/// their bandwidth.
 #[derive(Clone)]
 struct Copier {
     pool: Arc<crate::quic::Pool>,
     store: ChunkStore,
-    busy: Arc<Mutex<HashSet<[u8; 32]>>>,
+    queue: Arc<Mutex<CopyQueue>>,
     failed: Arc<Mutex<Vec<[u8; 32]>>>,
     /// Bytes stored by copies since start (the master derives the repair rate from it).
     copied: Arc<AtomicU64>,
     pace: Arc<crate::pace::Pace>,
     copies: Arc<AtomicUsize>,
 }
+
+#[derive(Default)]
+struct CopyQueue {
+    jobs: std::collections::VecDeque<CopyJob>,
+    /// Chunks queued or being copied: the master sends a job again until it is reported.
+    known: HashSet<[u8; 32]>,
+    workers: usize,
+}
+
+/// Jobs a node holds at once; the master sends at most a few times the copy limit anyway.
+const COPY_QUEUE_MAX: usize = 4096;
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -84,7 +97,7 @@ impl Copier {
         Copier {
             pool: Arc::new(pool),
             store,
-            busy: Default::default(),
+            queue: Default::default(),
             failed: Default::default(),
             copied: Default::default(),
             pace: Arc::new(crate::pace::Pace::new(0)),
@@ -92,37 +105,54 @@ impl Copier {
         }
     }
 
-    /// Starts the jobs not already running, up to the limit on copies in flight. The master
-    /// sends every job again with each heartbeat until it is reported, so one left out now
-    /// starts later.
+    /// Queues the jobs not already queued or running, and starts workers up to the limit.
     fn submit(&self, jobs: Vec<CopyJob>, limits: Option<RepairLimits>) {
         if let Some(l) = limits {
             self.pace.set_rate(l.rate_bytes);
             self.copies.store(l.copies.max(1) as usize, Ordering::Relaxed);
         }
-        for job in jobs {
-            let Some(hash) = ChunkHash::from_slice(&job.hash) else { continue };
-            if self.store.contains(&hash) {
-                continue;
-            }
-            {
-                let mut busy = locked(&self.busy);
-                if busy.contains(&hash.0) {
+        let start = {
+            let mut q = locked(&self.queue);
+            for job in jobs {
+                let Some(hash) = ChunkHash::from_slice(&job.hash) else { continue };
+                if q.known.len() >= COPY_QUEUE_MAX || self.store.contains(&hash) || !q.known.insert(hash.0) {
                     continue;
                 }
-                if busy.len() >= self.copies.load(Ordering::Relaxed) {
-                    break;
-                }
-                busy.insert(hash.0);
+                q.jobs.push_back(job);
             }
+            let start = self.copies.load(Ordering::Relaxed).saturating_sub(q.workers).min(q.jobs.len());
+            q.workers += start;
+            start
+        };
+        for _ in 0..start {
             let this = self.clone();
-            tokio::spawn(async move {
-                if !this.copy(hash, &job.sources).await {
-                    tracing::warn!(chunk = %hash.to_hex(), "no source could provide the chunk; the master will plan it again");
-                    locked(&this.failed).push(hash.0);
+            tokio::spawn(async move { this.work().await });
+        }
+    }
+
+    /// Takes jobs until the queue is empty (or the limit shrank below the running workers).
+    async fn work(&self) {
+        loop {
+            let job = {
+                let mut q = locked(&self.queue);
+                if q.workers > self.copies.load(Ordering::Relaxed) {
+                    q.workers -= 1;
+                    return;
                 }
-                locked(&this.busy).remove(&hash.0);
-            });
+                match q.jobs.pop_front() {
+                    Some(j) => j,
+                    None => {
+                        q.workers -= 1;
+                        return;
+                    }
+                }
+            };
+            let Some(hash) = ChunkHash::from_slice(&job.hash) else { continue };
+            if !self.store.contains(&hash) && !self.copy(hash, &job.sources).await {
+                tracing::warn!(chunk = %hash.to_hex(), "no source could provide the chunk; the master will plan it again");
+                locked(&self.failed).push(hash.0);
+            }
+            locked(&self.queue).known.remove(&hash.0);
         }
     }
 

@@ -113,6 +113,9 @@ struct Deleting {
     nodes: HashSet<u64>,
 }
 
+/// Copy jobs assigned to a target (and new ones to a first source per round), in units of its
+/// copies in flight: a node works through a queue instead of idling between heartbeats.
+const COPY_QUEUE_DEPTH: usize = 4;
 /// A copy not reported done or failed after this long is assigned again.
 const REPAIR_TIMEOUT: Duration = Duration::from_secs(60);
 /// Deletes sent to one node per heartbeat; the rest follow in the next ones.
@@ -327,15 +330,15 @@ impl Cluster {
 
     /// Assigns copy jobs for chunks with fewer live replicas than their goal: the chunks with
     /// the fewest replicas left first; each to a live node that lacks it (another zone first,
-    /// then the most free space), pulling from live holders; at most `copies` (the limit) in
-    /// flight per target, and per first source in one round. Returns (under-replicated chunks,
+    /// then the most free space), pulling from live holders; at most COPY_QUEUE_DEPTH times the
+    /// `copies` limit assigned per target, and per first source in one round. Returns (under-replicated chunks,
     /// jobs assigned now).
     pub fn plan_repairs(&self, chunks: &[(ChunkHash, u32)], now: Instant) -> (usize, usize) {
         let mut g = self.lock();
         let live: BTreeSet<u64> = g.nodes.values().filter(|n| self.alive(n, now)).map(|n| n.id).collect();
         // A copy whose target died or that never finished is planned again.
         g.repairing.retain(|_, r| live.contains(&r.target) && now.duration_since(r.since) < REPAIR_TIMEOUT);
-        let per_node = g.limits.copies.max(1) as usize;
+        let per_node = g.limits.copies.max(1) as usize * COPY_QUEUE_DEPTH;
         g.scanned_live = Some(live.clone());
         g.repair_dirty = false;
         let mut need: Vec<(usize, ChunkHash, Vec<u64>)> = Vec::new();
