@@ -45,6 +45,9 @@ pub struct MasterArgs {
     /// within this time); also how long a new leader waits before it collects garbage.
     #[arg(long, default_value_t = cairn_master::cluster::DEFAULT_GC_GRACE.as_secs())]
     pub gc_grace_s: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (port 0: any free port, printed at start).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -99,6 +102,19 @@ pub enum CaCmd {
     },
 }
 
+/// Binds `--metrics ADDR` if given. Call it before printing "listening on", and print its
+/// address with [`announce_metrics`] right after that line (tests read them in this order).
+fn bind_metrics(addr: Option<&str>) -> Result<Option<std::net::TcpListener>> {
+    addr.map(cairn_common::metrics::bind).transpose()
+}
+
+fn announce_metrics(listener: Option<&std::net::TcpListener>) -> Result<()> {
+    if let Some(l) = listener {
+        println!("metrics on {}", l.local_addr().context("metrics listener address")?);
+    }
+    Ok(())
+}
+
 /// A token cancelled on the first SIGINT or SIGTERM.
 pub fn shutdown_on_signals() -> Result<CancellationToken> {
     use tokio::signal::unix::{signal, SignalKind};
@@ -139,7 +155,9 @@ pub async fn master(a: &MasterArgs) -> Result<()> {
     if peers.is_empty() && !a.join {
         peers.insert(a.id, advertise.clone());
     }
+    let metrics = bind_metrics(a.metrics.as_deref())?;
     println!("listening on {local}");
+    announce_metrics(metrics.as_ref())?;
     let span = tracing::info_span!("master", node = a.id);
     let shutdown = shutdown_on_signals()?;
     let cfg = cairn_master::Config {
@@ -151,6 +169,7 @@ pub async fn master(a: &MasterArgs) -> Result<()> {
         identity,
         dead_after: Duration::from_secs(a.dead_after_s.max(1)),
         gc_grace: Duration::from_secs(a.gc_grace_s),
+        metrics,
     };
     cairn_master::run(cfg, listener, shutdown).instrument(span).await
 }
