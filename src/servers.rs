@@ -78,6 +78,9 @@ pub struct ChunkserverArgs {
     /// checks a 4 TB disk about every three days.
     #[arg(long, default_value = "16M", value_parser = cairn_common::units::parse_bytes)]
     pub scrub_rate: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (port 0: any free port, printed at start).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -187,7 +190,9 @@ pub async fn chunkserver(a: &ChunkserverArgs) -> Result<()> {
         }
         _ => {}
     }
+    let metrics = bind_metrics(a.metrics.as_deref())?;
     println!("listening on {local}");
+    announce_metrics(metrics.as_ref())?;
     let shutdown = shutdown_on_signals()?;
     let cfg = cairn_chunkserver::Config {
         data_dir: a.data.clone(),
@@ -197,6 +202,7 @@ pub async fn chunkserver(a: &ChunkserverArgs) -> Result<()> {
         capacity_bytes: a.capacity,
         advertise: a.advertise.clone(),
         scrub_rate: a.scrub_rate,
+        metrics,
     };
     cairn_chunkserver::run(cfg, socket, shutdown).instrument(tracing::info_span!("chunkserver", addr = %local)).await
 }
