@@ -45,6 +45,9 @@ pub struct MasterArgs {
     /// within this time); also how long a new leader waits before it collects garbage.
     #[arg(long, default_value_t = cairn_master::cluster::DEFAULT_GC_GRACE.as_secs())]
     pub gc_grace_s: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (port 0: any free port, printed at start).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -75,6 +78,9 @@ pub struct ChunkserverArgs {
     /// checks a 4 TB disk about every three days.
     #[arg(long, default_value = "16M", value_parser = cairn_common::units::parse_bytes)]
     pub scrub_rate: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (port 0: any free port, printed at start).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -97,6 +103,19 @@ pub enum CaCmd {
         #[arg(long = "ip")]
         ips: Vec<IpAddr>,
     },
+}
+
+/// Binds `--metrics ADDR` if given. Call it before printing "listening on", and print its
+/// address with [`announce_metrics`] right after that line (tests read them in this order).
+fn bind_metrics(addr: Option<&str>) -> Result<Option<std::net::TcpListener>> {
+    addr.map(cairn_common::metrics::bind).transpose()
+}
+
+fn announce_metrics(listener: Option<&std::net::TcpListener>) -> Result<()> {
+    if let Some(l) = listener {
+        println!("metrics on {}", l.local_addr().context("metrics listener address")?);
+    }
+    Ok(())
 }
 
 /// A token cancelled on the first SIGINT or SIGTERM.
@@ -139,7 +158,9 @@ pub async fn master(a: &MasterArgs) -> Result<()> {
     if peers.is_empty() && !a.join {
         peers.insert(a.id, advertise.clone());
     }
+    let metrics = bind_metrics(a.metrics.as_deref())?;
     println!("listening on {local}");
+    announce_metrics(metrics.as_ref())?;
     let span = tracing::info_span!("master", node = a.id);
     let shutdown = shutdown_on_signals()?;
     let cfg = cairn_master::Config {
@@ -151,6 +172,7 @@ pub async fn master(a: &MasterArgs) -> Result<()> {
         identity,
         dead_after: Duration::from_secs(a.dead_after_s.max(1)),
         gc_grace: Duration::from_secs(a.gc_grace_s),
+        metrics,
     };
     cairn_master::run(cfg, listener, shutdown).instrument(span).await
 }
@@ -168,7 +190,9 @@ pub async fn chunkserver(a: &ChunkserverArgs) -> Result<()> {
         }
         _ => {}
     }
+    let metrics = bind_metrics(a.metrics.as_deref())?;
     println!("listening on {local}");
+    announce_metrics(metrics.as_ref())?;
     let shutdown = shutdown_on_signals()?;
     let cfg = cairn_chunkserver::Config {
         data_dir: a.data.clone(),
@@ -178,6 +202,7 @@ pub async fn chunkserver(a: &ChunkserverArgs) -> Result<()> {
         capacity_bytes: a.capacity,
         advertise: a.advertise.clone(),
         scrub_rate: a.scrub_rate,
+        metrics,
     };
     cairn_chunkserver::run(cfg, socket, shutdown).instrument(tracing::info_span!("chunkserver", addr = %local)).await
 }

@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ use cairn_proto::LEADER_HINT_KEY;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, ClientTlsConfig};
 
+use crate::metrics::Metrics;
 use crate::store::{ChunkHash, ChunkStore};
 
 /// How this node presents itself to the masters, and how often it reports.
@@ -39,6 +40,9 @@ pub struct HeartbeatConfig {
     pub backoff_max: Duration,
     /// The node's QUIC endpoint, to pull chunks for re-replication jobs (None: jobs are ignored).
     pub endpoint: Option<quinn::Endpoint>,
+    /// Where heartbeats, copies and deletes are counted; its copied-bytes counter also goes to
+    /// the master with every heartbeat.
+    pub metrics: Arc<Metrics>,
 }
 
 impl HeartbeatConfig {
@@ -54,6 +58,7 @@ impl HeartbeatConfig {
             request_timeout: Duration::from_secs(5),
             backoff_max: Duration::from_millis(500),
             endpoint: None,
+            metrics: Arc::default(),
         }
     }
 }
@@ -71,8 +76,9 @@ struct Copier {
     store: ChunkStore,
     queue: Arc<Mutex<CopyQueue>>,
     failed: Arc<Mutex<Vec<[u8; 32]>>>,
-    /// Bytes stored by copies since start (the master derives the repair rate from it).
-    copied: Arc<AtomicU64>,
+    /// Counts copies; its bytes stored by copies since start go to the master, which derives the
+    /// repair rate from them.
+    metrics: Arc<Metrics>,
     pace: Arc<crate::pace::Pace>,
     copies: Arc<AtomicUsize>,
 }
@@ -93,13 +99,13 @@ fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Copier {
-    fn new(pool: crate::quic::Pool, store: ChunkStore) -> Copier {
+    fn new(pool: crate::quic::Pool, store: ChunkStore, metrics: Arc<Metrics>) -> Copier {
         Copier {
             pool: Arc::new(pool),
             store,
             queue: Default::default(),
             failed: Default::default(),
-            copied: Default::default(),
+            metrics,
             pace: Arc::new(crate::pace::Pace::new(0)),
             copies: Arc::new(AtomicUsize::new(1)),
         }
@@ -148,9 +154,14 @@ impl Copier {
                 }
             };
             let Some(hash) = ChunkHash::from_slice(&job.hash) else { continue };
-            if !self.store.contains(&hash) && !self.copy(hash, &job.sources).await {
-                tracing::warn!(chunk = %hash.to_hex(), "no source could provide the chunk; the master will plan it again");
-                locked(&self.failed).push(hash.0);
+            if !self.store.contains(&hash) {
+                if self.copy(hash, &job.sources).await {
+                    self.metrics.copies.inc();
+                } else {
+                    tracing::warn!(chunk = %hash.to_hex(), "no source could provide the chunk; the master will plan it again");
+                    self.metrics.copy_failures.inc();
+                    locked(&self.failed).push(hash.0);
+                }
             }
             locked(&self.queue).known.remove(&hash.0);
         }
@@ -165,7 +176,7 @@ impl Copier {
                     self.pace.take(len).await;
                     match self.store.put(hash, data).await {
                         Ok(()) => {
-                            self.copied.fetch_add(len, Ordering::Relaxed);
+                            self.metrics.copied_bytes.inc_by(len);
                             tracing::debug!(chunk = %hash.to_hex(), from = %src.addr, "re-replicated a chunk");
                             return true;
                         }
@@ -340,10 +351,10 @@ pub async fn run(config: HeartbeatConfig, identity: &Identity, store: ChunkStore
         channels: HashMap::new(),
     };
     let backoff = Backoff { attempt: 0, max: config.backoff_max };
-    let copier = config
-        .endpoint
-        .clone()
-        .map(|endpoint| Copier::new(crate::quic::Pool::new(endpoint, config.connect_timeout), store.clone()));
+    let copier = config.endpoint.clone().map(|endpoint| {
+        let pool = crate::quic::Pool::new(endpoint, config.connect_timeout);
+        Copier::new(pool, store.clone(), config.metrics.clone())
+    });
     let mut worker = Worker { config, copier, store, masters, backoff, log: FailureLog { consecutive: 0 } };
     worker.run(&shutdown).await;
     tracing::debug!("heartbeat worker stopped");
@@ -471,9 +482,10 @@ impl Worker {
             added: added.iter().map(|h| h.0.to_vec()).collect(),
             removed: removed.iter().map(|h| h.0.to_vec()).collect(),
             copy_failed: failed.iter().map(|h| h.to_vec()).collect(),
-            copied_bytes: self.copier.as_ref().map_or(0, |c| c.copied.load(Ordering::Relaxed)),
+            copied_bytes: self.copier.as_ref().map_or(0, |c| c.metrics.copied_bytes.get()),
         };
         let master = self.masters.current.clone();
+        self.config.metrics.heartbeats_sent.inc();
         match self.masters.call(|mut c| async move { c.heartbeat(req).await }).await {
             Ok(resp) => {
                 self.log.succeeded();
@@ -486,6 +498,7 @@ impl Worker {
                 Ok(resp.report_requested)
             }
             Err(status) => {
+                self.config.metrics.heartbeats_failed.inc();
                 self.store.requeue_changes(added, removed);
                 if let Some(c) = &self.copier {
                     locked(&c.failed).extend(failed);
@@ -512,8 +525,12 @@ impl Worker {
         })
         .await;
         match done {
-            Ok(n) if n > 0 => tracing::info!(chunks = n, "deleted chunks the master asked to"),
-            Ok(_) => {}
+            Ok(n) => {
+                self.config.metrics.deletes.inc_by(n);
+                if n > 0 {
+                    tracing::info!(chunks = n, "deleted chunks the master asked to");
+                }
+            }
             Err(e) => tracing::warn!("delete task: {e}"),
         }
     }

@@ -10,19 +10,21 @@
 
 use std::net::UdpSocket;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub mod heartbeat;
+pub mod metrics;
 mod pace;
 pub mod quic;
 pub mod scrub;
 pub mod store;
 
 /// Everything a chunkserver needs to start.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Config {
     pub data_dir: PathBuf,
     /// "host:port" of the masters' gRPC endpoints.
@@ -35,6 +37,8 @@ pub struct Config {
     pub advertise: Option<String>,
     /// Bytes per second the scrubber re-reads and checks (0: no scrubbing).
     pub scrub_rate: u64,
+    /// An already-bound listener for the Prometheus endpoint (None: no endpoint).
+    pub metrics: Option<std::net::TcpListener>,
 }
 
 /// Runs a chunkserver until `shutdown` is cancelled. `socket` is an already-bound UDP socket.
@@ -50,9 +54,19 @@ pub async fn run(config: Config, socket: UdpSocket, shutdown: CancellationToken)
     let advertise = config.advertise.clone().unwrap_or_else(|| local.to_string());
     span.in_scope(|| tracing::info!(addr = %local, advertise, zone = config.zone, "chunkserver starting"));
 
+    let metrics = Arc::new(metrics::Metrics::default());
+    if let Some(listener) = config.metrics {
+        let mut registry = prometheus_client::registry::Registry::with_prefix("cairn_chunkserver");
+        metrics.register(&mut registry);
+        let (m, s) = (metrics.clone(), store.clone());
+        let exporter = cairn_common::metrics::Exporter::new(registry).with_refresh(move || m.refresh(&s));
+        tokio::spawn(cairn_common::metrics::serve(listener, Arc::new(exporter), shutdown.child_token()));
+    }
+
     let hb_shutdown = shutdown.child_token();
     let mut hb_config = heartbeat::HeartbeatConfig::new(config.masters.clone(), advertise, config.zone.clone());
     hb_config.endpoint = Some(endpoint.clone());
+    hb_config.metrics = metrics.clone();
     let hb_store = store.clone();
     let identity = config.identity.clone();
     let hb_token = hb_shutdown.clone();
@@ -62,12 +76,13 @@ pub async fn run(config: Config, socket: UdpSocket, shutdown: CancellationToken)
     );
 
     let scrub = tokio::spawn(
-        scrub::run(store.clone(), config.scrub_rate, shutdown.child_token())
+        scrub::run(store.clone(), config.scrub_rate, metrics.clone(), shutdown.child_token())
             .instrument(tracing::info_span!(parent: &span, "scrub")),
     );
 
-    let served =
-        quic::serve(endpoint, store, quic::Limits::default(), shutdown.child_token()).instrument(span.clone()).await;
+    let served = quic::serve(endpoint, store, quic::Limits::default(), metrics, shutdown.child_token())
+        .instrument(span.clone())
+        .await;
     hb_shutdown.cancel();
     scrub.abort();
     if let Err(e) = hb.await {

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use cairn_common::tls::{Identity, NODE_NAME};
@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::metrics::Metrics;
 use crate::store::{ChunkHash, ChunkStore, StoreError};
 
 /// Limits of one data server. Every resource a peer can make us hold has a bound here.
@@ -133,6 +134,7 @@ impl Pool {
 
 struct Server {
     store: ChunkStore,
+    metrics: Arc<Metrics>,
     limits: Limits,
     pool: Pool,
     requests: Arc<Semaphore>,
@@ -140,8 +142,15 @@ struct Server {
 }
 
 /// Serves chunk requests on `endpoint` until `shutdown` is cancelled, then stops accepting, waits
-/// up to `limits.drain_timeout` for requests in flight and closes the endpoint.
-pub async fn serve(endpoint: Endpoint, store: ChunkStore, limits: Limits, shutdown: CancellationToken) -> Result<()> {
+/// up to `limits.drain_timeout` for requests in flight and closes the endpoint. Requests are
+/// counted and timed in `metrics`.
+pub async fn serve(
+    endpoint: Endpoint,
+    store: ChunkStore,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<()> {
     let receiving_permits =
         usize::try_from(limits.max_receiving_bytes).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS);
     anyhow::ensure!(
@@ -150,6 +159,7 @@ pub async fn serve(endpoint: Endpoint, store: ChunkStore, limits: Limits, shutdo
     );
     let server = Arc::new(Server {
         store,
+        metrics,
         pool: Pool::new(endpoint.clone(), limits.downstream_timeout),
         requests: Arc::new(Semaphore::new(limits.max_requests)),
         receiving: Arc::new(Semaphore::new(receiving_permits)),
@@ -269,16 +279,23 @@ async fn handle_stream(server: &Server, mut send: SendStream, mut recv: RecvStre
         }
     };
     let span = tracing::info_span!("request", id = %req.request_id);
+    let start = Instant::now();
     async move {
         match req.op {
             Some(Op::Put(put)) => {
+                let len = put.length;
                 let resp = handle_put(server, &req.request_id, put, &mut recv).await;
-                if resp.status != Status::Ok as i32 {
+                let ok = resp.status == Status::Ok as i32;
+                if !ok {
                     let _ = recv.stop(quinn::VarInt::from_u32(0));
                 }
                 write_response(&mut send, &resp, idle).await;
+                server.metrics.put_done(ok, len, start.elapsed());
             }
-            Some(Op::Get(get)) => handle_get(server, get, &mut send).await,
+            Some(Op::Get(get)) => {
+                let sent = handle_get(server, get, &mut send).await;
+                server.metrics.get_done(sent, start.elapsed());
+            }
             None => {
                 write_response(&mut send, &error_response(Status::Invalid, "request names no operation"), idle).await;
             }
@@ -298,12 +315,13 @@ async fn write_response(send: &mut SendStream, resp: &ChunkResponse, timeout: Du
     }
 }
 
-async fn handle_get(server: &Server, get: GetChunk, send: &mut SendStream) {
+/// Answers a GetChunk. Returns the bytes of chunk sent, or None if it was refused or cut off.
+async fn handle_get(server: &Server, get: GetChunk, send: &mut SendStream) -> Option<u64> {
     let idle = server.limits.idle_timeout;
     let Some(hash) = ChunkHash::from_slice(&get.hash) else {
         let resp = error_response(Status::Invalid, format!("hash has {} bytes, not 32", get.hash.len()));
         write_response(send, &resp, idle).await;
-        return;
+        return None;
     };
     let read = match server.store.get(hash, get.offset, get.length).await {
         Ok(read) => read,
@@ -312,7 +330,7 @@ async fn handle_get(server: &Server, get: GetChunk, send: &mut SendStream) {
                 tracing::warn!(%hash, error = %error_chain(&e), "get failed");
             }
             write_response(send, &store_error_response(&e), idle).await;
-            return;
+            return None;
         }
     };
     let header = ChunkResponse { status: Status::Ok as i32, length: read.bytes.len() as u64, ..Default::default() };
@@ -331,10 +349,12 @@ async fn handle_get(server: &Server, get: GetChunk, send: &mut SendStream) {
     match tokio::time::timeout(budget, write).await {
         Ok(Ok(())) => {
             let _ = send.finish();
+            return Some(header.length);
         }
         Ok(Err(e)) => tracing::debug!(error = %e, "peer went away during get"),
         Err(_) => tracing::debug!("timed out sending a chunk"),
     }
+    None
 }
 
 /// The next replica of a chain, being fed while we receive.
@@ -442,6 +462,13 @@ async fn handle_put(server: &Server, request_id: &str, put: PutChunk, recv: &mut
         }
     };
     let (local, remote) = tokio::join!(local, remote);
+    if !put.chain.is_empty() {
+        if downstream_err.is_none() && remote.is_ok() {
+            server.metrics.chain_forwards.inc();
+        } else {
+            server.metrics.chain_forward_errors.inc();
+        }
+    }
     if let Err(e) = local {
         match e {
             StoreError::HashMismatch { .. } | StoreError::Invalid(_) => {

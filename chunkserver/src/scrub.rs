@@ -3,18 +3,21 @@
 //! a failed read handles it: moved to `corrupt/`, dropped from the index and reported removed at
 //! the next heartbeat, after which the master copies it back from a good replica.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::Metrics;
 use crate::pace::Pace;
 use crate::store::{ChunkStore, StoreError};
 
 /// Rest between two passes over the store.
 const PASS_PAUSE: Duration = Duration::from_secs(10);
 
-/// Scrubs until `shutdown`, reading at most `rate` bytes per second (0: never scrub).
-pub async fn run(store: ChunkStore, rate: u64, shutdown: CancellationToken) {
+/// Scrubs until `shutdown`, reading at most `rate` bytes per second (0: never scrub). Chunks and
+/// bytes checked and corrupt chunks found are counted in `metrics` as they go.
+pub async fn run(store: ChunkStore, rate: u64, metrics: Arc<Metrics>, shutdown: CancellationToken) {
     if rate == 0 {
         tracing::info!("scrubbing is off");
         return;
@@ -28,6 +31,7 @@ pub async fn run(store: ChunkStore, rate: u64, shutdown: CancellationToken) {
                 Ok(read) => read.chunk_len,
                 Err(StoreError::Corrupt(_)) => {
                     corrupt += 1;
+                    metrics.scrub_corrupt.inc();
                     0
                 }
                 // Deleted since the pass began.
@@ -39,6 +43,8 @@ pub async fn run(store: ChunkStore, rate: u64, shutdown: CancellationToken) {
             };
             chunks += 1;
             bytes += len;
+            metrics.scrubbed_chunks.inc();
+            metrics.scrubbed_bytes.inc_by(len);
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = pace.take(len.max(1)) => {}

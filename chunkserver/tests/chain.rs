@@ -42,7 +42,9 @@ async fn cluster(n: usize) -> Cluster {
         let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
         let addr = socket.local_addr().expect("local addr");
         let endpoint = quic::endpoint(&id, socket).expect("endpoint");
-        servers.push(tokio::spawn(quic::serve(endpoint, store.clone(), Limits::default(), shutdown.child_token())));
+        let server =
+            quic::serve(endpoint, store.clone(), Limits::default(), Default::default(), shutdown.child_token());
+        servers.push(tokio::spawn(server));
         nodes.push(Node { addr, store, data });
     }
     let client_id = identity(&ca, &dir.path().join("client"), Role::Client);
@@ -211,6 +213,7 @@ async fn run_serves_while_the_master_is_down() {
         capacity_bytes: Some(1 << 20),
         advertise: None,
         scrub_rate: 0,
+        metrics: None,
     };
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(cairn_chunkserver::run(config, socket, shutdown.clone()));

@@ -139,6 +139,7 @@ async fn follows_leader_registers_reports_and_heartbeats() {
         capacity_bytes: None,
         advertise: Some(format!("localhost:{}", addr.port())),
         scrub_rate: 0,
+        metrics: None,
     };
     let server = tokio::spawn(cairn_chunkserver::run(config, socket, shutdown.child_token()));
 

@@ -6,6 +6,7 @@
 pub mod cluster;
 pub mod error;
 mod logging;
+pub mod metrics;
 pub mod node;
 pub mod raftlog;
 mod service;
@@ -41,6 +42,8 @@ pub struct Config {
     pub dead_after: Duration,
     /// How long after its last placement an unreferenced chunk is safe from collection.
     pub gc_grace: Duration,
+    /// An already-bound listener for the Prometheus endpoint (None: no endpoint).
+    pub metrics: Option<std::net::TcpListener>,
 }
 
 /// Serves until `shutdown` is cancelled (or the Raft driver fails, which cancels it).
@@ -68,8 +71,14 @@ pub async fn run(config: Config, listener: tokio::net::TcpListener, shutdown: Ca
     // `stop` ends the gRPC server and the driver; a signal (`shutdown`) first hands leadership
     // over, so that a planned restart of the leader costs no election timeout.
     let stop = CancellationToken::new();
+    let metrics = Arc::new(metrics::Metrics::default());
     let (node, driver) = node::Node::start(
-        node::NodeConfig { id: config.id, data_dir: config.data_dir.clone(), compact_every: config.compact_every },
+        node::NodeConfig {
+            id: config.id,
+            data_dir: config.data_dir.clone(),
+            compact_every: config.compact_every,
+            metrics: metrics.clone(),
+        },
         log,
         state.clone(),
         cluster.clone(),
@@ -95,7 +104,15 @@ pub async fn run(config: Config, listener: tokio::net::TcpListener, shutdown: Ca
         });
     }
     tokio::spawn(repair_loop(node.clone(), state.clone(), cluster.clone(), stop.clone()));
-    let services = service::Services { node, state, cluster, identity: config.identity.clone() };
+    if let Some(listener) = config.metrics {
+        let mut registry = prometheus_client::registry::Registry::with_prefix("cairn_master");
+        metrics.register(&mut registry);
+        let (m, node, state, cluster) = (metrics.clone(), node.clone(), state.clone(), cluster.clone());
+        let exporter =
+            cairn_common::metrics::Exporter::new(registry).with_refresh(move || m.refresh(&node, &state, &cluster));
+        tokio::spawn(cairn_common::metrics::serve(listener, Arc::new(exporter), stop.child_token()));
+    }
+    let services = service::Services { node, state, cluster, identity: config.identity.clone(), metrics };
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
         if let Ok(s) = &s {
             let _ = s.set_nodelay(true);

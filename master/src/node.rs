@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use cairn_proto::v1::{command, command_result, Command, MasterMember};
@@ -127,6 +127,7 @@ pub struct Node {
     status: Arc<Mutex<RaftStatus>>,
     peers: Arc<RwLock<BTreeMap<u64, String>>>,
     snapshot_dir: PathBuf,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 pub struct NodeConfig {
@@ -135,6 +136,8 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// Compact the log after this many entries (tests use small values).
     pub compact_every: u64,
+    /// Where committed proposals are counted and timed.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 fn raft_config(id: u64, applied: u64) -> raft::Config {
@@ -170,7 +173,7 @@ impl Node {
         let mut core = Core::new(cfg.id, log, state, cluster, Box::new(net), peers.clone(), Box::new(now_ns))?;
         core.compact_every = cfg.compact_every.max(1);
         let status = core.status.clone();
-        let node = Node { tx, status, peers, snapshot_dir: cfg.data_dir };
+        let node = Node { tx, status, peers, snapshot_dir: cfg.data_dir, metrics: cfg.metrics };
         let handle = std::thread::Builder::new().name("raft".into()).spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().context("raft runtime")?;
             let res = rt.block_on(run(core, rx, shutdown.clone()));
@@ -231,7 +234,7 @@ impl Node {
     pub async fn propose(&self, op: command::Op) -> Result<command_result::Result, MetaError> {
         self.ensure_leader()?;
         let rx = self.propose_nowait(op)?;
-        Self::answer(rx).await
+        self.answer(rx).await
     }
 
     /// Sends a proposal without waiting for it: its place in the log is fixed relative to any
@@ -243,10 +246,19 @@ impl Node {
         Ok(rx)
     }
 
+    /// Waits for the answer to a proposal sent with [`Node::propose_nowait`].
     pub async fn answer(
+        &self,
         rx: oneshot::Receiver<Result<command_result::Result, MetaError>>,
     ) -> Result<command_result::Result, MetaError> {
-        Self::wait(rx, PROPOSE_TIMEOUT, "mutation").await
+        let start = Instant::now();
+        let res = Self::wait(rx, PROPOSE_TIMEOUT, "mutation").await;
+        // Only the state machine answers with an error that has a command form (to_command):
+        // such a refusal was committed and applied as much as a success was.
+        if res.as_ref().map_or_else(|e| e.to_command().is_some(), |_| true) {
+            self.metrics.proposal_committed(start.elapsed());
+        }
+        res
     }
 
     /// Asks for the last index of the leader's log as of now, without waiting: every proposal

@@ -2,6 +2,7 @@
 //! peers. Handlers validate input at the boundary, read from the state machine or propose a
 //! command, and translate errors once (`MetaError` -> `tonic::Status`).
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,6 +12,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::cluster::{to_hash, Cluster};
 use crate::error::MetaError;
+use crate::metrics::Metrics;
 use crate::node::{Node, RaftStatus};
 use crate::state::{check_extents, split_path, State};
 
@@ -27,6 +29,35 @@ pub struct Services {
     pub state: State,
     pub cluster: Arc<Cluster>,
     pub identity: cairn_common::tls::Identity,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Chunk health as the leader sees it: one pass over every referenced chunk (callers bound how
+/// often), plus the repair and deletion queues and the repair limits.
+pub(crate) fn chunk_health(state: &State, cluster: &Cluster) -> Result<pb::ChunkHealth, MetaError> {
+    let reader = state.reader()?;
+    let mut health = pb::ChunkHealth::default();
+    let now = Instant::now();
+    // A new leader that has not heard from every chunkserver declares nothing missing yet.
+    let settled = cluster.settled(now);
+    reader.for_each_chunk(|hash, goal| {
+        health.total += 1;
+        if !settled {
+            return;
+        }
+        let live = to_hash(hash).map_or(0, |h| cluster.live_count(&h, now));
+        match live {
+            0 => health.lost += 1,
+            n if n < goal as usize => health.under_replicated += 1,
+            n if n > goal as usize => health.over_replicated += 1,
+            _ => {}
+        }
+    })?;
+    health.repair_queue = cluster.repair_queue();
+    (health.gc_backlog, health.trim_queue) = cluster.delete_backlog();
+    health.repair_bytes_per_s = cluster.repair_rate();
+    health.repair_limits = Some(reader.repair_limits()?);
+    Ok(health)
 }
 
 fn describe(s: &RaftStatus, addr: String) -> pb::MasterStatus {
@@ -43,6 +74,14 @@ fn describe(s: &RaftStatus, addr: String) -> pb::MasterStatus {
 }
 
 impl Services {
+    /// Runs one unary (or snapshot) gRPC handler, counting it by method and outcome and timing it.
+    async fn rpc<T>(&self, method: &'static str, call: impl Future<Output = Res<T>>) -> Res<T> {
+        let start = Instant::now();
+        let res = call.await;
+        self.metrics.grpc(method, res.as_ref().err().map_or(tonic::Code::Ok, Status::code), Some(start.elapsed()));
+        res
+    }
+
     /// Every member of the group as it describes itself (asked in parallel, each within
     /// DESCRIBE_TIMEOUT), with the leader's view of its log.
     async fn masters(&self) -> Vec<pb::MasterStatus> {
@@ -117,265 +156,310 @@ fn check_replication(r: u32) -> Result<(), MetaError> {
 #[tonic::async_trait]
 impl master_server::Master for Services {
     async fn stat(&self, req: Request<pb::StatRequest>) -> Res<pb::StatResponse> {
-        self.node.read_barrier().await?;
-        let attr = self.state.reader()?.stat(&req.into_inner().path)?;
-        Ok(Response::new(pb::StatResponse { attr: Some(attr) }))
+        self.rpc("Stat", async {
+            self.node.read_barrier().await?;
+            let attr = self.state.reader()?.stat(&req.into_inner().path)?;
+            Ok(Response::new(pb::StatResponse { attr: Some(attr) }))
+        })
+        .await
     }
 
     async fn list(&self, req: Request<pb::ListRequest>) -> Res<pb::ListResponse> {
-        self.node.read_barrier().await?;
-        let req = req.into_inner();
-        let limit = match req.limit as usize {
-            0 => LIST_PAGE_DEFAULT,
-            n => n.min(LIST_PAGE_MAX),
-        };
-        let (attr, entries, more) = self.state.reader()?.list(&req.path, &req.start_after, limit)?;
-        Ok(Response::new(pb::ListResponse { entries, more, attr: Some(attr) }))
+        self.rpc("List", async {
+            self.node.read_barrier().await?;
+            let req = req.into_inner();
+            let limit = match req.limit as usize {
+                0 => LIST_PAGE_DEFAULT,
+                n => n.min(LIST_PAGE_MAX),
+            };
+            let (attr, entries, more) = self.state.reader()?.list(&req.path, &req.start_after, limit)?;
+            Ok(Response::new(pb::ListResponse { entries, more, attr: Some(attr) }))
+        })
+        .await
     }
 
     async fn mkdir(&self, req: Request<pb::MkdirRequest>) -> Res<pb::MkdirResponse> {
-        let req = req.into_inner();
-        split_path(&req.path)?;
-        let attr = attr_of(self.node.propose(command::Op::Mkdir(req)).await?)?;
-        Ok(Response::new(pb::MkdirResponse { attr: Some(attr) }))
+        self.rpc("Mkdir", async {
+            let req = req.into_inner();
+            split_path(&req.path)?;
+            let attr = attr_of(self.node.propose(command::Op::Mkdir(req)).await?)?;
+            Ok(Response::new(pb::MkdirResponse { attr: Some(attr) }))
+        })
+        .await
     }
 
     async fn rename(&self, req: Request<pb::RenameRequest>) -> Res<pb::RenameResponse> {
-        let req = req.into_inner();
-        split_path(&req.src)?;
-        split_path(&req.dst)?;
-        self.node.propose(command::Op::Rename(req)).await?;
-        Ok(Response::new(pb::RenameResponse {}))
+        self.rpc("Rename", async {
+            let req = req.into_inner();
+            split_path(&req.src)?;
+            split_path(&req.dst)?;
+            self.node.propose(command::Op::Rename(req)).await?;
+            Ok(Response::new(pb::RenameResponse {}))
+        })
+        .await
     }
 
     async fn remove(&self, req: Request<pb::RemoveRequest>) -> Res<pb::RemoveResponse> {
-        let req = req.into_inner();
-        split_path(&req.path)?;
-        self.node.propose(command::Op::Remove(req)).await?;
-        Ok(Response::new(pb::RemoveResponse {}))
+        self.rpc("Remove", async {
+            let req = req.into_inner();
+            split_path(&req.path)?;
+            self.node.propose(command::Op::Remove(req)).await?;
+            Ok(Response::new(pb::RemoveResponse {}))
+        })
+        .await
     }
 
     async fn place_chunks(&self, req: Request<pb::PlaceChunksRequest>) -> Res<pb::PlaceChunksResponse> {
-        self.node.ensure_leader()?;
-        let req = req.into_inner();
-        check_replication(req.replication)?;
-        if req.chunks.len() > PLACE_MAX_CHUNKS {
-            return Err(MetaError::InvalidArgument(format!(
-                "{} chunks in one request, at most {PLACE_MAX_CHUNKS}",
-                req.chunks.len()
-            ))
-            .into());
-        }
-        let mut chunks = Vec::with_capacity(req.chunks.len());
-        for c in &req.chunks {
-            let hash =
-                to_hash(&c.hash).ok_or_else(|| MetaError::InvalidArgument("chunk hash is not 32 bytes".into()))?;
-            if c.length == 0 || c.length > cairn_proto::MAX_CHUNK {
-                return Err(MetaError::InvalidArgument(format!("chunk of {} bytes", c.length)).into());
+        self.rpc("PlaceChunks", async {
+            self.node.ensure_leader()?;
+            let req = req.into_inner();
+            check_replication(req.replication)?;
+            if req.chunks.len() > PLACE_MAX_CHUNKS {
+                return Err(MetaError::InvalidArgument(format!(
+                    "{} chunks in one request, at most {PLACE_MAX_CHUNKS}",
+                    req.chunks.len()
+                ))
+                .into());
             }
-            chunks.push((hash, c.length));
-        }
-        let placements = self
-            .cluster
-            .place(&chunks, req.replication as usize, &req.exclude)?
-            .into_iter()
-            .map(|p| match p {
-                None => pb::Placement { stored: true, targets: vec![] },
-                Some(targets) => pb::Placement { stored: false, targets },
-            })
-            .collect();
-        Ok(Response::new(pb::PlaceChunksResponse { placements }))
+            let mut chunks = Vec::with_capacity(req.chunks.len());
+            for c in &req.chunks {
+                let hash =
+                    to_hash(&c.hash).ok_or_else(|| MetaError::InvalidArgument("chunk hash is not 32 bytes".into()))?;
+                if c.length == 0 || c.length > cairn_proto::MAX_CHUNK {
+                    return Err(MetaError::InvalidArgument(format!("chunk of {} bytes", c.length)).into());
+                }
+                chunks.push((hash, c.length));
+            }
+            let placements = self
+                .cluster
+                .place(&chunks, req.replication as usize, &req.exclude)?
+                .into_iter()
+                .map(|p| match p {
+                    None => pb::Placement { stored: true, targets: vec![] },
+                    Some(targets) => pb::Placement { stored: false, targets },
+                })
+                .collect();
+            Ok(Response::new(pb::PlaceChunksResponse { placements }))
+        })
+        .await
     }
 
     async fn commit_file(&self, req: Request<pb::CommitFileRequest>) -> Res<pb::CommitFileResponse> {
-        self.node.ensure_leader()?;
-        let req = req.into_inner();
-        split_path(&req.path)?;
-        check_replication(req.replication)?;
-        check_extents(&req.extents)?;
-        let hashes: Vec<_> = req.extents.iter().filter_map(|e| to_hash(&e.hash)).collect();
-        let answer = self.cluster.confirm_commit(&hashes, || self.node.propose_nowait(command::Op::CommitFile(req)))?;
-        let attr = attr_of(Node::answer(answer).await?)?;
-        Ok(Response::new(pb::CommitFileResponse { attr: Some(attr) }))
+        self.rpc("CommitFile", async {
+            self.node.ensure_leader()?;
+            let req = req.into_inner();
+            split_path(&req.path)?;
+            check_replication(req.replication)?;
+            check_extents(&req.extents)?;
+            let hashes: Vec<_> = req.extents.iter().filter_map(|e| to_hash(&e.hash)).collect();
+            let answer =
+                self.cluster.confirm_commit(&hashes, || self.node.propose_nowait(command::Op::CommitFile(req)))?;
+            let attr = attr_of(self.node.answer(answer).await?)?;
+            Ok(Response::new(pb::CommitFileResponse { attr: Some(attr) }))
+        })
+        .await
     }
 
     async fn open_file(&self, req: Request<pb::OpenFileRequest>) -> Res<pb::OpenFileResponse> {
-        self.node.read_barrier().await?;
-        let inode = self.state.reader()?.open_file(&req.into_inner().path)?;
-        let settled = self.cluster.settled(Instant::now());
-        let mut offset = 0;
-        let extents = inode
-            .extents
-            .into_iter()
-            .map(|e| {
-                let replicas = to_hash(&e.hash).map(|h| self.cluster.replicas(&h)).unwrap_or_default();
-                let loc = pb::ExtentLocation { offset, replicas, extent: Some(e) };
-                offset += loc.extent.as_ref().map_or(0, |e| e.length);
-                loc
-            })
-            .collect::<Vec<_>>();
-        if !settled && extents.iter().any(|e| e.replicas.is_empty()) {
-            return Err(MetaError::Unavailable("a new leader is waiting for chunkservers to report".into()).into());
-        }
-        Ok(Response::new(pb::OpenFileResponse { attr: inode.attr, extents }))
+        self.rpc("OpenFile", async {
+            self.node.read_barrier().await?;
+            let inode = self.state.reader()?.open_file(&req.into_inner().path)?;
+            let settled = self.cluster.settled(Instant::now());
+            let mut offset = 0;
+            let extents = inode
+                .extents
+                .into_iter()
+                .map(|e| {
+                    let replicas = to_hash(&e.hash).map(|h| self.cluster.replicas(&h)).unwrap_or_default();
+                    let loc = pb::ExtentLocation { offset, replicas, extent: Some(e) };
+                    offset += loc.extent.as_ref().map_or(0, |e| e.length);
+                    loc
+                })
+                .collect::<Vec<_>>();
+            if !settled && extents.iter().any(|e| e.replicas.is_empty()) {
+                return Err(MetaError::Unavailable("a new leader is waiting for chunkservers to report".into()).into());
+            }
+            Ok(Response::new(pb::OpenFileResponse { attr: inode.attr, extents }))
+        })
+        .await
     }
 
     async fn report_bad_replica(&self, req: Request<pb::ReportBadReplicaRequest>) -> Res<pb::ReportBadReplicaResponse> {
-        self.node.ensure_leader()?;
-        let req = req.into_inner();
-        let hash = to_hash(&req.hash).ok_or_else(|| MetaError::InvalidArgument("chunk hash is not 32 bytes".into()))?;
-        tracing::warn!(chunk = %hex::encode(hash), node = req.chunkserver_id, reason = %req.reason, "client reported a bad replica");
-        self.cluster.suspect_replica(&hash, req.chunkserver_id);
-        Ok(Response::new(pb::ReportBadReplicaResponse {}))
+        self.rpc("ReportBadReplica", async {
+            self.node.ensure_leader()?;
+            let req = req.into_inner();
+            let hash = to_hash(&req.hash).ok_or_else(|| MetaError::InvalidArgument("chunk hash is not 32 bytes".into()))?;
+            tracing::warn!(chunk = %hex::encode(hash), node = req.chunkserver_id, reason = %req.reason, "client reported a bad replica");
+            self.cluster.suspect_replica(&hash, req.chunkserver_id);
+            Ok(Response::new(pb::ReportBadReplicaResponse {}))
+        })
+        .await
     }
 
     async fn status(&self, _req: Request<pb::StatusRequest>) -> Res<pb::StatusResponse> {
-        self.node.read_barrier().await?;
-        let masters = self.masters().await;
-        let reader = self.state.reader()?;
-        let mut health = pb::ChunkHealth::default();
-        let now = Instant::now();
-        // A new leader that has not heard from every chunkserver declares nothing missing yet.
-        let settled = self.cluster.settled(now);
-        reader.for_each_chunk(|hash, goal| {
-            health.total += 1;
-            if !settled {
-                return;
-            }
-            let live = to_hash(hash).map_or(0, |h| self.cluster.live_count(&h, now));
-            match live {
-                0 => health.lost += 1,
-                n if n < goal as usize => health.under_replicated += 1,
-                n if n > goal as usize => health.over_replicated += 1,
-                _ => {}
-            }
-        })?;
-        health.repair_queue = self.cluster.repair_queue();
-        (health.gc_backlog, health.trim_queue) = self.cluster.delete_backlog();
-        health.repair_bytes_per_s = self.cluster.repair_rate();
-        health.repair_limits = Some(reader.repair_limits()?);
-        Ok(Response::new(pb::StatusResponse {
-            masters,
-            chunkservers: self.cluster.status(),
-            chunks: Some(health),
-            files: reader.files()?,
-            bytes: reader.bytes()?,
-        }))
+        self.rpc("Status", async {
+            self.node.read_barrier().await?;
+            let masters = self.masters().await;
+            let health = chunk_health(&self.state, &self.cluster)?;
+            let reader = self.state.reader()?;
+            Ok(Response::new(pb::StatusResponse {
+                masters,
+                chunkservers: self.cluster.status(),
+                chunks: Some(health),
+                files: reader.files()?,
+                bytes: reader.bytes()?,
+            }))
+        })
+        .await
     }
 
     async fn change_membership(&self, req: Request<pb::ChangeMembershipRequest>) -> Res<pb::ChangeMembershipResponse> {
-        let r = req.into_inner();
-        let member = pb::MasterMember { id: r.id, addr: r.addr, removed: r.remove, request: r.request };
-        self.node.change_membership(member).await?;
-        tracing::info!(id = r.id, removed = r.remove, "master group membership changed");
-        Ok(Response::new(pb::ChangeMembershipResponse { masters: self.masters().await }))
+        self.rpc("ChangeMembership", async {
+            let r = req.into_inner();
+            let member = pb::MasterMember { id: r.id, addr: r.addr, removed: r.remove, request: r.request };
+            self.node.change_membership(member).await?;
+            tracing::info!(id = r.id, removed = r.remove, "master group membership changed");
+            Ok(Response::new(pb::ChangeMembershipResponse { masters: self.masters().await }))
+        })
+        .await
     }
 
     async fn transfer_leader(&self, req: Request<pb::TransferLeaderRequest>) -> Res<pb::TransferLeaderResponse> {
-        self.node.ensure_leader()?;
-        let leader = self.node.transfer_leader(req.into_inner().to).await?;
-        Ok(Response::new(pb::TransferLeaderResponse { leader }))
+        self.rpc("TransferLeader", async {
+            self.node.ensure_leader()?;
+            let leader = self.node.transfer_leader(req.into_inner().to).await?;
+            Ok(Response::new(pb::TransferLeaderResponse { leader }))
+        })
+        .await
     }
 
     async fn set_repair_limits(&self, req: Request<pb::SetRepairLimitsRequest>) -> Res<pb::RepairLimits> {
-        self.node.ensure_leader()?;
-        let req = req.into_inner();
-        crate::state::check_repair_limits(&req)?;
-        match self.node.propose(command::Op::SetRepairLimits(req)).await? {
-            command_result::Result::Limits(l) => {
-                self.cluster.set_limits(l);
-                Ok(Response::new(l))
+        self.rpc("SetRepairLimits", async {
+            self.node.ensure_leader()?;
+            let req = req.into_inner();
+            crate::state::check_repair_limits(&req)?;
+            match self.node.propose(command::Op::SetRepairLimits(req)).await? {
+                command_result::Result::Limits(l) => {
+                    self.cluster.set_limits(l);
+                    Ok(Response::new(l))
+                }
+                _ => Err(MetaError::Internal(anyhow::anyhow!("unexpected answer to a repair limits change")).into()),
             }
-            _ => Err(MetaError::Internal(anyhow::anyhow!("unexpected answer to a repair limits change")).into()),
-        }
+        })
+        .await
     }
 }
 
 #[tonic::async_trait]
 impl cluster_server::Cluster for Services {
     async fn register(&self, req: Request<pb::RegisterRequest>) -> Res<pb::RegisterResponse> {
-        require_node(&req)?;
-        self.node.ensure_leader()?;
-        let req = req.into_inner();
-        if req.node_id == 0 {
-            return Err(MetaError::InvalidArgument("chunkserver id 0".into()).into());
-        }
-        if req.addr.parse::<std::net::SocketAddr>().is_err() {
-            return Err(
-                MetaError::InvalidArgument(format!("chunkserver address {:?} is not host:port", req.addr)).into()
-            );
-        }
-        let info = pb::ChunkserverInfo { id: req.node_id, addr: req.addr.clone(), zone: req.zone.clone() };
-        let known = self.state.reader()?.chunkservers()?.into_iter().any(|c| c == info);
-        if !known {
-            self.node.propose(command::Op::RegisterChunkserver(info)).await?;
-        }
-        self.cluster.register(req.node_id, &req.addr, &req.zone, req.capacity_bytes, req.used_bytes);
-        tracing::info!(node = req.node_id, addr = %req.addr, zone = %req.zone, "chunkserver registered");
-        Ok(Response::new(pb::RegisterResponse {}))
+        self.rpc("Register", async {
+            require_node(&req)?;
+            self.node.ensure_leader()?;
+            let req = req.into_inner();
+            if req.node_id == 0 {
+                return Err(MetaError::InvalidArgument("chunkserver id 0".into()).into());
+            }
+            if req.addr.parse::<std::net::SocketAddr>().is_err() {
+                return Err(
+                    MetaError::InvalidArgument(format!("chunkserver address {:?} is not host:port", req.addr)).into()
+                );
+            }
+            let info = pb::ChunkserverInfo { id: req.node_id, addr: req.addr.clone(), zone: req.zone.clone() };
+            let known = self.state.reader()?.chunkservers()?.into_iter().any(|c| c == info);
+            if !known {
+                self.node.propose(command::Op::RegisterChunkserver(info)).await?;
+            }
+            self.cluster.register(req.node_id, &req.addr, &req.zone, req.capacity_bytes, req.used_bytes);
+            tracing::info!(node = req.node_id, addr = %req.addr, zone = %req.zone, "chunkserver registered");
+            Ok(Response::new(pb::RegisterResponse {}))
+        })
+        .await
     }
 
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Res<pb::HeartbeatResponse> {
-        require_node(&req)?;
-        self.node.ensure_leader()?;
-        let r = req.into_inner();
-        match self.cluster.heartbeat(&r) {
-            Some(resp) => Ok(Response::new(resp)),
-            None => {
-                Err(MetaError::NotFound(format!("chunkserver {} is not registered with this leader", r.node_id)).into())
+        self.rpc("Heartbeat", async {
+            require_node(&req)?;
+            self.node.ensure_leader()?;
+            let r = req.into_inner();
+            match self.cluster.heartbeat(&r) {
+                Some(resp) => {
+                    self.metrics.heartbeat();
+                    Ok(Response::new(resp))
+                }
+                None => {
+                    let unknown = format!("chunkserver {} is not registered with this leader", r.node_id);
+                    Err(MetaError::NotFound(unknown).into())
+                }
             }
-        }
+        })
+        .await
     }
 
     async fn chunk_report(&self, req: Request<pb::ChunkReportRequest>) -> Res<pb::ChunkReportResponse> {
-        require_node(&req)?;
-        self.node.ensure_leader()?;
-        let r = req.into_inner();
-        self.cluster.report_page(r.node_id, r.report_id, &r.hashes, r.last)?;
-        Ok(Response::new(pb::ChunkReportResponse {}))
+        self.rpc("ChunkReport", async {
+            require_node(&req)?;
+            self.node.ensure_leader()?;
+            let r = req.into_inner();
+            self.cluster.report_page(r.node_id, r.report_id, &r.hashes, r.last)?;
+            Ok(Response::new(pb::ChunkReportResponse {}))
+        })
+        .await
     }
 }
 
 #[tonic::async_trait]
 impl raft_server::Raft for Services {
     async fn stream(&self, req: Request<Streaming<pb::RaftMessage>>) -> Res<pb::RaftAck> {
-        require_node(&req)?;
-        let mut stream = req.into_inner();
-        while let Some(m) = stream.message().await? {
-            let msg = raft::eraftpb::Message::parse_from_bytes(&m.message)
-                .map_err(|e| Status::invalid_argument(format!("malformed raft message: {e}")))?;
-            self.node.step(msg, &m.from_addr);
+        let res = async {
+            require_node(&req)?;
+            let mut stream = req.into_inner();
+            while let Some(m) = stream.message().await? {
+                let msg = raft::eraftpb::Message::parse_from_bytes(&m.message)
+                    .map_err(|e| Status::invalid_argument(format!("malformed raft message: {e}")))?;
+                self.node.step(msg, &m.from_addr);
+            }
+            Ok(Response::new(pb::RaftAck {}))
         }
-        Ok(Response::new(pb::RaftAck {}))
+        .await;
+        // A peer's stream lasts as long as its connection: counted, not timed.
+        self.metrics.grpc("Stream", res.as_ref().err().map_or(tonic::Code::Ok, Status::code), None);
+        res
     }
 
     async fn install_snapshot(&self, req: Request<Streaming<pb::SnapshotChunk>>) -> Res<pb::RaftAck> {
-        require_node(&req)?;
-        let mut stream = req.into_inner();
-        let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
-        let msg = raft::eraftpb::Message::parse_from_bytes(&first.message)
-            .map_err(|e| Status::invalid_argument(format!("malformed raft message: {e}")))?;
-        if msg.get_msg_type() != raft::eraftpb::MessageType::MsgSnapshot {
-            return Err(Status::invalid_argument("a snapshot stream must start with a snapshot message"));
-        }
-        let internal = |e: anyhow::Error| Status::internal(format!("stage snapshot: {e:#}"));
-        let mut file = crate::transport::SnapshotFile::create(self.node.snapshot_dir()).map_err(internal)?;
-        file.write(&first.records).map_err(internal)?;
-        while let Some(chunk) = stream.message().await? {
-            file.write(&chunk.records).map_err(internal)?;
-        }
-        let path = file.finish().map_err(internal)?;
-        if !first.from_addr.is_empty() {
-            self.node.step_learn(msg.from, &first.from_addr);
-        }
-        self.node.install_snapshot(msg, path).await?;
-        Ok(Response::new(pb::RaftAck {}))
+        self.rpc("InstallSnapshot", async {
+            require_node(&req)?;
+            let mut stream = req.into_inner();
+            let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+            let msg = raft::eraftpb::Message::parse_from_bytes(&first.message)
+                .map_err(|e| Status::invalid_argument(format!("malformed raft message: {e}")))?;
+            if msg.get_msg_type() != raft::eraftpb::MessageType::MsgSnapshot {
+                return Err(Status::invalid_argument("a snapshot stream must start with a snapshot message"));
+            }
+            let internal = |e: anyhow::Error| Status::internal(format!("stage snapshot: {e:#}"));
+            let mut file = crate::transport::SnapshotFile::create(self.node.snapshot_dir()).map_err(internal)?;
+            file.write(&first.records).map_err(internal)?;
+            while let Some(chunk) = stream.message().await? {
+                file.write(&chunk.records).map_err(internal)?;
+            }
+            let path = file.finish().map_err(internal)?;
+            if !first.from_addr.is_empty() {
+                self.node.step_learn(msg.from, &first.from_addr);
+            }
+            self.node.install_snapshot(msg, path).await?;
+            Ok(Response::new(pb::RaftAck {}))
+        })
+        .await
     }
 
     async fn describe(&self, req: Request<pb::DescribeRequest>) -> Res<pb::MasterStatus> {
-        require_node(&req)?;
-        let s = self.node.status();
-        let addr = self.node.peers().get(&s.id).cloned().unwrap_or_default();
-        Ok(Response::new(describe(&s, addr)))
+        self.rpc("Describe", async {
+            require_node(&req)?;
+            let s = self.node.status();
+            let addr = self.node.peers().get(&s.id).cloned().unwrap_or_default();
+            Ok(Response::new(describe(&s, addr)))
+        })
+        .await
     }
 }

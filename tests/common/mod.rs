@@ -47,8 +47,28 @@ impl Drop for Proc {
     }
 }
 
-/// Starts `cairn ARGS` and waits for its "listening on ADDR" line.
+/// Reads a server's start-up lines: "listening on ADDR", then "metrics on ADDR" when ARGS ask
+/// for `--metrics`. Returns both addresses, or the line that was not what it should be.
+fn read_addresses(child: &mut Child, args: &[String]) -> Result<(String, Option<String>), String> {
+    let mut out = BufReader::new(child.stdout.take().expect("piped stdout"));
+    let mut next = |prefix: &str| {
+        let mut line = String::new();
+        out.read_line(&mut line).map_err(|e| format!("read stdout: {e}"))?;
+        line.trim().strip_prefix(prefix).map(str::to_string).ok_or(line)
+    };
+    let addr = next("listening on ")?;
+    let metrics = if args.iter().any(|a| a == "--metrics") { Some(next("metrics on ")?) } else { None };
+    Ok((addr, metrics))
+}
+
+/// Starts `cairn ARGS` and waits for its "listening on ADDR" line (and its "metrics on ADDR" line,
+/// if ARGS ask for `--metrics`).
 pub fn spawn(args: &[String], log: &Path) -> Proc {
+    spawn_metrics(args, log).0
+}
+
+/// [`spawn`], also returning the metrics address (None without `--metrics` in ARGS).
+pub fn spawn_metrics(args: &[String], log: &Path) -> (Proc, Option<String>) {
     let err = std::fs::File::create(log).expect("create log");
     let mut child = Command::new(BIN)
         .args(args)
@@ -57,19 +77,24 @@ pub fn spawn(args: &[String], log: &Path) -> Proc {
         .stdin(Stdio::null())
         .spawn()
         .expect("spawn cairn");
-    let mut line = String::new();
-    let mut out = BufReader::new(child.stdout.take().expect("piped stdout"));
-    out.read_line(&mut line).expect("read listening line");
-    let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| {
-        let _ = child.kill();
-        panic!("cairn {args:?} did not start: {line:?}; log: {}", std::fs::read_to_string(log).unwrap_or_default())
-    });
-    Proc { addr: addr.to_string(), child: Some(child), data: PathBuf::new(), args: args.to_vec() }
+    match read_addresses(&mut child, args) {
+        Ok((addr, metrics)) => (Proc { addr, child: Some(child), data: PathBuf::new(), args: args.to_vec() }, metrics),
+        Err(line) => {
+            let _ = child.kill();
+            let log = std::fs::read_to_string(log).unwrap_or_default();
+            panic!("cairn {args:?} did not start: {line:?}; log: {log}")
+        }
+    }
 }
 
 /// Starts `cairn ARGS` until it listens, retrying for a while when it exits at once (its port is
 /// still held by a process just killed). `log(n)` names the log of attempt n.
 pub fn spawn_retrying(args: &[String], log: impl Fn(usize) -> PathBuf) -> Proc {
+    spawn_retrying_metrics(args, log).0
+}
+
+/// [`spawn_retrying`], also returning the metrics address (None without `--metrics` in ARGS).
+pub fn spawn_retrying_metrics(args: &[String], log: impl Fn(usize) -> PathBuf) -> (Proc, Option<String>) {
     let start = Instant::now();
     let mut n = 0;
     loop {
@@ -78,10 +103,8 @@ pub fn spawn_retrying(args: &[String], log: impl Fn(usize) -> PathBuf) -> Proc {
         let err = std::fs::File::create(&path).expect("create log");
         let mut child =
             Command::new(BIN).args(args).stdout(Stdio::piped()).stderr(err).stdin(Stdio::null()).spawn().unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        if let Some(addr) = line.trim().strip_prefix("listening on ") {
-            return Proc { addr: addr.to_string(), child: Some(child), data: PathBuf::new(), args: args.to_vec() };
+        if let Ok((addr, metrics)) = read_addresses(&mut child, args) {
+            return (Proc { addr, child: Some(child), data: PathBuf::new(), args: args.to_vec() }, metrics);
         }
         let _ = child.wait();
         assert!(
@@ -125,6 +148,9 @@ pub struct Cluster {
     pub master: Proc,
     pub chunkservers: Vec<Proc>,
     pub client_tls: PathBuf,
+    /// Metrics addresses (with `Options::metrics`) of the master as started, and of each chunkserver.
+    pub master_metrics: Option<String>,
+    pub chunkserver_metrics: Vec<Option<String>>,
 }
 
 pub struct Options {
@@ -134,12 +160,19 @@ pub struct Options {
     pub dead_after_s: u64,
     /// More arguments for the master (e.g. a short `--gc-grace-s`).
     pub master_args: Vec<String>,
+    /// Every node serves Prometheus metrics on a port of its own (`--metrics 127.0.0.1:0`).
+    pub metrics: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { chunkservers: 4, capacities: vec![], dead_after_s: 10, master_args: vec![] }
+        Options { chunkservers: 4, capacities: vec![], dead_after_s: 10, master_args: vec![], metrics: false }
     }
+}
+
+/// The arguments that make a server serve metrics on any free loopback port.
+pub fn metrics_args() -> Vec<String> {
+    vec!["--metrics".into(), "127.0.0.1:0".into()]
 }
 
 impl Cluster {
@@ -151,9 +184,15 @@ impl Cluster {
         tls::issue(&ca, &client_tls, tls::Role::Client, &[]).expect("issue client cert");
         let mtls = dir.path().join("master/tls");
         tls::issue(&ca, &mtls, tls::Role::Node, &["127.0.0.1".parse().unwrap()]).expect("issue master cert");
-        let mut master = Self::spawn_master(dir.path(), "127.0.0.1:0", opts.dead_after_s, &opts.master_args);
+        let mut master_args = opts.master_args.clone();
+        if opts.metrics {
+            master_args.extend(metrics_args());
+        }
+        let (mut master, master_metrics) =
+            Self::spawn_master(dir.path(), "127.0.0.1:0", opts.dead_after_s, &master_args);
         master.data = dir.path().join("master/data");
         let mut chunkservers = Vec::new();
+        let mut chunkserver_metrics = Vec::new();
         for i in 0..opts.chunkservers {
             let node = dir.path().join(format!("cs{i}"));
             tls::issue(&ca, &node.join("tls"), tls::Role::Node, &["127.0.0.1".parse().unwrap()])
@@ -162,16 +201,20 @@ impl Cluster {
             if let Some(Some(cap)) = opts.capacities.get(i) {
                 args.extend(["--capacity".into(), cap.to_string()]);
             }
-            let mut p = spawn(&args, &node.join("log"));
+            if opts.metrics {
+                args.extend(metrics_args());
+            }
+            let (mut p, metrics) = spawn_metrics(&args, &node.join("log"));
             p.data = node.join("data");
             chunkservers.push(p);
+            chunkserver_metrics.push(metrics);
         }
-        let c = Cluster { dir, master, chunkservers, client_tls };
+        let c = Cluster { dir, master, chunkservers, client_tls, master_metrics, chunkserver_metrics };
         c.wait_alive(opts.chunkservers);
         c
     }
 
-    fn spawn_master(dir: &Path, listen: &str, dead_after_s: u64, extra: &[String]) -> Proc {
+    fn spawn_master(dir: &Path, listen: &str, dead_after_s: u64, extra: &[String]) -> (Proc, Option<String>) {
         let mut args: Vec<String> = vec![
             "master".into(),
             "--id".into(),
@@ -186,22 +229,20 @@ impl Cluster {
             dead_after_s.to_string(),
         ];
         args.extend_from_slice(extra);
-        spawn(&args, &dir.join("master/log"))
+        spawn_metrics(&args, &dir.join("master/log"))
     }
 
-    /// kill -9 the master and start it again on the same address and data.
+    /// kill -9 the master and start it again on the same address and data (metrics, if any, on a
+    /// new port).
     pub fn restart_master(&mut self) {
         self.master.kill();
-        let addr = self.master.addr.clone();
-        let args = self
-            .master
-            .args
-            .iter()
-            .map(|a| if a == "127.0.0.1:0" { addr.clone() } else { a.clone() })
-            .collect::<Vec<_>>();
+        let mut args = self.master.args.clone();
+        if let Some(i) = args.iter().position(|a| a == "--listen") {
+            args[i + 1] = self.master.addr.clone();
+        }
         let log = self.dir.path().join("master/log2");
         let data = self.master.data.clone();
-        self.master = spawn_retrying(&args, |_| log.clone());
+        (self.master, self.master_metrics) = spawn_retrying_metrics(&args, |_| log.clone());
         self.master.data = data;
     }
 
@@ -211,9 +252,10 @@ impl Cluster {
         old.kill();
         let (args, data) = (old.args.clone(), old.data.clone());
         let dir = self.dir.path().join(format!("cs{i}"));
-        let mut p = spawn_retrying(&args, |n| dir.join(format!("log.{n}")));
+        let (mut p, metrics) = spawn_retrying_metrics(&args, |n| dir.join(format!("log.{n}")));
         p.data = data;
         self.chunkservers[i] = p;
+        self.chunkserver_metrics[i] = metrics;
     }
 
     pub fn env(&self) -> Vec<(String, String)> {
@@ -331,6 +373,27 @@ pub fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
 /// BLAKE3 of each 4 MiB piece: the chunks `put` cuts `data` into.
 pub fn chunk_hashes(data: &[u8]) -> Vec<blake3::Hash> {
     data.chunks(4 * MIB).map(blake3::hash).collect()
+}
+
+/// `GET PATH` on a metrics endpoint over plain HTTP/1.1: (status line and headers, body).
+pub fn http_get(addr: &str, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("set a read timeout");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").expect("send request");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap_or_else(|e| panic!("read the answer from {addr}: {e}"));
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no header block: {raw:?}"));
+    (head.to_string(), body.to_string())
+}
+
+/// The samples of a Prometheus text page: "name{labels}" -> value (comments skipped).
+pub fn samples(page: &str) -> std::collections::BTreeMap<String, f64> {
+    page.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.rsplit_once(' '))
+        .map(|(k, v)| (k.to_string(), v.parse().unwrap_or_else(|_| panic!("sample value {v:?} of {k}"))))
+        .collect()
 }
 
 /// Polls `f` until it is true, or panics with `what` after `timeout`.
