@@ -227,6 +227,13 @@ impl Client {
         Ok(r.masters)
     }
 
+    /// Starts moving every replica off chunkserver `id` (or cancels that).
+    pub async fn drain(&self, id: u64, cancel: bool) -> Result<()> {
+        let req = pb::DrainRequest { id, cancel, request: self.next_id() };
+        self.inner.masters.call(|mut c| async move { c.drain(req).await }).await?;
+        Ok(())
+    }
+
     /// Changes the re-replication limits per chunkserver (None: leave as is); returns the limits
     /// in force afterwards.
     pub async fn set_repair_limits(&self, rate_bytes: Option<u64>, copies: Option<u32>) -> Result<pb::RepairLimits> {

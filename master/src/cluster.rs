@@ -41,6 +41,9 @@ struct Node {
     last_heartbeat: Option<Instant>,
     /// The node's count of bytes copied for re-replication, at its last heartbeat.
     copied: Option<u64>,
+    /// An admin is moving its replicas off: it receives none, and its replicas do not count
+    /// toward a chunk's goal (they still serve as sources).
+    draining: bool,
 }
 
 impl Node {
@@ -116,6 +119,9 @@ struct Deleting {
 /// Copy jobs assigned to a target (and new ones to a first source per round), in units of its
 /// copies in flight: a node works through a queue instead of idling between heartbeats.
 const COPY_QUEUE_DEPTH: usize = 4;
+/// Usage difference (fraction of capacity) between the fullest and the emptiest live node above
+/// which chunks move from one to the other (HDFS's balancer uses 10% around the mean).
+pub const BALANCE_SPREAD: f64 = 0.05;
 /// A copy not reported done or failed after this long is assigned again.
 const REPAIR_TIMEOUT: Duration = Duration::from_secs(60);
 /// Deletes sent to one node per heartbeat; the rest follow in the next ones.
@@ -214,7 +220,7 @@ impl Cluster {
     }
 
     /// Adds registry entries read from the replicated state (no liveness).
-    pub fn know(&self, id: u64, addr: &str, zone: &str) {
+    pub fn know(&self, id: u64, addr: &str, zone: &str, draining: bool) {
         let mut g = self.lock();
         let n = g.nodes.entry(id).or_insert_with(|| Node {
             id,
@@ -226,14 +232,20 @@ impl Cluster {
             reserved: 0,
             last_heartbeat: None,
             copied: None,
+            draining,
         });
         n.addr = addr.into();
         n.zone = zone.into();
+        if n.draining != draining {
+            n.draining = draining;
+            g.repair_dirty = true;
+        }
     }
 
     /// A node (re)registered: it is alive, and it will send a full report next.
     pub fn register(&self, id: u64, addr: &str, zone: &str, capacity: u64, used: u64) {
-        self.know(id, addr, zone);
+        let draining = self.lock().nodes.get(&id).is_some_and(|n| n.draining);
+        self.know(id, addr, zone, draining);
         let mut g = self.lock();
         g.reported.remove(&id);
         g.partial.remove(&id);
@@ -342,14 +354,17 @@ impl Cluster {
         g.scanned_live = Some(live.clone());
         g.repair_dirty = false;
         let mut need: Vec<(usize, ChunkHash, Vec<u64>)> = Vec::new();
+        let draining = |id: &u64| g.nodes.get(id).is_some_and(|n| n.draining);
         for (h, goal) in chunks {
+            // Sources: every live good replica; toward the goal, those not being drained.
             let holders: Vec<u64> = g
                 .locations
                 .get(h)
                 .map(|l| l.iter().copied().filter(|id| live.contains(id) && g.good(h, *id)).collect())
                 .unwrap_or_default();
-            if !holders.is_empty() && holders.len() < *goal as usize {
-                need.push((holders.len(), *h, holders));
+            let counted = holders.iter().filter(|id| !draining(id)).count();
+            if !holders.is_empty() && counted < *goal as usize {
+                need.push((counted, *h, holders));
             }
         }
         need.sort_by_key(|(n, _, _)| *n);
@@ -369,7 +384,7 @@ impl Cluster {
             let target = g
                 .nodes
                 .values()
-                .filter(|n| live.contains(&n.id) && !holders.contains(&n.id))
+                .filter(|n| live.contains(&n.id) && !holders.contains(&n.id) && !n.draining)
                 .filter(|n| load.get(&n.id).copied().unwrap_or(0) < per_node)
                 .filter(|n| n.free() >= cairn_proto::MAX_CHUNK + FREE_MARGIN)
                 .max_by_key(|n| (!zones.contains(n.zone.as_str()), n.free(), std::cmp::Reverse(n.id)))
@@ -475,18 +490,22 @@ impl Cluster {
                 continue;
             }
             let Some(l) = g.locations.get(h) else { continue };
-            let mut good: Vec<&Node> = l
+            let good: Vec<&Node> = l
                 .iter()
                 .filter(|id| g.good(h, **id))
                 .filter_map(|id| g.nodes.get(id))
                 .filter(|n| self.alive(n, now))
                 .collect();
             let goal = *goal as usize;
-            if good.len() <= goal {
+            // Replicas on draining nodes all go, but only once the goal is met without them.
+            let (mut staying, leaving): (Vec<&Node>, Vec<&Node>) = good.iter().partition(|n| !n.draining);
+            if staying.len() < goal || staying.len() == goal && leaving.is_empty() {
                 continue;
             }
+            let all: Vec<u64> = good.iter().map(|n| n.id).collect();
             let stale = |n: &Node| n.last_heartbeat.is_none_or(|t| now.duration_since(t) >= SUSPECT_AFTER);
-            good.sort_by(|a, b| stale(a).cmp(&stale(b)).then(b.free().cmp(&a.free())).then(a.id.cmp(&b.id)));
+            staying.sort_by(|a, b| stale(a).cmp(&stale(b)).then(b.free().cmp(&a.free())).then(a.id.cmp(&b.id)));
+            let good = staying;
             let mut keep: Vec<u64> = Vec::with_capacity(goal);
             let mut zones: HashSet<&str> = HashSet::new();
             for n in &good {
@@ -499,11 +518,71 @@ impl Cluster {
                     keep.push(n.id);
                 }
             }
-            let drop: HashSet<u64> = good.iter().map(|n| n.id).filter(|id| !keep.contains(id)).collect();
+            let drop: HashSet<u64> = all.into_iter().filter(|id| !keep.contains(id)).collect();
+            if drop.is_empty() {
+                continue;
+            }
             replicas += drop.len();
             g.deleting.insert(*h, Deleting { gc: false, nodes: drop });
         }
         replicas
+    }
+
+    /// Balancing: when the fullest live node's usage (of its capacity) exceeds the emptiest's by
+    /// more than [`BALANCE_SPREAD`], copies chunks from the fullest to the emptiest; the surplus
+    /// replica this makes is then trimmed from the fuller node (trims keep the emptiest
+    /// replicas). One batch at a time, only while no other copy is in flight, within the repair
+    /// limits: client traffic and repairs go first. Returns the copies assigned.
+    pub fn plan_balance(&self, chunks: &[(ChunkHash, u32)], now: Instant) -> usize {
+        let mut g = self.lock();
+        if !g.repairing.is_empty() {
+            return 0;
+        }
+        let util = |n: &Node| if n.capacity == 0 { 1.0 } else { n.used as f64 / n.capacity as f64 };
+        let nodes: Vec<&Node> = g.nodes.values().filter(|n| self.alive(n, now) && !n.draining && n.capacity > 0).collect();
+        let (Some(full), Some(empty)) = (
+            nodes.iter().max_by(|a, b| util(a).total_cmp(&util(b))),
+            nodes.iter().min_by(|a, b| util(a).total_cmp(&util(b))),
+        ) else {
+            return 0;
+        };
+        let spread = util(full) - util(empty);
+        if spread <= BALANCE_SPREAD || empty.free() < cairn_proto::MAX_CHUNK + FREE_MARGIN {
+            return 0;
+        }
+        let (full, empty) = (full.id, empty.id);
+        // Move half the difference, in chunks, at most a batch.
+        let bytes = spread / 2.0 * g.nodes[&full].capacity.min(g.nodes[&empty].capacity) as f64;
+        let batch = ((bytes / cairn_proto::MAX_CHUNK as f64).ceil() as usize)
+            .clamp(1, g.limits.copies.max(1) as usize * COPY_QUEUE_DEPTH);
+        let mut jobs = Vec::new();
+        for (h, goal) in chunks {
+            if jobs.len() >= batch {
+                break;
+            }
+            let Some(l) = g.locations.get(h) else { continue };
+            if !l.contains(&full) || l.contains(&empty) || g.deleting.contains_key(h) {
+                continue;
+            }
+            let holders: Vec<u64> =
+                l.iter().copied().filter(|id| g.good(h, *id) && g.nodes.get(id).is_some_and(|n| self.alive(n, now))).collect();
+            // Only healthy chunks move; the others are the repair's business.
+            if holders.len() != *goal as usize || !holders.contains(&full) {
+                continue;
+            }
+            let mut sources = vec![full];
+            sources.extend(holders.iter().copied().filter(|id| *id != full));
+            let job = CopyJob {
+                hash: h.to_vec(),
+                sources: sources.iter().filter_map(|id| g.nodes.get(id)).map(|n| n.aref()).collect(),
+            };
+            jobs.push((*h, job));
+        }
+        let n = jobs.len();
+        for (h, job) in jobs {
+            g.repairing.insert(h, Repair { target: empty, since: now, job });
+        }
+        n
     }
 
     /// Status: (replicas of unreferenced chunks waiting or being deleted, surplus replicas being
@@ -595,7 +674,7 @@ impl Cluster {
                 continue;
             }
             let mut candidates: Vec<&Node> =
-                g.nodes.values().filter(|n| self.alive(n, now) && n.free() >= len + FREE_MARGIN).collect();
+                g.nodes.values().filter(|n| self.alive(n, now) && !n.draining && n.free() >= len + FREE_MARGIN).collect();
             // The client's exclusions are its experience, which can blame a healthy node for a
             // failure further down a chain: avoid them while enough others remain.
             if candidates.iter().filter(|n| !exclude.contains(&n.id)).count() >= replication {
@@ -762,13 +841,40 @@ impl Cluster {
                 id: n.id,
                 addr: n.addr.clone(),
                 zone: n.zone.clone(),
-                state: if self.alive(n, now) { "alive" } else { "dead" }.into(),
+                state: match (self.alive(n, now), n.draining) {
+                    (false, _) => "dead",
+                    (true, true) => "draining",
+                    (true, false) => "alive",
+                }
+                .into(),
                 capacity_bytes: n.capacity,
                 used_bytes: n.used,
                 chunks: n.chunks,
                 last_heartbeat_ms_ago: n.last_heartbeat.map_or(u64::MAX, |t| now.duration_since(t).as_millis() as u64),
+                to_move: 0,
             })
             .collect()
+    }
+
+    /// Marks a node as draining (or not), as the replicated state says.
+    pub fn set_draining(&self, id: u64, draining: bool) {
+        let mut g = self.lock();
+        if let Some(n) = g.nodes.get_mut(&id) {
+            n.draining = draining;
+            g.repair_dirty = true;
+        }
+    }
+
+    /// The draining nodes among `hash`'s holders (status: what a drain still has to move).
+    pub fn draining_holders(&self, hash: &ChunkHash) -> Vec<u64> {
+        let g = self.lock();
+        g.locations.get(hash).map_or_else(Vec::new, |l| {
+            l.iter().copied().filter(|id| g.nodes.get(id).is_some_and(|n| n.draining)).collect()
+        })
+    }
+
+    pub fn any_draining(&self) -> bool {
+        self.lock().nodes.values().any(|n| n.draining)
     }
 }
 
@@ -953,6 +1059,32 @@ mod tests {
         c.heartbeat(&beat(trimmed[0], &[], &[h])).unwrap();
         assert_eq!(c.live_count(&h, Instant::now()), 3);
         assert_eq!(c.plan_trims(&[(h, 3)], Instant::now()), 0);
+    }
+
+    #[test]
+    fn a_drained_nodes_replicas_are_copied_then_removed_never_below_the_goal() {
+        let c = seasoned(4, Duration::from_secs(60));
+        let h = [8u8; 32];
+        for id in 1..=3 {
+            c.report_page(id, 1, &[h.to_vec()], true).unwrap();
+        }
+        c.report_page(4, 1, &[], true).unwrap();
+        c.set_draining(1, true);
+        let now = Instant::now();
+        // Nothing is trimmed while only two other replicas exist; a copy goes to node 4.
+        assert_eq!(c.plan_trims(&[(h, 3)], now), 0);
+        assert_eq!(c.plan_repairs(&[(h, 3)], now), (1, 1));
+        assert_eq!(c.heartbeat(&beat(4, &[], &[])).unwrap().copy.len(), 1);
+        assert!(c.heartbeat(&beat(1, &[], &[])).unwrap().copy.is_empty(), "a draining node gets no copies");
+        assert!(c.place(&[([9; 32], 1)], 3, &[]).unwrap()[0].as_ref().unwrap().iter().all(|r| r.id != 1));
+        c.heartbeat(&beat(4, &[h], &[])).unwrap();
+        // Goal met without node 1: its replica goes, and only it.
+        assert_eq!(c.plan_trims(&[(h, 3)], Instant::now()), 1);
+        assert_eq!(deletes_for(&c, 1), vec![h.to_vec()]);
+        assert_eq!(c.draining_holders(&h), vec![1]);
+        c.heartbeat(&beat(1, &[], &[h])).unwrap();
+        assert!(c.draining_holders(&h).is_empty());
+        assert_eq!(c.live_count(&h, Instant::now()), 3);
     }
 
     #[test]

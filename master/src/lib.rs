@@ -236,6 +236,10 @@ async fn collect_round(
         if trimmed > 0 {
             tracing::info!(replicas = trimmed, "deleting surplus replicas");
         }
+        let moved = c.plan_balance(&referenced, now);
+        if moved > 0 {
+            tracing::info!(chunks = moved, "balancing: copying chunks to the emptiest node");
+        }
         Ok(orphans)
     })
     .await?;

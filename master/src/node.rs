@@ -813,7 +813,10 @@ impl Core {
         let mut members_changed = false;
         for ((req, cmd), res) in cmds.iter().zip(results) {
             match cmd.as_ref().and_then(|c| c.op.as_ref()) {
-                Some(command::Op::RegisterChunkserver(info)) => self.cluster.know(info.id, &info.addr, &info.zone),
+                Some(command::Op::RegisterChunkserver(info)) => {
+                    self.cluster.know(info.id, &info.addr, &info.zone, info.draining)
+                }
+                Some(command::Op::Drain(d)) => self.cluster.set_draining(d.id, !d.cancel),
                 Some(command::Op::SetMaster(m)) => {
                     members_changed = true;
                     if m.removed && m.id == self.raw.raft.id {
@@ -866,7 +869,7 @@ impl Core {
             // Chunk locations learnt in an earlier term may be stale: start over from reports.
             self.cluster.reset();
             for cs in self.state.reader()?.chunkservers()? {
-                self.cluster.know(cs.id, &cs.addr, &cs.zone);
+                self.cluster.know(cs.id, &cs.addr, &cs.zone, cs.draining);
             }
             // The empty entry a new leader appends opens its term.
             self.term_start = self.raw.raft.raft_log.last_index();

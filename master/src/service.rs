@@ -35,13 +35,30 @@ pub struct Services {
 /// Chunk health as the leader sees it: one pass over every referenced chunk (callers bound how
 /// often), plus the repair and deletion queues and the repair limits.
 pub(crate) fn chunk_health(state: &State, cluster: &Cluster) -> Result<pb::ChunkHealth, MetaError> {
+    chunk_health_and_drains(state, cluster, None)
+}
+
+/// [`chunk_health`], and for each draining node the referenced chunks it still holds.
+fn chunk_health_and_drains(
+    state: &State,
+    cluster: &Cluster,
+    mut to_move: Option<&mut std::collections::HashMap<u64, u64>>,
+) -> Result<pb::ChunkHealth, MetaError> {
     let reader = state.reader()?;
     let mut health = pb::ChunkHealth::default();
     let now = Instant::now();
     // A new leader that has not heard from every chunkserver declares nothing missing yet.
     let settled = cluster.settled(now);
+    if !cluster.any_draining() {
+        to_move = None;
+    }
     reader.for_each_chunk(|hash, goal| {
         health.total += 1;
+        if let (Some(m), Some(h)) = (to_move.as_deref_mut(), to_hash(hash)) {
+            for id in cluster.draining_holders(&h) {
+                *m.entry(id).or_default() += 1;
+            }
+        }
         if !settled {
             return;
         }
@@ -300,11 +317,21 @@ impl master_server::Master for Services {
         self.rpc("Status", async {
             self.node.read_barrier().await?;
             let masters = self.masters().await;
-            let health = chunk_health(&self.state, &self.cluster)?;
+            let mut to_move = std::collections::HashMap::new();
+            let health = chunk_health_and_drains(&self.state, &self.cluster, Some(&mut to_move))?;
             let reader = self.state.reader()?;
+            let mut chunkservers = self.cluster.status();
+            // A new leader's locations are incomplete until every node reported: claim nothing moved.
+            let settled = self.cluster.settled(Instant::now());
+            for c in &mut chunkservers {
+                c.to_move = to_move.get(&c.id).copied().unwrap_or(0);
+                if c.state == "draining" && !settled {
+                    c.to_move = c.to_move.max(c.chunks).max(1);
+                }
+            }
             Ok(Response::new(pb::StatusResponse {
                 masters,
-                chunkservers: self.cluster.status(),
+                chunkservers,
                 chunks: Some(health),
                 files: reader.files()?,
                 bytes: reader.bytes()?,
@@ -329,6 +356,17 @@ impl master_server::Master for Services {
             self.node.ensure_leader()?;
             let leader = self.node.transfer_leader(req.into_inner().to).await?;
             Ok(Response::new(pb::TransferLeaderResponse { leader }))
+        })
+        .await
+    }
+
+    async fn drain(&self, req: Request<pb::DrainRequest>) -> Res<pb::DrainResponse> {
+        self.rpc("Drain", async {
+            self.node.ensure_leader()?;
+            let req = req.into_inner();
+            self.node.propose(command::Op::Drain(req)).await?;
+            tracing::info!(node = req.id, cancel = req.cancel, "drain");
+            Ok(Response::new(pb::DrainResponse {}))
         })
         .await
     }
@@ -365,9 +403,14 @@ impl cluster_server::Cluster for Services {
                     MetaError::InvalidArgument(format!("chunkserver address {:?} is not host:port", req.addr)).into()
                 );
             }
-            let info = pb::ChunkserverInfo { id: req.node_id, addr: req.addr.clone(), zone: req.zone.clone() };
-            let known = self.state.reader()?.chunkservers()?.into_iter().any(|c| c == info);
-            if !known {
+            let known = self.state.reader()?.chunkservers()?.into_iter().find(|c| c.id == req.node_id);
+            let info = pb::ChunkserverInfo {
+                id: req.node_id,
+                addr: req.addr.clone(),
+                zone: req.zone.clone(),
+                draining: known.as_ref().is_some_and(|c| c.draining),
+            };
+            if known.as_ref() != Some(&info) {
                 self.node.propose(command::Op::RegisterChunkserver(info)).await?;
             }
             self.cluster.register(req.node_id, &req.addr, &req.zone, req.capacity_bytes, req.used_bytes);

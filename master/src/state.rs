@@ -518,6 +518,7 @@ fn request_id(cmd: &Command) -> Option<(u64, u64)> {
         Some(Op::Remove(r)) => r.id.as_ref(),
         Some(Op::SetMaster(m)) => m.request.as_ref(),
         Some(Op::SetRepairLimits(r)) => r.id.as_ref(),
+        Some(Op::Drain(r)) => r.request.as_ref(),
         _ => None,
     }?;
     (id.client != 0).then_some((id.client, id.seq))
@@ -579,6 +580,15 @@ fn apply_one(w: &mut Writer<'_>, cmd: &Command) -> Result<command_result::Result
             } else if !m.addr.is_empty() {
                 w.masters.insert(m.id, m.addr.as_str()).map_err(storage)?;
             }
+            Ok(command_result::Result::Done(Empty {}))
+        }
+        Some(Op::Drain(req)) => {
+            let mut info = match w.chunkservers.get(req.id).map_err(storage)? {
+                Some(v) => ChunkserverInfo::decode(v.value()).context("decode chunkserver").map_err(MetaError::Internal)?,
+                None => return Err(MetaError::NotFound(format!("chunkserver {}", req.id))),
+            };
+            info.draining = !req.cancel;
+            w.chunkservers.insert(req.id, info.encode_to_vec().as_slice()).map_err(storage)?;
             Ok(command_result::Result::Done(Empty {}))
         }
         Some(Op::SetRepairLimits(req)) => {

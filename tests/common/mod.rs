@@ -246,6 +246,22 @@ impl Cluster {
         self.master.data = data;
     }
 
+    /// Starts one more chunkserver (the next index), with a capacity cap if given.
+    pub fn add_chunkserver(&mut self, capacity: Option<u64>) {
+        let i = self.chunkservers.len();
+        let node = self.dir.path().join(format!("cs{i}"));
+        tls::issue(&self.dir.path().join("ca"), &node.join("tls"), tls::Role::Node, &["127.0.0.1".parse().unwrap()])
+            .expect("issue cs cert");
+        let mut args = chunkserver_args(&node, &self.master.addr);
+        if let Some(cap) = capacity {
+            args.extend(["--capacity".into(), cap.to_string()]);
+        }
+        let mut p = spawn(&args, &node.join("log"));
+        p.data = node.join("data");
+        self.chunkservers.push(p);
+        self.wait_alive(i + 1);
+    }
+
     /// Starts chunkserver `i` again (after a kill) on its data, on a new port.
     pub fn restart_chunkserver(&mut self, i: usize) {
         let old = &mut self.chunkservers[i];

@@ -13,6 +13,23 @@ pub enum AdminCmd {
     Masters(MastersArgs),
     /// Re-replication: show progress and limits; change the limits with --rate and --copies.
     Repair(RepairArgs),
+    /// Move every replica off a chunkserver (by id or address), with progress, so that it can
+    /// be stopped and removed. No chunk drops below its replication goal meanwhile.
+    Drain(DrainArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct DrainArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// The chunkserver: its id or its address, as `cairn status` lists them.
+    pub node: String,
+    /// Stop draining: the node takes new replicas again.
+    #[arg(long)]
+    pub cancel: bool,
+    /// Start the drain and return at once.
+    #[arg(long)]
+    pub no_wait: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -68,7 +85,56 @@ pub async fn admin(cmd: &AdminCmd) -> Result<()> {
     match cmd {
         AdminCmd::Masters(a) => masters(a).await,
         AdminCmd::Repair(a) => repair(a).await,
+        AdminCmd::Drain(a) => drain(a).await,
     }
+}
+
+async fn drain(a: &DrainArgs) -> Result<()> {
+    let client = a.cluster.connect().await?;
+    let s: StatusJson = client.status().await.context("status")?.into();
+    let node = s
+        .chunkservers
+        .iter()
+        .find(|c| c.id.to_string() == a.node || c.addr == a.node)
+        .with_context(|| format!("no chunkserver {} (see cairn status)", a.node))?;
+    let id = node.id;
+    client.drain(id, a.cancel).await.with_context(|| format!("drain chunkserver {id}"))?;
+    if a.cancel {
+        println!("chunkserver {id} takes new replicas again");
+        return Ok(());
+    }
+    if a.no_wait {
+        println!("draining chunkserver {id}: follow it with cairn status");
+        return Ok(());
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("draining [{bar:30}] {pos}/{len} chunks moved {msg}")
+            .expect("progress template")
+            .progress_chars("=> "),
+    );
+    let mut first: Option<u64> = None;
+    loop {
+        let s: StatusJson = client.status().await.context("status")?.into();
+        let n = s.chunkservers.iter().find(|c| c.id == id).with_context(|| format!("chunkserver {id} vanished"))?;
+        anyhow::ensure!(
+            n.state != "dead",
+            "chunkserver {id} is dead: its chunks are copied from their other replicas instead"
+        );
+        let total = *first.get_or_insert(n.to_move);
+        bar.set_length(total);
+        bar.set_position(total.saturating_sub(n.to_move));
+        bar.set_message(format!("(copying {} at {}/s)", s.chunks.repair_queue, human(s.repair.bytes_per_s)));
+        // Settled status counts only once every chunkserver reported to the current leader.
+        if n.to_move == 0 && n.state == "draining" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+    bar.finish_and_clear();
+    client.close();
+    println!("chunkserver {id} holds no replica that a file needs: it can be stopped and removed");
+    Ok(())
 }
 
 async fn repair(a: &RepairArgs) -> Result<()> {

@@ -80,6 +80,9 @@ pub struct ChunkserverJson {
     pub chunks: u64,
     /// null when this leader has not heard from the node yet.
     pub last_heartbeat_ms_ago: Option<u64>,
+    /// Draining: chunks files reference that still have a replica on this node.
+    #[serde(default)]
+    pub to_move: u64,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Default)]
@@ -136,6 +139,7 @@ impl From<cairn_proto::v1::StatusResponse> for StatusJson {
                     used_bytes: c.used_bytes,
                     chunks: c.chunks,
                     last_heartbeat_ms_ago: (c.last_heartbeat_ms_ago != u64::MAX).then_some(c.last_heartbeat_ms_ago),
+                    to_move: c.to_move,
                 })
                 .collect(),
             chunks: ChunksJson {
@@ -180,7 +184,7 @@ impl std::fmt::Display for StatusJson {
         writeln!(f, "CHUNKSERVERS")?;
         writeln!(
             f,
-            "  {:>20}  {:<22} {:<8} {:<6} {:>10} {:>10} {:>8} {:>9}",
+            "  {:>20}  {:<22} {:<8} {:<8} {:>10} {:>10} {:>8} {:>9}",
             "ID", "ADDRESS", "ZONE", "STATE", "CAPACITY", "USED", "CHUNKS", "HEARTBEAT"
         )?;
         for c in &self.chunkservers {
@@ -188,7 +192,7 @@ impl std::fmt::Display for StatusJson {
                 c.last_heartbeat_ms_ago.map_or("never".to_string(), |ms| format!("{:.1}s ago", ms as f64 / 1000.0));
             writeln!(
                 f,
-                "  {:>20}  {:<22} {:<8} {:<6} {:>10} {:>10} {:>8} {:>9}",
+                "  {:>20}  {:<22} {:<8} {:<8} {:>10} {:>10} {:>8} {:>9}",
                 c.id,
                 c.addr,
                 c.zone,

@@ -128,6 +128,7 @@ fn with_id(mut op: Op, client: u64, seq: u64) -> Op {
         Op::Rename(r) => r.id = id,
         Op::Remove(r) => r.id = id,
         Op::SetRepairLimits(r) => r.id = id,
+        Op::Drain(r) => r.request = id,
         Op::RegisterChunkserver(_) | Op::SetMaster(_) => {}
     }
     op

@@ -1,0 +1,94 @@
+//! Where replicas live over time: `cairn admin drain` empties a node without ever leaving a chunk
+//! below its goal, and a new empty node receives data until usage is even.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{chunk_hashes, chunk_path, count_files, random_bytes, wait_for, Cluster, Options, MIB};
+
+fn put(c: &Cluster, data: &[u8], remote: &str) {
+    let local = c.dir.path().join("in.bin");
+    std::fs::write(&local, data).unwrap();
+    let out = c.cli(&["put", local.to_str().unwrap(), remote]);
+    assert!(out.status.success(), "put {remote}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn get(c: &Cluster, remote: &str) -> Vec<u8> {
+    let local = c.dir.path().join("out.bin");
+    let out = c.cli(&["get", remote, local.to_str().unwrap()]);
+    assert!(out.status.success(), "get {remote}: {}", String::from_utf8_lossy(&out.stderr));
+    std::fs::read(&local).unwrap()
+}
+
+#[test]
+fn a_drained_chunkserver_ends_empty_and_no_chunk_drops_below_its_goal() {
+    let c = Cluster::start(Options { chunkservers: 4, dead_after_s: 3, ..Default::default() });
+    let data = random_bytes(24 * MIB, 7);
+    put(&c, &data, "/f");
+    let hashes = chunk_hashes(&data);
+    let s = c.status();
+    let victim = (0..4)
+        .max_by_key(|i| hashes.iter().filter(|h| chunk_path(&c.chunkservers[*i].data, h).exists()).count())
+        .unwrap();
+    let node_id: u64 = std::fs::read_to_string(c.chunkservers[victim].data.join("node_id")).unwrap().trim().parse().unwrap();
+    assert!(s["chunkservers"].as_array().unwrap().iter().any(|n| n["id"] == node_id));
+    // Watch every chunk's replicas on disk while the drain runs: never fewer than 3.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let dirs: Vec<_> = c.chunkservers.iter().map(|p| p.data.clone()).collect();
+    let watcher = {
+        let (stop, hashes) = (stop.clone(), hashes.clone());
+        std::thread::spawn(move || {
+            let mut least = usize::MAX;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for h in &hashes {
+                    least = least.min(dirs.iter().filter(|d| chunk_path(d, h).exists()).count());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            least
+        })
+    };
+    let out = c.cli(&["admin", "drain", &node_id.to_string()]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(out.status.success(), "drain: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("can be stopped"));
+    assert!(watcher.join().unwrap() >= 3, "a chunk dropped below 3 replicas during the drain");
+    for h in &hashes {
+        assert!(!chunk_path(&c.chunkservers[victim].data, h).exists(), "a replica is left on the drained node");
+        assert_eq!(c.replicas_of(h).len(), 3);
+    }
+    let s = c.status();
+    let n = s["chunkservers"].as_array().unwrap().iter().find(|n| n["id"] == node_id).unwrap().clone();
+    assert_eq!((n["state"].as_str(), n["to_move"].as_u64()), (Some("draining"), Some(0)), "{n}");
+    // New data avoids the draining node.
+    let more = random_bytes(8 * MIB, 8);
+    put(&c, &more, "/g");
+    for h in chunk_hashes(&more) {
+        assert!(!chunk_path(&c.chunkservers[victim].data, &h).exists());
+    }
+    assert!(get(&c, "/f") == data);
+    let e = common::expect_error(&c.cli(&["admin", "drain", "12345"]), "drain a stranger");
+    assert!(e.contains("no chunkserver"), "{e}");
+}
+
+#[test]
+fn a_new_empty_chunkserver_receives_data_until_usage_is_even() {
+    let cap = 256 * MIB as u64;
+    let mut c = Cluster::start(Options { chunkservers: 3, capacities: vec![Some(cap); 3], ..Default::default() });
+    let data = random_bytes(48 * MIB, 9);
+    put(&c, &data, "/f");
+    let hashes = chunk_hashes(&data);
+    c.add_chunkserver(Some(cap));
+    let new = c.chunkservers[3].data.clone();
+    // 36 replicas of 4 MiB over 4 nodes of 256 MiB: even within 5% of capacity means the new
+    // node holds at least 6.
+    wait_for("the new node to receive a fair share", Duration::from_secs(90), || {
+        count_files(&new.join("chunks")) >= 6 && hashes.iter().all(|h| c.replicas_of(h).len() == 3)
+    });
+    wait_for("no chunk over- or under-replicated", Duration::from_secs(30), || {
+        let s = c.status();
+        s["chunks"]["over_replicated"] == 0 && s["chunks"]["under_replicated"] == 0
+    });
+    assert!(get(&c, "/f") == data);
+}
