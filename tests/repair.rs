@@ -32,6 +32,8 @@ fn a_dead_chunkservers_chunks_are_copied_back_to_the_goal() {
         let s = c.status();
         s["chunks"]["under_replicated"] == 0 && s["chunks"]["lost"] == 0 && s["chunks"]["repair_queue"] == 0
     });
+    let s = c.status();
+    assert_eq!(s["chunks"]["by_replicas"][3], s["chunks"]["total"], "every chunk at 3 live replicas: {}", s["chunks"]);
     let back = c.dir.path().join("back.bin");
     let out = c.cli(&["get", "/f", back.to_str().unwrap()]);
     assert!(out.status.success(), "get: {}", String::from_utf8_lossy(&out.stderr));

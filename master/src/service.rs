@@ -63,6 +63,10 @@ fn chunk_health_and_drains(
             return;
         }
         let live = to_hash(hash).map_or(0, |h| cluster.live_count(&h, now));
+        if health.by_replicas.len() <= live {
+            health.by_replicas.resize(live + 1, 0);
+        }
+        health.by_replicas[live] += 1;
         match live {
             0 => health.lost += 1,
             n if n < goal as usize => health.under_replicated += 1,

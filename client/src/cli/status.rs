@@ -98,6 +98,9 @@ pub struct ChunksJson {
     /// Surplus replicas being deleted (a node came back after its chunks were copied).
     #[serde(default)]
     pub trim_queue: u64,
+    /// [n]: chunks with n live replicas.
+    #[serde(default)]
+    pub by_replicas: Vec<u64>,
 }
 
 /// Re-replication: its limits per chunkserver and its current throughput.
@@ -150,6 +153,7 @@ impl From<cairn_proto::v1::StatusResponse> for StatusJson {
                 repair_queue: c.repair_queue,
                 gc_backlog: c.gc_backlog,
                 trim_queue: c.trim_queue,
+                by_replicas: c.by_replicas,
             },
             repair: RepairJson {
                 rate_limit_bytes: c.repair_limits.map_or(0, |l| l.rate_bytes),
@@ -209,6 +213,11 @@ impl std::fmt::Display for StatusJson {
             "CHUNKS  total {}  under-replicated {}  over-replicated {}  lost {}",
             c.total, c.under_replicated, c.over_replicated, c.lost
         )?;
+        let by: Vec<String> =
+            c.by_replicas.iter().enumerate().filter(|(_, n)| **n > 0).map(|(r, n)| format!("{r}:{n}")).collect();
+        if !by.is_empty() {
+            writeln!(f, "        by live replicas (replicas:chunks)  {}", by.join("  "))?;
+        }
         let r = &self.repair;
         let limit = if r.rate_limit_bytes == 0 { "unlimited".into() } else { format!("{}/s", human(r.rate_limit_bytes)) };
         writeln!(
