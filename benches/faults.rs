@@ -531,13 +531,16 @@ fn summary(seconds: &[Second], done: &[Done], t: &Timeline, csv: &Path, png: &Pa
             }
         }
     }
-    let last = done.last().map_or(0, |d| d.at.as_secs() as usize + 30).min(seconds.len());
-    let (r2, w2) = throughput(seconds, last, seconds.len().saturating_sub(1));
-    rows.push(Row {
-        what: "end of the run".into(),
-        value: format!("read {r2:.0} MB/s, write {w2:.0} MB/s"),
-        note: "from 30 s after the last fault".into(),
-    });
+    if let Some(d) = done.last() {
+        // The last second is partial: leave it out.
+        let from = (d.at.as_secs() as usize + 10).min(seconds.len().saturating_sub(1));
+        let (r2, w2) = throughput(seconds, from, seconds.len().saturating_sub(1));
+        rows.push(Row {
+            what: "after the last fault".into(),
+            value: format!("read {r2:.0} MB/s, write {w2:.0} MB/s"),
+            note: "from 10 s after it to the end".into(),
+        });
+    }
     let first_errors = t.first_errors.lock().expect("errors lock").join("; ");
     rows.push(Row { what: "client errors".into(), value: errors.to_string(), note: first_errors });
     rows.push(Row { what: "timeline".into(), value: csv.display().to_string(), note: png.display().to_string() });

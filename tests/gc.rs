@@ -18,19 +18,7 @@ fn cluster_with_grace(grace_s: u64) -> Cluster {
     })
 }
 
-fn put(c: &Cluster, data: &[u8], remote: &str) {
-    let local = c.dir.path().join("in.bin");
-    std::fs::write(&local, data).unwrap();
-    let out = c.cli(&["put", local.to_str().unwrap(), remote]);
-    assert!(out.status.success(), "put {remote}: {}", String::from_utf8_lossy(&out.stderr));
-}
 
-fn get(c: &Cluster, remote: &str) -> Vec<u8> {
-    let local = c.dir.path().join("out.bin");
-    let out = c.cli(&["get", remote, local.to_str().unwrap()]);
-    assert!(out.status.success(), "get {remote}: {}", String::from_utf8_lossy(&out.stderr));
-    std::fs::read(&local).unwrap()
-}
 
 fn rm(c: &Cluster, remote: &str) {
     let out = c.cli(&["rm", remote]);
@@ -41,8 +29,8 @@ fn rm(c: &Cluster, remote: &str) {
 fn chunks_of_deleted_files_are_collected_and_the_rest_kept() {
     let c = cluster_with_grace(2);
     let (a, b) = (random_bytes(12 * MIB, 1), random_bytes(8 * MIB, 2));
-    put(&c, &a, "/a");
-    put(&c, &b, "/b");
+    c.put_data(&a, "/a");
+    c.put_data(&b, "/b");
     rm(&c, "/a");
     wait_for("the chunks of /a to leave every chunkserver", Duration::from_secs(60), || {
         chunk_hashes(&a).iter().all(|h| c.replicas_of(h).is_empty())
@@ -51,7 +39,7 @@ fn chunks_of_deleted_files_are_collected_and_the_rest_kept() {
     for h in chunk_hashes(&b) {
         assert_eq!(c.replicas_of(&h).len(), 3, "a referenced chunk keeps its replicas");
     }
-    assert!(get(&c, "/b") == b, "/b reads back different");
+    assert!(c.get_data("/b") == b, "/b reads back different");
 }
 
 /// The race garbage collection must never lose: a client is told a chunk is already stored
@@ -61,7 +49,7 @@ fn a_chunk_offered_to_an_upload_survives_collection_until_committed() {
     let c = cluster_with_grace(4);
     let data = random_bytes(3 * MIB, 3);
     let hash = blake3::hash(&data);
-    put(&c, &data, "/a");
+    c.put_data(&data, "/a");
     // Past the grace period of the put itself: only the new placement can protect the chunk.
     std::thread::sleep(Duration::from_secs(5));
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -86,7 +74,7 @@ fn a_chunk_offered_to_an_upload_survives_collection_until_committed() {
     rt.block_on(m.commit_file(commit("/b"))).expect("commit within the grace period");
     std::thread::sleep(Duration::from_secs(6));
     assert_eq!(c.replicas_of(&hash).len(), 3, "a committed chunk keeps every replica");
-    assert!(get(&c, "/b") == data, "/b reads back different");
+    assert!(c.get_data("/b") == data, "/b reads back different");
 
     // The other side: an offer nobody commits within the grace period lapses, the chunk is
     // collected, and a late commit is refused instead of naming a deleted chunk.
@@ -103,11 +91,9 @@ fn a_chunk_offered_to_an_upload_survives_collection_until_committed() {
 fn a_returning_chunkservers_surplus_replicas_are_trimmed() {
     let mut c = Cluster::start(Options { chunkservers: 4, dead_after_s: 3, ..Default::default() });
     let data = random_bytes(24 * MIB, 4);
-    put(&c, &data, "/f");
+    c.put_data(&data, "/f");
     let hashes = chunk_hashes(&data);
-    let victim = (0..4)
-        .max_by_key(|i| hashes.iter().filter(|h| chunk_path(&c.chunkservers[*i].data, h).exists()).count())
-        .unwrap();
+    let victim = c.fullest(&hashes);
     c.chunkservers[victim].kill();
     let others: Vec<_> = (0..4).filter(|i| *i != victim).map(|i| c.chunkservers[i].data.clone()).collect();
     wait_for("every chunk at 3 replicas without the victim", Duration::from_secs(60), || {
@@ -121,14 +107,14 @@ fn a_returning_chunkservers_surplus_replicas_are_trimmed() {
         let s = c.status();
         s["chunks"]["over_replicated"] == 0 && s["chunks"]["trim_queue"] == 0 && s["chunks"]["under_replicated"] == 0
     });
-    assert!(get(&c, "/f") == data, "/f reads back different");
+    assert!(c.get_data("/f") == data, "/f reads back different");
 }
 
 #[test]
 fn the_scrubber_finds_a_rotten_replica_and_a_good_copy_replaces_it() {
     let c = Cluster::start(Options { chunkservers: 4, dead_after_s: 3, ..Default::default() });
     let data = random_bytes(8 * MIB, 5);
-    put(&c, &data, "/f");
+    c.put_data(&data, "/f");
     let hash = chunk_hashes(&data)[0];
     let node = c.chunkservers.iter().find(|n| chunk_path(&n.data, &hash).exists()).unwrap();
     let path = chunk_path(&node.data, &hash);
@@ -144,5 +130,5 @@ fn the_scrubber_finds_a_rotten_replica_and_a_good_copy_replaces_it() {
         let r = c.replicas_of(&hash);
         r.len() == 3 && r.iter().all(|p| std::fs::read(p).is_ok_and(|b| blake3::hash(&b) == hash))
     });
-    assert!(get(&c, "/f") == data, "/f reads back different");
+    assert!(c.get_data("/f") == data, "/f reads back different");
 }

@@ -7,30 +7,16 @@ use std::time::Duration;
 
 use common::{chunk_hashes, chunk_path, count_files, random_bytes, wait_for, Cluster, Options, MIB};
 
-fn put(c: &Cluster, data: &[u8], remote: &str) {
-    let local = c.dir.path().join("in.bin");
-    std::fs::write(&local, data).unwrap();
-    let out = c.cli(&["put", local.to_str().unwrap(), remote]);
-    assert!(out.status.success(), "put {remote}: {}", String::from_utf8_lossy(&out.stderr));
-}
 
-fn get(c: &Cluster, remote: &str) -> Vec<u8> {
-    let local = c.dir.path().join("out.bin");
-    let out = c.cli(&["get", remote, local.to_str().unwrap()]);
-    assert!(out.status.success(), "get {remote}: {}", String::from_utf8_lossy(&out.stderr));
-    std::fs::read(&local).unwrap()
-}
 
 #[test]
 fn a_drained_chunkserver_ends_empty_and_no_chunk_drops_below_its_goal() {
     let c = Cluster::start(Options { chunkservers: 4, dead_after_s: 3, ..Default::default() });
     let data = random_bytes(24 * MIB, 7);
-    put(&c, &data, "/f");
+    c.put_data(&data, "/f");
     let hashes = chunk_hashes(&data);
     let s = c.status();
-    let victim = (0..4)
-        .max_by_key(|i| hashes.iter().filter(|h| chunk_path(&c.chunkservers[*i].data, h).exists()).count())
-        .unwrap();
+    let victim = c.fullest(&hashes);
     let node_id: u64 = std::fs::read_to_string(c.chunkservers[victim].data.join("node_id")).unwrap().trim().parse().unwrap();
     assert!(s["chunkservers"].as_array().unwrap().iter().any(|n| n["id"] == node_id));
     // Watch every chunk's replicas on disk while the drain runs: never fewer than 3.
@@ -63,11 +49,11 @@ fn a_drained_chunkserver_ends_empty_and_no_chunk_drops_below_its_goal() {
     assert_eq!((n["state"].as_str(), n["to_move"].as_u64()), (Some("draining"), Some(0)), "{n}");
     // New data avoids the draining node.
     let more = random_bytes(8 * MIB, 8);
-    put(&c, &more, "/g");
+    c.put_data(&more, "/g");
     for h in chunk_hashes(&more) {
         assert!(!chunk_path(&c.chunkservers[victim].data, &h).exists());
     }
-    assert!(get(&c, "/f") == data);
+    assert!(c.get_data("/f") == data);
     let e = common::expect_error(&c.cli(&["admin", "drain", "12345"]), "drain a stranger");
     assert!(e.contains("no chunkserver"), "{e}");
 }
@@ -77,7 +63,7 @@ fn a_new_empty_chunkserver_receives_data_until_usage_is_even() {
     let cap = 256 * MIB as u64;
     let mut c = Cluster::start(Options { chunkservers: 3, capacities: vec![Some(cap); 3], ..Default::default() });
     let data = random_bytes(48 * MIB, 9);
-    put(&c, &data, "/f");
+    c.put_data(&data, "/f");
     let hashes = chunk_hashes(&data);
     c.add_chunkserver(Some(cap));
     let new = c.chunkservers[3].data.clone();
@@ -90,5 +76,5 @@ fn a_new_empty_chunkserver_receives_data_until_usage_is_even() {
         let s = c.status();
         s["chunks"]["over_replicated"] == 0 && s["chunks"]["under_replicated"] == 0
     });
-    assert!(get(&c, "/f") == data);
+    assert!(c.get_data("/f") == data);
 }

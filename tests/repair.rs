@@ -20,9 +20,7 @@ fn a_dead_chunkservers_chunks_are_copied_back_to_the_goal() {
         assert_eq!(c.replicas_of(h).len(), 3, "replication 3 before the failure");
     }
     // The node holding the most chunks dies.
-    let victim = (0..4)
-        .max_by_key(|i| hashes.iter().filter(|h| chunk_path(&c.chunkservers[*i].data, h).exists()).count())
-        .unwrap();
+    let victim = c.fullest(&hashes);
     c.chunkservers[victim].kill();
     let live: Vec<_> = (0..4).filter(|i| *i != victim).map(|i| c.chunkservers[i].data.clone()).collect();
     wait_for("every chunk back at 3 live replicas", Duration::from_secs(60), || {

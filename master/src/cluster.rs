@@ -163,6 +163,23 @@ pub struct Cluster {
     gc_grace: Duration,
 }
 
+/// Picks `n` of `nodes` (in order of preference): first one per zone, then the next preferred.
+fn spread_over_zones(nodes: &[&Node], n: usize) -> Vec<u64> {
+    let mut chosen: Vec<u64> = Vec::with_capacity(n);
+    let mut zones: HashSet<&str> = HashSet::new();
+    for node in nodes {
+        if chosen.len() < n && zones.insert(node.zone.as_str()) {
+            chosen.push(node.id);
+        }
+    }
+    for node in nodes {
+        if chosen.len() < n && !chosen.contains(&node.id) {
+            chosen.push(node.id);
+        }
+    }
+    chosen
+}
+
 pub fn to_hash(b: &[u8]) -> Option<ChunkHash> {
     b.try_into().ok()
 }
@@ -505,19 +522,7 @@ impl Cluster {
             let all: Vec<u64> = good.iter().map(|n| n.id).collect();
             let stale = |n: &Node| n.last_heartbeat.is_none_or(|t| now.duration_since(t) >= SUSPECT_AFTER);
             staying.sort_by(|a, b| stale(a).cmp(&stale(b)).then(b.free().cmp(&a.free())).then(a.id.cmp(&b.id)));
-            let good = staying;
-            let mut keep: Vec<u64> = Vec::with_capacity(goal);
-            let mut zones: HashSet<&str> = HashSet::new();
-            for n in &good {
-                if keep.len() < goal && zones.insert(n.zone.as_str()) {
-                    keep.push(n.id);
-                }
-            }
-            for n in &good {
-                if keep.len() < goal && !keep.contains(&n.id) {
-                    keep.push(n.id);
-                }
-            }
+            let keep = spread_over_zones(&staying, goal);
             let drop: HashSet<u64> = all.into_iter().filter(|id| !keep.contains(id)).collect();
             if drop.is_empty() {
                 continue;
@@ -698,19 +703,7 @@ impl Cluster {
             }
             let excluded = |n: &Node| exclude.contains(&n.id);
             candidates.sort_by(|a, b| excluded(a).cmp(&excluded(b)).then(b.free().cmp(&a.free())).then(a.id.cmp(&b.id)));
-            let mut chosen: Vec<u64> = Vec::with_capacity(replication);
-            let mut zones: HashSet<&str> = HashSet::new();
-            // First pass: one node per zone; second: fill up with the emptiest remaining.
-            for n in &candidates {
-                if chosen.len() < replication && zones.insert(n.zone.as_str()) {
-                    chosen.push(n.id);
-                }
-            }
-            for n in &candidates {
-                if chosen.len() < replication && !chosen.contains(&n.id) {
-                    chosen.push(n.id);
-                }
-            }
+            let chosen = spread_over_zones(&candidates, replication);
             let refs = chosen.iter().map(|id| g.nodes[id].aref()).collect();
             for id in &chosen {
                 if let Some(n) = g.nodes.get_mut(id) {

@@ -328,6 +328,29 @@ impl Cluster {
         cli_env(args, &self.env(), Some(stdin))
     }
 
+    /// `cairn put` of `data` to `remote`, which must succeed.
+    pub fn put_data(&self, data: &[u8], remote: &str) {
+        let local = self.dir.path().join("put.bin");
+        std::fs::write(&local, data).unwrap();
+        let out = self.cli(&["put", local.to_str().unwrap(), remote]);
+        assert!(out.status.success(), "put {remote}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// `cairn get` of `remote`, which must succeed: its bytes.
+    pub fn get_data(&self, remote: &str) -> Vec<u8> {
+        let local = self.dir.path().join("get.bin");
+        let out = self.cli(&["get", remote, local.to_str().unwrap()]);
+        assert!(out.status.success(), "get {remote}: {}", String::from_utf8_lossy(&out.stderr));
+        std::fs::read(&local).unwrap()
+    }
+
+    /// The index of the chunkserver holding the most of `hashes`.
+    pub fn fullest(&self, hashes: &[blake3::Hash]) -> usize {
+        (0..self.chunkservers.len())
+            .max_by_key(|i| hashes.iter().filter(|h| chunk_path(&self.chunkservers[*i].data, h).exists()).count())
+            .expect("a chunkserver")
+    }
+
     /// Files holding `hash` across all chunkservers' chunk trees.
     pub fn replicas_of(&self, hash: &blake3::Hash) -> Vec<PathBuf> {
         self.chunkservers.iter().map(|c| chunk_path(&c.data, hash)).filter(|p| p.exists()).collect()
