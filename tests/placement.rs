@@ -11,7 +11,7 @@ use common::{chunk_hashes, chunk_path, count_files, random_bytes, wait_for, Clus
 
 #[test]
 fn a_drained_chunkserver_ends_empty_and_no_chunk_drops_below_its_goal() {
-    let c = Cluster::start(Options { chunkservers: 4, dead_after_s: 3, ..Default::default() });
+    let mut c = Cluster::start(Options { chunkservers: 4, dead_after_s: 3, ..Default::default() });
     let data = random_bytes(24 * MIB, 7);
     c.put_data(&data, "/f");
     let hashes = chunk_hashes(&data);
@@ -56,6 +56,20 @@ fn a_drained_chunkserver_ends_empty_and_no_chunk_drops_below_its_goal() {
     assert!(c.get_data("/f") == data);
     let e = common::expect_error(&c.cli(&["admin", "drain", "12345"]), "drain a stranger");
     assert!(e.contains("no chunkserver"), "{e}");
+    // Removal: refused while the node runs, done once it is stopped and shows as dead.
+    let id = node_id.to_string();
+    let e = common::expect_error(&c.cli(&["admin", "forget", &id]), "forget a running node");
+    assert!(e.contains("running"), "{e}");
+    c.chunkservers[victim].kill();
+    wait_for("the stopped node to show as dead", Duration::from_secs(30), || {
+        c.status()["chunkservers"].as_array().unwrap().iter().any(|n| n["id"] == node_id && n["state"] == "dead")
+    });
+    let out = c.cli(&["admin", "forget", &id]);
+    assert!(out.status.success(), "forget: {}", String::from_utf8_lossy(&out.stderr));
+    let s = c.status();
+    assert!(s["chunkservers"].as_array().unwrap().iter().all(|n| n["id"] != node_id), "still listed: {s}");
+    assert_eq!(s["chunks"]["under_replicated"], 0);
+    assert!(c.get_data("/f") == data);
 }
 
 #[test]

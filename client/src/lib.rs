@@ -227,9 +227,10 @@ impl Client {
         Ok(r.masters)
     }
 
-    /// Starts moving every replica off chunkserver `id` (or cancels that).
-    pub async fn drain(&self, id: u64, cancel: bool) -> Result<()> {
-        let req = pb::DrainRequest { id, cancel, request: self.next_id() };
+    /// Starts moving every replica off chunkserver `id` (or cancels that), or forgets a stopped
+    /// one (`forget`).
+    pub async fn drain(&self, id: u64, cancel: bool, forget: bool) -> Result<()> {
+        let req = pb::DrainRequest { id, cancel, forget, request: self.next_id() };
         self.inner.masters.call(|mut c| async move { c.drain(req).await }).await?;
         Ok(())
     }

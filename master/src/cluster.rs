@@ -849,6 +849,31 @@ impl Cluster {
             .collect()
     }
 
+    /// Drops a node from the registry (it was stopped and removed): its replicas no longer
+    /// count anywhere. If it ever comes back it registers as new.
+    pub fn forget(&self, id: u64) {
+        let mut g = self.lock();
+        g.nodes.remove(&id);
+        g.reported.remove(&id);
+        g.partial.remove(&id);
+        g.locations.retain(|_, l| {
+            l.retain(|x| *x != id);
+            !l.is_empty()
+        });
+        g.repairing.retain(|_, r| r.target != id);
+        g.deleting.retain(|_, d| {
+            d.nodes.remove(&id);
+            !d.nodes.is_empty()
+        });
+        g.repair_dirty = true;
+    }
+
+    /// Whether the node is known and silent for longer than the dead timeout.
+    pub fn is_dead(&self, id: u64) -> bool {
+        let g = self.lock();
+        g.nodes.get(&id).is_some_and(|n| !self.alive(n, Instant::now()))
+    }
+
     /// Marks a node as draining (or not), as the replicated state says.
     pub fn set_draining(&self, id: u64, draining: bool) {
         let mut g = self.lock();

@@ -816,6 +816,7 @@ impl Core {
                 Some(command::Op::RegisterChunkserver(info)) => {
                     self.cluster.know(info.id, &info.addr, &info.zone, info.draining)
                 }
+                Some(command::Op::Drain(d)) if d.forget => self.cluster.forget(d.id),
                 Some(command::Op::Drain(d)) => self.cluster.set_draining(d.id, !d.cancel),
                 Some(command::Op::SetMaster(m)) => {
                     members_changed = true;

@@ -368,8 +368,15 @@ impl master_server::Master for Services {
         self.rpc("Drain", async {
             self.node.ensure_leader()?;
             let req = req.into_inner();
+            if req.forget && !self.cluster.is_dead(req.id) {
+                return Err(MetaError::InvalidArgument(format!(
+                    "chunkserver {} is running or unknown: drain it, stop it, and forget it once it shows as dead",
+                    req.id
+                ))
+                .into());
+            }
             self.node.propose(command::Op::Drain(req)).await?;
-            tracing::info!(node = req.id, cancel = req.cancel, "drain");
+            tracing::info!(node = req.id, cancel = req.cancel, forget = req.forget, "drain");
             Ok(Response::new(pb::DrainResponse {}))
         })
         .await

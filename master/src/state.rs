@@ -587,8 +587,12 @@ fn apply_one(w: &mut Writer<'_>, cmd: &Command) -> Result<command_result::Result
                 Some(v) => ChunkserverInfo::decode(v.value()).context("decode chunkserver").map_err(MetaError::Internal)?,
                 None => return Err(MetaError::NotFound(format!("chunkserver {}", req.id))),
             };
-            info.draining = !req.cancel;
-            w.chunkservers.insert(req.id, info.encode_to_vec().as_slice()).map_err(storage)?;
+            if req.forget {
+                w.chunkservers.remove(req.id).map_err(storage)?;
+            } else {
+                info.draining = !req.cancel;
+                w.chunkservers.insert(req.id, info.encode_to_vec().as_slice()).map_err(storage)?;
+            }
             Ok(command_result::Result::Done(Empty {}))
         }
         Some(Op::SetRepairLimits(req)) => {

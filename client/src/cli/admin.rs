@@ -16,6 +16,16 @@ pub enum AdminCmd {
     /// Move every replica off a chunkserver (by id or address), with progress, so that it can
     /// be stopped and removed. No chunk drops below its replication goal meanwhile.
     Drain(DrainArgs),
+    /// Remove a stopped (dead) chunkserver from the cluster's list, after a drain.
+    Forget(ForgetArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ForgetArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// The chunkserver: its id or its address, as `cairn status` lists them.
+    pub node: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -86,19 +96,34 @@ pub async fn admin(cmd: &AdminCmd) -> Result<()> {
         AdminCmd::Masters(a) => masters(a).await,
         AdminCmd::Repair(a) => repair(a).await,
         AdminCmd::Drain(a) => drain(a).await,
+        AdminCmd::Forget(a) => forget(a).await,
     }
+}
+
+/// The id of the chunkserver named by id or address.
+async fn chunkserver_id(client: &crate::Client, node: &str) -> Result<u64> {
+    let s: StatusJson = client.status().await.context("status")?.into();
+    let n = s
+        .chunkservers
+        .iter()
+        .find(|c| c.id.to_string() == node || c.addr == node)
+        .with_context(|| format!("no chunkserver {node} (see cairn status)"))?;
+    Ok(n.id)
+}
+
+async fn forget(a: &ForgetArgs) -> Result<()> {
+    let client = a.cluster.connect().await?;
+    let id = chunkserver_id(&client, &a.node).await?;
+    client.drain(id, false, true).await.with_context(|| format!("forget chunkserver {id}"))?;
+    client.close();
+    println!("chunkserver {id} removed from the cluster");
+    Ok(())
 }
 
 async fn drain(a: &DrainArgs) -> Result<()> {
     let client = a.cluster.connect().await?;
-    let s: StatusJson = client.status().await.context("status")?.into();
-    let node = s
-        .chunkservers
-        .iter()
-        .find(|c| c.id.to_string() == a.node || c.addr == a.node)
-        .with_context(|| format!("no chunkserver {} (see cairn status)", a.node))?;
-    let id = node.id;
-    client.drain(id, a.cancel).await.with_context(|| format!("drain chunkserver {id}"))?;
+    let id = chunkserver_id(&client, &a.node).await?;
+    client.drain(id, a.cancel, false).await.with_context(|| format!("drain chunkserver {id}"))?;
     if a.cancel {
         println!("chunkserver {id} takes new replicas again");
         return Ok(());
