@@ -402,6 +402,7 @@ impl Cluster {
                 .nodes
                 .values()
                 .filter(|n| live.contains(&n.id) && !holders.contains(&n.id) && !n.draining)
+                .filter(|n| !g.deleting.get(&h).is_some_and(|d| d.nodes.contains(&n.id)))
                 .filter(|n| load.get(&n.id).copied().unwrap_or(0) < per_node)
                 .filter(|n| n.free() >= cairn_proto::MAX_CHUNK + FREE_MARGIN)
                 .max_by_key(|n| (!zones.contains(n.zone.as_str()), n.free(), std::cmp::Reverse(n.id)))
@@ -678,8 +679,14 @@ impl Cluster {
                 out.push(None);
                 continue;
             }
-            let mut candidates: Vec<&Node> =
-                g.nodes.values().filter(|n| self.alive(n, now) && !n.draining && n.free() >= len + FREE_MARGIN).collect();
+            // Not a node about to delete its copy of this chunk (a trim): the upload would find
+            // the chunk there, and the delete would then take it away.
+            let trimming = |id: u64| g.deleting.get(hash).is_some_and(|d| d.nodes.contains(&id));
+            let mut candidates: Vec<&Node> = g
+                .nodes
+                .values()
+                .filter(|n| self.alive(n, now) && !n.draining && !trimming(n.id) && n.free() >= len + FREE_MARGIN)
+                .collect();
             // The client's exclusions are its experience, which can blame a healthy node for a
             // failure further down a chain: avoid them while enough others remain.
             if candidates.iter().filter(|n| !exclude.contains(&n.id)).count() >= replication {
@@ -1074,6 +1081,8 @@ mod tests {
         assert_eq!(c.delete_backlog(), (0, 1));
         assert_eq!(c.replicas(&h).last().map(|r| r.id), Some(trimmed[0]), "readers try it last");
         assert_eq!(c.plan_trims(&[(h, 3)], Instant::now()), 0, "nothing twice");
+        // A node about to delete its copy is no target for the same chunk.
+        assert_eq!(c.plan_repairs(&[(h, 4)], Instant::now()), (1, 0));
         c.heartbeat(&beat(trimmed[0], &[], &[h])).unwrap();
         assert_eq!(c.live_count(&h, Instant::now()), 3);
         assert_eq!(c.plan_trims(&[(h, 3)], Instant::now()), 0);
