@@ -39,7 +39,9 @@ pub struct Fault {
 
 /// Parses `KIND[:N]@SECONDS[s]`, e.g. `kill-chunkserver@20s`, `restart-chunkserver:2@60s`.
 pub fn parse_fault(s: &str) -> Result<Fault> {
-    let (what, at) = s.split_once('@').with_context(|| format!("--fault {s:?}: want KIND[:N]@SECONDS, e.g. kill-chunkserver@20s"))?;
+    let (what, at) = s
+        .split_once('@')
+        .with_context(|| format!("--fault {s:?}: want KIND[:N]@SECONDS, e.g. kill-chunkserver@20s"))?;
     let secs: f64 = at
         .trim_end_matches('s')
         .parse()
@@ -48,7 +50,8 @@ pub fn parse_fault(s: &str) -> Result<Fault> {
         .with_context(|| format!("--fault {s:?}: {at:?} is not a number of seconds"))?;
     let (kind, n) = match what.split_once(':') {
         Some((k, n)) => {
-            let n: u64 = n.parse().ok().filter(|n| *n > 0).with_context(|| format!("--fault {s:?}: bad node number {n:?}"))?;
+            let n: u64 =
+                n.parse().ok().filter(|n| *n > 0).with_context(|| format!("--fault {s:?}: bad node number {n:?}"))?;
             (k, Some(n))
         }
         None => (what, None),
@@ -140,7 +143,11 @@ async fn writer(client: Client, w: usize, a: WorkArgs, files: Arc<RwLock<Vec<Wri
         match client.put_bytes(&path, data, &PutOptions::default()).await {
             Ok(_) => {
                 t.op(false, a.file_bytes as u64, began.elapsed());
-                files.write().expect("files lock").push(Written { path: path.clone(), size: a.file_bytes as u64, hash });
+                files.write().expect("files lock").push(Written {
+                    path: path.clone(),
+                    size: a.file_bytes as u64,
+                    hash,
+                });
                 mine.push(path);
             }
             Err(e) => t.error(format!("put {path}: {e}")),
@@ -298,7 +305,10 @@ impl Chunkservers {
 
     /// The live chunkserver holding the most bytes.
     fn fullest(&self, s: &cairn_proto::v1::StatusResponse) -> Result<u64> {
-        (1..=self.count).filter(|n| self.used(s, *n).is_some()).max_by_key(|n| self.used(s, *n)).context("no live chunkserver to kill")
+        (1..=self.count)
+            .filter(|n| self.used(s, *n).is_some())
+            .max_by_key(|n| self.used(s, *n))
+            .context("no live chunkserver to kill")
     }
 }
 
@@ -311,7 +321,8 @@ fn percentile(v: &mut [f64], q: f64) -> f64 {
 }
 
 fn write_csv(path: &Path, seconds: &[Second]) -> Result<()> {
-    let mut out = String::from("t_s,read_MBps,write_MBps,read_ops,write_ops,errors,p99_ms,under_replicated,repair_MBps,fault\n");
+    let mut out =
+        String::from("t_s,read_MBps,write_MBps,read_ops,write_ops,errors,p99_ms,under_replicated,repair_MBps,fault\n");
     for (i, s) in seconds.iter().enumerate() {
         let mut lat = s.latencies_ms.clone();
         out.push_str(&format!(
@@ -370,7 +381,11 @@ fn draw_chart(path: &Path, seconds: &[Second], done: &[Done]) -> Result<()> {
         c.draw_series(LineSeries::new(vec![(x, 0.0), (x, ymax)], BLACK.stroke_width(1)))?;
         c.draw_series(std::iter::once(Text::new(d.fault.label.clone(), (x + 0.5, ymax * 0.95), ("sans-serif", 14))))?;
     }
-    c.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).label_font(("sans-serif", 14)).draw()?;
+    c.configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()?;
     let umax = seconds.iter().filter_map(|s| s.under_replicated).max().unwrap_or(0).max(1) as f64 * 1.15;
     let mut u = ChartBuilder::on(&bottom)
         .margin(12)
@@ -395,7 +410,10 @@ fn throughput(seconds: &[Second], from: usize, to: usize) -> (f64, f64) {
     }
     let s = &seconds[from..to];
     let n = s.len() as f64;
-    (s.iter().map(|x| x.read_bytes).sum::<u64>() as f64 / 1e6 / n, s.iter().map(|x| x.write_bytes).sum::<u64>() as f64 / 1e6 / n)
+    (
+        s.iter().map(|x| x.read_bytes).sum::<u64>() as f64 / 1e6 / n,
+        s.iter().map(|x| x.write_bytes).sum::<u64>() as f64 / 1e6 / n,
+    )
 }
 
 /// Runs the workload on the cluster at `masters`; `cluster_dir` is the `cairn dev` directory of
@@ -501,10 +519,14 @@ fn summary(seconds: &[Second], done: &[Done], t: &Timeline, csv: &Path, png: &Pa
             FaultKind::KillChunkserver(_) => {
                 let under = |s: &Second| s.under_replicated.unwrap_or(0);
                 let seen = seconds.iter().enumerate().skip(at).find(|(_, s)| under(s) > 0).map(|(j, _)| j);
-                let back = seen.and_then(|j| seconds.iter().enumerate().skip(j).find(|(_, s)| s.under_replicated == Some(0)).map(|(k, _)| k));
+                let back = seen.and_then(|j| {
+                    seconds.iter().enumerate().skip(j).find(|(_, s)| s.under_replicated == Some(0)).map(|(k, _)| k)
+                });
                 let (rd, wd) = throughput(seconds, at, back.unwrap_or(next));
                 let rebuild = match (seen, back) {
-                    (Some(j), Some(k)) if k > j => format!(", rebuild {:.0} MB/s", d.node_bytes as f64 / 1e6 / (k - j) as f64),
+                    (Some(j), Some(k)) if k > j => {
+                        format!(", rebuild {:.0} MB/s", d.node_bytes as f64 / 1e6 / (k - j) as f64)
+                    }
                     _ => String::new(),
                 };
                 rows.push(Row {
@@ -557,7 +579,9 @@ mod tests {
         assert_eq!((f.at, f.kind), (Duration::from_secs(20), FaultKind::KillChunkserver(None)));
         assert_eq!(parse_fault("restart-chunkserver:2@60").unwrap().kind, FaultKind::RestartChunkserver(Some(2)));
         assert_eq!(parse_fault("kill-leader@1.5s").unwrap().at, Duration::from_millis(1500));
-        for bad in ["kill-chunkserver", "kill-leader:2@3s", "explode@3s", "kill-chunkserver@-1s", "kill-chunkserver:0@1s"] {
+        for bad in
+            ["kill-chunkserver", "kill-leader:2@3s", "explode@3s", "kill-chunkserver@-1s", "kill-chunkserver:0@1s"]
+        {
             assert!(parse_fault(bad).is_err(), "{bad:?} accepted");
         }
     }

@@ -18,8 +18,6 @@ fn cluster_with_grace(grace_s: u64) -> Cluster {
     })
 }
 
-
-
 fn rm(c: &Cluster, remote: &str) {
     let out = c.cli(&["rm", remote]);
     assert!(out.status.success(), "rm {remote}: {}", String::from_utf8_lossy(&out.stderr));

@@ -7,8 +7,6 @@ use std::time::Duration;
 
 use common::{chunk_hashes, chunk_path, count_files, random_bytes, wait_for, Cluster, Options, MIB};
 
-
-
 #[test]
 fn a_drained_chunkserver_ends_empty_and_no_chunk_drops_below_its_goal() {
     let mut c = Cluster::start(Options { chunkservers: 4, dead_after_s: 3, ..Default::default() });
@@ -17,7 +15,8 @@ fn a_drained_chunkserver_ends_empty_and_no_chunk_drops_below_its_goal() {
     let hashes = chunk_hashes(&data);
     let s = c.status();
     let victim = c.fullest(&hashes);
-    let node_id: u64 = std::fs::read_to_string(c.chunkservers[victim].data.join("node_id")).unwrap().trim().parse().unwrap();
+    let node_id: u64 =
+        std::fs::read_to_string(c.chunkservers[victim].data.join("node_id")).unwrap().trim().parse().unwrap();
     assert!(s["chunkservers"].as_array().unwrap().iter().any(|n| n["id"] == node_id));
     // Watch every chunk's replicas on disk while the drain runs: never fewer than 3.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

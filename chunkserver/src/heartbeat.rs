@@ -12,9 +12,7 @@ use std::time::Duration;
 
 use cairn_common::tls::Identity;
 use cairn_proto::v1::cluster_client::ClusterClient;
-use cairn_proto::v1::{
-    ChunkReportRequest, ChunkserverRef, CopyJob, HeartbeatRequest, RegisterRequest, RepairLimits,
-};
+use cairn_proto::v1::{ChunkReportRequest, ChunkserverRef, CopyJob, HeartbeatRequest, RegisterRequest, RepairLimits};
 use cairn_proto::LEADER_HINT_KEY;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, ClientTlsConfig};

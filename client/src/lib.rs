@@ -239,10 +239,7 @@ impl Client {
     /// in force afterwards.
     pub async fn set_repair_limits(&self, rate_bytes: Option<u64>, copies: Option<u32>) -> Result<pb::RepairLimits> {
         let req = pb::SetRepairLimitsRequest { rate_bytes, copies, id: self.next_id() };
-        self.inner
-            .masters
-            .call(|mut c| async move { c.set_repair_limits(req).await })
-            .await
+        self.inner.masters.call(|mut c| async move { c.set_repair_limits(req).await }).await
     }
 
     /// Hands leadership to master `to` (0: the most up-to-date follower); returns the new leader.

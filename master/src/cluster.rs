@@ -6,9 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use cairn_proto::v1::{
-    ChunkserverRef, ChunkserverStatus, CopyJob, HeartbeatRequest, HeartbeatResponse, RepairLimits,
-};
+use cairn_proto::v1::{ChunkserverRef, ChunkserverStatus, CopyJob, HeartbeatRequest, HeartbeatResponse, RepairLimits};
 
 use crate::error::MetaError;
 
@@ -330,12 +328,7 @@ impl Cluster {
             .take(DELETES_PER_HEARTBEAT)
             .map(|(h, _)| h.to_vec())
             .collect();
-        Some(HeartbeatResponse {
-            report_requested: !g.reported.contains(&id),
-            copy,
-            delete,
-            limits: Some(g.limits),
-        })
+        Some(HeartbeatResponse { report_requested: !g.reported.contains(&id), copy, delete, limits: Some(g.limits) })
     }
 
     /// The re-replication limits sent to chunkservers (the replicated setting, as last read).
@@ -440,7 +433,12 @@ impl Cluster {
     /// the same lock as the marking (and [`Cluster::confirm_commit`] proposes under it too): a
     /// namespace read after everything proposed before the fence is applied, that still finds no
     /// reference, proves a marked chunk garbage. Hand that to [`Cluster::collect`].
-    pub fn mark_garbage<F>(&self, orphans: &[ChunkHash], now: Instant, fence: impl FnOnce() -> F) -> (Vec<ChunkHash>, F) {
+    pub fn mark_garbage<F>(
+        &self,
+        orphans: &[ChunkHash],
+        now: Instant,
+        fence: impl FnOnce() -> F,
+    ) -> (Vec<ChunkHash>, F) {
         let mut g = self.lock();
         // Deletes to nodes that died are dropped (a node that comes back reports what it holds),
         // and so are marks a failed round left behind.
@@ -545,7 +543,8 @@ impl Cluster {
             return 0;
         }
         let util = |n: &Node| if n.capacity == 0 { 1.0 } else { n.used as f64 / n.capacity as f64 };
-        let nodes: Vec<&Node> = g.nodes.values().filter(|n| self.alive(n, now) && !n.draining && n.capacity > 0).collect();
+        let nodes: Vec<&Node> =
+            g.nodes.values().filter(|n| self.alive(n, now) && !n.draining && n.capacity > 0).collect();
         let (Some(full), Some(empty)) = (
             nodes.iter().max_by(|a, b| util(a).total_cmp(&util(b))),
             nodes.iter().min_by(|a, b| util(a).total_cmp(&util(b))),
@@ -570,8 +569,11 @@ impl Cluster {
             if !l.contains(&full) || l.contains(&empty) || g.deleting.contains_key(h) {
                 continue;
             }
-            let holders: Vec<u64> =
-                l.iter().copied().filter(|id| g.good(h, *id) && g.nodes.get(id).is_some_and(|n| self.alive(n, now))).collect();
+            let holders: Vec<u64> = l
+                .iter()
+                .copied()
+                .filter(|id| g.good(h, *id) && g.nodes.get(id).is_some_and(|n| self.alive(n, now)))
+                .collect();
             // Only healthy chunks move; the others are the repair's business.
             if holders.len() != *goal as usize || !holders.contains(&full) {
                 continue;
@@ -630,8 +632,12 @@ impl Cluster {
                 }
                 !l.is_empty()
             });
-            let gone: Vec<ChunkHash> =
-                g.deleting.iter().filter(|(h, d)| d.nodes.contains(&id) && !set.contains(*h)).map(|(h, _)| *h).collect();
+            let gone: Vec<ChunkHash> = g
+                .deleting
+                .iter()
+                .filter(|(h, d)| d.nodes.contains(&id) && !set.contains(*h))
+                .map(|(h, _)| *h)
+                .collect();
             for h in gone {
                 g.deleted(&h, id);
             }
@@ -709,7 +715,8 @@ impl Cluster {
                 candidates.retain(|n| fresh(n));
             }
             let excluded = |n: &Node| exclude.contains(&n.id);
-            candidates.sort_by(|a, b| excluded(a).cmp(&excluded(b)).then(b.free().cmp(&a.free())).then(a.id.cmp(&b.id)));
+            candidates
+                .sort_by(|a, b| excluded(a).cmp(&excluded(b)).then(b.free().cmp(&a.free())).then(a.id.cmp(&b.id)));
             let chosen = spread_over_zones(&candidates, replication);
             let refs = chosen.iter().map(|id| g.nodes[id].aref()).collect();
             for id in &chosen {

@@ -239,7 +239,10 @@ impl Node {
 
     /// Sends a proposal without waiting for it: its place in the log is fixed relative to any
     /// message sent before or after (see [`Node::fence`]). [`Node::answer`] waits for the result.
-    pub fn propose_nowait(&self, op: command::Op) -> Result<oneshot::Receiver<Result<command_result::Result, MetaError>>, MetaError> {
+    pub fn propose_nowait(
+        &self,
+        op: command::Op,
+    ) -> Result<oneshot::Receiver<Result<command_result::Result, MetaError>>, MetaError> {
         self.ensure_leader()?;
         let (reply, rx) = oneshot::channel();
         self.send(Msg::Propose { op, reply })?;

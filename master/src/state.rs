@@ -584,7 +584,9 @@ fn apply_one(w: &mut Writer<'_>, cmd: &Command) -> Result<command_result::Result
         }
         Some(Op::Drain(req)) => {
             let mut info = match w.chunkservers.get(req.id).map_err(storage)? {
-                Some(v) => ChunkserverInfo::decode(v.value()).context("decode chunkserver").map_err(MetaError::Internal)?,
+                Some(v) => {
+                    ChunkserverInfo::decode(v.value()).context("decode chunkserver").map_err(MetaError::Internal)?
+                }
                 None => return Err(MetaError::NotFound(format!("chunkserver {}", req.id))),
             };
             if req.forget {

@@ -219,7 +219,8 @@ impl std::fmt::Display for StatusJson {
             writeln!(f, "        by live replicas (replicas:chunks)  {}", by.join("  "))?;
         }
         let r = &self.repair;
-        let limit = if r.rate_limit_bytes == 0 { "unlimited".into() } else { format!("{}/s", human(r.rate_limit_bytes)) };
+        let limit =
+            if r.rate_limit_bytes == 0 { "unlimited".into() } else { format!("{}/s", human(r.rate_limit_bytes)) };
         writeln!(
             f,
             "REPAIR  copying {} at {}/s  (limit {limit} and {} copies per node)  deleting: garbage {}  surplus {}",
