@@ -306,8 +306,9 @@ impl Chunkservers {
     /// The live chunkserver holding the most bytes.
     fn fullest(&self, s: &cairn_proto::v1::StatusResponse) -> Result<u64> {
         (1..=self.count)
-            .filter(|n| self.used(s, *n).is_some())
-            .max_by_key(|n| self.used(s, *n))
+            .filter_map(|n| self.used(s, n).map(|used| (n, used)))
+            .max_by_key(|(_, used)| *used)
+            .map(|(n, _)| n)
             .context("no live chunkserver to kill")
     }
 }

@@ -74,7 +74,9 @@ fn issue_once(ca: &Path, out: &Path, role: tls::Role) -> Result<()> {
     Ok(())
 }
 
-fn spawn(exe: &Path, name: &str, args: &[String], log: &Path) -> Result<Proc> {
+/// Starts a node whose directory is `node` and writes its PID to `node/pid`, for tools that
+/// kill or restart one node (`cairn bench --mode failover|faults`).
+fn spawn(exe: &Path, name: &str, args: &[String], node: &Path, log: &Path) -> Result<Proc> {
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -99,6 +101,9 @@ fn spawn(exe: &Path, name: &str, args: &[String], log: &Path) -> Result<Proc> {
         .stderr(out)
         .spawn()
         .with_context(|| format!("start {name}"))?;
+    if let Some(pid) = child.id() {
+        std::fs::write(node.join("pid"), format!("{pid}\n"))?;
+    }
     Ok(Proc { name: name.to_string(), child, log: log.to_path_buf(), reported: false })
 }
 
@@ -147,12 +152,7 @@ pub async fn run(a: &DevArgs) -> Result<()> {
                 "--tls".into(),
                 node.join("tls").display().to_string(),
             ];
-            let p = spawn(&exe, &format!("master {id}"), &args, &dir.join(format!("logs/master-{id}.log")))?;
-            // For tools that kill or restart one master (`cairn bench --mode failover|faults`).
-            if let Some(pid) = p.child.id() {
-                std::fs::write(node.join("pid"), format!("{pid}\n"))?;
-            }
-            procs.push(p);
+            procs.push(spawn(&exe, &format!("master {id}"), &args, &node, &dir.join(format!("logs/master-{id}.log")))?);
         }
         for i in 1..=a.chunkservers {
             let node = dir.join(format!("chunkserver-{i}"));
@@ -171,12 +171,8 @@ pub async fn run(a: &DevArgs) -> Result<()> {
             if let Some(c) = a.chunkserver_capacity {
                 args.extend(["--capacity".into(), c.to_string()]);
             }
-            let p = spawn(&exe, &format!("chunkserver {i}"), &args, &dir.join(format!("logs/chunkserver-{i}.log")))?;
-            // For tools that kill or restart one chunkserver (`cairn bench --mode faults`).
-            if let Some(pid) = p.child.id() {
-                std::fs::write(node.join("pid"), format!("{pid}\n"))?;
-            }
-            procs.push(p);
+            let log = dir.join(format!("logs/chunkserver-{i}.log"));
+            procs.push(spawn(&exe, &format!("chunkserver {i}"), &args, &node, &log)?);
         }
         wait_ready(&master_addrs, &client_tls, a.chunkservers as usize, &mut procs, &shutdown).await
     }

@@ -161,6 +161,36 @@ pub struct Cluster {
     gc_grace: Duration,
 }
 
+/// The registry entry of node `id`, created if new, with its current address and zone.
+fn entry<'g>(g: &'g mut Inner, id: u64, addr: &str, zone: &str) -> &'g mut Node {
+    let n = g.nodes.entry(id).or_insert_with(|| Node {
+        id,
+        addr: addr.into(),
+        zone: zone.into(),
+        capacity: 0,
+        used: 0,
+        chunks: 0,
+        reserved: 0,
+        last_heartbeat: None,
+        copied: None,
+        draining: false,
+    });
+    n.addr = addr.into();
+    n.zone = zone.into();
+    n
+}
+
+/// A change of a node's draining flag calls for a repair scan (its replicas stop, or start
+/// again, counting toward their goal).
+fn mark_draining(g: &mut Inner, id: u64, draining: bool) {
+    if let Some(n) = g.nodes.get_mut(&id) {
+        if n.draining != draining {
+            n.draining = draining;
+            g.repair_dirty = true;
+        }
+    }
+}
+
 /// Picks `n` of `nodes` (in order of preference): first one per zone, then the next preferred.
 fn spread_over_zones(nodes: &[&Node], n: usize) -> Vec<u64> {
     let mut chosen: Vec<u64> = Vec::with_capacity(n);
@@ -237,39 +267,20 @@ impl Cluster {
     /// Adds registry entries read from the replicated state (no liveness).
     pub fn know(&self, id: u64, addr: &str, zone: &str, draining: bool) {
         let mut g = self.lock();
-        let n = g.nodes.entry(id).or_insert_with(|| Node {
-            id,
-            addr: addr.into(),
-            zone: zone.into(),
-            capacity: 0,
-            used: 0,
-            chunks: 0,
-            reserved: 0,
-            last_heartbeat: None,
-            copied: None,
-            draining,
-        });
-        n.addr = addr.into();
-        n.zone = zone.into();
-        if n.draining != draining {
-            n.draining = draining;
-            g.repair_dirty = true;
-        }
+        entry(&mut g, id, addr, zone);
+        mark_draining(&mut g, id, draining);
     }
 
     /// A node (re)registered: it is alive, and it will send a full report next.
     pub fn register(&self, id: u64, addr: &str, zone: &str, capacity: u64, used: u64) {
-        let draining = self.lock().nodes.get(&id).is_some_and(|n| n.draining);
-        self.know(id, addr, zone, draining);
         let mut g = self.lock();
+        let n = entry(&mut g, id, addr, zone);
+        n.capacity = capacity;
+        n.used = used;
+        n.reserved = 0;
+        n.last_heartbeat = Some(Instant::now());
         g.reported.remove(&id);
         g.partial.remove(&id);
-        if let Some(n) = g.nodes.get_mut(&id) {
-            n.capacity = capacity;
-            n.used = used;
-            n.reserved = 0;
-            n.last_heartbeat = Some(Instant::now());
-        }
     }
 
     /// Records a heartbeat. Returns None for a node this leader does not know (it must register),
@@ -890,11 +901,7 @@ impl Cluster {
 
     /// Marks a node as draining (or not), as the replicated state says.
     pub fn set_draining(&self, id: u64, draining: bool) {
-        let mut g = self.lock();
-        if let Some(n) = g.nodes.get_mut(&id) {
-            n.draining = draining;
-            g.repair_dirty = true;
-        }
+        mark_draining(&mut self.lock(), id, draining);
     }
 
     /// The draining nodes among `hash`'s holders (status: what a drain still has to move).

@@ -163,9 +163,6 @@ async fn drain(a: &DrainArgs) -> Result<()> {
 }
 
 async fn repair(a: &RepairArgs) -> Result<()> {
-    if let Some(c) = a.copies {
-        anyhow::ensure!((1..=256).contains(&c), "--copies {c}: use 1 to 256");
-    }
     let client = a.cluster.connect().await?;
     if a.rate.is_some() || a.copies.is_some() {
         client.set_repair_limits(a.rate, a.copies).await.context("set repair limits")?;
