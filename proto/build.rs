@@ -3,6 +3,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc);
+    // Maps encode in key order, so every master writes the same bytes for the same state.
+    config.btree_map(["."]);
     tonic_prost_build::configure().compile_with_config(
         config,
         &["proto/cairn.proto", "proto/data.proto"],

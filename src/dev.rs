@@ -29,6 +29,9 @@ pub struct DevArgs {
     /// Capacity of each chunkserver in bytes (default: the disk).
     #[arg(long)]
     pub chunkserver_capacity: Option<u64>,
+    /// Also mount the cluster's namespace here (FUSE; created if missing), unmounted on stop.
+    #[arg(long)]
+    pub mount: Option<PathBuf>,
 }
 
 /// What must stay the same across restarts of a dev cluster: the masters' addresses (they are
@@ -107,6 +110,35 @@ fn spawn(exe: &Path, name: &str, args: &[String], node: &Path, log: &Path) -> Re
     Ok(Proc { name: name.to_string(), child, log: log.to_path_buf(), reported: false })
 }
 
+/// Starts `cairn mount` on `at` and waits until the mount is up.
+async fn start_mount(exe: &Path, dir: &Path, at: &Path, masters: &[String], tls: &Path) -> Result<Proc> {
+    let node = dir.join("mount");
+    std::fs::create_dir_all(&node)?;
+    let args = vec![
+        "mount".into(),
+        at.display().to_string(),
+        "--masters".into(),
+        masters.join(","),
+        "--tls".into(),
+        tls.display().to_string(),
+    ];
+    let log = dir.join("logs/mount.log");
+    let mut p = spawn(exe, "mount", &args, &node, &log)?;
+    let t0 = Instant::now();
+    while !crate::mount::is_mounted(at) {
+        if let Ok(Some(status)) = p.child.try_wait() {
+            p.reported = true;
+            anyhow::bail!("mount on {} failed ({status}): {}", at.display(), last_line(&log));
+        }
+        if t0.elapsed() > READY_TIMEOUT {
+            stop(std::slice::from_mut(&mut p)).await;
+            anyhow::bail!("mount on {} did not come up within {READY_TIMEOUT:?}", at.display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(p)
+}
+
 fn last_line(log: &Path) -> String {
     std::fs::read_to_string(log)
         .ok()
@@ -120,6 +152,10 @@ pub async fn run(a: &DevArgs) -> Result<()> {
     let exe = std::env::current_exe().context("find the cairn binary")?;
     std::fs::create_dir_all(&a.dir).with_context(|| format!("create {}", a.dir.display()))?;
     let dir = std::fs::canonicalize(&a.dir)?;
+    if let Some(m) = &a.mount {
+        std::fs::create_dir_all(m).with_context(|| format!("create mount point {}", m.display()))?;
+        crate::mount::check_mountpoint(m)?;
+    }
     let env_path = dir.join("env");
     let _ = std::fs::remove_file(&env_path);
     std::fs::create_dir_all(dir.join("logs"))?;
@@ -181,6 +217,17 @@ pub async fn run(a: &DevArgs) -> Result<()> {
         stop(&mut procs).await;
         return Err(e);
     }
+    let mut mount = Vec::new();
+    if let Some(m) = &a.mount {
+        let m = std::fs::canonicalize(m)?;
+        match start_mount(&exe, &dir, &m, &master_addrs, &client_tls).await {
+            Ok(p) => mount.push(p),
+            Err(e) => {
+                stop(&mut procs).await;
+                return Err(e);
+            }
+        }
+    }
 
     // `export` lines: `source DIR/env` sets them for the commands a user runs next, and the file
     // still reads as KEY=VALUE lines once the word is stripped.
@@ -195,6 +242,9 @@ pub async fn run(a: &DevArgs) -> Result<()> {
     println!();
     println!("  source {}        # sets CAIRN_MASTERS and CAIRN_TLS", env_path.display());
     println!("  cairn put ./file /file    cairn get /file ./copy    cairn ls /    cairn status");
+    if let Some(m) = &a.mount {
+        println!("  mounted on {} (FUSE): the same files, as a POSIX file system", m.display());
+    }
     println!();
     println!(
         "Logs: {}/logs. Ctrl-C stops the cluster; start it again with the same --dir to keep the data.",
@@ -205,10 +255,15 @@ pub async fn run(a: &DevArgs) -> Result<()> {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = tick.tick() => report_exits(&mut procs),
+            _ = tick.tick() => {
+                report_exits(&mut mount);
+                report_exits(&mut procs);
+            }
         }
     }
     println!("stopping the cluster...");
+    // The mount first: it commits what applications wrote while the masters are still up.
+    stop(&mut mount).await;
     stop(&mut procs).await;
     let _ = std::fs::remove_file(&env_path);
     Ok(())

@@ -12,6 +12,7 @@ mod bench_masters;
 #[path = "../benches/procs.rs"]
 mod bench_procs;
 mod dev;
+mod mount;
 mod servers;
 
 use std::process::ExitCode;
@@ -51,6 +52,8 @@ enum Cmd {
     Mv(cli::MvArgs),
     /// Remove a file or directory.
     Rm(cli::RmArgs),
+    /// Mount the cluster's namespace as a POSIX file system (FUSE).
+    Mount(mount::MountArgs),
     /// Show masters, chunkservers and replication health.
     Status(cli::StatusArgs),
     /// Administer the cluster: the master group's membership and leadership.
@@ -69,7 +72,7 @@ fn init_tracing(server: bool) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let server = matches!(cli.cmd, Cmd::Master(_) | Cmd::Chunkserver(_) | Cmd::Dev(_));
+    let server = matches!(cli.cmd, Cmd::Master(_) | Cmd::Chunkserver(_) | Cmd::Dev(_) | Cmd::Mount(_));
     init_tracing(server);
     if !server {
         // Like other Unix tools, a client command piped into `head` ends quietly when the pipe
@@ -100,6 +103,7 @@ fn main() -> ExitCode {
             Cmd::Mv(a) => cli::mv(a).await,
             Cmd::Rm(a) => cli::rm(a).await,
             Cmd::Status(a) => cli::status(a).await,
+            Cmd::Mount(a) => mount::run(a).await,
             Cmd::Admin(a) => cli::admin(a).await,
             Cmd::Bench(a) => bench::run(a).await,
         }

@@ -15,6 +15,12 @@ pub enum Error {
     NotEmpty(String),
     #[error("{0}")]
     InvalidArgument(String),
+    #[error("no such attribute: {0}")]
+    NoAttribute(String),
+    #[error("operation not permitted: {0}")]
+    NotPermitted(String),
+    #[error("name too long: {0}")]
+    NameTooLong(String),
     #[error("not enough chunkservers: {0}")]
     NotEnoughChunkservers(String),
     /// The masters could not be reached, or did not answer, within the deadline.
@@ -48,6 +54,9 @@ impl Error {
         let kind = s.metadata().get("cairn-error").and_then(|v| v.to_str().ok()).unwrap_or("");
         let m = s.message().to_string();
         match (s.code(), kind) {
+            (_, "no_attribute") => Error::NoAttribute(m),
+            (_, "not_permitted") => Error::NotPermitted(m),
+            (_, "name_too_long") => Error::NameTooLong(m),
             (tonic::Code::NotFound, _) => Error::NotFound(m),
             (tonic::Code::AlreadyExists, _) => Error::AlreadyExists(m),
             (_, "not_a_directory") => Error::NotADirectory(m),

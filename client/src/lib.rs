@@ -13,6 +13,7 @@
 pub mod cli;
 mod data;
 pub mod error;
+mod fs;
 mod master;
 
 use data::hash_chunk;

@@ -17,6 +17,12 @@ pub enum MetaError {
     NotEmpty(String),
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    #[error("no such attribute: {0}")]
+    NoAttribute(String),
+    #[error("operation not permitted: {0}")]
+    NotPermitted(String),
+    #[error("name too long: {0}")]
+    NameTooLong(String),
     #[error("not enough chunkservers: {0}")]
     NotEnoughChunkservers(String),
     #[error("not the leader")]
@@ -40,6 +46,9 @@ impl MetaError {
             ErrorCode::IsADirectory => MetaError::IsADirectory(m),
             ErrorCode::NotEmpty => MetaError::NotEmpty(m),
             ErrorCode::InvalidArgument => MetaError::InvalidArgument(m),
+            ErrorCode::NoAttribute => MetaError::NoAttribute(m),
+            ErrorCode::NotPermitted => MetaError::NotPermitted(m),
+            ErrorCode::NameTooLong => MetaError::NameTooLong(m),
             ErrorCode::Unspecified => MetaError::Internal(anyhow::anyhow!("unknown error code: {m}")),
         }
     }
@@ -54,6 +63,9 @@ impl MetaError {
             MetaError::IsADirectory(m) => (ErrorCode::IsADirectory, m),
             MetaError::NotEmpty(m) => (ErrorCode::NotEmpty, m),
             MetaError::InvalidArgument(m) => (ErrorCode::InvalidArgument, m),
+            MetaError::NoAttribute(m) => (ErrorCode::NoAttribute, m),
+            MetaError::NotPermitted(m) => (ErrorCode::NotPermitted, m),
+            MetaError::NameTooLong(m) => (ErrorCode::NameTooLong, m),
             _ => return None,
         };
         Some(CommandError { code: code as i32, message: m.clone() })
@@ -76,6 +88,9 @@ impl From<MetaError> for tonic::Status {
             MetaError::IsADirectory(_) => (Code::FailedPrecondition, "is_a_directory"),
             MetaError::NotEmpty(_) => (Code::FailedPrecondition, "not_empty"),
             MetaError::InvalidArgument(_) => (Code::InvalidArgument, "invalid_argument"),
+            MetaError::NoAttribute(_) => (Code::NotFound, "no_attribute"),
+            MetaError::NotPermitted(_) => (Code::PermissionDenied, "not_permitted"),
+            MetaError::NameTooLong(_) => (Code::InvalidArgument, "name_too_long"),
             MetaError::NotEnoughChunkservers(_) => (Code::ResourceExhausted, "not_enough_chunkservers"),
             MetaError::NotLeader { .. } => (Code::Unavailable, "not_leader"),
             MetaError::Unavailable(_) => (Code::Unavailable, "unavailable"),
@@ -88,6 +103,9 @@ impl From<MetaError> for tonic::Status {
             | MetaError::IsADirectory(m)
             | MetaError::NotEmpty(m)
             | MetaError::InvalidArgument(m)
+            | MetaError::NoAttribute(m)
+            | MetaError::NotPermitted(m)
+            | MetaError::NameTooLong(m)
             | MetaError::NotEnoughChunkservers(m)
             | MetaError::Unavailable(m) => m.clone(),
             other => other.to_string(),

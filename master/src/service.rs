@@ -160,6 +160,28 @@ fn require_node<T>(req: &Request<T>) -> Result<(), Status> {
     }
 }
 
+impl Services {
+    /// A file's extents with the live replicas of each chunk.
+    fn locate(&self, inode: pb::Inode) -> Result<pb::OpenFileResponse, MetaError> {
+        let settled = self.cluster.settled(Instant::now());
+        let mut offset = 0;
+        let extents = inode
+            .extents
+            .into_iter()
+            .map(|e| {
+                let replicas = to_hash(&e.hash).map(|h| self.cluster.replicas(&h)).unwrap_or_default();
+                let loc = pb::ExtentLocation { offset, replicas, extent: Some(e) };
+                offset += loc.extent.as_ref().map_or(0, |e| e.length);
+                loc
+            })
+            .collect::<Vec<_>>();
+        if !settled && extents.iter().any(|e| e.replicas.is_empty()) {
+            return Err(MetaError::Unavailable("a new leader is waiting for chunkservers to report".into()));
+        }
+        Ok(pb::OpenFileResponse { attr: inode.attr, extents })
+    }
+}
+
 fn attr_of(r: command_result::Result) -> Result<pb::Attr, MetaError> {
     match r {
         command_result::Result::Attr(a) => Ok(a),
@@ -285,22 +307,81 @@ impl master_server::Master for Services {
         self.rpc("OpenFile", async {
             self.node.read_barrier().await?;
             let inode = self.state.reader()?.open_file(&req.into_inner().path)?;
-            let settled = self.cluster.settled(Instant::now());
-            let mut offset = 0;
-            let extents = inode
-                .extents
-                .into_iter()
-                .map(|e| {
-                    let replicas = to_hash(&e.hash).map(|h| self.cluster.replicas(&h)).unwrap_or_default();
-                    let loc = pb::ExtentLocation { offset, replicas, extent: Some(e) };
-                    offset += loc.extent.as_ref().map_or(0, |e| e.length);
-                    loc
-                })
-                .collect::<Vec<_>>();
-            if !settled && extents.iter().any(|e| e.replicas.is_empty()) {
-                return Err(MetaError::Unavailable("a new leader is waiting for chunkservers to report".into()).into());
-            }
-            Ok(Response::new(pb::OpenFileResponse { attr: inode.attr, extents }))
+            Ok(Response::new(self.locate(inode)?))
+        })
+        .await
+    }
+
+    async fn lookup(&self, req: Request<pb::LookupRequest>) -> Res<pb::StatResponse> {
+        self.rpc("Lookup", async {
+            self.node.read_barrier().await?;
+            let req = req.into_inner();
+            let attr = self.state.reader()?.lookup(req.parent, &req.name)?;
+            Ok(Response::new(pb::StatResponse { attr: Some(attr) }))
+        })
+        .await
+    }
+
+    async fn get_attr(&self, req: Request<pb::InodeRequest>) -> Res<pb::StatResponse> {
+        self.rpc("GetAttr", async {
+            self.node.read_barrier().await?;
+            let attr = self.state.reader()?.getattr(req.into_inner().inode)?;
+            Ok(Response::new(pb::StatResponse { attr: Some(attr) }))
+        })
+        .await
+    }
+
+    async fn read_dir(&self, req: Request<pb::ReadDirRequest>) -> Res<pb::ListResponse> {
+        self.rpc("ReadDir", async {
+            self.node.read_barrier().await?;
+            let req = req.into_inner();
+            let limit = match req.limit as usize {
+                0 => LIST_PAGE_DEFAULT,
+                n => n.min(LIST_PAGE_MAX),
+            };
+            let (attr, entries, more) = self.state.reader()?.readdir(req.inode, &req.start_after, limit)?;
+            Ok(Response::new(pb::ListResponse { entries, more, attr: Some(attr) }))
+        })
+        .await
+    }
+
+    async fn open_inode(&self, req: Request<pb::InodeRequest>) -> Res<pb::OpenFileResponse> {
+        self.rpc("OpenInode", async {
+            self.node.read_barrier().await?;
+            let inode = self.state.reader()?.open_inode(req.into_inner().inode)?;
+            Ok(Response::new(self.locate(inode)?))
+        })
+        .await
+    }
+
+    async fn get_xattrs(&self, req: Request<pb::InodeRequest>) -> Res<pb::XattrsResponse> {
+        self.rpc("GetXattrs", async {
+            self.node.read_barrier().await?;
+            let xattrs = self.state.reader()?.xattrs(req.into_inner().inode)?;
+            Ok(Response::new(pb::XattrsResponse { xattrs }))
+        })
+        .await
+    }
+
+    async fn node(&self, req: Request<pb::NodeRequest>) -> Res<pb::StatResponse> {
+        self.rpc("Node", async {
+            self.node.ensure_leader()?;
+            let req = req.into_inner();
+            let result = match &req.op {
+                Some(pb::node_request::Op::Commit(c)) => {
+                    check_extents(&c.extents)?;
+                    let hashes: Vec<_> = c.extents.iter().filter_map(|e| to_hash(&e.hash)).collect();
+                    let answer =
+                        self.cluster.confirm_commit(&hashes, || self.node.propose_nowait(command::Op::Node(req)))?;
+                    self.node.answer(answer).await?
+                }
+                _ => self.node.propose(command::Op::Node(req)).await?,
+            };
+            let attr = match result {
+                command_result::Result::Attr(a) => Some(a),
+                _ => None,
+            };
+            Ok(Response::new(pb::StatResponse { attr }))
         })
         .await
     }

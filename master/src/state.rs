@@ -185,10 +185,20 @@ impl Reader {
     pub fn list(&self, path: &str, start_after: &str, limit: usize) -> Result<(Attr, Vec<DirEntry>, bool), MetaError> {
         let names = split_path(path)?;
         let (id, node) = self.resolve(&names)?;
-        let attr = node.attr.clone().unwrap_or_default();
         if kind(&node) != InodeKind::Directory {
-            return Ok((attr, vec![], false));
+            return Ok((node.attr.unwrap_or_default(), vec![], false));
         }
+        self.list_node(id, node, start_after, limit)
+    }
+
+    fn list_node(
+        &self,
+        id: u64,
+        node: Inode,
+        start_after: &str,
+        limit: usize,
+    ) -> Result<(Attr, Vec<DirEntry>, bool), MetaError> {
+        let attr = node.attr.unwrap_or_default();
         let t = self.txn.open_table(DIRENTS).map_err(storage)?;
         let mut out = Vec::new();
         let mut more = false;
@@ -419,7 +429,8 @@ impl State {
         {
             let mut inodes = txn.open_table(INODES)?;
             if inodes.get(ROOT)?.is_none() {
-                let root = Inode { attr: Some(new_attr(ROOT, InodeKind::Directory, 0o755, 0, 0, 0)), extents: vec![] };
+                let attr = Some(new_attr(ROOT, InodeKind::Directory, 0o755, 0, 0, 0));
+                let root = Inode { attr, parent: ROOT, ..Default::default() };
                 inodes.insert(ROOT, root.encode_to_vec().as_slice())?;
             }
             txn.open_table(DIRENTS)?;
@@ -519,6 +530,7 @@ fn request_id(cmd: &Command) -> Option<(u64, u64)> {
         Some(Op::SetMaster(m)) => m.request.as_ref(),
         Some(Op::SetRepairLimits(r)) => r.id.as_ref(),
         Some(Op::Drain(r)) => r.request.as_ref(),
+        Some(Op::Node(r)) => r.id.as_ref(),
         _ => None,
     }?;
     (id.client != 0).then_some((id.client, id.seq))
@@ -570,6 +582,7 @@ fn apply_one(w: &mut Writer<'_>, cmd: &Command) -> Result<command_result::Result
         Some(Op::CommitFile(req)) => commit_file(w, req, t).map(command_result::Result::Attr),
         Some(Op::Rename(req)) => rename(w, req, t).map(|_| command_result::Result::Done(Empty {})),
         Some(Op::Remove(req)) => remove(w, req, t).map(|_| command_result::Result::Done(Empty {})),
+        Some(Op::Node(req)) => nodes::node_op(w, req, t),
         Some(Op::RegisterChunkserver(info)) => {
             w.chunkservers.insert(info.id, info.encode_to_vec().as_slice()).map_err(storage)?;
             Ok(command_result::Result::Done(Empty {}))
@@ -658,7 +671,7 @@ fn mkdir(w: &mut Writer<'_>, req: &MkdirRequest, t: i64) -> Result<Attr, MetaErr
                 // fail any more, so the command stays atomic.
                 let id = w.alloc_inode()?;
                 let attr = new_attr(id, InodeKind::Directory, req.mode, req.uid, req.gid, t);
-                w.put_inode(id, &Inode { attr: Some(attr.clone()), extents: vec![] })?;
+                w.put_inode(id, &Inode { attr: Some(attr.clone()), parent: dir, ..Default::default() })?;
                 w.dirents.insert((dir, *name), id).map_err(storage)?;
                 w.add_link_count(dir, 1, t)?;
                 if last {
@@ -700,7 +713,13 @@ fn commit_file(w: &mut Writer<'_>, req: &CommitFileRequest, t: i64) -> Result<At
             w.dirents.insert((parent, *name), id).map_err(storage)?;
             w.add_counter(FILES, 1)?;
             w.add_link_count(parent, 0, t)?;
-            (id, Inode { attr: Some(new_attr(id, InodeKind::File, req.mode, req.uid, req.gid, t)), extents: vec![] })
+            (
+                id,
+                Inode {
+                    attr: Some(new_attr(id, InodeKind::File, req.mode, req.uid, req.gid, t)),
+                    ..Default::default()
+                },
+            )
         }
     };
     w.chunk_refs(&req.extents, req.replication, 1)?;
@@ -723,39 +742,15 @@ fn rename(w: &mut Writer<'_>, req: &RenameRequest, t: i64) -> Result<(), MetaErr
     let (Some((sname, sparent)), Some((dname, dparent))) = (src.split_last(), dst.split_last()) else {
         return Err(MetaError::InvalidArgument("cannot rename the root directory".into()));
     };
+    // Errors in the order the path names them: the source first, then where it would go.
     let sdir = w.resolve_dir(sparent)?;
     let sid = w.child(sdir, sname)?.ok_or_else(|| MetaError::NotFound(req.src.clone()))?;
-    let snode = w.inode(sid)?.ok_or_else(|| MetaError::Internal(anyhow::anyhow!("dangling entry")))?;
-    let src_is_dir = kind(&snode) == InodeKind::Directory;
-    if src == dst {
-        return Ok(());
-    }
+    let src_is_dir = w.inode(sid)?.is_some_and(|n| kind(&n) == InodeKind::Directory);
     if src_is_dir && dst.len() > src.len() && dst[..src.len()] == src[..] {
         return Err(MetaError::InvalidArgument(format!("cannot move {} into its own subtree {}", req.src, req.dst)));
     }
     let ddir = w.resolve_dir(dparent)?;
-    if let Some(did) = w.child(ddir, dname)? {
-        let dnode = w.inode(did)?.ok_or_else(|| MetaError::Internal(anyhow::anyhow!("dangling entry")))?;
-        let dst_is_dir = kind(&dnode) == InodeKind::Directory;
-        match (src_is_dir, dst_is_dir) {
-            (true, false) => return Err(MetaError::NotADirectory(req.dst.clone())),
-            (false, true) => return Err(MetaError::IsADirectory(req.dst.clone())),
-            (true, true) if w.has_children(did)? => return Err(MetaError::NotEmpty(req.dst.clone())),
-            _ => {}
-        }
-        w.dirents.remove((ddir, *dname)).map_err(storage)?;
-        if dst_is_dir {
-            w.add_link_count(ddir, -1, t)?;
-        }
-        w.release(did, &dnode)?;
-    }
-    w.dirents.remove((sdir, *sname)).map_err(storage)?;
-    w.dirents.insert((ddir, *dname), sid).map_err(storage)?;
-    w.add_link_count(sdir, if src_is_dir { -1 } else { 0 }, t)?;
-    w.add_link_count(ddir, if src_is_dir { 1 } else { 0 }, t)?;
-    let mut snode = snode;
-    snode.attr.get_or_insert_default().ctime_ns = t;
-    w.put_inode(sid, &snode)
+    nodes::rename_at(w, (sdir, sname, &req.src), (ddir, dname, &req.dst), nodes::Replace::Allowed, t)
 }
 
 fn remove(w: &mut Writer<'_>, req: &RemoveRequest, t: i64) -> Result<(), MetaError> {
@@ -782,10 +777,13 @@ fn remove(w: &mut Writer<'_>, req: &RemoveRequest, t: i64) -> Result<(), MetaErr
                 stack.push((cid, child));
             }
         }
-        w.release(id, &node)?;
+        nodes::drop_link(w, id, node, false, t)?;
     }
     Ok(())
 }
+
+mod nodes;
+pub use nodes::{check_entry_name, check_xattr_name, XATTR_VALUE_MAX};
 
 #[cfg(test)]
 mod tests;

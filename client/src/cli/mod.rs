@@ -143,6 +143,10 @@ pub async fn stat(args: &StatArgs) -> Result<()> {
         InodeKind::Directory => "directory",
         InodeKind::File => "file",
         InodeKind::Symlink => "symlink",
+        InodeKind::Fifo => "fifo",
+        InodeKind::Socket => "socket",
+        InodeKind::CharDevice => "character device",
+        InodeKind::BlockDevice => "block device",
         InodeKind::Unspecified => "unknown",
     };
     if args.json {

@@ -129,6 +129,7 @@ fn with_id(mut op: Op, client: u64, seq: u64) -> Op {
         Op::Remove(r) => r.id = id,
         Op::SetRepairLimits(r) => r.id = id,
         Op::Drain(r) => r.request = id,
+        Op::Node(r) => r.id = id,
         Op::RegisterChunkserver(_) | Op::SetMaster(_) => {}
     }
     op
@@ -211,4 +212,119 @@ fn chunk_goals_name_referenced_chunks_only() {
     assert_eq!(goals, vec![Some(3), None]);
     run(&s, 2, Op::Remove(RemoveRequest { path: "/f".into(), recursive: false, id: None })).unwrap();
     assert_eq!(s.reader().unwrap().chunk_goals(&[[1u8; 32]]).unwrap(), vec![None]);
+}
+
+// ---------------------------------------------------------------- operations by inode
+
+use cairn_proto::v1::{node_request, LinkNode, MakeNode, NodeRequest, ReleaseNode, RenameNode, UnlinkNode};
+
+fn node(op: node_request::Op) -> Op {
+    Op::Node(NodeRequest { op: Some(op), id: None })
+}
+
+fn make(parent: u64, name: &str, kind: InodeKind) -> Op {
+    node(node_request::Op::Make(MakeNode {
+        parent,
+        name: name.into(),
+        kind: kind as i32,
+        mode: 0o644,
+        replication: 3,
+        symlink_target: "target".into(),
+        ..Default::default()
+    }))
+}
+
+fn ino(r: Result<command_result::Result, ErrorCode>) -> u64 {
+    match r.unwrap() {
+        command_result::Result::Attr(a) => a.inode,
+        other => panic!("no attr: {other:?}"),
+    }
+}
+
+fn rename(parent: u64, name: &str, new_parent: u64, new_name: &str, no_replace: bool, exchange: bool) -> Op {
+    node(node_request::Op::Rename(RenameNode {
+        parent,
+        name: name.into(),
+        new_parent,
+        new_name: new_name.into(),
+        no_replace,
+        exchange,
+    }))
+}
+
+fn unlink(parent: u64, name: &str, directory: bool, keep: bool) -> Op {
+    node(node_request::Op::Unlink(UnlinkNode { parent, name: name.into(), directory, keep }))
+}
+
+#[test]
+fn hard_links_keep_a_file_until_its_last_name_goes() {
+    let (_d, s) = open();
+    let f = ino(run(&s, 1, make(ROOT, "f", InodeKind::File)));
+    let d = ino(run(&s, 2, make(ROOT, "d", InodeKind::Directory)));
+    let link = |name: &str| node(node_request::Op::Link(LinkNode { inode: f, parent: d, name: name.into() }));
+    run(&s, 3, link("g")).unwrap();
+    assert_eq!(s.reader().unwrap().getattr(f).unwrap().nlink, 2);
+    assert_eq!(run(&s, 4, link("g")), Err(ErrorCode::AlreadyExists));
+    let to_dir = node(node_request::Op::Link(LinkNode { inode: d, parent: ROOT, name: "d2".into() }));
+    assert_eq!(run(&s, 5, to_dir), Err(ErrorCode::NotPermitted));
+    run(&s, 6, unlink(ROOT, "f", false, false)).unwrap();
+    let r = s.reader().unwrap();
+    assert_eq!(r.getattr(f).unwrap().nlink, 1);
+    assert_eq!(r.lookup(d, "g").unwrap().inode, f);
+    assert_eq!(r.files().unwrap(), 1);
+    // rm -r of the directory drops the last name.
+    run(&s, 7, Op::Remove(RemoveRequest { path: "/d".into(), recursive: true, id: None })).unwrap();
+    assert!(s.reader().unwrap().getattr(f).is_err());
+    assert_eq!(s.reader().unwrap().files().unwrap(), 0);
+}
+
+#[test]
+fn an_open_file_outlives_its_last_name_until_released() {
+    let (_d, s) = open();
+    let f = ino(run(&s, 1, make(ROOT, "f", InodeKind::File)));
+    run(&s, 2, unlink(ROOT, "f", false, true)).unwrap();
+    let r = s.reader().unwrap();
+    assert_eq!(r.getattr(f).unwrap().nlink, 0);
+    assert!(r.lookup(ROOT, "f").is_err());
+    run(&s, 3, node(node_request::Op::Release(ReleaseNode { inode: f }))).unwrap();
+    assert!(s.reader().unwrap().getattr(f).is_err());
+}
+
+#[test]
+fn unlink_and_rmdir_refuse_the_wrong_kind() {
+    let (_d, s) = open();
+    let d = ino(run(&s, 1, make(ROOT, "d", InodeKind::Directory)));
+    run(&s, 2, make(d, "f", InodeKind::File)).unwrap();
+    assert_eq!(run(&s, 3, unlink(ROOT, "d", false, false)), Err(ErrorCode::IsADirectory));
+    assert_eq!(run(&s, 4, unlink(d, "f", true, false)), Err(ErrorCode::NotADirectory));
+    assert_eq!(run(&s, 5, unlink(ROOT, "d", true, false)), Err(ErrorCode::NotEmpty));
+    assert_eq!(run(&s, 6, make(ROOT, &"x".repeat(256), InodeKind::File)), Err(ErrorCode::NameTooLong));
+    run(&s, 7, unlink(d, "f", false, false)).unwrap();
+    run(&s, 8, unlink(ROOT, "d", true, false)).unwrap();
+    assert_eq!(s.reader().unwrap().getattr(ROOT).unwrap().nlink, 2);
+}
+
+#[test]
+fn renames_exchange_refuse_replacing_and_never_move_a_directory_into_itself() {
+    let (_d, s) = open();
+    let a = ino(run(&s, 1, make(ROOT, "a", InodeKind::Directory)));
+    let b = ino(run(&s, 2, make(a, "b", InodeKind::Directory)));
+    let f = ino(run(&s, 3, make(ROOT, "f", InodeKind::File)));
+    assert_eq!(run(&s, 4, rename(ROOT, "a", b, "x", false, false)), Err(ErrorCode::InvalidArgument));
+    assert_eq!(run(&s, 5, rename(ROOT, "a", a, "x", false, false)), Err(ErrorCode::InvalidArgument));
+    // The same through paths, with a directory made by mkdir -p.
+    run(&s, 6, mkdir("/p/q/r", true)).unwrap();
+    let into = Op::Rename(RenameRequest { src: "/p".into(), dst: "/p/q/r/p".into(), id: None });
+    assert_eq!(run(&s, 7, into), Err(ErrorCode::InvalidArgument));
+    assert_eq!(run(&s, 8, rename(ROOT, "f", a, "b", true, false)), Err(ErrorCode::AlreadyExists));
+    // Exchange a file and a directory across directories: link counts follow.
+    run(&s, 9, rename(ROOT, "f", a, "b", false, true)).unwrap();
+    let r = s.reader().unwrap();
+    assert_eq!(r.lookup(ROOT, "f").unwrap().inode, b);
+    assert_eq!(r.lookup(a, "b").unwrap().inode, f);
+    assert_eq!(r.getattr(a).unwrap().nlink, 2);
+    assert_eq!(r.getattr(ROOT).unwrap().nlink, 5); // a, p, and now the directory f
+                                                   // b now lives in the root: moving a below it is fine, moving b below a... is too.
+    run(&s, 10, rename(ROOT, "a", b, "a", false, false)).unwrap();
+    assert_eq!(run(&s, 11, rename(ROOT, "f", b, "z", false, false)), Err(ErrorCode::InvalidArgument));
 }

@@ -1,0 +1,112 @@
+//! Inode-addressed calls for the FUSE mount: lookups, attributes, directory pages, namespace
+//! mutations by inode, and the chunk-level reads and uploads the mount's write-back cache uses.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cairn_proto::v1::{self as pb, node_request, Attr, DirEntry, Extent, ExtentLocation};
+
+use crate::{Client, Error, Result, LOCATION_WAIT};
+
+impl Client {
+    pub async fn lookup(&self, parent: u64, name: &str) -> Result<Attr> {
+        let name = name.to_string();
+        let r = self
+            .inner
+            .masters
+            .call(|mut c| {
+                let req = pb::LookupRequest { parent, name: name.clone() };
+                async move { c.lookup(req).await }
+            })
+            .await?;
+        r.attr.ok_or_else(|| Error::Internal("lookup returned no attributes".into()))
+    }
+
+    pub async fn getattr(&self, inode: u64) -> Result<Attr> {
+        let r = self.inner.masters.call(|mut c| async move { c.get_attr(pb::InodeRequest { inode }).await }).await?;
+        r.attr.ok_or_else(|| Error::Internal("getattr returned no attributes".into()))
+    }
+
+    /// Every entry of the directory `inode`, all pages.
+    pub async fn readdir(&self, inode: u64) -> Result<Vec<DirEntry>> {
+        let mut out = Vec::new();
+        let mut start_after = String::new();
+        loop {
+            let s = start_after.clone();
+            let r = self
+                .inner
+                .masters
+                .call(|mut c| {
+                    let req = pb::ReadDirRequest { inode, start_after: s.clone(), limit: crate::LIST_PAGE };
+                    async move { c.read_dir(req).await }
+                })
+                .await?;
+            if let Some(last) = r.entries.last() {
+                start_after = last.name.clone();
+            }
+            out.extend(r.entries);
+            if !r.more {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// A regular file's attributes and extents with their replicas. After a master restart it
+    /// waits (up to a bound) until every chunk has a known replica again.
+    pub async fn open_inode(&self, inode: u64) -> Result<pb::OpenFileResponse> {
+        let t0 = Instant::now();
+        loop {
+            let r =
+                self.inner.masters.call(|mut c| async move { c.open_inode(pb::InodeRequest { inode }).await }).await?;
+            match r.extents.iter().find(|e| e.replicas.is_empty()) {
+                None => return Ok(r),
+                Some(e) if t0.elapsed() > LOCATION_WAIT => {
+                    return Err(Error::ChunkUnavailable {
+                        hash: hex::encode(e.extent.as_ref().map(|x| x.hash.as_slice()).unwrap_or_default()),
+                        reason: "no live replica is known".into(),
+                    })
+                }
+                Some(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
+        }
+    }
+
+    pub async fn xattrs(&self, inode: u64) -> Result<BTreeMap<String, Vec<u8>>> {
+        let r = self.inner.masters.call(|mut c| async move { c.get_xattrs(pb::InodeRequest { inode }).await }).await?;
+        Ok(r.xattrs)
+    }
+
+    /// One namespace mutation by inode. Returns the attributes of the node it made or changed
+    /// (none for unlink, rename and xattr changes).
+    pub async fn node(&self, op: node_request::Op) -> Result<Option<Attr>> {
+        let req = pb::NodeRequest { op: Some(op), id: self.next_id() };
+        let r = self
+            .inner
+            .masters
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.node(req).await }
+            })
+            .await?;
+        Ok(r.attr)
+    }
+
+    /// [`Client::node`] for operations that answer with attributes.
+    pub async fn node_attr(&self, op: node_request::Op) -> Result<Attr> {
+        self.node(op).await?.ok_or_else(|| Error::Internal("the master returned no attributes".into()))
+    }
+
+    /// Stores one chunk on `replication` chunkservers (unless the cluster holds it already) and
+    /// returns its extent, ready to be committed.
+    pub async fn upload(&self, chunk: Bytes, replication: u32) -> Result<Extent> {
+        self.upload_chunk(chunk, replication).await
+    }
+
+    /// Bytes `[from, to)` of one extent, from the first replica that serves them correctly. A
+    /// whole chunk is verified against its hash here; a range by the chunkserver.
+    pub async fn read_extent(&self, loc: &ExtentLocation, from: u64, to: u64) -> Result<Bytes> {
+        let ext = loc.extent.as_ref().ok_or_else(|| Error::Internal("extent location without extent".into()))?;
+        self.read_piece(&loc.replicas, ext, from, to).await
+    }
+}

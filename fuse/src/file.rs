@@ -1,0 +1,446 @@
+//! The content of one open file as the mount sees it: the committed extents, with the chunks an
+//! application changed held in memory (copy-on-write, one chunk at a time) or uploading in the
+//! background. Nothing is visible to other clients until [`FileState::sync`] commits the new
+//! extent list in one metadata call (close, fsync): readers elsewhere see the old content or the
+//! new, never a mix (close-to-open consistency, as NFS gives).
+//!
+//! Memory is bounded per file: a chunk that is not being written any more starts uploading at
+//! once, and a writer waits when [`MAX_UPLOADS`] chunks of its file are still on their way.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use cairn_client::{Client, Error, Result};
+use cairn_proto::v1::{node_request, Attr, CommitNode, Extent, ExtentLocation};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+
+use crate::cache::ChunkCache;
+
+/// Largest chunk the mount writes (the cluster's maximum).
+pub const CHUNK: usize = cairn_proto::MAX_CHUNK as usize;
+/// Chunks of one file uploading at once before its writer waits.
+const MAX_UPLOADS: usize = 8;
+
+/// What every open file shares.
+pub struct Ctx {
+    pub client: Client,
+    pub cache: Arc<ChunkCache>,
+    pub replication: u32,
+    /// Uploads in flight over all files: bounds the mount's memory for written data.
+    pub uploads: Arc<Semaphore>,
+}
+
+enum Seg {
+    /// A stored chunk. Replicas are unknown (empty) for one this mount uploaded and that was not
+    /// read back since: its bytes are in the cache, or the file is committed and looked up again.
+    Clean(ExtentLocation),
+    Dirty(BytesMut),
+    Uploading(Bytes, JoinHandle<Result<Extent>>),
+}
+
+impl Seg {
+    fn len(&self) -> u64 {
+        match self {
+            Seg::Clean(l) => l.extent.as_ref().map_or(0, |e| e.length),
+            Seg::Dirty(b) => b.len() as u64,
+            Seg::Uploading(b, _) => b.len() as u64,
+        }
+    }
+}
+
+/// One piece of a read, planned under the file's lock and fetched after it is released.
+pub enum Piece {
+    Mem(Bytes),
+    /// `[from, to)` of a stored chunk; `whole`: fetch the whole chunk (verified, cached) and cut.
+    Chunk {
+        loc: ExtentLocation,
+        from: u64,
+        to: u64,
+        whole: bool,
+    },
+}
+
+pub struct FileState {
+    pub ino: u64,
+    pub attr: Attr,
+    segs: Vec<Seg>,
+    loaded: bool,
+    pub dirty: bool,
+    /// The chunk the latest write went to: it stays in memory while the writer is on it.
+    last_written: Option<usize>,
+}
+
+impl FileState {
+    pub fn new(attr: Attr) -> FileState {
+        FileState { ino: attr.inode, attr, segs: Vec::new(), loaded: false, dirty: false, last_written: None }
+    }
+
+    /// The file's size including changes not yet committed.
+    pub fn size(&self) -> u64 {
+        if self.loaded {
+            self.segs.iter().map(Seg::len).sum()
+        } else {
+            self.attr.size
+        }
+    }
+
+    /// Attributes as this mount sees them (size with uncommitted writes).
+    pub fn local_attr(&self) -> Attr {
+        let mut a = self.attr.clone();
+        a.size = self.size();
+        a
+    }
+
+    async fn load(&mut self, ctx: &Ctx) -> Result<()> {
+        if self.loaded {
+            return Ok(());
+        }
+        let r = ctx.client.open_inode(self.ino).await?;
+        if let Some(a) = r.attr {
+            self.attr = a;
+        }
+        self.segs = r.extents.into_iter().map(Seg::Clean).collect();
+        self.loaded = true;
+        Ok(())
+    }
+
+    /// Forgets the extents when the masters have a newer version (another client's commit): they
+    /// are looked up again when needed. An older answer (raced by this mount's own commit) changes
+    /// nothing.
+    pub fn invalidate(&mut self, attr: Attr) {
+        if !self.dirty && attr.version > self.attr.version {
+            self.attr = attr;
+            self.loaded = false;
+            self.segs.clear();
+            self.last_written = None;
+        }
+    }
+
+    fn find(&self, pos: u64) -> (usize, usize) {
+        let mut start = 0;
+        for (i, s) in self.segs.iter().enumerate() {
+            let len = s.len();
+            if pos < start + len {
+                return (i, (pos - start) as usize);
+            }
+            start += len;
+        }
+        (self.segs.len(), 0)
+    }
+
+    /// Makes sure seg `i` (a stored chunk) has known replicas, committing and looking the file
+    /// up again if it was uploaded by this mount and its bytes left the cache.
+    async fn locate(&mut self, ctx: &Ctx, i: usize) -> Result<()> {
+        let needs = matches!(&self.segs[i], Seg::Clean(l) if l.replicas.is_empty()
+            && ctx.cache.get(&l.extent.as_ref().map(|e| e.hash.clone()).unwrap_or_default()).is_none());
+        if needs {
+            self.sync(ctx).await?;
+            self.loaded = false;
+            self.load(ctx).await?;
+            if i >= self.segs.len() {
+                return Err(Error::Internal("the file changed under this mount".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The whole chunk of seg `i` (a stored chunk), from the cache or a replica.
+    async fn chunk_bytes(&mut self, ctx: &Ctx, i: usize) -> Result<Bytes> {
+        self.locate(ctx, i).await?;
+        let Seg::Clean(loc) = &self.segs[i] else {
+            return Err(Error::Internal("chunk_bytes on a chunk in memory".into()));
+        };
+        fetch_whole(ctx, loc).await
+    }
+
+    /// Turns seg `i` into bytes in memory that writes can change.
+    async fn make_dirty(&mut self, ctx: &Ctx, i: usize) -> Result<()> {
+        let buf = match &mut self.segs[i] {
+            Seg::Dirty(_) => return Ok(()),
+            Seg::Uploading(data, task) => {
+                task.abort();
+                BytesMut::from(&data[..])
+            }
+            Seg::Clean(_) => BytesMut::from(&self.chunk_bytes(ctx, i).await?[..]),
+        };
+        self.segs[i] = Seg::Dirty(buf);
+        Ok(())
+    }
+
+    /// Appends from `data` to the end of the file; returns how many bytes it took.
+    async fn append(&mut self, ctx: &Ctx, data: &[u8]) -> Result<usize> {
+        let last = self.segs.len().checked_sub(1);
+        if let Some(i) = last {
+            if self.segs[i].len() < CHUNK as u64 {
+                self.make_dirty(ctx, i).await?;
+                if let Seg::Dirty(buf) = &mut self.segs[i] {
+                    let n = data.len().min(CHUNK - buf.len());
+                    buf.extend_from_slice(&data[..n]);
+                    self.last_written = Some(i);
+                    return Ok(n);
+                }
+            }
+        }
+        let n = data.len().min(CHUNK);
+        let mut buf = BytesMut::with_capacity(n);
+        buf.extend_from_slice(&data[..n]);
+        self.segs.push(Seg::Dirty(buf));
+        self.last_written = Some(self.segs.len() - 1);
+        Ok(n)
+    }
+
+    async fn append_zeros(&mut self, ctx: &Ctx, mut n: u64) -> Result<()> {
+        let zeros = vec![0u8; (n as usize).min(CHUNK)];
+        while n > 0 {
+            let take = (n as usize).min(zeros.len());
+            n -= self.append(ctx, &zeros[..take]).await? as u64;
+        }
+        Ok(())
+    }
+
+    pub async fn write(&mut self, ctx: &Ctx, off: u64, data: &[u8]) -> Result<()> {
+        self.load(ctx).await?;
+        let mut size = self.size();
+        if off > size {
+            self.append_zeros(ctx, off - size).await?;
+            size = off;
+        }
+        let (mut pos, mut rest) = (off, data);
+        while !rest.is_empty() {
+            let n = if pos == size {
+                let n = self.append(ctx, rest).await?;
+                size += n as u64;
+                n
+            } else {
+                let (i, inner) = self.find(pos);
+                self.make_dirty(ctx, i).await?;
+                let Seg::Dirty(buf) = &mut self.segs[i] else { unreachable!("made dirty above") };
+                let n = rest.len().min(buf.len() - inner);
+                buf[inner..inner + n].copy_from_slice(&rest[..n]);
+                self.last_written = Some(i);
+                n
+            };
+            pos += n as u64;
+            rest = &rest[n..];
+        }
+        self.dirty = true;
+        self.upload_behind(ctx);
+        self.limit_uploads(ctx).await
+    }
+
+    /// Starts uploading every chunk in memory except the one being written and a last chunk
+    /// that is not full yet.
+    fn upload_behind(&mut self, ctx: &Ctx) {
+        let last = self.segs.len().saturating_sub(1);
+        for i in 0..self.segs.len() {
+            let keep = Some(i) == self.last_written || (i == last && self.segs[i].len() < CHUNK as u64);
+            if !keep {
+                self.start_upload(ctx, i);
+            }
+        }
+    }
+
+    fn start_upload(&mut self, ctx: &Ctx, i: usize) {
+        if !matches!(self.segs[i], Seg::Dirty(_)) {
+            return;
+        }
+        let Seg::Dirty(buf) = std::mem::replace(&mut self.segs[i], Seg::Dirty(BytesMut::new())) else { return };
+        let data = buf.freeze();
+        let (client, cache, sem, replication) =
+            (ctx.client.clone(), ctx.cache.clone(), ctx.uploads.clone(), ctx.replication);
+        let d = data.clone();
+        let task = tokio::spawn(async move {
+            let _permit = sem.acquire_owned().await.map_err(|_| Error::Internal("mount shutting down".into()))?;
+            let ext = client.upload(d.clone(), replication).await?;
+            cache.insert(&ext.hash, d);
+            Ok(ext)
+        });
+        self.segs[i] = Seg::Uploading(data, task);
+    }
+
+    /// Waits for the oldest uploads while too many of this file's chunks are in flight.
+    async fn limit_uploads(&mut self, ctx: &Ctx) -> Result<()> {
+        loop {
+            let uploading: Vec<usize> =
+                (0..self.segs.len()).filter(|&i| matches!(self.segs[i], Seg::Uploading(..))).collect();
+            if uploading.len() <= MAX_UPLOADS {
+                return Ok(());
+            }
+            self.finish(ctx, uploading[0]).await?;
+        }
+    }
+
+    /// Waits for seg `i`'s upload. A failed upload keeps its bytes in memory for the next try.
+    async fn finish(&mut self, _ctx: &Ctx, i: usize) -> Result<()> {
+        let Seg::Uploading(data, _) = &self.segs[i] else { return Ok(()) };
+        let data = data.clone();
+        let Seg::Uploading(_, task) = std::mem::replace(&mut self.segs[i], Seg::Dirty(BytesMut::new())) else {
+            unreachable!("matched above")
+        };
+        match task.await {
+            Ok(Ok(extent)) => {
+                self.segs[i] = Seg::Clean(ExtentLocation { extent: Some(extent), offset: 0, replicas: vec![] });
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                self.segs[i] = Seg::Dirty(BytesMut::from(&data[..]));
+                Err(e)
+            }
+            Err(e) => {
+                self.segs[i] = Seg::Dirty(BytesMut::from(&data[..]));
+                Err(Error::Internal(format!("upload task: {e}")))
+            }
+        }
+    }
+
+    /// Cuts or extends the file (zeros) to `size`; committed by the next [`FileState::sync`].
+    pub async fn truncate(&mut self, ctx: &Ctx, size: u64) -> Result<()> {
+        self.load(ctx).await?;
+        let cur = self.size();
+        if size > cur {
+            self.append_zeros(ctx, size - cur).await?;
+        } else if size < cur {
+            let (i, inner) = self.find(size);
+            if inner == 0 {
+                self.drop_from(i);
+            } else {
+                self.make_dirty(ctx, i).await?;
+                if let Seg::Dirty(buf) = &mut self.segs[i] {
+                    buf.truncate(inner);
+                }
+                self.drop_from(i + 1);
+            }
+        }
+        self.dirty = true;
+        self.last_written = None;
+        Ok(())
+    }
+
+    /// posix_fallocate: the file grows to at least `end` (unless `keep_size`); either way the
+    /// next sync commits, which updates its times.
+    pub async fn allocate(&mut self, ctx: &Ctx, end: u64, keep_size: bool) -> Result<()> {
+        self.load(ctx).await?;
+        let cur = self.size();
+        if end > cur && !keep_size {
+            self.append_zeros(ctx, end - cur).await?;
+        }
+        self.dirty = true;
+        Ok(())
+    }
+
+    fn drop_from(&mut self, i: usize) {
+        for s in self.segs.drain(i..) {
+            if let Seg::Uploading(_, task) = s {
+                task.abort();
+            }
+        }
+    }
+
+    /// Uploads what is in memory and commits the extent list. Returns the committed attributes.
+    pub async fn sync(&mut self, ctx: &Ctx) -> Result<Attr> {
+        if !self.dirty {
+            return Ok(self.attr.clone());
+        }
+        for i in 0..self.segs.len() {
+            self.start_upload(ctx, i);
+        }
+        let mut first_err = None;
+        for i in 0..self.segs.len() {
+            if let Err(e) = self.finish(ctx, i).await {
+                first_err.get_or_insert(e);
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        let extents: Vec<Extent> = self
+            .segs
+            .iter()
+            .filter_map(|s| match s {
+                Seg::Clean(l) => l.extent.clone(),
+                _ => None,
+            })
+            .collect();
+        let attr = ctx.client.node_attr(node_request::Op::Commit(CommitNode { inode: self.ino, extents })).await?;
+        self.attr = attr.clone();
+        self.dirty = false;
+        self.last_written = None;
+        Ok(attr)
+    }
+
+    /// Plans a read of `[off, off + len)`: bytes in memory now, stored chunks to fetch after the
+    /// lock is released. `sequential`: fetch whole chunks (they are cached for the next reads).
+    pub async fn plan_read(&mut self, ctx: &Ctx, off: u64, len: u64, sequential: bool) -> Result<Vec<Piece>> {
+        self.load(ctx).await?;
+        let end = (off + len).min(self.size());
+        let mut out = Vec::new();
+        let mut start = 0u64;
+        let mut i = 0;
+        while i < self.segs.len() && start < end {
+            let slen = self.segs[i].len();
+            let (s, e) = (start, start + slen);
+            if e > off {
+                let from = off.max(s) - s;
+                let to = end.min(e) - s;
+                match &self.segs[i] {
+                    Seg::Dirty(b) => out.push(Piece::Mem(Bytes::copy_from_slice(&b[from as usize..to as usize]))),
+                    Seg::Uploading(b, _) => out.push(Piece::Mem(b.slice(from as usize..to as usize))),
+                    Seg::Clean(_) => {
+                        self.locate(ctx, i).await?;
+                        let Seg::Clean(loc) = &self.segs[i] else {
+                            return Err(Error::Internal("chunk changed while reading".into()));
+                        };
+                        let whole = sequential || (to - from) * 4 >= slen || loc.replicas.is_empty();
+                        out.push(Piece::Chunk { loc: loc.clone(), from, to, whole });
+                    }
+                }
+            }
+            start = e;
+            i += 1;
+        }
+        Ok(out)
+    }
+
+    /// The stored chunk after the one holding `pos`, to read ahead.
+    pub fn next_chunk(&self, pos: u64) -> Option<ExtentLocation> {
+        let (i, _) = self.find(pos);
+        match self.segs.get(i + 1) {
+            Some(Seg::Clean(l)) if !l.replicas.is_empty() => Some(l.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// A whole chunk from the cache, or from a replica (verified against its hash, then cached).
+pub async fn fetch_whole(ctx: &Ctx, loc: &ExtentLocation) -> Result<Bytes> {
+    let ext = loc.extent.as_ref().ok_or_else(|| Error::Internal("extent location without extent".into()))?;
+    if let Some(b) = ctx.cache.get(&ext.hash) {
+        return Ok(b);
+    }
+    let b = ctx.client.read_extent(loc, 0, ext.length).await?;
+    ctx.cache.insert(&ext.hash, b.clone());
+    Ok(b)
+}
+
+/// Fetches the pieces of a planned read and joins them.
+pub async fn fetch(ctx: &Ctx, pieces: Vec<Piece>) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    for p in pieces {
+        match p {
+            Piece::Mem(b) => out.extend_from_slice(&b),
+            Piece::Chunk { loc, from, to, whole: true } => {
+                let b = fetch_whole(ctx, &loc).await?;
+                out.extend_from_slice(&b[from as usize..to as usize]);
+            }
+            Piece::Chunk { loc, from, to, whole: false } => {
+                let hash = loc.extent.as_ref().map(|e| e.hash.clone()).unwrap_or_default();
+                match ctx.cache.get(&hash) {
+                    Some(b) => out.extend_from_slice(&b[from as usize..to as usize]),
+                    None => out.extend_from_slice(&ctx.client.read_extent(&loc, from, to).await?),
+                }
+            }
+        }
+    }
+    Ok(out)
+}

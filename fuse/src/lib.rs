@@ -1,0 +1,984 @@
+//! The Cairn FUSE mount: a POSIX file system over the client library.
+//!
+//! Every request is answered from a task on the client's tokio runtime, so slow calls (a chunk
+//! fetch, a commit) never hold up the others. Inode numbers are the masters' inode ids, stable
+//! for the life of a file. Permissions are checked by the kernel from the mode, uid and gid the
+//! namespace keeps (`default_permissions`).
+//!
+//! Consistency is close-to-open, as NFS gives: writes collect per open file (see [`file`]) and
+//! are committed atomically on flush (close), fsync, or a change of size; an open that finds a
+//! new version of the file drops the kernel's cached pages, and one that finds the same version
+//! keeps them. Attributes and entries are cached by the kernel for [`MountOptions::attr_ttl`].
+
+mod cache;
+mod file;
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use cairn_client::{Client, Error};
+use cairn_proto::v1::{
+    node_request::Op, Attr, InodeKind, LinkNode, MakeNode, ReleaseNode, RemoveXattr, RenameNode, SetAttrNode, SetXattr,
+    UnlinkNode,
+};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, OpenFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+};
+use tokio::runtime::Handle;
+use tokio::sync::Mutex as AsyncMutex;
+
+use file::{Ctx, FileState};
+
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    /// Replication of files created through the mount.
+    pub replication: u32,
+    /// How long the kernel may trust attributes and directory entries.
+    pub attr_ttl: Duration,
+    /// Bytes of whole chunks kept in memory for reads.
+    pub cache_bytes: usize,
+    /// Chunks uploading at once over all open files.
+    pub uploads: usize,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions { replication: 3, attr_ttl: Duration::from_secs(1), cache_bytes: 256 << 20, uploads: 32 }
+    }
+}
+
+/// Mounts `fs` at `mountpoint` and serves it from a background thread until the returned session
+/// is dropped or unmounted.
+pub fn mount_fs(fs: CairnFs, mountpoint: &Path) -> std::io::Result<fuser::BackgroundSession> {
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::FSName("cairn".into()),
+        fuser::MountOption::Subtype("cairn".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::Dev,
+        fuser::MountOption::Suid,
+    ];
+    config.acl = fuser::SessionACL::All;
+    fuser::spawn_mount(fs, mountpoint, &config)
+}
+
+/// The errno for a client error.
+pub fn errno(e: &Error) -> Errno {
+    match e {
+        Error::NotFound(_) => Errno::ENOENT,
+        Error::AlreadyExists(_) => Errno::EEXIST,
+        Error::NotADirectory(_) => Errno::ENOTDIR,
+        Error::IsADirectory(_) => Errno::EISDIR,
+        Error::NotEmpty(_) => Errno::ENOTEMPTY,
+        Error::InvalidArgument(_) => Errno::EINVAL,
+        Error::NoAttribute(_) => Errno::from_i32(libc::ENODATA),
+        Error::NotPermitted(_) => Errno::EPERM,
+        Error::NameTooLong(_) => Errno::from_i32(libc::ENAMETOOLONG),
+        Error::NotEnoughChunkservers(_) => Errno::from_i32(libc::ENOSPC),
+        Error::Unavailable(_) => Errno::from_i32(libc::ETIMEDOUT),
+        Error::ChunkUnavailable { .. } | Error::Upload { .. } | Error::Io { .. } | Error::Internal(_) => Errno::EIO,
+    }
+}
+
+fn file_type(a: &Attr) -> FileType {
+    match a.kind() {
+        InodeKind::Directory => FileType::Directory,
+        InodeKind::Symlink => FileType::Symlink,
+        InodeKind::Fifo => FileType::NamedPipe,
+        InodeKind::Socket => FileType::Socket,
+        InodeKind::CharDevice => FileType::CharDevice,
+        InodeKind::BlockDevice => FileType::BlockDevice,
+        InodeKind::File | InodeKind::Unspecified => FileType::RegularFile,
+    }
+}
+
+fn time(ns: i64) -> SystemTime {
+    if ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
+    }
+}
+
+fn nanos(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as i64,
+        Err(e) => -(e.duration().as_nanos() as i64),
+    }
+}
+
+fn to_file_attr(a: &Attr) -> FileAttr {
+    let size = match a.kind() {
+        InodeKind::Directory => 4096,
+        _ => a.size,
+    };
+    FileAttr {
+        ino: INodeNo(a.inode),
+        size,
+        blocks: size.div_ceil(512),
+        atime: time(if a.atime_ns == 0 { a.mtime_ns } else { a.atime_ns }),
+        mtime: time(a.mtime_ns),
+        ctime: time(a.ctime_ns),
+        crtime: time(a.ctime_ns),
+        kind: file_type(a),
+        perm: (a.mode & 0o7777) as u16,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        blksize: 1 << 20,
+        flags: 0,
+    }
+}
+
+fn name_of(name: &OsStr) -> Result<String, Errno> {
+    let s = name.to_str().ok_or(Errno::EINVAL)?;
+    if s.len() > 255 {
+        return Err(Errno::from_i32(libc::ENAMETOOLONG));
+    }
+    Ok(s.to_string())
+}
+
+enum Fh {
+    File { ino: u64, state: Arc<AsyncMutex<FileState>>, next_read: Arc<AtomicU64> },
+    Dir { entries: Arc<Vec<(String, Attr)>> },
+}
+
+struct Open {
+    state: Arc<AsyncMutex<FileState>>,
+    handles: usize,
+}
+
+struct Inner {
+    ctx: Ctx,
+    rt: Handle,
+    opts: MountOptions,
+    handles: Mutex<HashMap<u64, Fh>>,
+    next_fh: AtomicU64,
+    /// Open files by inode, shared by every handle of the inode.
+    open: Mutex<HashMap<u64, Open>>,
+    /// The version of each file as of its last open here: an open that finds the same version
+    /// keeps the kernel's page cache.
+    versions: Mutex<HashMap<u64, u64>>,
+    /// Open files this mount unlinked while open: freed when their last handle closes.
+    orphans: Mutex<std::collections::HashSet<u64>>,
+}
+
+#[derive(Clone)]
+pub struct CairnFs {
+    inner: Arc<Inner>,
+}
+
+impl CairnFs {
+    pub fn new(client: Client, rt: Handle, opts: MountOptions) -> CairnFs {
+        let ctx = Ctx {
+            client,
+            cache: Arc::new(cache::ChunkCache::new(opts.cache_bytes)),
+            replication: opts.replication,
+            uploads: Arc::new(tokio::sync::Semaphore::new(opts.uploads.max(1))),
+        };
+        CairnFs {
+            inner: Arc::new(Inner {
+                ctx,
+                rt,
+                opts,
+                handles: Mutex::new(HashMap::new()),
+                next_fh: AtomicU64::new(1),
+                open: Mutex::new(HashMap::new()),
+                versions: Mutex::new(HashMap::new()),
+                orphans: Mutex::new(Default::default()),
+            }),
+        }
+    }
+
+    fn client(&self) -> &Client {
+        &self.inner.ctx.client
+    }
+
+    fn ttl(&self) -> Duration {
+        self.inner.opts.attr_ttl
+    }
+
+    /// Runs `f` on the runtime; its result or errno answers the request.
+    fn spawn<F>(&self, f: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.inner.rt.spawn(f);
+    }
+
+    fn open_state(&self, ino: u64) -> Option<Arc<AsyncMutex<FileState>>> {
+        self.inner.open.lock().expect("open lock").get(&ino).map(|o| o.state.clone())
+    }
+
+    /// Attributes of `ino` as this mount sees them (see [`CairnFs::fresher`]).
+    async fn attr(&self, ino: u64) -> Result<Attr, Errno> {
+        let a = self.client().getattr(ino).await.map_err(|e| errno(&e))?;
+        Ok(self.fresher(a).await)
+    }
+
+    /// `a` as the masters answered it, or this mount's own view of an open file when that is
+    /// newer: uncommitted writes, or a commit that landed after the masters answered. (A stale
+    /// size would make the kernel shrink its idea of the file, and an O_APPEND write would then
+    /// land over the last one.)
+    async fn fresher(&self, a: Attr) -> Attr {
+        let Some(st) = self.open_state(a.inode) else { return a };
+        let st = st.lock().await;
+        if st.dirty {
+            st.local_attr()
+        } else if st.attr.version > a.version {
+            st.attr.clone()
+        } else {
+            a
+        }
+    }
+
+    fn add_handle(&self, h: Fh) -> u64 {
+        let fh = self.inner.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.inner.handles.lock().expect("handles lock").insert(fh, h);
+        fh
+    }
+
+    /// A handle on `attr`'s file, sharing its state with the inode's other handles. Returns the
+    /// handle and whether the kernel may keep its cached pages.
+    fn open_file(&self, attr: &Attr) -> (u64, bool) {
+        let ino = attr.inode;
+        let state = {
+            let mut open = self.inner.open.lock().expect("open lock");
+            let o = open
+                .entry(ino)
+                .or_insert_with(|| Open { state: Arc::new(AsyncMutex::new(FileState::new(attr.clone()))), handles: 0 });
+            o.handles += 1;
+            o.state.clone()
+        };
+        let keep = {
+            let mut v = self.inner.versions.lock().expect("versions lock");
+            v.insert(ino, attr.version) == Some(attr.version)
+        };
+        let fh = self.add_handle(Fh::File { ino, state, next_read: Arc::new(AtomicU64::new(0)) });
+        (fh, keep)
+    }
+
+    fn file_handle(&self, fh: FileHandle) -> Option<(u64, Arc<AsyncMutex<FileState>>, Arc<AtomicU64>)> {
+        match self.inner.handles.lock().expect("handles lock").get(&fh.0) {
+            Some(Fh::File { ino, state, next_read }) => Some((*ino, state.clone(), next_read.clone())),
+            _ => None,
+        }
+    }
+
+    /// Commits a file's pending writes, and records the new version as this mount's own.
+    async fn sync_state(&self, state: &AsyncMutex<FileState>) -> Result<Attr, Errno> {
+        let mut st = state.lock().await;
+        let attr = st.sync(&self.inner.ctx).await.map_err(|e| {
+            tracing::warn!(inode = st.ino, "commit failed: {e}");
+            errno(&e)
+        })?;
+        self.inner.versions.lock().expect("versions lock").insert(attr.inode, attr.version);
+        Ok(attr)
+    }
+
+    /// Commits every open file with pending writes (before unmounting).
+    pub async fn sync_all(&self) -> Result<(), Errno> {
+        let states: Vec<_> = self.inner.open.lock().expect("open lock").values().map(|o| o.state.clone()).collect();
+        let mut result = Ok(());
+        for s in states {
+            if let Err(e) = self.sync_state(&s).await {
+                result = Err(e);
+            }
+        }
+        // Unlinked files still open here: nothing can reach them once the mount is gone.
+        let orphans: Vec<u64> = self.inner.orphans.lock().expect("orphans lock").drain().collect();
+        for ino in orphans {
+            if let Err(e) = self.client().node(Op::Release(ReleaseNode { inode: ino })).await {
+                tracing::warn!(inode = ino, "could not free an unlinked file: {e}");
+            }
+        }
+        result
+    }
+
+    fn make(&self, req: &Request, parent: INodeNo, name: &OsStr, kind: InodeKind, mode: u32, reply: ReplyEntry) {
+        let name = match name_of(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let op = Op::Make(MakeNode {
+            parent: parent.0,
+            name,
+            kind: kind as i32,
+            mode,
+            uid: req.uid(),
+            gid: req.gid(),
+            replication: self.inner.opts.replication,
+            ..Default::default()
+        });
+        self.entry_op(op, reply);
+    }
+
+    /// A mutation that answers with the node's entry.
+    fn entry_op(&self, op: Op, reply: ReplyEntry) {
+        let this = self.clone();
+        self.spawn(async move {
+            match this.client().node_attr(op).await {
+                Ok(a) => reply.entry(&this.ttl(), &to_file_attr(&a), Generation(0)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    /// A mutation that answers with nothing.
+    fn empty_op(&self, op: Op, reply: ReplyEmpty) {
+        let this = self.clone();
+        self.spawn(async move {
+            match this.client().node(op).await {
+                Ok(_) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    async fn dir_entries(&self, ino: u64) -> Result<Vec<(String, Attr)>, Errno> {
+        let dir = self.client().getattr(ino).await.map_err(|e| errno(&e))?;
+        if dir.kind() != InodeKind::Directory {
+            return Err(Errno::ENOTDIR);
+        }
+        let list = self.client().readdir(ino).await.map_err(|e| errno(&e))?;
+        let mut out = Vec::with_capacity(list.len() + 2);
+        out.push((".".to_string(), dir.clone()));
+        // The kernel resolves ".." itself; its inode number here is informational.
+        out.push(("..".to_string(), Attr { inode: 1, kind: InodeKind::Directory as i32, ..Default::default() }));
+        out.extend(list.into_iter().filter_map(|e| Some((e.name, e.attr?))));
+        Ok(out)
+    }
+
+    fn dir_handle(&self, fh: FileHandle) -> Option<Arc<Vec<(String, Attr)>>> {
+        match self.inner.handles.lock().expect("handles lock").get(&fh.0) {
+            Some(Fh::Dir { entries }) => Some(entries.clone()),
+            _ => None,
+        }
+    }
+}
+
+fn time_arg(t: Option<TimeOrNow>) -> (Option<i64>, bool) {
+    match t {
+        None => (None, false),
+        Some(TimeOrNow::Now) => (None, true),
+        Some(TimeOrNow::SpecificTime(t)) => (Some(nanos(t)), false),
+    }
+}
+
+impl Filesystem for CairnFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let want = fuser::InitFlags::FUSE_DO_READDIRPLUS
+            | fuser::InitFlags::FUSE_READDIRPLUS_AUTO
+            | fuser::InitFlags::FUSE_PARALLEL_DIROPS;
+        let _ = config.add_capabilities(want & config.capabilities());
+        let _ = config.set_max_readahead(4 << 20);
+        let _ = config.set_max_background(64);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let name = match name_of(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let this = self.clone();
+        self.spawn(async move {
+            match this.client().lookup(parent.0, &name).await {
+                Ok(a) => {
+                    let a = this.fresher(a).await;
+                    reply.entry(&this.ttl(), &to_file_attr(&a), Generation(0))
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let this = self.clone();
+        self.spawn(async move {
+            match this.attr(ino.0).await {
+                Ok(a) => reply.attr(&this.ttl(), &to_file_attr(&a)),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let this = self.clone();
+        self.spawn(async move {
+            let ctx = &this.inner.ctx;
+            let open = this.open_state(ino.0);
+            // Pending writes first, so that times set now are not overwritten by their commit.
+            let mut attr = None;
+            if let Some(st) = &open {
+                match this.sync_state(st).await {
+                    Ok(a) => attr = Some(a),
+                    Err(e) => return reply.error(e),
+                }
+            }
+            if let Some(size) = size {
+                let st = match &open {
+                    Some(st) => st.clone(),
+                    None => match this.client().getattr(ino.0).await {
+                        Ok(a) if a.kind() == InodeKind::Directory => return reply.error(Errno::EISDIR),
+                        Ok(a) => Arc::new(AsyncMutex::new(FileState::new(a))),
+                        Err(e) => return reply.error(errno(&e)),
+                    },
+                };
+                let mut s = st.lock().await;
+                if let Err(e) = s.truncate(ctx, size).await {
+                    return reply.error(errno(&e));
+                }
+                drop(s);
+                match this.sync_state(&st).await {
+                    Ok(a) => attr = Some(a),
+                    Err(e) => return reply.error(e),
+                }
+            }
+            let (atime_ns, atime_now) = time_arg(atime);
+            let (mtime_ns, mtime_now) = time_arg(mtime);
+            if mode.is_some() || uid.is_some() || gid.is_some() || atime.is_some() || mtime.is_some() {
+                let op =
+                    Op::SetAttr(SetAttrNode { inode: ino.0, mode, uid, gid, atime_ns, mtime_ns, atime_now, mtime_now });
+                match this.client().node_attr(op).await {
+                    Ok(a) => attr = Some(a),
+                    Err(e) => return reply.error(errno(&e)),
+                }
+            }
+            let attr = match attr {
+                Some(a) => a,
+                None => match this.attr(ino.0).await {
+                    Ok(a) => a,
+                    Err(e) => return reply.error(e),
+                },
+            };
+            if let Some(st) = &open {
+                st.lock().await.attr = attr.clone();
+            }
+            reply.attr(&this.ttl(), &to_file_attr(&attr));
+        });
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let this = self.clone();
+        self.spawn(async move {
+            match this.client().getattr(ino.0).await {
+                Ok(a) if a.kind() == InodeKind::Symlink => reply.data(a.symlink_target.as_bytes()),
+                Ok(_) => reply.error(Errno::EINVAL),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let kind = match mode & libc::S_IFMT {
+            libc::S_IFREG | 0 => InodeKind::File,
+            libc::S_IFIFO => InodeKind::Fifo,
+            libc::S_IFSOCK => InodeKind::Socket,
+            libc::S_IFCHR => InodeKind::CharDevice,
+            libc::S_IFBLK => InodeKind::BlockDevice,
+            _ => return reply.error(Errno::EINVAL),
+        };
+        let name = match name_of(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let op = Op::Make(MakeNode {
+            parent: parent.0,
+            name,
+            kind: kind as i32,
+            mode,
+            uid: req.uid(),
+            gid: req.gid(),
+            rdev,
+            replication: self.inner.opts.replication,
+            ..Default::default()
+        });
+        self.entry_op(op, reply);
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
+        self.make(req, parent, name, InodeKind::Directory, mode, reply);
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = match name_of(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let this = self.clone();
+        self.spawn(async move {
+            // A file this mount has open outlives its last name until it is closed (POSIX).
+            let any_open = !this.inner.open.lock().expect("open lock").is_empty();
+            let mut keep = None;
+            if any_open {
+                if let Ok(a) = this.client().lookup(parent.0, &name).await {
+                    if this.open_state(a.inode).is_some() {
+                        keep = Some(a.inode);
+                    }
+                }
+            }
+            let op = Op::Unlink(UnlinkNode { parent: parent.0, name, directory: false, keep: keep.is_some() });
+            match this.client().node(op).await {
+                Ok(_) => {
+                    if let Some(ino) = keep {
+                        this.inner.orphans.lock().expect("orphans lock").insert(ino);
+                        if let Some(st) = this.open_state(ino) {
+                            let mut st = st.lock().await;
+                            st.attr.nlink = st.attr.nlink.saturating_sub(1);
+                        }
+                    }
+                    reply.ok()
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match name_of(name) {
+            Ok(name) => {
+                self.empty_op(Op::Unlink(UnlinkNode { parent: parent.0, name, directory: true, keep: false }), reply)
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let (name, target) = match (name_of(link_name), target.to_str()) {
+            (Ok(n), Some(t)) => (n, t.to_string()),
+            (Err(e), _) => return reply.error(e),
+            (_, None) => return reply.error(Errno::EINVAL),
+        };
+        let op = Op::Make(MakeNode {
+            parent: parent.0,
+            name,
+            kind: InodeKind::Symlink as i32,
+            mode: 0o777,
+            uid: req.uid(),
+            gid: req.gid(),
+            symlink_target: target,
+            ..Default::default()
+        });
+        self.entry_op(op, reply);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let (name, new_name) = match (name_of(name), name_of(newname)) {
+            (Ok(a), Ok(b)) => (a, b),
+            (Err(e), _) | (_, Err(e)) => return reply.error(e),
+        };
+        let bits = flags.bits();
+        if bits & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0 {
+            return reply.error(Errno::EINVAL);
+        }
+        let op = Op::Rename(RenameNode {
+            parent: parent.0,
+            name,
+            new_parent: newparent.0,
+            new_name,
+            no_replace: bits & libc::RENAME_NOREPLACE != 0,
+            exchange: bits & libc::RENAME_EXCHANGE != 0,
+        });
+        self.empty_op(op, reply);
+    }
+
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        match name_of(newname) {
+            Ok(name) => self.entry_op(Op::Link(LinkNode { inode: ino.0, parent: newparent.0, name }), reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let this = self.clone();
+        self.spawn(async move {
+            // Close-to-open: every open asks the masters for the current version.
+            let attr = match this.client().getattr(ino.0).await {
+                Ok(a) => a,
+                Err(e) => return reply.error(errno(&e)),
+            };
+            match attr.kind() {
+                InodeKind::Directory => return reply.error(Errno::EISDIR),
+                InodeKind::File => {}
+                _ => return reply.error(Errno::EINVAL),
+            }
+            if let Some(st) = this.open_state(ino.0) {
+                st.lock().await.invalidate(attr.clone());
+            }
+            let (fh, keep) = this.open_file(&attr);
+            let flags = if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
+            reply.opened(FileHandle(fh), flags);
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some((_, state, next_read)) = self.file_handle(fh) else { return reply.error(Errno::EBADF) };
+        let this = self.clone();
+        self.spawn(async move {
+            let ctx = &this.inner.ctx;
+            let sequential = next_read.swap(offset + u64::from(size), Ordering::Relaxed) == offset;
+            let (pieces, ahead) = {
+                let mut st = state.lock().await;
+                let pieces = match st.plan_read(ctx, offset, u64::from(size), sequential).await {
+                    Ok(p) => p,
+                    Err(e) => return reply.error(errno(&e)),
+                };
+                (pieces, if sequential { st.next_chunk(offset) } else { None })
+            };
+            if let Some(loc) = ahead {
+                let this = this.clone();
+                tokio::spawn(async move {
+                    let _ = file::fetch_whole(&this.inner.ctx, &loc).await;
+                });
+            }
+            match file::fetch(ctx, pieces).await {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: fuser::WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let Some((_, state, _)) = self.file_handle(fh) else { return reply.error(Errno::EBADF) };
+        let data = data.to_vec();
+        let this = self.clone();
+        self.spawn(async move {
+            let mut st = state.lock().await;
+            match st.write(&this.inner.ctx, offset, &data).await {
+                Ok(()) => reply.written(data.len() as u32),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: fuser::LockOwner, reply: ReplyEmpty) {
+        let Some((_, state, _)) = self.file_handle(fh) else { return reply.error(Errno::EBADF) };
+        let this = self.clone();
+        self.spawn(async move {
+            match this.sync_state(&state).await {
+                Ok(_) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        self.flush(_req, _ino, fh, fuser::LockOwner(0), reply);
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let Some(Fh::File { ino, state, .. }) = self.inner.handles.lock().expect("handles lock").remove(&fh.0) else {
+            return reply.ok();
+        };
+        let this = self.clone();
+        self.spawn(async move {
+            let result = this.sync_state(&state).await;
+            let last = {
+                let mut open = this.inner.open.lock().expect("open lock");
+                let mut last = false;
+                if let Some(o) = open.get_mut(&ino) {
+                    o.handles -= 1;
+                    last = o.handles == 0;
+                    if last && result.is_ok() {
+                        open.remove(&ino);
+                    }
+                }
+                last
+            };
+            if last && this.inner.orphans.lock().expect("orphans lock").remove(&ino) {
+                if let Err(e) = this.client().node(Op::Release(ReleaseNode { inode: ino })).await {
+                    tracing::warn!(inode = ino, "could not free an unlinked file: {e}");
+                }
+            }
+            match result {
+                Ok(_) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let this = self.clone();
+        self.spawn(async move {
+            match this.dir_entries(ino.0).await {
+                Ok(entries) => {
+                    let fh = this.add_handle(Fh::Dir { entries: Arc::new(entries) });
+                    reply.opened(FileHandle(fh), FopenFlags::empty())
+                }
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let Some(entries) = self.dir_handle(fh) else { return reply.error(Errno::EBADF) };
+        for (i, (name, a)) in entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(a.inode), i as u64 + 1, file_type(a), name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let Some(entries) = self.dir_handle(fh) else { return reply.error(Errno::EBADF) };
+        let ttl = self.ttl();
+        for (i, (name, a)) in entries.iter().enumerate().skip(offset as usize) {
+            // "." and ".." carry no attributes the kernel may cache as entries.
+            let full = i >= 2;
+            let ttl = if full { ttl } else { Duration::ZERO };
+            if reply.add(INodeNo(a.inode), i as u64 + 1, name, &ttl, &to_file_attr(a), Generation(0)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.inner.handles.lock().expect("handles lock").remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        // Namespace changes are durable (committed by a quorum of masters) when acknowledged.
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let this = self.clone();
+        self.spawn(async move {
+            match this.client().status().await {
+                Ok(s) => {
+                    const BSIZE: u64 = 4096;
+                    let live = s.chunkservers.iter().filter(|c| c.state != "dead");
+                    let (cap, used) = live.fold((0u64, 0u64), |(c, u), n| (c + n.capacity_bytes, u + n.used_bytes));
+                    let free = cap.saturating_sub(used) / BSIZE;
+                    let files = s.files;
+                    reply.statfs(cap / BSIZE, free, free, files + (1 << 32), 1 << 32, BSIZE as u32, 255, BSIZE as u32)
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let Some(name) = name.to_str() else { return reply.error(Errno::EINVAL) };
+        if position != 0 {
+            return reply.error(Errno::EINVAL);
+        }
+        let op = Op::SetXattr(SetXattr {
+            inode: ino.0,
+            name: name.to_string(),
+            value: value.to_vec(),
+            create: flags & libc::XATTR_CREATE != 0,
+            replace: flags & libc::XATTR_REPLACE != 0,
+        });
+        self.empty_op(op, reply);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let Some(name) = name.to_str().map(str::to_string) else { return reply.error(Errno::EINVAL) };
+        let this = self.clone();
+        self.spawn(async move {
+            match this.client().xattrs(ino.0).await {
+                Ok(x) => match x.get(&name) {
+                    None => reply.error(Errno::from_i32(libc::ENODATA)),
+                    Some(v) => xattr_reply(reply, size, v),
+                },
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let this = self.clone();
+        self.spawn(async move {
+            match this.client().xattrs(ino.0).await {
+                Ok(x) => {
+                    let mut names = Vec::new();
+                    for k in x.keys() {
+                        names.extend_from_slice(k.as_bytes());
+                        names.push(0);
+                    }
+                    xattr_reply(reply, size, &names)
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let Some(name) = name.to_str() else { return reply.error(Errno::EINVAL) };
+        self.empty_op(Op::RemoveXattr(RemoveXattr { inode: ino.0, name: name.to_string() }), reply);
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        // The kernel checks permissions (default_permissions); this answers existence.
+        let this = self.clone();
+        self.spawn(async move {
+            match this.client().getattr(ino.0).await {
+                Ok(_) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        // Space is not reserved ahead in a replicated store; extending the size is what callers
+        // can observe. FALLOC_FL_KEEP_SIZE alone has nothing to do.
+        if mode & !libc::FALLOC_FL_KEEP_SIZE != 0 {
+            return reply.error(Errno::from_i32(libc::EOPNOTSUPP));
+        }
+        let Some((_, state, _)) = self.file_handle(fh) else { return reply.error(Errno::EBADF) };
+        let this = self.clone();
+        self.spawn(async move {
+            let end = offset.saturating_add(length);
+            let mut st = state.lock().await;
+            if let Err(e) = st.allocate(&this.inner.ctx, end, mode & libc::FALLOC_FL_KEEP_SIZE != 0).await {
+                return reply.error(errno(&e));
+            }
+            drop(st);
+            match this.sync_state(&state).await {
+                Ok(_) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let name = match name_of(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let op = Op::Make(MakeNode {
+            parent: parent.0,
+            name,
+            kind: InodeKind::File as i32,
+            mode,
+            uid: req.uid(),
+            gid: req.gid(),
+            replication: self.inner.opts.replication,
+            ..Default::default()
+        });
+        let this = self.clone();
+        self.spawn(async move {
+            match this.client().node_attr(op).await {
+                Ok(a) => {
+                    let (fh, _) = this.open_file(&a);
+                    reply.created(&this.ttl(), &to_file_attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty())
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+}
+
+fn xattr_reply(reply: ReplyXattr, size: u32, value: &[u8]) {
+    if size == 0 {
+        reply.size(value.len() as u32);
+    } else if (size as usize) < value.len() {
+        reply.error(Errno::from_i32(libc::ERANGE));
+    } else {
+        reply.data(value);
+    }
+}

@@ -1,0 +1,292 @@
+//! The FUSE mount on a real cluster, driven by the tools users run in it: cp, tar, git, sqlite3,
+//! shells appending, python's mmap, a non-root user, a second mount; and the POSIX suite
+//! (pjdfstest) with fsx through `tests/conformance/run.sh`.
+//!
+//! Needs root and /dev/fuse. Without /dev/fuse the tests fail and say so: a mount that was never
+//! tested must not pass.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{random_bytes, wait_for, Cluster, Options, BIN, MIB};
+
+/// A `cairn mount` process; on drop it gets SIGTERM (a clean unmount), then SIGKILL and a lazy
+/// unmount if it did not go within a few seconds.
+struct Mount {
+    child: Option<std::process::Child>,
+    dir: PathBuf,
+}
+
+impl Mount {
+    fn start(c: &Cluster, dir: &Path, extra: &[&str]) -> Mount {
+        assert!(
+            Path::new("/dev/fuse").exists(),
+            "/dev/fuse is missing: the FUSE tests need it (and root); they cannot pass without a mount"
+        );
+        std::fs::create_dir_all(dir).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("mount").arg(dir).args(extra).stdout(Stdio::piped()).stderr(Stdio::piped());
+        for (k, v) in c.env() {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn cairn mount");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let mut m = Mount { child: Some(child), dir: dir.to_path_buf() };
+        if !line.starts_with("mounted on") {
+            let mut err = String::new();
+            if let Some(mut e) = m.child.as_mut().and_then(|c| c.stderr.take()) {
+                std::io::Read::read_to_string(&mut e, &mut err).unwrap();
+            }
+            m.stop();
+            panic!("cairn mount did not come up: {line} {err}");
+        }
+        m
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.join(rel)
+    }
+
+    /// SIGTERM and wait; returns whether it exited cleanly and left nothing mounted.
+    fn stop(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else { return true };
+        // SAFETY: sending a signal to our own child by its PID.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.success() && !mounted(&self.dir);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        false
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn mounted(dir: &Path) -> bool {
+    let canon = dir.canonicalize().unwrap_or(dir.to_path_buf());
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(canon.to_str().unwrap()))
+}
+
+/// Runs `sh -c SCRIPT` in `dir`; panics with its output unless it succeeds. Returns stdout.
+fn sh(dir: &Path, script: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(script).current_dir(dir).output().expect("run sh");
+    assert!(
+        out.status.success(),
+        "`{script}` failed in {}:\n{}{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn start() -> (Cluster, Mount) {
+    let c = Cluster::start(Options { chunkservers: 3, ..Default::default() });
+    let m = Mount::start(&c, &c.dir.path().join("mnt"), &[]);
+    (c, m)
+}
+
+#[test]
+fn trees_copy_and_untar_bit_for_bit_and_git_works() {
+    let (c, m) = start();
+    let src = c.dir.path().join("src");
+    std::fs::create_dir_all(src.join("a/b/c")).unwrap();
+    for (i, size) in [0, 1, 4095, 4096, 100_000, 5 * MIB + 7].iter().enumerate() {
+        std::fs::write(src.join(format!("a/b/f{i}")), random_bytes(*size, i as u64)).unwrap();
+    }
+    std::os::unix::fs::symlink("b/f1", src.join("a/link")).unwrap();
+    std::fs::write(src.join("a/b/c/deep"), b"deep").unwrap();
+    let mnt = m.dir.clone();
+    sh(&mnt, &format!("cp -a {} ./copy && diff -r --no-dereference {} ./copy", src.display(), src.display()));
+    let tarball = c.dir.path().join("t.tar");
+    sh(&src, &format!("tar cf {} .", tarball.display()));
+    sh(
+        &mnt,
+        &format!(
+            "mkdir x && cd x && tar xf {} && cd .. && diff -r --no-dereference {} x",
+            tarball.display(),
+            src.display()
+        ),
+    );
+    // The same bytes through the client library.
+    let back = c.cli(&["get", "/copy/a/b/f5", "-"]);
+    assert!(back.status.success());
+    assert!(back.stdout == random_bytes(5 * MIB + 7, 5), "the file reads back different through the CLI");
+
+    sh(&mnt, "git init -q repo");
+    let repo = m.path("repo");
+    sh(&repo, "for i in 1 2 3; do echo line $i > f$i; done && mkdir sub && echo x > sub/y");
+    sh(&repo, "git add . && git -c user.email=t@e -c user.name=t commit -qm first");
+    sh(&repo, "echo more >> f1 && git -c user.email=t@e -c user.name=t commit -qam second");
+    assert_eq!(sh(&repo, "git log --oneline | wc -l").trim(), "2");
+    assert_eq!(sh(&repo, "git status --porcelain"), "");
+    sh(&repo, "git fsck --strict 2>&1 && git checkout -q HEAD~1 && test \"$(cat f1)\" = 'line 1'");
+}
+
+#[test]
+fn sqlite_keeps_ten_thousand_rows_intact() {
+    let (_c, m) = start();
+    let script = "CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);\
+        WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < 10000) \
+        INSERT INTO t SELECT i, hex(randomblob(40)) FROM n;";
+    sh(&m.dir, &format!("sqlite3 db.sqlite '{script}'"));
+    sh(&m.dir, "for i in 1 2 3 4 5; do sqlite3 db.sqlite \"UPDATE t SET v = 'x$i' WHERE id % 7 = $i\"; done");
+    assert_eq!(sh(&m.dir, "sqlite3 db.sqlite 'SELECT count(*) FROM t'").trim(), "10000");
+    assert_eq!(sh(&m.dir, "sqlite3 db.sqlite \"SELECT count(*) FROM t WHERE v = 'x3'\"").trim(), "1429");
+    assert_eq!(sh(&m.dir, "sqlite3 db.sqlite 'PRAGMA integrity_check'").trim(), "ok");
+}
+
+#[test]
+fn posix_semantics_of_names_links_appends_truncate_and_mmap() {
+    let (c, m) = start();
+    let d = m.dir.clone();
+    // Appends from several processes at once: every line arrives whole.
+    sh(&d, "for p in 1 2 3 4; do (for i in $(seq 1 200); do echo \"p$p line $i\" >> log; done) & done; wait");
+    let log = std::fs::read_to_string(m.path("log")).unwrap();
+    assert_eq!(log.lines().count(), 800);
+    for p in 1..=4 {
+        assert_eq!(log.lines().filter(|l| l.starts_with(&format!("p{p} "))).count(), 200);
+    }
+    // Rename over an existing file replaces it atomically.
+    sh(&d, "echo old > a && echo new > b && mv b a && test \"$(cat a)\" = new && test ! -e b");
+    // Truncate down and up.
+    sh(&d, "head -c 10000000 /dev/urandom > big && truncate -s 4194310 big && test $(stat -c %s big) = 4194310");
+    sh(
+        &d,
+        "truncate -s 9000000 big && test $(stat -c %s big) = 9000000 && \
+            test \"$(tail -c 4805690 big | tr -d '\\0' | wc -c)\" = 0",
+    );
+    // Hard links share content and count; symlinks resolve and dangle.
+    sh(
+        &d,
+        "echo shared > h1 && ln h1 h2 && test $(stat -c %h h1) = 2 && echo more >> h2 && \
+            test \"$(cat h1)\" = \"$(printf 'shared\\nmore')\" && rm h1 && test $(stat -c %h h2) = 1",
+    );
+    sh(
+        &d,
+        "ln -s h2 s && test \"$(cat s)\" = \"$(cat h2)\" && test \"$(readlink s)\" = h2 && rm h2 && \
+            ! cat s 2>/dev/null && test -L s",
+    );
+    sh(&d, "mkfifo fifo && test -p fifo && setfattr -n user.k -v val a && test \"$(getfattr --only-values -n user.k a)\" = val");
+    // mmap: write through a shared mapping, read back through read(2) after close.
+    sh(
+        &d,
+        "python3 -c \"import mmap,os\nf=open('mm','w+b'); f.truncate(3*4096); m=mmap.mmap(f.fileno(),3*4096)\n\
+m[4096:4101]=b'hello'; m.flush(); m.close(); f.close()\nassert open('mm','rb').read()[4096:4101]==b'hello'\"",
+    );
+    // An open file outlives its last name.
+    sh(
+        &d,
+        "python3 -c \"import os\nf=open('gone','w+'); os.unlink('gone'); f.write('still'); f.flush(); f.seek(0)\n\
+assert f.read()=='still'; assert os.fstat(f.fileno()).st_nlink==0\"",
+    );
+    // Permissions are enforced for other users.
+    sh(&d, "mkdir private && chmod 700 private && echo secret > private/f && chmod 600 private/f");
+    let denied = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "cat"])
+        .arg(m.path("private/f"))
+        .output()
+        .unwrap();
+    assert!(!denied.status.success());
+    assert!(String::from_utf8_lossy(&denied.stderr).contains("Permission denied"), "{denied:?}");
+    sh(&d, "mkdir open && chmod 777 open");
+    let allowed = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+            "echo mine > open/f && stat -c %u open/f",
+        ])
+        .current_dir(&d)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&allowed.stdout).trim(), "65534", "{allowed:?}");
+    // What the mount wrote, the CLI reads (and the other way round).
+    let out = c.cli(&["get", "/a", "-"]);
+    assert_eq!(out.stdout, b"new\n");
+    c.put_data(b"from the cli", "/cli.txt");
+    assert_eq!(std::fs::read(m.path("cli.txt")).unwrap(), b"from the cli");
+}
+
+#[test]
+fn two_mounts_see_each_others_closed_files_and_unmount_cleanly() {
+    let (c, mut m1) = start();
+    let mut m2 = Mount::start(&c, &c.dir.path().join("mnt2"), &["--attr-ttl-s", "0"]);
+    let data = random_bytes(3 * MIB, 9);
+    std::fs::write(m1.path("shared.bin"), &data).unwrap();
+    wait_for("the second mount to see the file", Duration::from_secs(10), || {
+        std::fs::read(m2.path("shared.bin")).is_ok_and(|b| b == data)
+    });
+    // Rewritten on the second mount: the first sees the new version on its next open.
+    std::fs::write(m2.path("shared.bin"), b"v2").unwrap();
+    wait_for("the first mount to see the new version", Duration::from_secs(10), || {
+        std::fs::read(m1.path("shared.bin")).is_ok_and(|b| b == b"v2")
+    });
+    // The mount point is busy: a second mount there is refused with a clear error.
+    let out = common::cli_env(&["mount", m1.dir.to_str().unwrap()], &c.env(), None);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("busy"), "{out:?}");
+    let file = c.dir.path().join("plain");
+    std::fs::write(&file, b"").unwrap();
+    let out = common::cli_env(&["mount", file.to_str().unwrap()], &c.env(), None);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a directory"), "{out:?}");
+    assert!(m2.stop(), "SIGTERM unmounts cleanly");
+    assert!(m1.stop(), "SIGTERM unmounts cleanly");
+}
+
+#[test]
+fn posix_conformance_suite_and_fsx_pass_like_local_disk() {
+    let (_c, m) = start();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/conformance/run.sh");
+    let out = Command::new("bash").arg(script).arg(&m.dir).output().expect("run conformance");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(out.status.success(), "conformance:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("fsx=OK"), "{stdout}");
+}
+
+#[test]
+fn cairn_dev_mounts_and_unmounts_with_the_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, mnt) = (dir.path().join("dev"), dir.path().join("mnt"));
+    let log = dir.path().join("dev.log");
+    let child = Command::new(BIN)
+        .args(["dev", "--dir", data.to_str().unwrap(), "--chunkservers", "3", "--mount", mnt.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // Killed (and the mount detached) by PID even when an assertion fails.
+    let mut dev = Mount { child: Some(child), dir: mnt.clone() };
+    wait_for("cairn dev to mount", Duration::from_secs(90), || {
+        assert!(
+            dev.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+            "cairn dev exited: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        data.join("env").exists() && mounted(&mnt)
+    });
+    std::fs::write(mnt.join("hello"), b"through the dev mount").unwrap();
+    assert_eq!(std::fs::read(mnt.join("hello")).unwrap(), b"through the dev mount");
+    assert!(dev.stop(), "SIGTERM stops cairn dev and unmounts: {}", std::fs::read_to_string(&log).unwrap_or_default());
+}
