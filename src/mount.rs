@@ -20,6 +20,9 @@ pub struct MountArgs {
     /// Memory for cached chunks, MiB.
     #[arg(long, default_value_t = 256)]
     pub cache_mib: usize,
+    /// Memory for written data on its way to the chunkservers, MiB (over all open files).
+    #[arg(long, default_value_t = 512)]
+    pub write_mib: usize,
     /// Seconds the kernel may cache attributes and names.
     #[arg(long, default_value_t = 1.0)]
     pub attr_ttl_s: f64,
@@ -63,6 +66,7 @@ pub async fn run(a: &MountArgs) -> Result<()> {
         replication: a.replication,
         attr_ttl: Duration::from_secs_f64(a.attr_ttl_s.max(0.0)),
         cache_bytes: a.cache_mib << 20,
+        write_bytes: a.write_mib << 20,
         ..Default::default()
     };
     let fs = cairn_fuse::CairnFs::new(client, tokio::runtime::Handle::current(), opts);

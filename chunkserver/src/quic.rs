@@ -323,7 +323,7 @@ async fn handle_get(server: &Server, get: GetChunk, send: &mut SendStream) -> Op
         write_response(send, &resp, idle).await;
         return None;
     };
-    let read = match server.store.get(hash, get.offset, get.length).await {
+    let read = match server.store.get_recent(hash, get.offset, get.length).await {
         Ok(read) => read,
         Err(e) => {
             if !matches!(e, StoreError::NotFound(_)) {

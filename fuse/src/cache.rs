@@ -2,13 +2,15 @@
 //! immutable and named by their content, so an entry never goes stale.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
 pub struct ChunkCache {
     inner: Mutex<Lru>,
     capacity: usize,
+    /// One gate per chunk being fetched: concurrent readers of a chunk wait for one fetch.
+    fetching: Mutex<HashMap<Vec<u8>, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 #[derive(Default)]
@@ -21,7 +23,16 @@ struct Lru {
 
 impl ChunkCache {
     pub fn new(capacity: usize) -> ChunkCache {
-        ChunkCache { inner: Mutex::new(Lru::default()), capacity }
+        ChunkCache { inner: Mutex::new(Lru::default()), capacity, fetching: Mutex::new(HashMap::new()) }
+    }
+
+    /// The gate of a chunk's fetch; [`ChunkCache::fetched`] retires it.
+    pub fn gate(&self, hash: &[u8]) -> Arc<tokio::sync::Mutex<()>> {
+        self.fetching.lock().expect("fetching lock").entry(hash.to_vec()).or_default().clone()
+    }
+
+    pub fn fetched(&self, hash: &[u8]) {
+        self.fetching.lock().expect("fetching lock").remove(hash);
     }
 
     pub fn get(&self, hash: &[u8]) -> Option<Bytes> {

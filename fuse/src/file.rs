@@ -7,6 +7,7 @@
 //! Memory is bounded per file: a chunk that is not being written any more starts uploading at
 //! once, and a writer waits when [`MAX_UPLOADS`] chunks of its file are still on their way.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -19,6 +20,8 @@ use crate::cache::ChunkCache;
 
 /// Largest chunk the mount writes (the cluster's maximum).
 pub const CHUNK: usize = cairn_proto::MAX_CHUNK as usize;
+/// Reads at least this large fetch (and cache) the whole chunk.
+const WHOLE_CHUNK_READ: u64 = 32 << 10;
 /// Chunks of one file uploading at once before its writer waits.
 const MAX_UPLOADS: usize = 8;
 
@@ -27,8 +30,36 @@ pub struct Ctx {
     pub client: Client,
     pub cache: Arc<ChunkCache>,
     pub replication: u32,
-    /// Uploads in flight over all files: bounds the mount's memory for written data.
+    /// Uploads in flight over all files.
     pub uploads: Arc<Semaphore>,
+    /// Chunks held in memory (being written or uploading) over all open files, and the most
+    /// there should be: a writer over the limit uploads its own chunks before it goes on.
+    pub in_memory: Arc<AtomicUsize>,
+    pub max_in_memory: usize,
+}
+
+/// This file's share of [`Ctx::in_memory`], given back when the file state goes.
+struct MemShare {
+    total: Arc<AtomicUsize>,
+    mine: usize,
+}
+
+impl MemShare {
+    fn add(&mut self) {
+        self.mine += 1;
+        self.total.fetch_add(1, Ordering::Relaxed);
+    }
+    fn sub(&mut self, n: usize) {
+        let n = n.min(self.mine);
+        self.mine -= n;
+        self.total.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+impl Drop for MemShare {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.mine, Ordering::Relaxed);
+    }
 }
 
 enum Seg {
@@ -69,11 +100,20 @@ pub struct FileState {
     pub dirty: bool,
     /// The chunk the latest write went to: it stays in memory while the writer is on it.
     last_written: Option<usize>,
+    mem: MemShare,
 }
 
 impl FileState {
-    pub fn new(attr: Attr) -> FileState {
-        FileState { ino: attr.inode, attr, segs: Vec::new(), loaded: false, dirty: false, last_written: None }
+    pub fn new(attr: Attr, ctx: &Ctx) -> FileState {
+        FileState {
+            ino: attr.inode,
+            attr,
+            segs: Vec::new(),
+            loaded: false,
+            dirty: false,
+            last_written: None,
+            mem: MemShare { total: ctx.in_memory.clone(), mine: 0 },
+        }
     }
 
     /// The file's size including changes not yet committed.
@@ -162,7 +202,11 @@ impl FileState {
                 task.abort();
                 BytesMut::from(&data[..])
             }
-            Seg::Clean(_) => BytesMut::from(&self.chunk_bytes(ctx, i).await?[..]),
+            Seg::Clean(_) => {
+                let buf = BytesMut::from(&self.chunk_bytes(ctx, i).await?[..]);
+                self.mem.add();
+                buf
+            }
         };
         self.segs[i] = Seg::Dirty(buf);
         Ok(())
@@ -186,6 +230,7 @@ impl FileState {
         let mut buf = BytesMut::with_capacity(n);
         buf.extend_from_slice(&data[..n]);
         self.segs.push(Seg::Dirty(buf));
+        self.mem.add();
         self.last_written = Some(self.segs.len() - 1);
         Ok(n)
     }
@@ -226,7 +271,8 @@ impl FileState {
         }
         self.dirty = true;
         self.upload_behind(ctx);
-        self.limit_uploads(ctx).await
+        self.limit_uploads(ctx).await?;
+        self.relieve_memory(ctx).await
     }
 
     /// Starts uploading every chunk in memory except the one being written and a last chunk
@@ -281,6 +327,7 @@ impl FileState {
         match task.await {
             Ok(Ok(extent)) => {
                 self.segs[i] = Seg::Clean(ExtentLocation { extent: Some(extent), offset: 0, replicas: vec![] });
+                self.mem.sub(1);
                 Ok(())
             }
             Ok(Err(e)) => {
@@ -330,11 +377,33 @@ impl FileState {
     }
 
     fn drop_from(&mut self, i: usize) {
+        let mut freed = 0;
         for s in self.segs.drain(i..) {
-            if let Seg::Uploading(_, task) = s {
-                task.abort();
+            match s {
+                Seg::Uploading(_, task) => {
+                    task.abort();
+                    freed += 1;
+                }
+                Seg::Dirty(_) => freed += 1,
+                Seg::Clean(_) => {}
             }
         }
+        self.mem.sub(freed);
+    }
+
+    /// Over the mount's memory limit: uploads every chunk of this file that is in memory.
+    async fn relieve_memory(&mut self, ctx: &Ctx) -> Result<()> {
+        if ctx.in_memory.load(Ordering::Relaxed) <= ctx.max_in_memory || self.mem.mine == 0 {
+            return Ok(());
+        }
+        for i in 0..self.segs.len() {
+            self.start_upload(ctx, i);
+        }
+        for i in 0..self.segs.len() {
+            self.finish(ctx, i).await?;
+        }
+        self.last_written = None;
+        Ok(())
     }
 
     /// Uploads what is in memory and commits the extent list. Returns the committed attributes.
@@ -391,7 +460,12 @@ impl FileState {
                         let Seg::Clean(loc) = &self.segs[i] else {
                             return Err(Error::Internal("chunk changed while reading".into()));
                         };
-                        let whole = sequential || (to - from) * 4 >= slen || loc.replicas.is_empty();
+                        // Small reads far apart fetch just their bytes; anything else the whole
+                        // chunk, which the next reads then find in the cache.
+                        let whole = sequential
+                            || to - from >= WHOLE_CHUNK_READ
+                            || (to - from) * 4 >= slen
+                            || loc.replicas.is_empty();
                         out.push(Piece::Chunk { loc: loc.clone(), from, to, whole });
                     }
                 }
@@ -402,13 +476,18 @@ impl FileState {
         Ok(out)
     }
 
-    /// The stored chunk after the one holding `pos`, to read ahead.
-    pub fn next_chunk(&self, pos: u64) -> Option<ExtentLocation> {
+    /// The stored chunks after the one holding `pos` (up to `n`), to read ahead.
+    pub fn next_chunks(&self, pos: u64, n: usize) -> Vec<ExtentLocation> {
         let (i, _) = self.find(pos);
-        match self.segs.get(i + 1) {
-            Some(Seg::Clean(l)) if !l.replicas.is_empty() => Some(l.clone()),
-            _ => None,
-        }
+        self.segs
+            .iter()
+            .skip(i + 1)
+            .take(n)
+            .filter_map(|s| match s {
+                Seg::Clean(l) if !l.replicas.is_empty() => Some(l.clone()),
+                _ => None,
+            })
+            .collect()
     }
 }
 
@@ -418,9 +497,18 @@ pub async fn fetch_whole(ctx: &Ctx, loc: &ExtentLocation) -> Result<Bytes> {
     if let Some(b) = ctx.cache.get(&ext.hash) {
         return Ok(b);
     }
-    let b = ctx.client.read_extent(loc, 0, ext.length).await?;
-    ctx.cache.insert(&ext.hash, b.clone());
-    Ok(b)
+    // Read-ahead and the kernel's parallel reads often want the same chunk at once.
+    let gate = ctx.cache.gate(&ext.hash);
+    let _fetching = gate.lock().await;
+    if let Some(b) = ctx.cache.get(&ext.hash) {
+        return Ok(b);
+    }
+    let b = ctx.client.read_extent(loc, 0, ext.length).await;
+    if let Ok(b) = &b {
+        ctx.cache.insert(&ext.hash, b.clone());
+    }
+    ctx.cache.fetched(&ext.hash);
+    b
 }
 
 /// Fetches the pieces of a planned read and joins them.

@@ -16,7 +16,7 @@ mod file;
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -35,6 +35,11 @@ use tokio::sync::Mutex as AsyncMutex;
 
 use file::{Ctx, FileState};
 
+/// How far from the end of the previous read a read may start and still count as sequential.
+const SEQUENTIAL_SLACK: u64 = 1 << 20;
+/// Chunks fetched ahead of a sequential reader.
+const READ_AHEAD_CHUNKS: usize = 6;
+
 #[derive(Clone, Debug)]
 pub struct MountOptions {
     /// Replication of files created through the mount.
@@ -45,11 +50,20 @@ pub struct MountOptions {
     pub cache_bytes: usize,
     /// Chunks uploading at once over all open files.
     pub uploads: usize,
+    /// Memory for written data not yet stored, over all open files (a soft limit: a writer over
+    /// it stores its own chunks before it goes on).
+    pub write_bytes: usize,
 }
 
 impl Default for MountOptions {
     fn default() -> Self {
-        MountOptions { replication: 3, attr_ttl: Duration::from_secs(1), cache_bytes: 256 << 20, uploads: 32 }
+        MountOptions {
+            replication: 3,
+            attr_ttl: Duration::from_secs(1),
+            cache_bytes: 256 << 20,
+            uploads: 32,
+            write_bytes: 512 << 20,
+        }
     }
 }
 
@@ -182,6 +196,8 @@ impl CairnFs {
             cache: Arc::new(cache::ChunkCache::new(opts.cache_bytes)),
             replication: opts.replication,
             uploads: Arc::new(tokio::sync::Semaphore::new(opts.uploads.max(1))),
+            in_memory: Arc::new(AtomicUsize::new(0)),
+            max_in_memory: (opts.write_bytes / file::CHUNK).max(1),
         };
         CairnFs {
             inner: Arc::new(Inner {
@@ -251,9 +267,10 @@ impl CairnFs {
         let ino = attr.inode;
         let state = {
             let mut open = self.inner.open.lock().expect("open lock");
-            let o = open
-                .entry(ino)
-                .or_insert_with(|| Open { state: Arc::new(AsyncMutex::new(FileState::new(attr.clone()))), handles: 0 });
+            let o = open.entry(ino).or_insert_with(|| Open {
+                state: Arc::new(AsyncMutex::new(FileState::new(attr.clone(), &self.inner.ctx))),
+                handles: 0,
+            });
             o.handles += 1;
             o.state.clone()
         };
@@ -376,7 +393,9 @@ impl Filesystem for CairnFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let want = fuser::InitFlags::FUSE_DO_READDIRPLUS
             | fuser::InitFlags::FUSE_READDIRPLUS_AUTO
-            | fuser::InitFlags::FUSE_PARALLEL_DIROPS;
+            | fuser::InitFlags::FUSE_PARALLEL_DIROPS
+            | fuser::InitFlags::FUSE_ASYNC_DIO
+            | fuser::InitFlags::FUSE_CACHE_SYMLINKS;
         let _ = config.add_capabilities(want & config.capabilities());
         let _ = config.set_max_readahead(4 << 20);
         let _ = config.set_max_background(64);
@@ -445,7 +464,7 @@ impl Filesystem for CairnFs {
                     Some(st) => st.clone(),
                     None => match this.client().getattr(ino.0).await {
                         Ok(a) if a.kind() == InodeKind::Directory => return reply.error(Errno::EISDIR),
-                        Ok(a) => Arc::new(AsyncMutex::new(FileState::new(a))),
+                        Ok(a) => Arc::new(AsyncMutex::new(FileState::new(a, ctx))),
                         Err(e) => return reply.error(errno(&e)),
                     },
                 };
@@ -669,16 +688,19 @@ impl Filesystem for CairnFs {
         let this = self.clone();
         self.spawn(async move {
             let ctx = &this.inner.ctx;
-            let sequential = next_read.swap(offset + u64::from(size), Ordering::Relaxed) == offset;
+            // The kernel's read-ahead sends several reads at once, not always in order: near
+            // the previous one counts as sequential.
+            let prev = next_read.swap(offset + u64::from(size), Ordering::Relaxed);
+            let sequential = offset.abs_diff(prev) <= SEQUENTIAL_SLACK;
             let (pieces, ahead) = {
                 let mut st = state.lock().await;
                 let pieces = match st.plan_read(ctx, offset, u64::from(size), sequential).await {
                     Ok(p) => p,
                     Err(e) => return reply.error(errno(&e)),
                 };
-                (pieces, if sequential { st.next_chunk(offset) } else { None })
+                (pieces, if sequential { st.next_chunks(offset, READ_AHEAD_CHUNKS) } else { vec![] })
             };
-            if let Some(loc) = ahead {
+            for loc in ahead {
                 let this = this.clone();
                 tokio::spawn(async move {
                     let _ = file::fetch_whole(&this.inner.ctx, &loc).await;

@@ -162,7 +162,26 @@ struct Inner {
     state: Mutex<State>,
     pool: Pool,
     committer: commit::GroupCommit,
+    /// Chunks whose whole content was hashed and matched recently, with their maps, for
+    /// [`ChunkStore::get_recent`]: random reads neither hash nor map a chunk again.
+    verified: Mutex<HashMap<ChunkHash, (std::time::Instant, Arc<memmap2::Mmap>)>>,
 }
+
+/// A shared chunk map as the owner of `Bytes`.
+struct SharedMap(Arc<memmap2::Mmap>);
+
+impl AsRef<[u8]> for SharedMap {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// How long a ranged read may rely on an earlier whole-chunk verification instead of hashing all
+/// 4 MiB again for a few KiB (random reads). Damage in that window is still caught: whole-chunk
+/// readers hash what they receive, and the scrubber re-reads every chunk.
+pub const VERIFIED_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+/// Verified maps kept at most (each maps up to 4 MiB of address space, no memory of its own).
+const VERIFIED_MAX: usize = 1024;
 
 /// The chunk store. Cheap to clone; all clones share one index.
 #[derive(Clone)]
@@ -241,6 +260,7 @@ impl ChunkStore {
                 state: Mutex::new(state),
                 pool: Pool::default(),
                 committer,
+                verified: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -350,7 +370,16 @@ impl ChunkStore {
     /// from the index and reported as removed at the next heartbeat.
     pub async fn get(&self, hash: ChunkHash, offset: u64, length: u64) -> Result<ChunkRead, StoreError> {
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || inner.get_blocking(hash, offset, length))
+        tokio::task::spawn_blocking(move || inner.get_blocking(hash, offset, length, false))
+            .await
+            .map_err(|e| StoreError::io("get task failed", io::Error::other(e)))?
+    }
+
+    /// [`ChunkStore::get`] for serving clients: a chunk verified within [`VERIFIED_FOR`] is not
+    /// hashed again.
+    pub async fn get_recent(&self, hash: ChunkHash, offset: u64, length: u64) -> Result<ChunkRead, StoreError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || inner.get_blocking(hash, offset, length, true))
             .await
             .map_err(|e| StoreError::io("get task failed", io::Error::other(e)))?
     }
@@ -373,8 +402,19 @@ impl ChunkStore {
 
     /// [`ChunkStore::get`] for callers outside the async runtime.
     pub fn get_blocking(&self, hash: ChunkHash, offset: u64, length: u64) -> Result<ChunkRead, StoreError> {
-        self.inner.get_blocking(hash, offset, length)
+        self.inner.get_blocking(hash, offset, length, false)
     }
+}
+
+/// `length` bytes at `offset` of a verified chunk map (length 0: to the end).
+fn slice_map(map: Arc<memmap2::Mmap>, offset: u64, length: u64) -> Result<ChunkRead, StoreError> {
+    let len = map.len() as u64;
+    if offset > len {
+        return Err(StoreError::Invalid(format!("offset {offset} is past the end of a {len}-byte chunk")));
+    }
+    let end = if length == 0 { len } else { offset.saturating_add(length).min(len) };
+    let bytes = Bytes::from_owner(SharedMap(map)).slice(offset as usize..end as usize);
+    Ok(ChunkRead { bytes, chunk_len: len })
 }
 
 impl Inner {
@@ -450,10 +490,17 @@ impl Inner {
         self.committer.commit(tmp, &path).map_err(|e| write_err(format!("commit {}", path.display()), len, e))
     }
 
-    fn get_blocking(&self, hash: ChunkHash, offset: u64, length: u64) -> Result<ChunkRead, StoreError> {
+    fn get_blocking(&self, hash: ChunkHash, offset: u64, length: u64, recent: bool) -> Result<ChunkRead, StoreError> {
         let Some(indexed_len) = self.lock().index.get(&hash).copied() else {
             return Err(StoreError::NotFound(hash));
         };
+        let now = std::time::Instant::now();
+        if recent {
+            let hit = self.verified.lock().expect("verified lock").get(&hash).cloned();
+            if let Some((_, map)) = hit.filter(|(t, _)| now.duration_since(*t) < VERIFIED_FOR) {
+                return slice_map(map, offset, length);
+            }
+        }
         let path = self.chunk_path(&hash);
         let file = match File::open(&path) {
             Ok(f) => f,
@@ -479,16 +526,23 @@ impl Inner {
             self.quarantine(hash, &format!("content hashes to {actual}"));
             return Err(StoreError::Corrupt(hash));
         }
-        if offset > file_len {
-            return Err(StoreError::Invalid(format!("offset {offset} is past the end of a {file_len}-byte chunk")));
+        let map = Arc::new(map);
+        {
+            let mut v = self.verified.lock().expect("verified lock");
+            if v.len() >= VERIFIED_MAX {
+                v.retain(|_, (t, _)| now.duration_since(*t) < VERIFIED_FOR);
+                if v.len() >= VERIFIED_MAX {
+                    v.clear();
+                }
+            }
+            v.insert(hash, (now, map.clone()));
         }
-        let end = if length == 0 { file_len } else { offset.saturating_add(length).min(file_len) };
-        let bytes = Bytes::from_owner(map).slice(offset as usize..end as usize);
-        Ok(ChunkRead { bytes, chunk_len: file_len })
+        slice_map(map, offset, length)
     }
 
     /// Drops `hash` from the index and queues its removal for the master.
     fn forget(&self, hash: ChunkHash) {
+        self.verified.lock().expect("verified lock").remove(&hash);
         let mut st = self.lock();
         if let Some(len) = st.index.remove(&hash) {
             st.used = st.used.saturating_sub(len);
