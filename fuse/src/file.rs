@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use cairn_client::{Client, Error, Result};
-use cairn_proto::v1::{node_request, Attr, CommitNode, Extent, ExtentLocation};
+use cairn_proto::v1::{node_request, Attr, CommitNode, Extent, ExtentLocation, OpenFileResponse};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
@@ -145,16 +145,19 @@ impl FileState {
         Ok(())
     }
 
-    /// Forgets the extents when the masters have a newer version (another client's commit): they
-    /// are looked up again when needed. An older answer (raced by this mount's own commit) changes
-    /// nothing.
-    pub fn invalidate(&mut self, attr: Attr) {
-        if !self.dirty && attr.version > self.attr.version {
-            self.attr = attr;
-            self.loaded = false;
-            self.segs.clear();
-            self.last_written = None;
+    /// Takes the masters' view of the file from an open: a newer version than this mount's (another
+    /// client committed) replaces what is known here. An older answer (raced by this mount's own
+    /// commit) and files with uncommitted writes are left alone.
+    pub fn refresh(&mut self, file: OpenFileResponse) {
+        let Some(attr) = file.attr else { return };
+        let newer = attr.version > self.attr.version || (!self.loaded && attr.version == self.attr.version);
+        if self.dirty || !newer {
+            return;
         }
+        self.attr = attr;
+        self.segs = file.extents.into_iter().map(Seg::Clean).collect();
+        self.loaded = true;
+        self.last_written = None;
     }
 
     fn find(&self, pos: u64) -> (usize, usize) {

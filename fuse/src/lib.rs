@@ -654,20 +654,17 @@ impl Filesystem for CairnFs {
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let this = self.clone();
         self.spawn(async move {
-            // Close-to-open: every open asks the masters for the current version.
-            let attr = match this.client().getattr(ino.0).await {
-                Ok(a) => a,
+            // Close-to-open: every open asks the masters for the current version (with its
+            // extents: the first read needs no second call).
+            let file = match this.client().open_inode(ino.0).await {
+                Ok(f) => f,
                 Err(e) => return reply.error(errno(&e)),
             };
-            match attr.kind() {
-                InodeKind::Directory => return reply.error(Errno::EISDIR),
-                InodeKind::File => {}
-                _ => return reply.error(Errno::EINVAL),
-            }
-            if let Some(st) = this.open_state(ino.0) {
-                st.lock().await.invalidate(attr.clone());
-            }
+            let attr = file.attr.clone().unwrap_or_default();
             let (fh, keep) = this.open_file(&attr);
+            if let Some(st) = this.open_state(ino.0) {
+                st.lock().await.refresh(file);
+            }
             let flags = if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
             reply.opened(FileHandle(fh), flags);
         });
