@@ -78,8 +78,13 @@ pub async fn run(a: &MountArgs) -> Result<()> {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
         _ = wait_unmounted(&a.mountpoint) => {
-            // Unmounted from outside (umount): the session ends on its own.
-            return session.join().map_err(|e| anyhow::anyhow!("FUSE session: {e}"));
+            // Unmounted from outside (umount): the session ends on its own; commits of files
+            // closed just before may still be on their way.
+            let joined = tokio::task::spawn_blocking(move || session.join()).await?;
+            if let Err(e) = fs.sync_all().await {
+                eprintln!("cairn: some written data could not be committed: {e:?}");
+            }
+            return joined.map_err(|e| anyhow::anyhow!("FUSE session: {e}"));
         }
     }
     if let Err(e) = fs.sync_all().await {

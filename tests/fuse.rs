@@ -198,6 +198,20 @@ m[4096:4101]=b'hello'; m.flush(); m.close(); f.close()\nassert open('mm','rb').r
         "python3 -c \"import os\nf=open('gone','w+'); os.unlink('gone'); f.write('still'); f.flush(); f.seek(0)\n\
 assert f.read()=='still'; assert os.fstat(f.fileno()).st_nlink==0\"",
     );
+    // ... and so does an open file that a rename replaces.
+    sh(
+        &d,
+        "echo replacement > other && python3 -c \"import os\nf=open('victim','w+'); f.write('kept'); f.flush()\n\
+os.rename('other','victim'); f.seek(0); assert f.read()=='kept'; assert os.fstat(f.fileno()).st_nlink==0\" && \
+            test \"$(cat victim)\" = replacement",
+    );
+    // Growing a file by gigabytes stores one chunk of zeros, not gigabytes of memory.
+    sh(
+        &d,
+        "truncate -s 3G sparse && test $(stat -c %s sparse) = 3221225472 && \
+            test \"$(tail -c 100000 sparse | tr -d '\\0' | wc -c)\" = 0 && \
+            printf end >> sparse && test \"$(tail -c 3 sparse)\" = end",
+    );
     // Permissions are enforced for other users.
     sh(&d, "mkdir private && chmod 700 private && echo secret > private/f && chmod 600 private/f");
     let denied = Command::new("setpriv")

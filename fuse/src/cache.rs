@@ -47,6 +47,11 @@ impl ChunkCache {
         Some(data.clone())
     }
 
+    /// The cached bytes of a stored chunk.
+    pub fn peek(&self, loc: &cairn_proto::v1::ExtentLocation) -> Option<Bytes> {
+        self.get(&loc.extent.as_ref()?.hash)
+    }
+
     pub fn insert(&self, hash: &[u8], data: Bytes) {
         if data.len() > self.capacity {
             return;

@@ -22,6 +22,10 @@ use crate::cache::ChunkCache;
 pub const CHUNK: usize = cairn_proto::MAX_CHUNK as usize;
 /// Reads at least this large fetch (and cache) the whole chunk.
 const WHOLE_CHUNK_READ: u64 = 32 << 10;
+/// A file written for this long without a commit is committed anyway: uploaded chunks are
+/// protected from garbage collection only for the masters' grace period (`--gc-grace-s`, an
+/// hour by default), so a file kept open and written for hours must not wait for its close.
+const COMMIT_AT_LEAST_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 /// Chunks of one file uploading at once before its writer waits.
 const MAX_UPLOADS: usize = 8;
 
@@ -101,6 +105,8 @@ pub struct FileState {
     /// The chunk the latest write went to: it stays in memory while the writer is on it.
     last_written: Option<usize>,
     mem: MemShare,
+    /// When the first change since the last commit was made.
+    changed_since: Option<std::time::Instant>,
 }
 
 impl FileState {
@@ -113,6 +119,7 @@ impl FileState {
             dirty: false,
             last_written: None,
             mem: MemShare { total: ctx.in_memory.clone(), mine: 0 },
+            changed_since: None,
         }
     }
 
@@ -238,17 +245,36 @@ impl FileState {
         Ok(n)
     }
 
+    /// Extends the file by `n` zero bytes. Whole chunks of zeros are one stored chunk (equal
+    /// content, one hash) placed once per call, so growing a file by 100 GiB costs no memory.
     async fn append_zeros(&mut self, ctx: &Ctx, mut n: u64) -> Result<()> {
-        let zeros = vec![0u8; (n as usize).min(CHUNK)];
+        let zeros = Bytes::from(vec![0u8; (n as usize).min(CHUNK)]);
+        let mut zero_chunk: Option<ExtentLocation> = None;
         while n > 0 {
+            let last_full = self.segs.last().is_none_or(|s| s.len() == CHUNK as u64);
+            if last_full && n >= CHUNK as u64 {
+                if zero_chunk.is_none() {
+                    let extent = ctx.client.upload(zeros.clone(), ctx.replication).await?;
+                    ctx.cache.insert(&extent.hash, zeros.clone());
+                    zero_chunk = Some(ExtentLocation { extent: Some(extent), offset: 0, replicas: vec![] });
+                }
+                self.segs.push(Seg::Clean(zero_chunk.clone().expect("set above")));
+                self.dirty = true;
+                n -= CHUNK as u64;
+                continue;
+            }
             let take = (n as usize).min(zeros.len());
             n -= self.append(ctx, &zeros[..take]).await? as u64;
         }
+        self.upload_behind(ctx);
         Ok(())
     }
 
     pub async fn write(&mut self, ctx: &Ctx, off: u64, data: &[u8]) -> Result<()> {
         self.load(ctx).await?;
+        // Whatever part of the write lands must be committed, even if a later part fails.
+        self.dirty = true;
+        self.commit_if_old(ctx).await?;
         let mut size = self.size();
         if off > size {
             self.append_zeros(ctx, off - size).await?;
@@ -306,6 +332,28 @@ impl FileState {
             Ok(ext)
         });
         self.segs[i] = Seg::Uploading(data, task);
+    }
+
+    /// Whether the file has been changing without a commit for [`COMMIT_AT_LEAST_EVERY`].
+    pub fn commit_due(&self) -> bool {
+        self.dirty && self.changed_since.is_some_and(|t| t.elapsed() >= COMMIT_AT_LEAST_EVERY)
+    }
+
+    /// Commits a file that has been changing without a commit for [`COMMIT_AT_LEAST_EVERY`].
+    async fn commit_if_old(&mut self, ctx: &Ctx) -> Result<()> {
+        match self.changed_since {
+            None => {
+                self.changed_since = Some(std::time::Instant::now());
+                Ok(())
+            }
+            Some(t) if t.elapsed() >= COMMIT_AT_LEAST_EVERY => {
+                self.sync(ctx).await?;
+                self.dirty = true; // the write that asked goes on
+                self.changed_since = Some(std::time::Instant::now());
+                Ok(())
+            }
+            Some(_) => Ok(()),
+        }
     }
 
     /// Waits for the oldest uploads while too many of this file's chunks are in flight.
@@ -394,18 +442,21 @@ impl FileState {
         self.mem.sub(freed);
     }
 
-    /// Over the mount's memory limit: uploads every chunk of this file that is in memory.
+    /// Over the mount's memory limit: uploads and waits for every chunk of this file that is in
+    /// memory, except the one being written (each writer keeps one, so many files with a small
+    /// tail each do not upload their tails again on every write).
     async fn relieve_memory(&mut self, ctx: &Ctx) -> Result<()> {
-        if ctx.in_memory.load(Ordering::Relaxed) <= ctx.max_in_memory || self.mem.mine == 0 {
+        if ctx.in_memory.load(Ordering::Relaxed) <= ctx.max_in_memory || self.mem.mine <= 1 {
             return Ok(());
         }
         for i in 0..self.segs.len() {
-            self.start_upload(ctx, i);
+            if Some(i) != self.last_written {
+                self.start_upload(ctx, i);
+            }
         }
         for i in 0..self.segs.len() {
             self.finish(ctx, i).await?;
         }
-        self.last_written = None;
         Ok(())
     }
 
@@ -438,6 +489,7 @@ impl FileState {
         self.attr = attr.clone();
         self.dirty = false;
         self.last_written = None;
+        self.changed_since = None;
         Ok(attr)
     }
 
@@ -458,6 +510,10 @@ impl FileState {
                 match &self.segs[i] {
                     Seg::Dirty(b) => out.push(Piece::Mem(Bytes::copy_from_slice(&b[from as usize..to as usize]))),
                     Seg::Uploading(b, _) => out.push(Piece::Mem(b.slice(from as usize..to as usize))),
+                    Seg::Clean(l) if ctx.cache.peek(l).is_some() => {
+                        let b = ctx.cache.peek(l).expect("checked");
+                        out.push(Piece::Mem(b.slice(from as usize..to as usize)));
+                    }
                     Seg::Clean(_) => {
                         self.locate(ctx, i).await?;
                         let Seg::Clean(loc) = &self.segs[i] else {

@@ -167,6 +167,8 @@ enum Fh {
 struct Open {
     state: Arc<AsyncMutex<FileState>>,
     handles: usize,
+    /// Lost its last name while open here: freed (`ReleaseNode`) when the last handle closes.
+    orphan: bool,
 }
 
 struct Inner {
@@ -180,8 +182,6 @@ struct Inner {
     /// The version of each file as of its last open here: an open that finds the same version
     /// keeps the kernel's page cache.
     versions: Mutex<HashMap<u64, u64>>,
-    /// Open files this mount unlinked while open: freed when their last handle closes.
-    orphans: Mutex<std::collections::HashSet<u64>>,
 }
 
 #[derive(Clone)]
@@ -199,7 +199,7 @@ impl CairnFs {
             in_memory: Arc::new(AtomicUsize::new(0)),
             max_in_memory: (opts.write_bytes / file::CHUNK).max(1),
         };
-        CairnFs {
+        let fs = CairnFs {
             inner: Arc::new(Inner {
                 ctx,
                 rt,
@@ -208,9 +208,30 @@ impl CairnFs {
                 next_fh: AtomicU64::new(1),
                 open: Mutex::new(HashMap::new()),
                 versions: Mutex::new(HashMap::new()),
-                orphans: Mutex::new(Default::default()),
             }),
-        }
+        };
+        fs.start_committer();
+        fs
+    }
+
+    /// Commits, in the background, files that are being written for long without a close or
+    /// fsync (see `file::COMMIT_AT_LEAST_EVERY`). Ends with the file system.
+    fn start_committer(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        self.inner.rt.spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(15)).await;
+                let Some(inner) = weak.upgrade() else { return };
+                let fs = CairnFs { inner };
+                let states: Vec<_> =
+                    fs.inner.open.lock().expect("open lock").values().map(|o| o.state.clone()).collect();
+                for st in states {
+                    if st.lock().await.commit_due() {
+                        let _ = fs.sync_state(&st).await;
+                    }
+                }
+            }
+        });
     }
 
     fn client(&self) -> &Client {
@@ -270,6 +291,7 @@ impl CairnFs {
             let o = open.entry(ino).or_insert_with(|| Open {
                 state: Arc::new(AsyncMutex::new(FileState::new(attr.clone(), &self.inner.ctx))),
                 handles: 0,
+                orphan: false,
             });
             o.handles += 1;
             o.state.clone()
@@ -310,13 +332,56 @@ impl CairnFs {
             }
         }
         // Unlinked files still open here: nothing can reach them once the mount is gone.
-        let orphans: Vec<u64> = self.inner.orphans.lock().expect("orphans lock").drain().collect();
-        for ino in orphans {
-            if let Err(e) = self.client().node(Op::Release(ReleaseNode { inode: ino })).await {
-                tracing::warn!(inode = ino, "could not free an unlinked file: {e}");
+        let orphans: Vec<u64> = {
+            let mut open = self.inner.open.lock().expect("open lock");
+            let mut v = Vec::new();
+            for (ino, o) in open.iter_mut().filter(|(_, o)| o.orphan) {
+                o.orphan = false;
+                v.push(*ino);
             }
+            v
+        };
+        for ino in orphans {
+            self.release_orphan(ino).await;
         }
         result
+    }
+
+    async fn release_orphan(&self, ino: u64) {
+        if let Err(e) = self.client().node(Op::Release(ReleaseNode { inode: ino })).await {
+            tracing::warn!(inode = ino, "could not free an unlinked file: {e}");
+        }
+    }
+
+    /// Whether the entry `(parent, name)` names a file open on this mount (asked only while any
+    /// file is open): such a file must outlive the name (POSIX).
+    async fn open_target(&self, parent: u64, name: &str) -> Option<u64> {
+        if self.inner.open.lock().expect("open lock").is_empty() {
+            return None;
+        }
+        let a = self.client().lookup(parent, name).await.ok()?;
+        self.open_state(a.inode).map(|_| a.inode)
+    }
+
+    /// After an unlink or rename with `keep`: the file is freed when its last handle here
+    /// closes, or now if that happened meanwhile.
+    async fn orphaned(&self, ino: u64) {
+        let closed = {
+            let mut open = self.inner.open.lock().expect("open lock");
+            match open.get_mut(&ino) {
+                Some(o) => {
+                    o.orphan = true;
+                    false
+                }
+                None => true,
+            }
+        };
+        if closed {
+            self.release_orphan(ino).await;
+        } else if let Some(st) = self.open_state(ino) {
+            let mut st = st.lock().await;
+            st.attr.nlink = st.attr.nlink.saturating_sub(1);
+        }
     }
 
     fn make(&self, req: &Request, parent: INodeNo, name: &OsStr, kind: InodeKind, mode: u32, reply: ReplyEntry) {
@@ -561,24 +626,12 @@ impl Filesystem for CairnFs {
         let this = self.clone();
         self.spawn(async move {
             // A file this mount has open outlives its last name until it is closed (POSIX).
-            let any_open = !this.inner.open.lock().expect("open lock").is_empty();
-            let mut keep = None;
-            if any_open {
-                if let Ok(a) = this.client().lookup(parent.0, &name).await {
-                    if this.open_state(a.inode).is_some() {
-                        keep = Some(a.inode);
-                    }
-                }
-            }
+            let keep = this.open_target(parent.0, &name).await;
             let op = Op::Unlink(UnlinkNode { parent: parent.0, name, directory: false, keep: keep.is_some() });
             match this.client().node(op).await {
                 Ok(_) => {
                     if let Some(ino) = keep {
-                        this.inner.orphans.lock().expect("orphans lock").insert(ino);
-                        if let Some(st) = this.open_state(ino) {
-                            let mut st = st.lock().await;
-                            st.attr.nlink = st.attr.nlink.saturating_sub(1);
-                        }
+                        this.orphaned(ino).await;
                     }
                     reply.ok()
                 }
@@ -633,15 +686,30 @@ impl Filesystem for CairnFs {
         if bits & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0 {
             return reply.error(Errno::EINVAL);
         }
-        let op = Op::Rename(RenameNode {
-            parent: parent.0,
-            name,
-            new_parent: newparent.0,
-            new_name,
-            no_replace: bits & libc::RENAME_NOREPLACE != 0,
-            exchange: bits & libc::RENAME_EXCHANGE != 0,
+        let exchange = bits & libc::RENAME_EXCHANGE != 0;
+        let this = self.clone();
+        self.spawn(async move {
+            // A replaced file that is open here outlives its name, as with unlink.
+            let keep = if exchange { None } else { this.open_target(newparent.0, &new_name).await };
+            let op = Op::Rename(RenameNode {
+                parent: parent.0,
+                name,
+                new_parent: newparent.0,
+                new_name,
+                no_replace: bits & libc::RENAME_NOREPLACE != 0,
+                exchange,
+                keep: keep.is_some(),
+            });
+            match this.client().node(op).await {
+                Ok(_) => {
+                    if let Some(ino) = keep {
+                        this.orphaned(ino).await;
+                    }
+                    reply.ok()
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
         });
-        self.empty_op(op, reply);
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
@@ -765,22 +833,20 @@ impl Filesystem for CairnFs {
         let this = self.clone();
         self.spawn(async move {
             let result = this.sync_state(&state).await;
-            let last = {
+            let free = {
                 let mut open = this.inner.open.lock().expect("open lock");
-                let mut last = false;
+                let mut free = false;
                 if let Some(o) = open.get_mut(&ino) {
                     o.handles -= 1;
-                    last = o.handles == 0;
-                    if last && result.is_ok() {
+                    if o.handles == 0 && (result.is_ok() || o.orphan) {
+                        free = o.orphan;
                         open.remove(&ino);
                     }
                 }
-                last
+                free
             };
-            if last && this.inner.orphans.lock().expect("orphans lock").remove(&ino) {
-                if let Err(e) = this.client().node(Op::Release(ReleaseNode { inode: ino })).await {
-                    tracing::warn!(inode = ino, "could not free an unlinked file: {e}");
-                }
+            if free {
+                this.release_orphan(ino).await;
             }
             match result {
                 Ok(_) => reply.ok(),

@@ -750,7 +750,7 @@ fn rename(w: &mut Writer<'_>, req: &RenameRequest, t: i64) -> Result<(), MetaErr
         return Err(MetaError::InvalidArgument(format!("cannot move {} into its own subtree {}", req.src, req.dst)));
     }
     let ddir = w.resolve_dir(dparent)?;
-    nodes::rename_at(w, (sdir, sname, &req.src), (ddir, dname, &req.dst), nodes::Replace::Allowed, t)
+    nodes::rename_at(w, (sdir, sname, &req.src), (ddir, dname, &req.dst), nodes::Replace::Allowed, false, t)
 }
 
 fn remove(w: &mut Writer<'_>, req: &RemoveRequest, t: i64) -> Result<(), MetaError> {
@@ -768,13 +768,16 @@ fn remove(w: &mut Writer<'_>, req: &RemoveRequest, t: i64) -> Result<(), MetaErr
     w.dirents.remove((parent, *name)).map_err(storage)?;
     w.add_link_count(parent, if is_dir { -1 } else { 0 }, t)?;
     // Depth-first over the subtree with an explicit stack: no recursion depth limit to hit.
-    let mut stack = vec![(id, node)];
-    while let Some((id, node)) = stack.pop() {
+    drop(node);
+    let mut stack = vec![id];
+    while let Some(id) = stack.pop() {
+        // Read when popped, not when pushed: a file with two names in the subtree has lost one
+        // link by the time its second name comes up.
+        let node = w.inode(id)?.ok_or_else(|| MetaError::Internal(anyhow::anyhow!("dangling entry")))?;
         if kind(&node) == InodeKind::Directory {
             for (cname, cid) in w.children(id)? {
                 w.dirents.remove((id, cname.as_str())).map_err(storage)?;
-                let child = w.inode(cid)?.ok_or_else(|| MetaError::Internal(anyhow::anyhow!("dangling entry")))?;
-                stack.push((cid, child));
+                stack.push(cid);
             }
         }
         nodes::drop_link(w, id, node, false, t)?;

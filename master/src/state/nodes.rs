@@ -304,7 +304,7 @@ fn rename_node(w: &mut Writer<'_>, r: &RenameNode, t: i64) -> Result<(), MetaErr
     } else {
         Replace::Allowed
     };
-    rename_at(w, (r.parent, &r.name, &r.name), (r.new_parent, &r.new_name, &r.new_name), how, t)
+    rename_at(w, (r.parent, &r.name, &r.name), (r.new_parent, &r.new_name, &r.new_name), how, r.keep, t)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -315,11 +315,13 @@ pub(super) enum Replace {
 }
 
 /// rename(2) of `(parent, name, label)` to another such entry; labels name the entries in errors.
+/// `keep`: a replaced file that loses its last name stays until released (see [`drop_link`]).
 pub(super) fn rename_at(
     w: &mut Writer<'_>,
     (sdir, sname, slabel): (u64, &str, &str),
     (ddir, dname, dlabel): (u64, &str, &str),
     how: Replace,
+    keep: bool,
     t: i64,
 ) -> Result<(), MetaError> {
     w.dir(sdir)?;
@@ -370,7 +372,7 @@ pub(super) fn rename_at(
         if dst_is_dir {
             w.add_link_count(ddir, -1, t)?;
         }
-        drop_link(w, did, dnode, false, t)?;
+        drop_link(w, did, dnode, keep, t)?;
     }
     w.dirents.remove((sdir, sname)).map_err(storage)?;
     w.dirents.insert((ddir, dname), sid).map_err(storage)?;

@@ -249,6 +249,7 @@ fn rename(parent: u64, name: &str, new_parent: u64, new_name: &str, no_replace: 
         new_name: new_name.into(),
         no_replace,
         exchange,
+        keep: false,
     }))
 }
 
@@ -276,6 +277,18 @@ fn hard_links_keep_a_file_until_its_last_name_goes() {
     run(&s, 7, Op::Remove(RemoveRequest { path: "/d".into(), recursive: true, id: None })).unwrap();
     assert!(s.reader().unwrap().getattr(f).is_err());
     assert_eq!(s.reader().unwrap().files().unwrap(), 0);
+}
+
+#[test]
+fn removing_a_tree_with_two_names_of_one_file_frees_it_once() {
+    let (_d, s) = open();
+    let d = ino(run(&s, 1, make(ROOT, "d", InodeKind::Directory)));
+    let f = ino(run(&s, 2, make(d, "a", InodeKind::File)));
+    run(&s, 3, node(node_request::Op::Link(LinkNode { inode: f, parent: d, name: "b".into() }))).unwrap();
+    run(&s, 4, Op::Remove(RemoveRequest { path: "/d".into(), recursive: true, id: None })).unwrap();
+    let r = s.reader().unwrap();
+    assert!(r.getattr(f).is_err(), "the file lost both names and is freed");
+    assert_eq!(r.files().unwrap(), 0);
 }
 
 #[test]
