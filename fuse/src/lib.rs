@@ -384,22 +384,25 @@ impl CairnFs {
         }
     }
 
-    fn make(&self, req: &Request, parent: INodeNo, name: &OsStr, kind: InodeKind, mode: u32, reply: ReplyEntry) {
-        let name = match name_of(name) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
-        };
-        let op = Op::Make(MakeNode {
+    /// The request that makes `m` (kind, mode, rdev, target) as `name` in `parent`, owned by the
+    /// caller of `req`.
+    fn make_op(&self, req: &Request, parent: INodeNo, name: &OsStr, m: MakeNode) -> Result<Op, Errno> {
+        Ok(Op::Make(MakeNode {
             parent: parent.0,
-            name,
-            kind: kind as i32,
-            mode,
+            name: name_of(name)?,
             uid: req.uid(),
             gid: req.gid(),
             replication: self.inner.opts.replication,
-            ..Default::default()
-        });
-        self.entry_op(op, reply);
+            ..m
+        }))
+    }
+
+    /// Makes a node and answers with its entry.
+    fn make(&self, req: &Request, parent: INodeNo, name: &OsStr, m: MakeNode, reply: ReplyEntry) {
+        match self.make_op(req, parent, name, m) {
+            Ok(op) => self.entry_op(op, reply),
+            Err(e) => reply.error(e),
+        }
     }
 
     /// A mutation that answers with the node's entry.
@@ -596,26 +599,11 @@ impl Filesystem for CairnFs {
             libc::S_IFBLK => InodeKind::BlockDevice,
             _ => return reply.error(Errno::EINVAL),
         };
-        let name = match name_of(name) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
-        };
-        let op = Op::Make(MakeNode {
-            parent: parent.0,
-            name,
-            kind: kind as i32,
-            mode,
-            uid: req.uid(),
-            gid: req.gid(),
-            rdev,
-            replication: self.inner.opts.replication,
-            ..Default::default()
-        });
-        self.entry_op(op, reply);
+        self.make(req, parent, name, MakeNode { kind: kind as i32, mode, rdev, ..Default::default() }, reply);
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
-        self.make(req, parent, name, InodeKind::Directory, mode, reply);
+        self.make(req, parent, name, MakeNode { kind: InodeKind::Directory as i32, mode, ..Default::default() }, reply);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -650,22 +638,14 @@ impl Filesystem for CairnFs {
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
-        let (name, target) = match (name_of(link_name), target.to_str()) {
-            (Ok(n), Some(t)) => (n, t.to_string()),
-            (Err(e), _) => return reply.error(e),
-            (_, None) => return reply.error(Errno::EINVAL),
-        };
-        let op = Op::Make(MakeNode {
-            parent: parent.0,
-            name,
+        let Some(target) = target.to_str() else { return reply.error(Errno::EINVAL) };
+        let m = MakeNode {
             kind: InodeKind::Symlink as i32,
             mode: 0o777,
-            uid: req.uid(),
-            gid: req.gid(),
-            symlink_target: target,
+            symlink_target: target.to_string(),
             ..Default::default()
-        });
-        self.entry_op(op, reply);
+        };
+        self.make(req, parent, link_name, m, reply);
     }
 
     fn rename(
@@ -1031,20 +1011,15 @@ impl Filesystem for CairnFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        let name = match name_of(name) {
-            Ok(n) => n,
+        let op = match self.make_op(
+            req,
+            parent,
+            name,
+            MakeNode { kind: InodeKind::File as i32, mode, ..Default::default() },
+        ) {
+            Ok(op) => op,
             Err(e) => return reply.error(e),
         };
-        let op = Op::Make(MakeNode {
-            parent: parent.0,
-            name,
-            kind: InodeKind::File as i32,
-            mode,
-            uid: req.uid(),
-            gid: req.gid(),
-            replication: self.inner.opts.replication,
-            ..Default::default()
-        });
         let this = self.clone();
         self.spawn(async move {
             match this.client().node_attr(op).await {
