@@ -90,17 +90,40 @@ pub async fn run(a: &MountArgs) -> Result<()> {
     if let Err(e) = fs.sync_all().await {
         eprintln!("cairn: some written data could not be committed before unmounting: {e:?}");
     }
-    let dir = a.mountpoint.clone();
-    tokio::task::spawn_blocking(move || session.umount_and_join()).await?.or_else(|e| {
-        // Busy (a process still has a file open there): detach it lazily instead.
-        let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())?;
-        // SAFETY: a valid NUL-terminated path; umount2 does not keep it.
-        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
-            Ok(())
-        } else {
-            Err(anyhow::anyhow!("unmount {}: {e}", dir.display()))
+    let dir = &a.mountpoint;
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())?;
+    // SAFETY: a valid NUL-terminated path; umount2 does not keep it.
+    if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
+        let busy = std::io::Error::last_os_error();
+        if busy.raw_os_error() != Some(libc::EBUSY) {
+            anyhow::bail!("unmount {}: {busy}", dir.display());
         }
-    })?;
+        // A process still has a file open there: detach the mount from the tree and keep
+        // serving those files until they are closed, so that their last writes are committed.
+        // SAFETY: as above.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+            anyhow::bail!("unmount {}: {}", dir.display(), std::io::Error::last_os_error());
+        }
+        eprintln!(
+            "cairn: {} is busy: detached; serving the files still open there until they are closed \
+             (signal again to stop at once)",
+            dir.display()
+        );
+    }
+    // The session ends when the kernel lets go of the mount (at once unless detached while busy).
+    let mut joined = tokio::task::spawn_blocking(move || session.join());
+    tokio::select! {
+        r = &mut joined => {
+            if let Err(e) = r? {
+                eprintln!("cairn: FUSE session: {e}");
+            }
+        }
+        _ = tokio::signal::ctrl_c() => eprintln!("cairn: stopping with files still open"),
+        _ = term.recv() => eprintln!("cairn: stopping with files still open"),
+    }
+    if let Err(e) = fs.sync_all().await {
+        eprintln!("cairn: some written data could not be committed: {e:?}");
+    }
     Ok(())
 }
 
