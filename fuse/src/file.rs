@@ -42,27 +42,38 @@ pub struct Ctx {
     pub max_in_memory: usize,
 }
 
-/// This file's share of [`Ctx::in_memory`], given back when the file state goes.
-struct MemShare {
+/// Which chunks of this file are in memory (dirty or uploading), by index, counted in
+/// [`Ctx::in_memory`] too and given back when the file state goes. Per-write work walks these,
+/// never the whole file.
+struct InMemory {
     total: Arc<AtomicUsize>,
-    mine: usize,
+    segs: std::collections::BTreeSet<usize>,
 }
 
-impl MemShare {
-    fn add(&mut self) {
-        self.mine += 1;
-        self.total.fetch_add(1, Ordering::Relaxed);
+impl InMemory {
+    fn add(&mut self, i: usize) {
+        if self.segs.insert(i) {
+            self.total.fetch_add(1, Ordering::Relaxed);
+        }
     }
-    fn sub(&mut self, n: usize) {
-        let n = n.min(self.mine);
-        self.mine -= n;
-        self.total.fetch_sub(n, Ordering::Relaxed);
+    fn remove(&mut self, i: usize) {
+        if self.segs.remove(&i) {
+            self.total.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    /// Forgets every index from `i` on (those chunks were dropped).
+    fn drop_from(&mut self, i: usize) {
+        let gone = self.segs.split_off(&i).len();
+        self.total.fetch_sub(gone, Ordering::Relaxed);
+    }
+    fn list(&self) -> Vec<usize> {
+        self.segs.iter().copied().collect()
     }
 }
 
-impl Drop for MemShare {
+impl Drop for InMemory {
     fn drop(&mut self) {
-        self.total.fetch_sub(self.mine, Ordering::Relaxed);
+        self.total.fetch_sub(self.segs.len(), Ordering::Relaxed);
     }
 }
 
@@ -100,11 +111,14 @@ pub struct FileState {
     pub ino: u64,
     pub attr: Attr,
     segs: Vec<Seg>,
+    /// Byte offset of each seg in the file. Only the last seg ever changes length (appends, a
+    /// truncate that cuts one), so these stay right as segs are pushed and dropped.
+    starts: Vec<u64>,
     loaded: bool,
     pub dirty: bool,
     /// The chunk the latest write went to: it stays in memory while the writer is on it.
     last_written: Option<usize>,
-    mem: MemShare,
+    mem: InMemory,
     /// When the first change since the last commit was made.
     changed_since: Option<std::time::Instant>,
 }
@@ -115,10 +129,11 @@ impl FileState {
             ino: attr.inode,
             attr,
             segs: Vec::new(),
+            starts: Vec::new(),
             loaded: false,
             dirty: false,
             last_written: None,
-            mem: MemShare { total: ctx.in_memory.clone(), mine: 0 },
+            mem: InMemory { total: ctx.in_memory.clone(), segs: Default::default() },
             changed_since: None,
         }
     }
@@ -126,7 +141,7 @@ impl FileState {
     /// The file's size including changes not yet committed.
     pub fn size(&self) -> u64 {
         if self.loaded {
-            self.segs.iter().map(Seg::len).sum()
+            self.size_of_segs()
         } else {
             self.attr.size
         }
@@ -147,7 +162,7 @@ impl FileState {
         if let Some(a) = r.attr {
             self.attr = a;
         }
-        self.segs = r.extents.into_iter().map(Seg::Clean).collect();
+        self.set_segs(r.extents);
         self.loaded = true;
         Ok(())
     }
@@ -162,21 +177,40 @@ impl FileState {
             return;
         }
         self.attr = attr;
-        self.segs = file.extents.into_iter().map(Seg::Clean).collect();
+        self.set_segs(file.extents);
         self.loaded = true;
         self.last_written = None;
     }
 
-    fn find(&self, pos: u64) -> (usize, usize) {
-        let mut start = 0;
-        for (i, s) in self.segs.iter().enumerate() {
-            let len = s.len();
-            if pos < start + len {
-                return (i, (pos - start) as usize);
-            }
-            start += len;
+    /// The stored extents of a commit from the masters, with nothing in memory.
+    fn set_segs(&mut self, extents: Vec<ExtentLocation>) {
+        self.segs.clear();
+        self.starts.clear();
+        for e in extents {
+            self.push_seg(Seg::Clean(e));
         }
-        (self.segs.len(), 0)
+    }
+
+    fn push_seg(&mut self, seg: Seg) {
+        let start = self.size_of_segs();
+        self.starts.push(start);
+        self.segs.push(seg);
+    }
+
+    fn size_of_segs(&self) -> u64 {
+        match (self.starts.last(), self.segs.last()) {
+            (Some(start), Some(seg)) => start + seg.len(),
+            _ => 0,
+        }
+    }
+
+    /// The seg holding byte `pos` and the offset in it; past the end: (number of segs, 0).
+    fn find(&self, pos: u64) -> (usize, usize) {
+        if pos >= self.size_of_segs() {
+            return (self.segs.len(), 0);
+        }
+        let i = self.starts.partition_point(|&s| s <= pos) - 1;
+        (i, (pos - self.starts[i]) as usize)
     }
 
     /// Makes sure seg `i` (a stored chunk) has known replicas, committing and looking the file
@@ -214,7 +248,7 @@ impl FileState {
             }
             Seg::Clean(_) => {
                 let buf = BytesMut::from(&self.chunk_bytes(ctx, i).await?[..]);
-                self.mem.add();
+                self.mem.add(i);
                 buf
             }
         };
@@ -239,8 +273,8 @@ impl FileState {
         let n = data.len().min(CHUNK);
         let mut buf = BytesMut::with_capacity(n);
         buf.extend_from_slice(&data[..n]);
-        self.segs.push(Seg::Dirty(buf));
-        self.mem.add();
+        self.push_seg(Seg::Dirty(buf));
+        self.mem.add(self.segs.len() - 1);
         self.last_written = Some(self.segs.len() - 1);
         Ok(n)
     }
@@ -258,7 +292,7 @@ impl FileState {
                     ctx.cache.insert(&extent.hash, zeros.clone());
                     zero_chunk = Some(ExtentLocation { extent: Some(extent), offset: 0, replicas: vec![] });
                 }
-                self.segs.push(Seg::Clean(zero_chunk.clone().expect("set above")));
+                self.push_seg(Seg::Clean(zero_chunk.clone().expect("set above")));
                 self.dirty = true;
                 n -= CHUNK as u64;
                 continue;
@@ -308,7 +342,7 @@ impl FileState {
     /// that is not full yet.
     fn upload_behind(&mut self, ctx: &Ctx) {
         let last = self.segs.len().saturating_sub(1);
-        for i in 0..self.segs.len() {
+        for i in self.mem.list() {
             let keep = Some(i) == self.last_written || (i == last && self.segs[i].len() < CHUNK as u64);
             if !keep {
                 self.start_upload(ctx, i);
@@ -360,7 +394,7 @@ impl FileState {
     async fn limit_uploads(&mut self, ctx: &Ctx) -> Result<()> {
         loop {
             let uploading: Vec<usize> =
-                (0..self.segs.len()).filter(|&i| matches!(self.segs[i], Seg::Uploading(..))).collect();
+                self.mem.segs.iter().copied().filter(|&i| matches!(self.segs[i], Seg::Uploading(..))).collect();
             if uploading.len() <= MAX_UPLOADS {
                 return Ok(());
             }
@@ -378,7 +412,7 @@ impl FileState {
         match task.await {
             Ok(Ok(extent)) => {
                 self.segs[i] = Seg::Clean(ExtentLocation { extent: Some(extent), offset: 0, replicas: vec![] });
-                self.mem.sub(1);
+                self.mem.remove(i);
                 Ok(())
             }
             Ok(Err(e)) => {
@@ -428,33 +462,28 @@ impl FileState {
     }
 
     fn drop_from(&mut self, i: usize) {
-        let mut freed = 0;
         for s in self.segs.drain(i..) {
-            match s {
-                Seg::Uploading(_, task) => {
-                    task.abort();
-                    freed += 1;
-                }
-                Seg::Dirty(_) => freed += 1,
-                Seg::Clean(_) => {}
+            if let Seg::Uploading(_, task) = s {
+                task.abort();
             }
         }
-        self.mem.sub(freed);
+        self.starts.truncate(i);
+        self.mem.drop_from(i);
     }
 
     /// Over the mount's memory limit: uploads and waits for every chunk of this file that is in
     /// memory, except the one being written (each writer keeps one, so many files with a small
     /// tail each do not upload their tails again on every write).
     async fn relieve_memory(&mut self, ctx: &Ctx) -> Result<()> {
-        if ctx.in_memory.load(Ordering::Relaxed) <= ctx.max_in_memory || self.mem.mine <= 1 {
+        if ctx.in_memory.load(Ordering::Relaxed) <= ctx.max_in_memory || self.mem.segs.len() <= 1 {
             return Ok(());
         }
-        for i in 0..self.segs.len() {
+        for i in self.mem.list() {
             if Some(i) != self.last_written {
                 self.start_upload(ctx, i);
             }
         }
-        for i in 0..self.segs.len() {
+        for i in self.mem.list() {
             self.finish(ctx, i).await?;
         }
         Ok(())
@@ -465,11 +494,11 @@ impl FileState {
         if !self.dirty {
             return Ok(self.attr.clone());
         }
-        for i in 0..self.segs.len() {
+        for i in self.mem.list() {
             self.start_upload(ctx, i);
         }
         let mut first_err = None;
-        for i in 0..self.segs.len() {
+        for i in self.mem.list() {
             if let Err(e) = self.finish(ctx, i).await {
                 first_err.get_or_insert(e);
             }
@@ -499,11 +528,10 @@ impl FileState {
         self.load(ctx).await?;
         let end = (off + len).min(self.size());
         let mut out = Vec::new();
-        let mut start = 0u64;
-        let mut i = 0;
-        while i < self.segs.len() && start < end {
+        let (mut i, _) = self.find(off);
+        while i < self.segs.len() && self.starts[i] < end {
             let slen = self.segs[i].len();
-            let (s, e) = (start, start + slen);
+            let (s, e) = (self.starts[i], self.starts[i] + slen);
             if e > off {
                 let from = off.max(s) - s;
                 let to = end.min(e) - s;
@@ -529,7 +557,6 @@ impl FileState {
                     }
                 }
             }
-            start = e;
             i += 1;
         }
         Ok(out)

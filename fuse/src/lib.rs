@@ -363,6 +363,16 @@ impl CairnFs {
         self.open_state(a.inode).map(|_| a.inode)
     }
 
+    /// Sends an unlink or rename that may take a name away from `keep`, a file open here (see
+    /// [`CairnFs::open_target`]), which then lives on until its last handle closes.
+    async fn drop_name(&self, op: Op, keep: Option<u64>) -> Result<(), Errno> {
+        self.client().node(op).await.map_err(|e| errno(&e))?;
+        if let Some(ino) = keep {
+            self.orphaned(ino).await;
+        }
+        Ok(())
+    }
+
     /// After an unlink or rename with `keep`: the file is freed when its last handle here
     /// closes, or now if that happened meanwhile.
     async fn orphaned(&self, ino: u64) {
@@ -616,14 +626,9 @@ impl Filesystem for CairnFs {
             // A file this mount has open outlives its last name until it is closed (POSIX).
             let keep = this.open_target(parent.0, &name).await;
             let op = Op::Unlink(UnlinkNode { parent: parent.0, name, directory: false, keep: keep.is_some() });
-            match this.client().node(op).await {
-                Ok(_) => {
-                    if let Some(ino) = keep {
-                        this.orphaned(ino).await;
-                    }
-                    reply.ok()
-                }
-                Err(e) => reply.error(errno(&e)),
+            match this.drop_name(op, keep).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
             }
         });
     }
@@ -680,14 +685,9 @@ impl Filesystem for CairnFs {
                 exchange,
                 keep: keep.is_some(),
             });
-            match this.client().node(op).await {
-                Ok(_) => {
-                    if let Some(ino) = keep {
-                        this.orphaned(ino).await;
-                    }
-                    reply.ok()
-                }
-                Err(e) => reply.error(errno(&e)),
+            match this.drop_name(op, keep).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
             }
         });
     }
