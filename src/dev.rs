@@ -32,6 +32,10 @@ pub struct DevArgs {
     /// Also mount the cluster's namespace here (FUSE; created if missing), unmounted on stop.
     #[arg(long)]
     pub mount: Option<PathBuf>,
+    /// Also serve S3 on this address (e.g. 127.0.0.1:9000), with a development access key
+    /// written to DIR/env as AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.
+    #[arg(long)]
+    pub s3: Option<String>,
 }
 
 /// What must stay the same across restarts of a dev cluster: the masters' addresses (they are
@@ -139,6 +143,81 @@ async fn start_mount(exe: &Path, dir: &Path, at: &Path, masters: &[String], tls:
     Ok(p)
 }
 
+/// Starts `cairn s3` on `addr` (port 0: a free one), waits until it answers, and returns it with
+/// the env lines an S3 client needs: the endpoint and the development key (kept in
+/// DIR/s3-key.json and reused while the cluster still knows it).
+async fn start_s3(exe: &Path, dir: &Path, addr: &str, masters: &[String], tls: &Path) -> Result<(Proc, String)> {
+    let mut sa: std::net::SocketAddr = addr.parse().with_context(|| format!("--s3 {addr}: not an IP:PORT address"))?;
+    if sa.port() == 0 {
+        sa.set_port(std::net::TcpListener::bind(sa)?.local_addr()?.port());
+    }
+    let node = dir.join("s3");
+    std::fs::create_dir_all(&node)?;
+    let args = vec![
+        "s3".into(),
+        "--listen".into(),
+        sa.to_string(),
+        "--masters".into(),
+        masters.join(","),
+        "--tls".into(),
+        tls.display().to_string(),
+    ];
+    let log = dir.join("logs/s3.log");
+    let mut p = spawn(exe, "s3 gateway", &args, &node, &log)?;
+    let t0 = Instant::now();
+    while tokio::net::TcpStream::connect(sa).await.is_err() {
+        if let Ok(Some(status)) = p.child.try_wait() {
+            p.reported = true;
+            anyhow::bail!("the S3 gateway on {sa} failed ({status}): {}", last_line(&log));
+        }
+        if t0.elapsed() > READY_TIMEOUT {
+            stop(std::slice::from_mut(&mut p)).await;
+            anyhow::bail!("the S3 gateway on {sa} did not come up within {READY_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let key = match dev_key(dir, masters, tls).await {
+        Ok(k) => k,
+        Err(e) => {
+            stop(std::slice::from_mut(&mut p)).await;
+            return Err(e);
+        }
+    };
+    let env = format!(
+        "export AWS_ENDPOINT_URL=http://{sa}\nexport AWS_ACCESS_KEY_ID={}\nexport AWS_SECRET_ACCESS_KEY={}\n\
+         export AWS_DEFAULT_REGION=us-east-1\nexport AWS_REGION=us-east-1\n",
+        key.access_key_id, key.secret_access_key
+    );
+    Ok((p, env))
+}
+
+#[derive(Serialize, Deserialize)]
+struct DevKey {
+    access_key_id: String,
+    secret_access_key: String,
+}
+
+async fn dev_key(dir: &Path, masters: &[String], tls: &Path) -> Result<DevKey> {
+    let cfg = cairn_client::ClientConfig {
+        masters: masters.to_vec(),
+        tls_dir: tls.to_path_buf(),
+        master_deadline: Duration::from_secs(10),
+    };
+    let client = cairn_client::Client::connect(cfg).await?;
+    let path = dir.join("s3-key.json");
+    if let Some(k) = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<DevKey>(&b).ok()) {
+        if client.access_key(&k.access_key_id).await.is_ok_and(|s| s.secret == k.secret_access_key) {
+            client.close();
+            return Ok(k);
+        }
+    }
+    let k = client.create_access_key("cairn dev").await.context("create the development access key")?;
+    client.close();
+    let k = DevKey { access_key_id: k.id, secret_access_key: k.secret };
+    cairn_common::fsutil::durable_write(&path, &serde_json::to_vec_pretty(&k)?, 0o600)?;
+    Ok(k)
+}
+
 fn last_line(log: &Path) -> String {
     std::fs::read_to_string(log)
         .ok()
@@ -228,11 +307,28 @@ pub async fn run(a: &DevArgs) -> Result<()> {
             }
         }
     }
+    let mut s3_env = String::new();
+    if let Some(addr) = &a.s3 {
+        match start_s3(&exe, &dir, addr, &master_addrs, &client_tls).await {
+            Ok((p, env)) => {
+                mount.push(p);
+                s3_env = env;
+            }
+            Err(e) => {
+                stop(&mut mount).await;
+                stop(&mut procs).await;
+                return Err(e);
+            }
+        }
+    }
 
     // `export` lines: `source DIR/env` sets them for the commands a user runs next, and the file
     // still reads as KEY=VALUE lines once the word is stripped.
-    let env = format!("export CAIRN_MASTERS={}\nexport CAIRN_TLS={}\n", master_addrs.join(","), client_tls.display());
-    cairn_common::fsutil::durable_write(&env_path, env.as_bytes(), 0o644)?;
+    let env =
+        format!("export CAIRN_MASTERS={}\nexport CAIRN_TLS={}\n{s3_env}", master_addrs.join(","), client_tls.display());
+    // With a secret key in it, only its owner reads it.
+    let mode = if s3_env.is_empty() { 0o644 } else { 0o600 };
+    cairn_common::fsutil::durable_write(&env_path, env.as_bytes(), mode)?;
     println!(
         "Cairn dev cluster is up: {} master(s), {} chunkservers, data in {}",
         a.masters,
@@ -244,6 +340,9 @@ pub async fn run(a: &DevArgs) -> Result<()> {
     println!("  cairn put ./file /file    cairn get /file ./copy    cairn ls /    cairn status");
     if let Some(m) = &a.mount {
         println!("  mounted on {} (FUSE): the same files, as a POSIX file system", m.display());
+    }
+    if let Some(addr) = &a.s3 {
+        println!("  S3 on {addr}: aws s3 ls, aws s3 cp ... (AWS_* variables are in the env file)");
     }
     println!();
     println!(
@@ -262,7 +361,8 @@ pub async fn run(a: &DevArgs) -> Result<()> {
         }
     }
     println!("stopping the cluster...");
-    // The mount first: it commits what applications wrote while the masters are still up.
+    // The mount and the gateway first: they commit what clients wrote while the masters are
+    // still up.
     stop(&mut mount).await;
     stop(&mut procs).await;
     let _ = std::fs::remove_file(&env_path);

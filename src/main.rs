@@ -13,6 +13,7 @@ mod bench_masters;
 mod bench_procs;
 mod dev;
 mod mount;
+mod s3;
 mod servers;
 
 use std::process::ExitCode;
@@ -54,9 +55,11 @@ enum Cmd {
     Rm(cli::RmArgs),
     /// Mount the cluster's namespace as a POSIX file system (FUSE).
     Mount(mount::MountArgs),
+    /// Serve the cluster's namespace over the S3 API (buckets are top-level directories).
+    S3(s3::S3Args),
     /// Show masters, chunkservers and replication health.
     Status(cli::StatusArgs),
-    /// Administer the cluster: the master group's membership and leadership.
+    /// Administer the cluster: the master group, repair, draining, S3 access keys.
     #[command(subcommand)]
     Admin(cli::AdminCmd),
     /// Measure put/get throughput and small-file rate, beside the local disk.
@@ -72,7 +75,7 @@ fn init_tracing(server: bool) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let server = matches!(cli.cmd, Cmd::Master(_) | Cmd::Chunkserver(_) | Cmd::Dev(_) | Cmd::Mount(_));
+    let server = matches!(cli.cmd, Cmd::Master(_) | Cmd::Chunkserver(_) | Cmd::Dev(_) | Cmd::Mount(_) | Cmd::S3(_));
     init_tracing(server);
     if !server {
         // Like other Unix tools, a client command piped into `head` ends quietly when the pipe
@@ -104,6 +107,7 @@ fn main() -> ExitCode {
             Cmd::Rm(a) => cli::rm(a).await,
             Cmd::Status(a) => cli::status(a).await,
             Cmd::Mount(a) => mount::run(a).await,
+            Cmd::S3(a) => s3::run(a).await,
             Cmd::Admin(a) => cli::admin(a).await,
             Cmd::Bench(a) => bench::run(a).await,
         }

@@ -140,6 +140,11 @@ impl Client {
 
     /// Every entry of a directory (all pages). A file lists as itself, under its own name.
     pub async fn list(&self, path: &str) -> Result<(Attr, Vec<DirEntry>)> {
+        self.list_with(path, false).await
+    }
+
+    /// [`Client::list`], with each entry's extended attributes when `xattrs` is set.
+    pub async fn list_with(&self, path: &str, xattrs: bool) -> Result<(Attr, Vec<DirEntry>)> {
         let mut out = Vec::new();
         let mut start_after = String::new();
         loop {
@@ -148,14 +153,14 @@ impl Client {
                 .inner
                 .masters
                 .call(|mut c| {
-                    let req = pb::ListRequest { path: p.clone(), start_after: s.clone(), limit: LIST_PAGE };
+                    let req = pb::ListRequest { path: p.clone(), start_after: s.clone(), limit: LIST_PAGE, xattrs };
                     async move { c.list(req).await }
                 })
                 .await?;
             let attr = r.attr.unwrap_or_default();
             if !is_dir(&attr) {
                 let name = path.trim_end_matches('/').rsplit('/').next().unwrap_or(path).to_string();
-                return Ok((attr.clone(), vec![DirEntry { name, attr: Some(attr) }]));
+                return Ok((attr.clone(), vec![DirEntry { name, attr: Some(attr), xattrs: Default::default() }]));
             }
             if let Some(last) = r.entries.last() {
                 start_after = last.name.clone();
@@ -165,6 +170,23 @@ impl Client {
                 return Ok((attr, out));
             }
         }
+    }
+
+    /// Whether the directory at `path` has no entries (one short page is read).
+    pub async fn is_empty_dir(&self, path: &str) -> Result<bool> {
+        let p = path.to_string();
+        let r = self
+            .inner
+            .masters
+            .call(|mut c| {
+                let req = pb::ListRequest { path: p.clone(), start_after: String::new(), limit: 1, xattrs: false };
+                async move { c.list(req).await }
+            })
+            .await?;
+        if !r.attr.as_ref().is_some_and(is_dir) {
+            return Err(Error::NotADirectory(path.to_string()));
+        }
+        Ok(r.entries.is_empty())
     }
 
     pub async fn mkdir(&self, path: &str, parents: bool) -> Result<Attr> {
@@ -200,6 +222,48 @@ impl Client {
             .call(|mut c| {
                 let req = req.clone();
                 async move { c.remove(req).await }
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// A new S3 access key (its secret is only ever shown in this answer and to gateways).
+    pub async fn create_access_key(&self, description: &str) -> Result<pb::AccessKey> {
+        let req = pb::CreateAccessKeyRequest { description: description.to_string(), id: self.next_id() };
+        self.inner
+            .masters
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.create_access_key(req).await }
+            })
+            .await
+    }
+
+    /// Every access key, without secrets.
+    pub async fn list_access_keys(&self) -> Result<Vec<pb::AccessKey>> {
+        let r = self.inner.masters.call(|mut c| async move { c.list_access_keys(pb::Empty {}).await }).await?;
+        Ok(r.keys)
+    }
+
+    /// One access key with its secret (for a gateway checking signatures).
+    pub async fn access_key(&self, id: &str) -> Result<pb::AccessKey> {
+        let id = id.to_string();
+        self.inner
+            .masters
+            .call(|mut c| {
+                let req = pb::AccessKeyRequest { id: id.clone(), request: None };
+                async move { c.get_access_key(req).await }
+            })
+            .await
+    }
+
+    pub async fn delete_access_key(&self, id: &str) -> Result<()> {
+        let req = pb::AccessKeyRequest { id: id.to_string(), request: self.next_id() };
+        self.inner
+            .masters
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.delete_access_key(req).await }
             })
             .await?;
         Ok(())
@@ -253,7 +317,8 @@ impl Client {
         Ok(r.leader)
     }
 
-    async fn open(&self, path: &str) -> Result<pb::OpenFileResponse> {
+    /// A file's attributes, extended attributes and extents with their replicas.
+    pub async fn open_file(&self, path: &str) -> Result<pb::OpenFileResponse> {
         let p = path.to_string();
         self.inner
             .masters
@@ -293,10 +358,66 @@ impl Client {
     async fn put_from<S: ChunkSource>(
         &self,
         path: &str,
-        mut source: S,
+        source: S,
         opts: &PutOptions,
         progress: Progress<'_>,
     ) -> Result<Attr> {
+        let extents = self.upload_from(Some(path), source, opts, progress).await?;
+        self.commit(path, extents, opts, None).await
+    }
+
+    /// Uploads everything `reader` yields as chunks and returns their extents, ready for
+    /// [`Client::commit`]. Nothing is visible anywhere until that commit; chunks never committed
+    /// are collected after the cluster's grace period.
+    pub async fn upload_stream<R: AsyncRead + Unpin + Send>(
+        &self,
+        reader: R,
+        opts: &PutOptions,
+        progress: Progress<'_>,
+    ) -> Result<Vec<Extent>> {
+        self.upload_from(None, AsyncSource(reader), opts, progress).await
+    }
+
+    /// Makes `extents` the content of `path` (created or replaced) in one atomic step. With
+    /// `xattrs` the file's extended attributes become exactly those, in the same step.
+    pub async fn commit(
+        &self,
+        path: &str,
+        extents: Vec<Extent>,
+        opts: &PutOptions,
+        xattrs: Option<std::collections::BTreeMap<String, Vec<u8>>>,
+    ) -> Result<Attr> {
+        let req = pb::CommitFileRequest {
+            path: path.to_string(),
+            extents,
+            replication: opts.replication,
+            mode: opts.mode,
+            uid: 0,
+            gid: 0,
+            set_xattrs: xattrs.is_some(),
+            xattrs: xattrs.unwrap_or_default(),
+            id: self.next_id(),
+        };
+        let r = self
+            .inner
+            .masters
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.commit_file(req).await }
+            })
+            .await?;
+        r.attr.ok_or_else(|| Error::Internal("commit returned no attributes".into()))
+    }
+
+    /// Uploads the chunks of `source`. With `path`, a multi-chunk upload first checks that a
+    /// commit to it could succeed.
+    async fn upload_from<S: ChunkSource>(
+        &self,
+        path: Option<&str>,
+        mut source: S,
+        opts: &PutOptions,
+        progress: Progress<'_>,
+    ) -> Result<Vec<Extent>> {
         if opts.chunk_size == 0 || opts.chunk_size as u64 > cairn_proto::MAX_CHUNK {
             return Err(Error::InvalidArgument(format!(
                 "chunk size {} (1 to {})",
@@ -305,7 +426,7 @@ impl Client {
             )));
         }
         let first = source.next_chunk(opts.chunk_size).await.map_err(|e| Error::io("read input", e))?;
-        if first.len() == opts.chunk_size {
+        if let (Some(path), true) = (path, first.len() == opts.chunk_size) {
             // More than one chunk may follow: fail before uploading them all when the commit
             // could not succeed. (A single chunk goes straight on; the commit checks the same.)
             match self.exists(path).await? {
@@ -352,24 +473,7 @@ impl Client {
             }
             return Err(e);
         }
-        let req = pb::CommitFileRequest {
-            path: path.to_string(),
-            extents,
-            replication: opts.replication,
-            mode: opts.mode,
-            uid: 0,
-            gid: 0,
-            id: self.next_id(),
-        };
-        let r = self
-            .inner
-            .masters
-            .call(|mut c| {
-                let req = req.clone();
-                async move { c.commit_file(req).await }
-            })
-            .await?;
-        r.attr.ok_or_else(|| Error::Internal("commit returned no attributes".into()))
+        Ok(extents)
     }
 
     /// Hashes a chunk, has it placed, and stores it on every target (unless the cluster already
@@ -451,7 +555,21 @@ impl Client {
         len: Option<u64>,
         progress: Progress<'_>,
     ) -> Result<u64> {
-        let mut file = self.open(path).await?;
+        let file = self.open_file(path).await?;
+        self.get_opened(path, file, out, offset, len, progress).await
+    }
+
+    /// [`Client::get`] of a file already opened with [`Client::open_file`] (its content as of
+    /// that open).
+    pub async fn get_opened<W: AsyncWrite + Unpin>(
+        &self,
+        path: &str,
+        mut file: pb::OpenFileResponse,
+        out: &mut W,
+        offset: u64,
+        len: Option<u64>,
+        progress: Progress<'_>,
+    ) -> Result<u64> {
         let size = file.attr.as_ref().map_or(0, |a| a.size);
         let start = offset.min(size);
         let end = len.map_or(size, |l| start.saturating_add(l).min(size));
@@ -473,7 +591,7 @@ impl Client {
                 });
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
-            file = self.open(path).await?;
+            file = self.open_file(path).await?;
         }
         let mut inflight: VecDeque<tokio::task::JoinHandle<Result<Bytes>>> = VecDeque::new();
         let mut pieces = file.extents.into_iter().filter_map(|loc| {

@@ -23,6 +23,23 @@ const MAX_REPLICATION: u32 = 16;
 /// How long status waits for each other master to describe itself.
 const DESCRIBE_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// A new S3 access key id: "CK" and 18 characters of the base32 alphabet, as AWS key ids look.
+fn new_access_key_id() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let mut rng = rand::rng();
+    let mut id = String::from("CK");
+    id.extend((0..18).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char));
+    id
+}
+
+/// A new secret access key: 40 random alphanumeric characters (about 238 bits) from a
+/// cryptographically secure generator seeded by the operating system.
+fn new_secret_key() -> String {
+    use rand::Rng;
+    rand::rng().sample_iter(rand::distr::Alphanumeric).take(40).map(char::from).collect()
+}
+
 #[derive(Clone)]
 pub struct Services {
     pub node: Node,
@@ -178,7 +195,7 @@ impl Services {
         if !settled && extents.iter().any(|e| e.replicas.is_empty()) {
             return Err(MetaError::Unavailable("a new leader is waiting for chunkservers to report".into()));
         }
-        Ok(pb::OpenFileResponse { attr: inode.attr, extents })
+        Ok(pb::OpenFileResponse { attr: inode.attr, extents, xattrs: inode.xattrs })
     }
 }
 
@@ -215,7 +232,7 @@ impl master_server::Master for Services {
                 0 => LIST_PAGE_DEFAULT,
                 n => n.min(LIST_PAGE_MAX),
             };
-            let (attr, entries, more) = self.state.reader()?.list(&req.path, &req.start_after, limit)?;
+            let (attr, entries, more) = self.state.reader()?.list(&req.path, &req.start_after, limit, req.xattrs)?;
             Ok(Response::new(pb::ListResponse { entries, more, attr: Some(attr) }))
         })
         .await
@@ -382,6 +399,54 @@ impl master_server::Master for Services {
                 _ => None,
             };
             Ok(Response::new(pb::StatResponse { attr }))
+        })
+        .await
+    }
+
+    async fn create_access_key(&self, req: Request<pb::CreateAccessKeyRequest>) -> Res<pb::AccessKey> {
+        self.rpc("CreateAccessKey", async {
+            self.node.ensure_leader()?;
+            let req = req.into_inner();
+            // The leader decides the key; a retry of the same request gets the first key back.
+            let key = pb::AccessKey {
+                id: new_access_key_id(),
+                secret: new_secret_key(),
+                created_ns: 0,
+                description: req.description,
+            };
+            crate::state::check_access_key(&key)?;
+            let change = pb::AccessKeyChange { op: Some(pb::access_key_change::Op::Create(key)), request: req.id };
+            match self.node.propose(command::Op::AccessKey(change)).await? {
+                command_result::Result::AccessKey(k) => Ok(Response::new(k)),
+                _ => Err(MetaError::Internal(anyhow::anyhow!("unexpected answer to an access key change")).into()),
+            }
+        })
+        .await
+    }
+
+    async fn list_access_keys(&self, _req: Request<pb::Empty>) -> Res<pb::AccessKeyList> {
+        self.rpc("ListAccessKeys", async {
+            self.node.read_barrier().await?;
+            Ok(Response::new(pb::AccessKeyList { keys: self.state.reader()?.access_keys()? }))
+        })
+        .await
+    }
+
+    async fn get_access_key(&self, req: Request<pb::AccessKeyRequest>) -> Res<pb::AccessKey> {
+        self.rpc("GetAccessKey", async {
+            self.node.read_barrier().await?;
+            Ok(Response::new(self.state.reader()?.access_key(&req.into_inner().id)?))
+        })
+        .await
+    }
+
+    async fn delete_access_key(&self, req: Request<pb::AccessKeyRequest>) -> Res<pb::Empty> {
+        self.rpc("DeleteAccessKey", async {
+            let req = req.into_inner();
+            let change =
+                pb::AccessKeyChange { op: Some(pb::access_key_change::Op::Delete(req.id)), request: req.request };
+            self.node.propose(command::Op::AccessKey(change)).await?;
+            Ok(Response::new(pb::Empty {}))
         })
         .await
     }

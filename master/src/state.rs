@@ -11,8 +11,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use cairn_proto::v1::{
-    command::Op, command_result, Attr, ChunkserverInfo, Command, CommandResult, CommitFileRequest, DirEntry, Empty,
-    Extent, Inode, InodeKind, MkdirRequest, RemoveRequest, RenameRequest, RepairLimits, SetRepairLimitsRequest,
+    access_key_change, command::Op, command_result, AccessKey, Attr, ChunkserverInfo, Command, CommandResult,
+    CommitFileRequest, DirEntry, Empty, Extent, Inode, InodeKind, MkdirRequest, RemoveRequest, RenameRequest,
+    RepairLimits, SetRepairLimitsRequest,
 };
 use prost::Message;
 use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction};
@@ -31,6 +32,8 @@ const SESSIONS: TableDefinition<(u64, u64), (i64, &[u8])> = TableDefinition::new
 const SESSIONS_BY_TIME: TableDefinition<(i64, u64, u64), ()> = TableDefinition::new("client_results_by_time");
 /// Master id -> gRPC address: the group's members as of the applied index.
 const MASTERS: TableDefinition<u64, &str> = TableDefinition::new("masters");
+/// S3 access key id -> encoded AccessKey (with its secret).
+const ACCESS_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("access_keys");
 
 /// How long the answer to a mutation is kept for retries of it. A client retries within its
 /// deadline (seconds); this covers it with a wide margin, and a failover in between.
@@ -182,13 +185,19 @@ impl Reader {
 
     /// One page of a directory, in bytewise name order, after `start_after`. A file lists as
     /// itself (no entries) so callers can tell what they listed from the returned attr.
-    pub fn list(&self, path: &str, start_after: &str, limit: usize) -> Result<(Attr, Vec<DirEntry>, bool), MetaError> {
+    pub fn list(
+        &self,
+        path: &str,
+        start_after: &str,
+        limit: usize,
+        xattrs: bool,
+    ) -> Result<(Attr, Vec<DirEntry>, bool), MetaError> {
         let names = split_path(path)?;
         let (id, node) = self.resolve(&names)?;
         if kind(&node) != InodeKind::Directory {
             return Ok((node.attr.unwrap_or_default(), vec![], false));
         }
-        self.list_node(id, node, start_after, limit)
+        self.list_node(id, node, start_after, limit, xattrs)
     }
 
     fn list_node(
@@ -197,6 +206,7 @@ impl Reader {
         node: Inode,
         start_after: &str,
         limit: usize,
+        xattrs: bool,
     ) -> Result<(Attr, Vec<DirEntry>, bool), MetaError> {
         let attr = node.attr.unwrap_or_default();
         let t = self.txn.open_table(DIRENTS).map_err(storage)?;
@@ -215,7 +225,8 @@ impl Reader {
             }
             let child =
                 self.inode(v.value())?.ok_or_else(|| MetaError::Internal(anyhow::anyhow!("dangling entry {name}")))?;
-            out.push(DirEntry { name: name.to_string(), attr: child.attr });
+            let xattrs = if xattrs { child.xattrs } else { Default::default() };
+            out.push(DirEntry { name: name.to_string(), attr: child.attr, xattrs });
         }
         Ok((attr, out, more))
     }
@@ -236,6 +247,25 @@ impl Reader {
         for item in t.iter().map_err(storage)? {
             let (k, v) = item.map_err(storage)?;
             out.insert(k.value(), v.value().to_string());
+        }
+        Ok(out)
+    }
+
+    /// One S3 access key, with its secret.
+    pub fn access_key(&self, id: &str) -> Result<AccessKey, MetaError> {
+        let t = self.txn.open_table(ACCESS_KEYS).map_err(storage)?;
+        let v = t.get(id).map_err(storage)?.ok_or_else(|| MetaError::NotFound(format!("access key {id}")))?;
+        AccessKey::decode(v.value()).context("decode access key").map_err(MetaError::Internal)
+    }
+
+    /// Every S3 access key, secrets left out.
+    pub fn access_keys(&self) -> Result<Vec<AccessKey>, MetaError> {
+        let t = self.txn.open_table(ACCESS_KEYS).map_err(storage)?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(storage)? {
+            let (_, v) = item.map_err(storage)?;
+            let key = AccessKey::decode(v.value()).context("decode access key").map_err(MetaError::Internal)?;
+            out.push(AccessKey { secret: String::new(), ..key });
         }
         Ok(out)
     }
@@ -306,6 +336,7 @@ struct Writer<'t> {
     sessions: Table<'t, (u64, u64), (i64, &'static [u8])>,
     sessions_by_time: Table<'t, (i64, u64, u64), ()>,
     masters: Table<'t, u64, &'static str>,
+    access_keys: Table<'t, &'static str, &'static [u8]>,
 }
 
 impl Tables for Writer<'_> {
@@ -416,6 +447,19 @@ pub fn check_extents(extents: &[Extent]) -> Result<u64, MetaError> {
     Ok(size)
 }
 
+/// Extended attributes set in one go (S3 object metadata): valid names, bounded values.
+pub fn check_xattrs(xattrs: &std::collections::BTreeMap<String, Vec<u8>>) -> Result<(), MetaError> {
+    let mut total = 0;
+    for (name, value) in xattrs {
+        check_xattr_name(name)?;
+        total += name.len() + value.len();
+    }
+    if total > XATTR_VALUE_MAX {
+        return Err(MetaError::InvalidArgument(format!("{total} bytes of extended attributes in one commit")));
+    }
+    Ok(())
+}
+
 /// The namespace database. Cloning shares it.
 #[derive(Clone)]
 pub struct State {
@@ -440,6 +484,7 @@ impl State {
             txn.open_table(SESSIONS)?;
             txn.open_table(SESSIONS_BY_TIME)?;
             txn.open_table(MASTERS)?;
+            txn.open_table(ACCESS_KEYS)?;
         }
         txn.commit()?;
         Ok(State { db })
@@ -497,6 +542,7 @@ impl State {
             sessions: txn.open_table(SESSIONS)?,
             sessions_by_time: txn.open_table(SESSIONS_BY_TIME)?,
             masters: txn.open_table(MASTERS)?,
+            access_keys: txn.open_table(ACCESS_KEYS)?,
         };
         for (_, cmd) in cmds {
             let res = match cmd {
@@ -531,6 +577,7 @@ fn request_id(cmd: &Command) -> Option<(u64, u64)> {
         Some(Op::SetRepairLimits(r)) => r.id.as_ref(),
         Some(Op::Drain(r)) => r.request.as_ref(),
         Some(Op::Node(r)) => r.id.as_ref(),
+        Some(Op::AccessKey(r)) => r.request.as_ref(),
         _ => None,
     }?;
     (id.client != 0).then_some((id.client, id.seq))
@@ -583,6 +630,24 @@ fn apply_one(w: &mut Writer<'_>, cmd: &Command) -> Result<command_result::Result
         Some(Op::Rename(req)) => rename(w, req, t).map(|_| command_result::Result::Done(Empty {})),
         Some(Op::Remove(req)) => remove(w, req, t).map(|_| command_result::Result::Done(Empty {})),
         Some(Op::Node(req)) => nodes::node_op(w, req, t),
+        Some(Op::AccessKey(change)) => match &change.op {
+            Some(access_key_change::Op::Create(key)) => {
+                check_access_key(key)?;
+                if w.access_keys.get(key.id.as_str()).map_err(storage)?.is_some() {
+                    return Err(MetaError::AlreadyExists(format!("access key {}", key.id)));
+                }
+                let key = AccessKey { created_ns: t, ..key.clone() };
+                w.access_keys.insert(key.id.as_str(), key.encode_to_vec().as_slice()).map_err(storage)?;
+                Ok(command_result::Result::AccessKey(key))
+            }
+            Some(access_key_change::Op::Delete(id)) => {
+                if w.access_keys.remove(id.as_str()).map_err(storage)?.is_none() {
+                    return Err(MetaError::NotFound(format!("access key {id}")));
+                }
+                Ok(command_result::Result::Done(Empty {}))
+            }
+            None => Err(MetaError::InvalidArgument("empty access key change".into())),
+        },
         Some(Op::RegisterChunkserver(info)) => {
             w.chunkservers.insert(info.id, info.encode_to_vec().as_slice()).map_err(storage)?;
             Ok(command_result::Result::Done(Empty {}))
@@ -626,6 +691,23 @@ fn apply_one(w: &mut Writer<'_>, cmd: &Command) -> Result<command_result::Result
         }
         None => Err(MetaError::InvalidArgument("empty command".into())),
     }
+}
+
+/// An access key as S3 clients spell it: an id of 16 to 128 characters of A-Z and 0-9, a
+/// secret of 32 to 128 printable ASCII characters.
+pub fn check_access_key(key: &AccessKey) -> Result<(), MetaError> {
+    let id_ok =
+        (16..=128).contains(&key.id.len()) && key.id.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit());
+    if !id_ok {
+        return Err(MetaError::InvalidArgument(format!("access key id {:?}", key.id)));
+    }
+    if !(32..=128).contains(&key.secret.len()) || !key.secret.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(MetaError::InvalidArgument("secret access key: 32 to 128 printable characters".into()));
+    }
+    if key.description.len() > 1024 {
+        return Err(MetaError::InvalidArgument("access key description longer than 1024 bytes".into()));
+    }
+    Ok(())
 }
 
 /// Limits an admin may set: at least one copy in flight, and not so many that one node's memory
@@ -691,6 +773,7 @@ fn commit_file(w: &mut Writer<'_>, req: &CommitFileRequest, t: i64) -> Result<At
         return Err(MetaError::IsADirectory("/".into()));
     };
     let size = check_extents(&req.extents)?;
+    check_xattrs(&req.xattrs)?;
     if req.replication == 0 || req.replication > MAX_REPLICATION {
         return Err(MetaError::InvalidArgument(format!("replication {} (1 to {MAX_REPLICATION})", req.replication)));
     }
@@ -724,6 +807,11 @@ fn commit_file(w: &mut Writer<'_>, req: &CommitFileRequest, t: i64) -> Result<At
     };
     w.chunk_refs(&req.extents, req.replication, 1)?;
     w.add_counter(BYTES, size as i64)?;
+    if req.set_xattrs {
+        node.xattrs = req.xattrs.clone();
+    } else {
+        node.xattrs.remove(cairn_proto::ETAG_XATTR);
+    }
     let attr = node.attr.get_or_insert_default();
     attr.size = size;
     attr.replication = req.replication;
@@ -807,6 +895,7 @@ const T_META: u32 = 5;
 const T_SESSIONS: u32 = 6;
 const T_SESSIONS_BY_TIME: u32 = 7;
 const T_MASTERS: u32 = 8;
+const T_ACCESS_KEYS: u32 = 9;
 
 fn u64_at(b: &[u8], at: usize) -> anyhow::Result<u64> {
     Ok(u64::from_be_bytes(b.get(at..at + 8).context("short snapshot record")?.try_into().expect("8 bytes")))
@@ -866,6 +955,10 @@ pub fn dump(
         let (k, v) = item?;
         emit(T_MASTERS, k.value().to_be_bytes().to_vec(), v.value().as_bytes().to_vec())?;
     }
+    for item in txn.open_table(ACCESS_KEYS)?.iter()? {
+        let (k, v) = item?;
+        emit(T_ACCESS_KEYS, k.value().as_bytes().to_vec(), v.value().to_vec())?;
+    }
     Ok(())
 }
 
@@ -885,6 +978,7 @@ pub fn load(
     txn.delete_table(SESSIONS)?;
     txn.delete_table(SESSIONS_BY_TIME)?;
     txn.delete_table(MASTERS)?;
+    txn.delete_table(ACCESS_KEYS)?;
     let mut inodes = txn.open_table(INODES)?;
     let mut dirents = txn.open_table(DIRENTS)?;
     let mut chunks = txn.open_table(CHUNKS)?;
@@ -893,6 +987,7 @@ pub fn load(
     let mut sessions = txn.open_table(SESSIONS)?;
     let mut by_time = txn.open_table(SESSIONS_BY_TIME)?;
     let mut masters = txn.open_table(MASTERS)?;
+    let mut access_keys = txn.open_table(ACCESS_KEYS)?;
     for r in records {
         let (table, k, v) = r?;
         match table {
@@ -922,6 +1017,9 @@ pub fn load(
             }
             T_MASTERS => {
                 masters.insert(u64_at(&k, 0)?, std::str::from_utf8(&v).context("master address")?)?;
+            }
+            T_ACCESS_KEYS => {
+                access_keys.insert(std::str::from_utf8(&k).context("access key id")?, v.as_slice())?;
             }
             other => anyhow::bail!("snapshot record of unknown table {other}"),
         }

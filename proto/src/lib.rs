@@ -19,5 +19,9 @@ pub const HASH_LEN: usize = 32;
 /// The largest chunk the cluster accepts. Clients cut files into chunks of at most this size.
 pub const MAX_CHUNK: u64 = 4 << 20;
 
+/// The extended attribute holding an object's S3 ETag. A commit that changes the content without
+/// giving new metadata drops it (the gateway then derives an ETag from the chunk hashes).
+pub const ETAG_XATTR: &str = "user.s3.etag";
+
 /// gRPC metadata key carrying the address of the current leader when a follower refuses.
 pub const LEADER_HINT_KEY: &str = "cairn-leader";

@@ -18,6 +18,40 @@ pub enum AdminCmd {
     Drain(DrainArgs),
     /// Remove a stopped (dead) chunkserver from the cluster's list, after a drain.
     Forget(ForgetArgs),
+    /// S3 access keys: create, list, delete.
+    Key(KeyArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct KeyArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    #[command(subcommand)]
+    pub action: KeyAction,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum KeyAction {
+    /// Create an access key; prints its id and secret (the secret is not shown again).
+    Create {
+        /// What the key is for.
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Print JSON: {"access_key_id": ..., "secret_access_key": ...}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List access key ids with their creation time and description (no secrets).
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete an access key: requests signed with it are refused (within seconds).
+    Delete {
+        /// The access key id.
+        id: String,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -97,7 +131,42 @@ pub async fn admin(cmd: &AdminCmd) -> Result<()> {
         AdminCmd::Repair(a) => repair(a).await,
         AdminCmd::Drain(a) => drain(a).await,
         AdminCmd::Forget(a) => forget(a).await,
+        AdminCmd::Key(a) => key(a).await,
     }
+}
+
+async fn key(a: &KeyArgs) -> Result<()> {
+    let client = a.cluster.connect().await?;
+    match &a.action {
+        KeyAction::Create { description, json } => {
+            let k = client.create_access_key(description).await.context("create access key")?;
+            if *json {
+                let v = serde_json::json!({ "access_key_id": k.id, "secret_access_key": k.secret });
+                println!("{v}");
+            } else {
+                println!("access key id:     {}", k.id);
+                println!("secret access key: {}", k.secret);
+            }
+        }
+        KeyAction::List { json } => {
+            let keys = client.list_access_keys().await.context("list access keys")?;
+            if *json {
+                let v: Vec<_> = keys
+                    .iter()
+                    .map(|k| serde_json::json!({ "access_key_id": k.id, "created_ns": k.created_ns, "description": k.description }))
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                for k in keys {
+                    println!("{}  created {}  {}", k.id, super::format_time(k.created_ns), k.description);
+                }
+            }
+        }
+        KeyAction::Delete { id } => {
+            client.delete_access_key(id).await.with_context(|| format!("delete access key {id}"))?
+        }
+    }
+    Ok(())
 }
 
 /// The id of the chunkserver named by id or address.

@@ -49,7 +49,7 @@ impl Reader {
         if kind(&node) != InodeKind::Directory {
             return Err(MetaError::NotADirectory(format!("inode {id}")));
         }
-        self.list_node(id, node, start_after, limit)
+        self.list_node(id, node, start_after, limit, false)
     }
 
     /// A regular file's attributes and extents.
@@ -441,6 +441,7 @@ fn commit_node(w: &mut Writer<'_>, id: u64, extents: &[Extent], t: i64) -> Resul
     attr.ctime_ns = t;
     attr.extent_count = extents.len() as u64;
     node.extents = extents.to_vec();
+    node.xattrs.remove(cairn_proto::ETAG_XATTR);
     let out = attr.clone();
     w.put_inode(id, &node)?;
     Ok(out)

@@ -89,7 +89,7 @@ fn namespace_operations_and_their_errors() {
     r.for_each_chunk(|_, _| n += 1).unwrap();
     assert_eq!(n, 0);
     assert_eq!((r.files().unwrap(), r.bytes().unwrap()), (0, 0));
-    assert_eq!(r.list("/", "", 10).unwrap().1.len(), 0);
+    assert_eq!(r.list("/", "", 10, false).unwrap().1.len(), 0);
     assert_eq!(s.applied_index().unwrap(), i);
 }
 
@@ -101,10 +101,10 @@ fn rename_replaces_and_lists_page_by_page() {
     }
     run(&s, 10, Op::Rename(RenameRequest { src: "/a".into(), dst: "/b".into(), id: None })).unwrap();
     let r = s.reader().unwrap();
-    let (_, page, more) = r.list("/", "", 2).unwrap();
+    let (_, page, more) = r.list("/", "", 2, false).unwrap();
     assert_eq!(page.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), vec!["b", "c"]);
     assert!(more);
-    let (_, page, more) = r.list("/", "c", 2).unwrap();
+    let (_, page, more) = r.list("/", "c", 2, false).unwrap();
     assert_eq!(page.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), vec!["d"]);
     assert!(!more);
     assert_eq!(r.files().unwrap(), 3);
@@ -130,6 +130,7 @@ fn with_id(mut op: Op, client: u64, seq: u64) -> Op {
         Op::SetRepairLimits(r) => r.id = id,
         Op::Drain(r) => r.request = id,
         Op::Node(r) => r.id = id,
+        Op::AccessKey(r) => r.request = id,
         Op::RegisterChunkserver(_) | Op::SetMaster(_) => {}
     }
     op
@@ -340,4 +341,66 @@ fn renames_exchange_refuse_replacing_and_never_move_a_directory_into_itself() {
                                                    // b now lives in the root: moving a below it is fine, moving b below a... is too.
     run(&s, 10, rename(ROOT, "a", b, "a", false, false)).unwrap();
     assert_eq!(run(&s, 11, rename(ROOT, "f", b, "z", false, false)), Err(ErrorCode::InvalidArgument));
+}
+
+#[test]
+fn access_keys_are_replicated_state() {
+    use cairn_proto::v1::{access_key_change, AccessKey, AccessKeyChange};
+    let (_d, s) = open();
+    let key =
+        AccessKey { id: "CKTESTKEY0000000000A".into(), secret: "s".repeat(40), created_ns: 0, description: "t".into() };
+    let create = |k: &AccessKey| {
+        Op::AccessKey(AccessKeyChange { op: Some(access_key_change::Op::Create(k.clone())), request: None })
+    };
+    let r = run_at(&s, 1, 77, create(&key)).unwrap();
+    assert_eq!(r, command_result::Result::AccessKey(AccessKey { created_ns: 77, ..key.clone() }));
+    assert_eq!(run_at(&s, 2, 78, create(&key)), Err(ErrorCode::AlreadyExists));
+    let weak = AccessKey { secret: "short".into(), ..key.clone() };
+    assert_eq!(
+        run_at(&s, 3, 79, create(&AccessKey { id: "CKOTHER0000000000000".into(), ..weak })),
+        Err(ErrorCode::InvalidArgument)
+    );
+    let r = s.reader().unwrap();
+    assert_eq!(r.access_key(&key.id).unwrap().secret, key.secret);
+    let listed = r.access_keys().unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].secret.is_empty(), "listings carry no secrets");
+    let delete =
+        Op::AccessKey(AccessKeyChange { op: Some(access_key_change::Op::Delete(key.id.clone())), request: None });
+    run_at(&s, 4, 80, delete.clone()).unwrap();
+    assert_eq!(run_at(&s, 5, 81, delete), Err(ErrorCode::NotFound));
+    assert!(s.reader().unwrap().access_key(&key.id).is_err());
+}
+
+#[test]
+fn commits_carry_object_metadata_and_content_changes_drop_the_etag() {
+    let (_d, s) = open();
+    let ext = vec![Extent { hash: vec![1; 32], length: 10 }];
+    let mut x = std::collections::BTreeMap::new();
+    x.insert(cairn_proto::ETAG_XATTR.to_string(), b"abc".to_vec());
+    x.insert("user.s3.content-type".to_string(), b"text/plain".to_vec());
+    let commit = |xattrs: Option<std::collections::BTreeMap<String, Vec<u8>>>| {
+        Op::CommitFile(CommitFileRequest {
+            path: "/obj".into(),
+            extents: ext.clone(),
+            replication: 1,
+            mode: 0o644,
+            set_xattrs: xattrs.is_some(),
+            xattrs: xattrs.unwrap_or_default(),
+            ..Default::default()
+        })
+    };
+    run_at(&s, 1, 1, commit(Some(x.clone()))).unwrap();
+    let node = s.reader().unwrap().open_file("/obj").unwrap();
+    assert_eq!(node.xattrs, x);
+    // A commit without metadata (a write through the mount, `cairn put`) keeps the other
+    // attributes but not the ETag, which described the old content.
+    run_at(&s, 2, 2, commit(None)).unwrap();
+    let node = s.reader().unwrap().open_file("/obj").unwrap();
+    assert!(!node.xattrs.contains_key(cairn_proto::ETAG_XATTR));
+    assert_eq!(node.xattrs.get("user.s3.content-type").map(Vec::as_slice), Some(&b"text/plain"[..]));
+    let (_, entries, _) = s.reader().unwrap().list("/", "", 10, true).unwrap();
+    assert_eq!(entries[0].xattrs, node.xattrs);
+    let (_, entries, _) = s.reader().unwrap().list("/", "", 10, false).unwrap();
+    assert!(entries[0].xattrs.is_empty());
 }

@@ -1,0 +1,387 @@
+//! Multipart uploads. Each upload is a directory `/.s3-uploads/<id>/` holding an `upload` file
+//! (empty; its extended attribute records bucket, key and metadata) and one file per part,
+//! committed like any object. Completing an upload commits, at the key, the concatenation of
+//! the parts' extent lists: no chunk is read or written again. Uploads left neither completed
+//! nor aborted are removed after `GatewayConfig::upload_expiry`.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use cairn_client::Error;
+use cairn_proto::v1::Extent;
+use futures::StreamExt;
+use s3s::crypto::{Checksum, Md5};
+use s3s::dto::*;
+use s3s::{s3_error, S3Result};
+
+use crate::names::{self, ObjectMeta};
+use crate::{internal, Gateway};
+
+/// Where uploads in progress live (not a bucket: bucket names cannot start with '.').
+const UPLOADS: &str = "/.s3-uploads";
+const INFO: &str = "upload";
+const INFO_XATTR: &str = "user.s3.upload";
+const MAX_PARTS: i32 = 10_000;
+/// Every part but the last must be at least this big, as on AWS.
+const MIN_PART: u64 = 5 << 20;
+const OPEN_PARALLEL: usize = 16;
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct UploadInfo {
+    bucket: String,
+    key: String,
+    meta: ObjectMeta,
+}
+
+fn upload_dir(id: &str) -> String {
+    format!("{UPLOADS}/{id}")
+}
+
+fn part_name(n: i32) -> String {
+    format!("part-{n:05}")
+}
+
+fn part_number(name: &str) -> Option<i32> {
+    name.strip_prefix("part-")?.parse().ok()
+}
+
+fn no_such_upload(id: &str) -> s3s::S3Error {
+    s3_error!(NoSuchUpload, "no multipart upload {id} (completed, aborted, or never begun)")
+}
+
+impl Gateway {
+    /// The upload `id`, checked to be one for `bucket` and `key`.
+    async fn load_upload(&self, bucket: &str, key: &str, id: &str) -> S3Result<(UploadInfo, i64)> {
+        let (info, initiated) = self.read_upload(id).await?.ok_or_else(|| no_such_upload(id))?;
+        if info.bucket != bucket || info.key != key {
+            return Err(no_such_upload(id));
+        }
+        Ok((info, initiated))
+    }
+
+    /// The record of upload `id` and when it began (None: no such upload).
+    async fn read_upload(&self, id: &str) -> S3Result<Option<(UploadInfo, i64)>> {
+        if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(None);
+        }
+        let f = match self.client.open_file(&format!("{}/{INFO}", upload_dir(id))).await {
+            Ok(f) => f,
+            Err(Error::NotFound(_) | Error::NotADirectory(_) | Error::IsADirectory(_)) => return Ok(None),
+            Err(e) => return Err(internal(e)),
+        };
+        let Some(info) = f.xattrs.get(INFO_XATTR).and_then(|v| serde_json::from_slice(v).ok()) else {
+            return Ok(None);
+        };
+        Ok(Some((info, f.attr.map_or(0, |a| a.mtime_ns))))
+    }
+
+    pub(crate) async fn create_upload(&self, i: CreateMultipartUploadInput) -> S3Result<CreateMultipartUploadOutput> {
+        names::object_path(&i.bucket, &i.key)?;
+        if i.key.ends_with('/') {
+            return Err(s3_error!(InvalidArgument, "a key ending in '/' is a directory and takes no content"));
+        }
+        self.require_bucket(&i.bucket).await?;
+        let id = hex::encode(rand::random::<[u8; 16]>());
+        let meta = ObjectMeta::new(
+            i.content_type,
+            [i.cache_control, i.content_disposition, i.content_encoding, i.content_language],
+            i.metadata,
+        );
+        let info = UploadInfo { bucket: i.bucket.clone(), key: i.key.clone(), meta };
+        let json = serde_json::to_vec(&info).map_err(|e| s3_error!(InternalError, "encode upload record: {e}"))?;
+        self.client.mkdir(&upload_dir(&id), true).await.map_err(internal)?;
+        let mut x = BTreeMap::new();
+        x.insert(INFO_XATTR.to_string(), json);
+        let path = format!("{}/{INFO}", upload_dir(&id));
+        self.client.commit(&path, vec![], &self.put_options(), Some(x)).await.map_err(internal)?;
+        Ok(CreateMultipartUploadOutput {
+            bucket: Some(i.bucket),
+            key: Some(i.key),
+            upload_id: Some(id),
+            ..Default::default()
+        })
+    }
+
+    pub(crate) async fn put_part(&self, mut i: UploadPartInput) -> S3Result<UploadPartOutput> {
+        if !(1..=MAX_PARTS).contains(&i.part_number) {
+            return Err(s3_error!(InvalidArgument, "part number {} (1 to {MAX_PARTS})", i.part_number));
+        }
+        self.load_upload(&i.bucket, &i.key, &i.upload_id).await?;
+        let stored = self.store_body(i.body.take(), i.content_length, i.content_md5.as_deref()).await?;
+        let etag = hex::encode(stored.md5);
+        let mut x = BTreeMap::new();
+        x.insert(cairn_proto::ETAG_XATTR.to_string(), etag.as_bytes().to_vec());
+        let path = format!("{}/{}", upload_dir(&i.upload_id), part_name(i.part_number));
+        match self.client.commit(&path, stored.extents, &self.put_options(), Some(x)).await {
+            Ok(_) => {}
+            Err(Error::NotFound(_)) => return Err(no_such_upload(&i.upload_id)),
+            Err(e) => return Err(internal(e)),
+        }
+        Ok(UploadPartOutput { e_tag: Some(ETag::Strong(etag)), ..Default::default() })
+    }
+
+    pub(crate) async fn complete_upload(
+        &self,
+        i: CompleteMultipartUploadInput,
+    ) -> S3Result<CompleteMultipartUploadOutput> {
+        let path = names::object_path(&i.bucket, &i.key)?;
+        let wanted = i.multipart_upload.and_then(|m| m.parts).unwrap_or_default();
+        if wanted.is_empty() {
+            return Err(s3_error!(MalformedXML, "a multipart upload is completed with at least one part"));
+        }
+        let mut numbers = Vec::with_capacity(wanted.len());
+        for p in &wanted {
+            let n = p.part_number.ok_or_else(|| s3_error!(MalformedXML, "a part without a part number"))?;
+            if numbers.last().is_some_and(|&last| n <= last) {
+                return Err(s3_error!(InvalidPartOrder, "parts must be listed in ascending order"));
+            }
+            numbers.push(n);
+        }
+        let (info, _) = self.load_upload(&i.bucket, &i.key, &i.upload_id).await?;
+        let dir = upload_dir(&i.upload_id);
+        let opened: Vec<_> = futures::stream::iter(numbers.clone())
+            .map(|n| {
+                let path = format!("{dir}/{}", part_name(n));
+                let client = self.client.clone();
+                async move { client.open_file(&path).await }
+            })
+            .buffered(OPEN_PARALLEL)
+            .collect()
+            .await;
+        let mut extents: Vec<Extent> = Vec::new();
+        let mut digests = Md5::new();
+        let count = wanted.len();
+        for (k, (p, file)) in wanted.iter().zip(opened).enumerate() {
+            let n = p.part_number.unwrap_or_default();
+            let file = match file {
+                Ok(f) => f,
+                Err(Error::NotFound(_)) => return Err(s3_error!(InvalidPart, "part {n} was not uploaded")),
+                Err(e) => return Err(internal(e)),
+            };
+            let attr = file.attr.clone().unwrap_or_default();
+            let etag = names::etag_of(&attr, &file.xattrs);
+            if p.e_tag.as_ref().is_some_and(|e| e.value() != etag) {
+                return Err(s3_error!(InvalidPart, "part {n} has ETag {etag}, not the one given"));
+            }
+            if k + 1 < count && attr.size < MIN_PART {
+                return Err(s3_error!(
+                    EntityTooSmall,
+                    "part {n} is {} bytes; all but the last need {MIN_PART}",
+                    attr.size
+                ));
+            }
+            let md5 = hex::decode(&etag).map_err(|_| s3_error!(InvalidPart, "part {n} has no MD5 ETag"))?;
+            digests.update(&md5);
+            extents.extend(file.extents.into_iter().filter_map(|l| l.extent));
+        }
+        let etag = format!("{}-{count}", hex::encode(digests.finalize()));
+        self.commit_object(&i.bucket, &i.key, &path, extents, self.cfg.replication, info.meta.to_xattrs(&etag)).await?;
+        if let Err(e) = self.client.remove(&dir, true).await {
+            // The object is committed; the parts are collected with abandoned uploads.
+            tracing::warn!("remove completed upload {dir}: {e}");
+        }
+        Ok(CompleteMultipartUploadOutput {
+            bucket: Some(i.bucket.clone()),
+            key: Some(i.key.clone()),
+            e_tag: Some(ETag::Strong(etag)),
+            location: Some(format!("/{}/{}", i.bucket, i.key)),
+            ..Default::default()
+        })
+    }
+
+    pub(crate) async fn abort_upload(&self, i: AbortMultipartUploadInput) -> S3Result<AbortMultipartUploadOutput> {
+        self.load_upload(&i.bucket, &i.key, &i.upload_id).await?;
+        match self.client.remove(&upload_dir(&i.upload_id), true).await {
+            Ok(()) => Ok(AbortMultipartUploadOutput::default()),
+            Err(Error::NotFound(_)) => Err(no_such_upload(&i.upload_id)),
+            Err(e) => Err(internal(e)),
+        }
+    }
+
+    pub(crate) async fn parts(&self, i: ListPartsInput) -> S3Result<ListPartsOutput> {
+        self.load_upload(&i.bucket, &i.key, &i.upload_id).await?;
+        let (_, entries) = match self.client.list_with(&upload_dir(&i.upload_id), true).await {
+            Ok(r) => r,
+            Err(Error::NotFound(_)) => return Err(no_such_upload(&i.upload_id)),
+            Err(e) => return Err(internal(e)),
+        };
+        let marker = i.part_number_marker.unwrap_or(0);
+        let max = i.max_parts.unwrap_or(1000).clamp(0, 1000) as usize;
+        let mut parts: Vec<Part> = entries
+            .into_iter()
+            .filter_map(|e| {
+                let n = part_number(&e.name)?;
+                let attr = e.attr?;
+                (n > marker).then(|| Part {
+                    part_number: Some(n),
+                    e_tag: Some(ETag::Strong(names::etag_of(&attr, &e.xattrs))),
+                    size: Some(attr.size as i64),
+                    last_modified: Some(names::last_modified(&attr)),
+                    ..Default::default()
+                })
+            })
+            .collect();
+        parts.sort_by_key(|p| p.part_number);
+        let truncated = parts.len() > max;
+        parts.truncate(max);
+        Ok(ListPartsOutput {
+            bucket: Some(i.bucket),
+            key: Some(i.key),
+            upload_id: Some(i.upload_id),
+            is_truncated: Some(truncated),
+            next_part_number_marker: if truncated { parts.last().and_then(|p| p.part_number) } else { None },
+            part_number_marker: i.part_number_marker,
+            max_parts: Some(max as i32),
+            owner: Some(names::owner()),
+            storage_class: Some(StorageClass::from_static(StorageClass::STANDARD)),
+            parts: Some(parts),
+            ..Default::default()
+        })
+    }
+
+    /// Every upload in progress with its record (uploads whose record is missing are skipped).
+    async fn all_uploads(&self) -> S3Result<Vec<(String, UploadInfo, i64)>> {
+        let entries = match self.client.list(UPLOADS).await {
+            Ok((_, e)) => e,
+            Err(Error::NotFound(_)) => return Ok(vec![]),
+            Err(e) => return Err(internal(e)),
+        };
+        let found: Vec<_> = futures::stream::iter(entries)
+            .map(|e| async move {
+                let r = self.read_upload(&e.name).await;
+                (e.name, r)
+            })
+            .buffered(OPEN_PARALLEL)
+            .collect()
+            .await;
+        let mut out = Vec::new();
+        for (id, r) in found {
+            if let Some((info, t)) = r? {
+                out.push((id, info, t));
+            }
+        }
+        Ok(out)
+    }
+
+    pub(crate) async fn uploads(&self, i: ListMultipartUploadsInput) -> S3Result<ListMultipartUploadsOutput> {
+        self.require_bucket(&i.bucket).await?;
+        let prefix = i.prefix.clone().unwrap_or_default();
+        let mut all: Vec<_> = self
+            .all_uploads()
+            .await?
+            .into_iter()
+            .filter(|(_, info, _)| info.bucket == i.bucket && info.key.starts_with(&prefix))
+            .collect();
+        all.sort_by(|a, b| (&a.1.key, a.2, &a.0).cmp(&(&b.1.key, b.2, &b.0)));
+        let key_marker = i.key_marker.clone().unwrap_or_default();
+        let id_marker = i.upload_id_marker.clone();
+        let max = i.max_uploads.unwrap_or(1000).clamp(0, 1000) as usize;
+        let url = i.encoding_type.as_ref().is_some_and(|e| e.as_str() == EncodingType::URL);
+        let delimiter = i.delimiter.clone().filter(|d| !d.is_empty());
+        let mut uploads = Vec::new();
+        let mut prefixes: Vec<String> = Vec::new();
+        let mut truncated = false;
+        let mut last: Option<(String, String)> = None;
+        let mut past_marker = key_marker.is_empty();
+        for (id, info, t) in all {
+            if !past_marker {
+                let after = match &id_marker {
+                    Some(m) => info.key > key_marker || (info.key == key_marker && id.as_str() > m.as_str()),
+                    None => info.key > key_marker,
+                };
+                if !after {
+                    continue;
+                }
+                past_marker = true;
+            }
+            let rolled = delimiter.as_deref().and_then(|d| {
+                info.key[prefix.len()..].find(d).map(|p| info.key[..prefix.len() + p + d.len()].to_string())
+            });
+            if let Some(cp) = rolled {
+                if prefixes.last() == Some(&cp) {
+                    continue;
+                }
+                if uploads.len() + prefixes.len() == max {
+                    truncated = true;
+                    break;
+                }
+                last = Some((cp.clone(), String::new()));
+                prefixes.push(cp);
+                continue;
+            }
+            if uploads.len() + prefixes.len() == max {
+                truncated = true;
+                break;
+            }
+            last = Some((info.key.clone(), id.clone()));
+            uploads.push(MultipartUpload {
+                key: Some(encode(&info.key, url)),
+                upload_id: Some(id),
+                initiated: Some(names::timestamp(t)),
+                owner: Some(names::owner()),
+                initiator: Some(Initiator { display_name: Some("cairn".into()), id: Some("cairn".into()) }),
+                storage_class: Some(StorageClass::from_static(StorageClass::STANDARD)),
+                ..Default::default()
+            });
+        }
+        let (next_key, next_id) = match last.filter(|_| truncated) {
+            Some((k, id)) => (Some(encode(&k, url)), (!id.is_empty()).then_some(id)),
+            None => (None, None),
+        };
+        Ok(ListMultipartUploadsOutput {
+            bucket: Some(i.bucket),
+            prefix: Some(encode(&prefix, url)),
+            delimiter: i.delimiter,
+            key_marker: i.key_marker,
+            upload_id_marker: i.upload_id_marker,
+            next_key_marker: next_key,
+            next_upload_id_marker: next_id,
+            max_uploads: Some(max as i32),
+            is_truncated: Some(truncated),
+            encoding_type: i.encoding_type,
+            common_prefixes: Some(
+                prefixes.into_iter().map(|p| CommonPrefix { prefix: Some(encode(&p, url)) }).collect(),
+            ),
+            uploads: Some(uploads),
+            ..Default::default()
+        })
+    }
+}
+
+fn encode(s: &str, url: bool) -> String {
+    names::encode_key(s, url)
+}
+
+/// Removes uploads older than the configured expiry, and upload directories that never got
+/// their record (a create that failed midway) once they are an hour old. Runs for the life of
+/// the gateway; several gateways doing the same is harmless.
+pub(crate) async fn collect_abandoned(g: Gateway) {
+    let expiry = g.cfg.upload_expiry;
+    let every = (expiry / 4).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+    loop {
+        tokio::time::sleep(every).await;
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as i64;
+        let entries = match g.client.list(UPLOADS).await {
+            Ok((_, e)) => e,
+            Err(Error::NotFound(_)) => continue,
+            Err(e) => {
+                tracing::warn!("list multipart uploads: {e}");
+                continue;
+            }
+        };
+        for e in entries {
+            let age_of = |t: i64| Duration::from_nanos(now.saturating_sub(t).max(0) as u64);
+            let expired = match g.read_upload(&e.name).await {
+                Ok(Some((_, initiated))) => age_of(initiated) > expiry,
+                Ok(None) => e.attr.as_ref().is_some_and(|a| age_of(a.mtime_ns) > Duration::from_secs(3600)),
+                Err(_) => false,
+            };
+            if expired {
+                match g.client.remove(&upload_dir(&e.name), true).await {
+                    Ok(()) => tracing::info!(upload = %e.name, "removed an abandoned multipart upload"),
+                    Err(err) => tracing::warn!(upload = %e.name, "remove abandoned upload: {err}"),
+                }
+            }
+        }
+    }
+}

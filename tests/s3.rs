@@ -1,0 +1,185 @@
+//! The S3 gateway on a real cluster, driven by real S3 clients: boto3 (every operation, multipart,
+//! listings of thousands of keys, signatures, presigned URLs, clock skew; tests/s3/boto3_test.py)
+//! and the AWS CLI (cp, ls, sync), with objects shared both ways with the client library, and
+//! access keys managed with `cairn admin key`.
+//!
+//! Needs python3 with boto3 and the `aws` command (.ci/run installs python3-boto3 and awscli).
+//! Without them the test fails and says so.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::{random_bytes, spawn, wait_for, Cluster, Options, Proc, MIB};
+
+/// A python3 that can import boto3: the one on PATH, or Debian's.
+fn python() -> &'static str {
+    for p in ["python3", "/usr/bin/python3"] {
+        let ok = Command::new(p).args(["-c", "import boto3"]).output().is_ok_and(|o| o.status.success());
+        if ok {
+            return p;
+        }
+    }
+    panic!("no python3 with boto3 found: install python3-boto3 (.ci/run does)");
+}
+
+struct Key {
+    id: String,
+    secret: String,
+}
+
+fn create_key(c: &Cluster) -> Key {
+    let out = c.cli(&["admin", "key", "create", "--description", "s3 test", "--json"]);
+    assert!(out.status.success(), "key create: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("key create --json");
+    Key {
+        id: v["access_key_id"].as_str().unwrap().to_string(),
+        secret: v["secret_access_key"].as_str().unwrap().to_string(),
+    }
+}
+
+fn gateway(c: &Cluster, name: &str, extra: &[&str]) -> Proc {
+    let mut args: Vec<String> = vec![
+        "s3".into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--masters".into(),
+        c.master.addr.clone(),
+        "--tls".into(),
+        c.client_tls.display().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    spawn(&args, &c.dir.path().join(format!("{name}.log")))
+}
+
+/// `aws --endpoint-url EP ARGS` with `key`, isolated from any AWS configuration on the machine.
+fn aws(ep: &str, key: &Key, dir: &Path, args: &[&str]) -> Output {
+    Command::new("aws")
+        .arg("--endpoint-url")
+        .arg(ep)
+        .args(args)
+        .env("AWS_ACCESS_KEY_ID", &key.id)
+        .env("AWS_SECRET_ACCESS_KEY", &key.secret)
+        .env("AWS_DEFAULT_REGION", "us-east-1")
+        .env("AWS_CONFIG_FILE", dir.join("no-aws-config"))
+        .env("AWS_SHARED_CREDENTIALS_FILE", dir.join("no-aws-credentials"))
+        .env_remove("AWS_ENDPOINT_URL")
+        .env_remove("AWS_PROFILE")
+        .output()
+        .expect("run aws (install awscli; .ci/run does)")
+}
+
+fn ok(out: &Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn s3_clients_against_the_gateway() {
+    let c = Cluster::start(Options::default());
+    let key = create_key(&c);
+    let listed = ok(&c.cli(&["admin", "key", "list"]), "key list");
+    assert!(listed.contains(&key.id) && listed.contains("s3 test"), "{listed}");
+    assert!(!listed.contains(&key.secret), "key list shows a secret");
+
+    let gw = gateway(&c, "s3", &[]);
+    let gc = gateway(&c, "s3-gc", &["--upload-expiry-s", "2"]);
+    let ep = format!("http://{}", gw.addr);
+
+    // An object written with the client library, read through S3 by boto3.
+    ok(&c.cli(&["mkdir", "-p", "/shared/from-cli"]), "mkdir /shared/from-cli");
+    let cli_content = "written with cairn put\n";
+    c.put_data(cli_content.as_bytes(), "/shared/from-cli/note.txt");
+
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/s3/boto3_test.py");
+    let out = Command::new(python())
+        .arg(&script)
+        .env("S3_ENDPOINT", &ep)
+        .env("S3_GC_ENDPOINT", format!("http://{}", gc.addr))
+        .env("AWS_ACCESS_KEY_ID", &key.id)
+        .env("AWS_SECRET_ACCESS_KEY", &key.secret)
+        .env("AWS_CONFIG_FILE", c.dir.path().join("no-aws-config"))
+        .env("AWS_SHARED_CREDENTIALS_FILE", c.dir.path().join("no-aws-credentials"))
+        .env("CLI_BUCKET", "shared")
+        .env("CLI_KEY", "from-cli/note.txt")
+        .env("CLI_CONTENT", cli_content)
+        .output()
+        .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("ALL OK"),
+        "boto3 checks failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // ... and an object written through S3, read with the client library.
+    assert_eq!(c.get_data("/shared/from-s3/hello.txt"), b"written through S3\n");
+    // The multipart object is a plain file of the namespace too.
+    let stat = ok(&c.cli(&["stat", "/alpha/big/multipart.bin", "--json"]), "stat multipart object");
+    let v: serde_json::Value = serde_json::from_str(&stat).unwrap();
+    assert_eq!(v["size"].as_u64(), Some(100 * MIB as u64), "{stat}");
+
+    // The AWS CLI: a multipart upload (above its 8 MiB threshold), a listing, a download, a sync.
+    let dir = c.dir.path();
+    let big = random_bytes(20 * MIB + 7, 7);
+    std::fs::write(dir.join("big.bin"), &big).unwrap();
+    ok(
+        &aws(
+            &ep,
+            &key,
+            dir,
+            &["s3", "cp", "--only-show-errors", dir.join("big.bin").to_str().unwrap(), "s3://shared/aws/big.bin"],
+        ),
+        "aws s3 cp up",
+    );
+    let ls = ok(&aws(&ep, &key, dir, &["s3", "ls", "--recursive", "s3://shared/"]), "aws s3 ls");
+    assert!(ls.contains(&format!("{} aws/big.bin", big.len())), "{ls}");
+    assert!(ls.contains("from-cli/note.txt") && ls.contains("from-s3/hello.txt"), "{ls}");
+    ok(
+        &aws(
+            &ep,
+            &key,
+            dir,
+            &["s3", "cp", "--only-show-errors", "s3://shared/aws/big.bin", dir.join("back.bin").to_str().unwrap()],
+        ),
+        "aws s3 cp down",
+    );
+    assert!(std::fs::read(dir.join("back.bin")).unwrap() == big, "aws s3 cp round trip differs");
+    assert!(c.get_data("/shared/aws/big.bin") == big, "the AWS CLI upload differs through the client library");
+    let tree = dir.join("tree");
+    for i in 0..12 {
+        std::fs::create_dir_all(tree.join(format!("sub{}", i % 3))).unwrap();
+        std::fs::write(tree.join(format!("sub{}/f{i}.txt", i % 3)), format!("file {i}\n")).unwrap();
+    }
+    let sync = |what| {
+        ok(
+            &aws(&ep, &key, dir, &["s3", "sync", "--only-show-errors", tree.to_str().unwrap(), "s3://shared/synced/"]),
+            what,
+        )
+    };
+    sync("aws s3 sync");
+    assert_eq!(c.get_data("/shared/synced/sub1/f4.txt"), b"file 4\n");
+    std::fs::write(tree.join("sub2/f5.txt"), "changed\n").unwrap();
+    sync("aws s3 sync again");
+    assert_eq!(c.get_data("/shared/synced/sub2/f5.txt"), b"changed\n");
+
+    // A deleted key stops working (the gateway trusts its cache for 10 s at most).
+    ok(&c.cli(&["admin", "key", "delete", &key.id]), "key delete");
+    wait_for("the deleted key to be refused", Duration::from_secs(30), || {
+        let out = aws(&ep, &key, dir, &["s3", "ls"]);
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("InvalidAccessKeyId")
+    });
+    let out = c.cli(&["admin", "key", "delete", &key.id]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "one line on stderr: {err}");
+    drop(gc);
+    drop(gw);
+}
