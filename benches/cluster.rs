@@ -30,6 +30,8 @@ pub enum Mode {
     Scale,
     /// Writers and readers for --duration-s while --fault kills and restarts nodes; CSV + PNG.
     Faults,
+    /// The S3 gateway beside the client library: large and small objects, PUT and GET.
+    S3,
 }
 
 #[derive(clap::Args, Debug)]
@@ -89,6 +91,9 @@ pub struct BenchArgs {
     /// faults: size of each file written and read, MiB.
     #[arg(long, default_value_t = 32)]
     pub file_mib: usize,
+    /// s3: large objects PUT (and then GET) at once, each of --size-mib.
+    #[arg(long, default_value_t = 4)]
+    pub objects: usize,
     /// faults: where the CSV timeline and the PNG chart go.
     #[arg(long, default_value = ".")]
     pub out: PathBuf,
@@ -100,29 +105,35 @@ pub(crate) struct Row {
     pub note: String,
 }
 
-fn mbps(bytes: u64, d: Duration) -> f64 {
+pub(crate) fn mbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / 1e6
 }
 
 /// Drops the page cache so that reads come from the disk; false when not permitted.
-fn drop_caches() -> bool {
+pub(crate) fn drop_caches() -> bool {
     nix::unistd::sync();
     std::fs::write("/proc/sys/vm/drop_caches", "3\n").is_ok()
 }
 
 /// A cluster started for the benchmark: `cairn dev` as a child, stopped on drop.
-struct DevCluster {
+pub(crate) struct DevCluster {
     child: std::process::Child,
     env: Vec<(String, String)>,
 }
 
 impl DevCluster {
     fn start(dir: &Path, chunkservers: u32) -> Result<DevCluster> {
+        Self::start_with(dir, chunkservers, &[])
+    }
+
+    /// [`DevCluster::start`] with more `cairn dev` arguments.
+    pub(crate) fn start_with(dir: &Path, chunkservers: u32, extra: &[&str]) -> Result<DevCluster> {
         let exe = std::env::current_exe()?;
         let log = std::fs::File::create(dir.join("dev.log"))?;
         let data = dir.join("cluster");
         let child = std::process::Command::new(exe)
             .args(["dev", "--dir", &data.display().to_string(), "--chunkservers", &chunkservers.to_string()])
+            .args(extra)
             .stdout(log.try_clone()?)
             .stderr(log)
             .stdin(std::process::Stdio::null())
@@ -146,7 +157,7 @@ impl DevCluster {
         Ok(c)
     }
 
-    fn var(&self, k: &str) -> Option<String> {
+    pub(crate) fn var(&self, k: &str) -> Option<String> {
         self.env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
     }
 }
@@ -238,6 +249,10 @@ pub async fn run(a: &BenchArgs) -> Result<()> {
             tmp.path().to_path_buf()
         }
     };
+    if a.mode == Mode::S3 {
+        print_rows(crate::bench_s3::run(a, &dir).await?);
+        return Ok(());
+    }
     if a.mode != Mode::Data {
         return master_modes(a, &dir).await;
     }
@@ -400,7 +415,7 @@ async fn master_modes(a: &BenchArgs, dir: &Path) -> Result<()> {
         Mode::Failover => crate::bench_masters::failover(&mut m, a.trials, a.clients.min(8)).await?,
         Mode::Metadata => crate::bench_masters::metadata(&m, a.clients, a.files.unwrap_or(100_000)).await?,
         Mode::Scale => crate::bench_masters::scale(&mut m, a.clients, a.files.unwrap_or(1_000_000)).await?,
-        Mode::Data => unreachable!("handled by run"),
+        Mode::Data | Mode::S3 => unreachable!("handled by run"),
     };
     drop(m);
     drop(c);

@@ -146,7 +146,13 @@ async fn start_mount(exe: &Path, dir: &Path, at: &Path, masters: &[String], tls:
 /// Starts `cairn s3` on `addr` (port 0: a free one), waits until it answers, and returns it with
 /// the env lines an S3 client needs: the endpoint and the development key (kept in
 /// DIR/s3-key.json and reused while the cluster still knows it).
-async fn start_s3(exe: &Path, dir: &Path, addr: &str, masters: &[String], tls: &Path) -> Result<(Proc, String)> {
+async fn start_s3(
+    exe: &Path,
+    dir: &Path,
+    addr: &str,
+    masters: &[String],
+    tls: &Path,
+) -> Result<(Proc, std::net::SocketAddr, String)> {
     let mut sa: std::net::SocketAddr = addr.parse().with_context(|| format!("--s3 {addr}: not an IP:PORT address"))?;
     if sa.port() == 0 {
         sa.set_port(std::net::TcpListener::bind(sa)?.local_addr()?.port());
@@ -188,7 +194,7 @@ async fn start_s3(exe: &Path, dir: &Path, addr: &str, masters: &[String], tls: &
          export AWS_DEFAULT_REGION=us-east-1\nexport AWS_REGION=us-east-1\n",
         key.access_key_id, key.secret_access_key
     );
-    Ok((p, env))
+    Ok((p, sa, env))
 }
 
 #[derive(Serialize, Deserialize)]
@@ -308,10 +314,12 @@ pub async fn run(a: &DevArgs) -> Result<()> {
         }
     }
     let mut s3_env = String::new();
+    let mut s3_addr = None;
     if let Some(addr) = &a.s3 {
         match start_s3(&exe, &dir, addr, &master_addrs, &client_tls).await {
-            Ok((p, env)) => {
+            Ok((p, sa, env)) => {
                 mount.push(p);
+                s3_addr = Some(sa);
                 s3_env = env;
             }
             Err(e) => {
@@ -341,8 +349,8 @@ pub async fn run(a: &DevArgs) -> Result<()> {
     if let Some(m) = &a.mount {
         println!("  mounted on {} (FUSE): the same files, as a POSIX file system", m.display());
     }
-    if let Some(addr) = &a.s3 {
-        println!("  S3 on {addr}: aws s3 ls, aws s3 cp ... (AWS_* variables are in the env file)");
+    if let Some(addr) = s3_addr {
+        println!("  S3 on http://{addr}: aws s3 ls, aws s3 cp ... (the env file sets AWS_ENDPOINT_URL and a key)");
     }
     println!();
     println!(

@@ -11,6 +11,8 @@ mod bench_faults;
 mod bench_masters;
 #[path = "../benches/procs.rs"]
 mod bench_procs;
+#[path = "../benches/s3.rs"]
+mod bench_s3;
 mod dev;
 mod mount;
 mod s3;
@@ -43,8 +45,12 @@ enum Cmd {
     Put(cli::PutArgs),
     /// Download a file (or a byte range of it) to a local path or stdout (`-`).
     Get(cli::GetArgs),
-    /// List a directory.
+    /// List a directory (as `aws s3 ls` does; -r for every file below).
     Ls(cli::LsArgs),
+    /// Copy files or trees between the local disk and the cluster (or inside it), many at once.
+    Cp(cli::CpArgs),
+    /// Copy only what is missing or changed (by size, then content hash) from one tree to another.
+    Sync(cli::SyncArgs),
     /// Show a file's or directory's attributes.
     Stat(cli::StatArgs),
     /// Create a directory.
@@ -101,6 +107,8 @@ fn main() -> ExitCode {
             Cmd::Put(a) => cli::put(a).await,
             Cmd::Get(a) => cli::get(a).await,
             Cmd::Ls(a) => cli::ls(a).await,
+            Cmd::Cp(a) => cli::cp(a).await,
+            Cmd::Sync(a) => cli::sync(a).await,
             Cmd::Stat(a) => cli::stat(a).await,
             Cmd::Mkdir(a) => cli::mkdir(a).await,
             Cmd::Mv(a) => cli::mv(a).await,

@@ -183,3 +183,61 @@ fn s3_clients_against_the_gateway() {
     drop(gc);
     drop(gw);
 }
+
+/// `cairn cp`, `cairn sync` and `cairn ls` as AWS CLI users know them, through the client library.
+#[test]
+fn cp_sync_and_ls_like_the_aws_cli() {
+    let c = Cluster::start(Options::default());
+    let dir = c.dir.path();
+    let tree = dir.join("tree");
+    std::fs::create_dir_all(tree.join("a/b")).unwrap();
+    std::fs::write(tree.join("a/b/1.txt"), "one\n").unwrap();
+    std::fs::write(tree.join("2.txt"), "two\n").unwrap();
+    let big = random_bytes(9 * MIB, 3);
+    std::fs::write(tree.join("big.bin"), &big).unwrap();
+    let t = tree.to_str().unwrap();
+    ok(&c.cli(&["mkdir", "/data"]), "mkdir");
+
+    let out = ok(&c.cli(&["cp", "-r", t, "s3://data/"]), "cp -r up");
+    assert_eq!(out.lines().filter(|l| l.starts_with("upload: ")).count(), 3, "{out}");
+    let ls = ok(&c.cli(&["ls", "-r", "/data"]), "ls -r");
+    assert_eq!(ls.lines().count(), 3, "{ls}");
+    assert!(ls.contains(" /data/tree/a/b/1.txt") && ls.contains(&format!("{} /data/tree/big.bin", 9 * MIB)), "{ls}");
+    let ls = ok(&c.cli(&["ls", "-H", "--summarize", "s3://data/tree"]), "ls -H --summarize");
+    assert!(ls.contains("PRE a/") && ls.contains("9.0 MiB big.bin") && ls.contains("4 Bytes 2.txt"), "{ls}");
+    assert!(ls.contains("Total Objects: 2") && ls.contains("Total Size: 9.0 MiB"), "{ls}");
+
+    // Nothing changed: nothing copied. Then a same-size change (found by hash) and a new file.
+    assert_eq!(ok(&c.cli(&["sync", t, "s3://data/tree"]), "sync unchanged"), "");
+    std::fs::write(tree.join("2.txt"), "TWO\n").unwrap();
+    std::fs::write(tree.join("a/new.txt"), "new\n").unwrap();
+    let dry = ok(&c.cli(&["sync", "--dryrun", t, "s3://data/tree"]), "sync --dryrun");
+    assert_eq!(dry.lines().count(), 2, "{dry}");
+    assert_eq!(c.get_data("/data/tree/2.txt"), b"two\n", "a dry run copies nothing");
+    let out = ok(&c.cli(&["sync", t, "cairn:/data/tree"]), "sync");
+    let mut lines: Vec<&str> = out.lines().collect();
+    lines.sort();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(lines[0].ends_with("2.txt to cairn:/data/tree/2.txt") && lines[1].contains("a/new.txt"), "{out}");
+    assert_eq!(c.get_data("/data/tree/2.txt"), b"TWO\n");
+
+    // Down, and inside the cluster (metadata-only).
+    let back = dir.join("back");
+    ok(&c.cli(&["cp", "-r", "s3://data/tree", back.to_str().unwrap()]), "cp -r down");
+    for f in ["a/b/1.txt", "a/new.txt", "2.txt", "big.bin"] {
+        assert_eq!(std::fs::read(back.join(f)).unwrap(), std::fs::read(tree.join(f)).unwrap(), "{f}");
+    }
+    assert_eq!(ok(&c.cli(&["sync", "s3://data/tree", back.to_str().unwrap()]), "sync down unchanged"), "");
+    ok(&c.cli(&["cp", "s3://data/tree/big.bin", "cairn:/data/copy.bin"]), "cp inside the cluster");
+    assert!(c.get_data("/data/copy.bin") == big);
+
+    for (args, why) in [
+        (vec!["cp", t, dir.join("x").to_str().unwrap()], "neither side is in the cluster"),
+        (vec!["cp", "s3://data/tree", dir.join("x").to_str().unwrap()], "is a directory (use -r)"),
+        (vec!["cp", "s3://data/nope", dir.join("x").to_str().unwrap()], "does not exist"),
+    ] {
+        let out = c.cli(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.lines().count() == 1 && err.contains(why), "{args:?}: {err}");
+    }
+}

@@ -340,7 +340,7 @@ impl Client {
         opts: &PutOptions,
         progress: Progress<'_>,
     ) -> Result<Attr> {
-        self.put_from(path, AsyncSource(reader), opts, progress).await
+        self.put_from(path, AsyncSource { reader, full: false }, opts, progress).await
     }
 
     /// [`Client::put`] from a local file, read with positioned reads on the blocking pool (no
@@ -375,7 +375,7 @@ impl Client {
         opts: &PutOptions,
         progress: Progress<'_>,
     ) -> Result<Vec<Extent>> {
-        self.upload_from(None, AsyncSource(reader), opts, progress).await
+        self.upload_from(None, AsyncSource { reader, full: false }, opts, progress).await
     }
 
     /// Makes `extents` the content of `path` (created or replaced) in one atomic step. With
@@ -547,7 +547,7 @@ impl Client {
 
     /// Writes the file at `path` (or `len` bytes of it from `offset`; `None`: to the end) into
     /// `out`, chunks fetched in parallel and written in order. Returns the bytes written.
-    pub async fn get<W: AsyncWrite + Unpin>(
+    pub async fn get<W: AsyncWrite + Unpin + Send>(
         &self,
         path: &str,
         out: &mut W,
@@ -556,16 +556,16 @@ impl Client {
         progress: Progress<'_>,
     ) -> Result<u64> {
         let file = self.open_file(path).await?;
-        self.get_opened(path, file, out, offset, len, progress).await
+        self.get_opened(path, file, &mut WriteSink(out), offset, len, progress).await
     }
 
     /// [`Client::get`] of a file already opened with [`Client::open_file`] (its content as of
-    /// that open).
-    pub async fn get_opened<W: AsyncWrite + Unpin>(
+    /// that open), delivered piece by piece to `out` (a channel, for instance: no copies).
+    pub async fn get_opened<S: ByteSink>(
         &self,
         path: &str,
         mut file: pb::OpenFileResponse,
-        out: &mut W,
+        out: &mut S,
         offset: u64,
         len: Option<u64>,
         progress: Progress<'_>,
@@ -630,11 +630,12 @@ impl Client {
                     return Err(e);
                 }
             };
-            out.write_all(&bytes).await.map_err(|e| Error::io("write output", e))?;
-            written += bytes.len() as u64;
-            progress(bytes.len() as u64);
+            let n = bytes.len() as u64;
+            out.accept(bytes).await.map_err(|e| Error::io("write output", e))?;
+            written += n;
+            progress(n);
         }
-        out.flush().await.map_err(|e| Error::io("write output", e))?;
+        out.finish().await.map_err(|e| Error::io("write output", e))?;
         Ok(written)
     }
 
@@ -709,6 +710,34 @@ impl Client {
     }
 }
 
+/// Where [`Client::get_opened`] delivers a file's bytes, in order.
+pub trait ByteSink: Send {
+    fn accept(&mut self, piece: Bytes) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+    /// After the last piece.
+    fn finish(&mut self) -> impl std::future::Future<Output = std::io::Result<()>> + Send {
+        async { Ok(()) }
+    }
+}
+
+/// A writer as a [`ByteSink`] (flushed at the end).
+pub struct WriteSink<'a, W>(pub &'a mut W);
+
+impl<W: AsyncWrite + Unpin + Send> ByteSink for WriteSink<'_, W> {
+    async fn accept(&mut self, piece: Bytes) -> std::io::Result<()> {
+        self.0.write_all(&piece).await
+    }
+    async fn finish(&mut self) -> std::io::Result<()> {
+        self.0.flush().await
+    }
+}
+
+/// Pieces handed to a channel as they are (a closed receiver ends the read).
+impl ByteSink for tokio::sync::mpsc::Sender<Bytes> {
+    async fn accept(&mut self, piece: Bytes) -> std::io::Result<()> {
+        self.send(piece).await.map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the reader went away"))
+    }
+}
+
 /// Where `put` takes its bytes from, one chunk at a time. Every chunk but the last is full-sized,
 /// so the same content always cuts into the same chunks (and deduplicates).
 trait ChunkSource: Send {
@@ -716,22 +745,28 @@ trait ChunkSource: Send {
     fn next_chunk(&mut self, size: usize) -> impl std::future::Future<Output = std::io::Result<Bytes>> + Send;
 }
 
-struct AsyncSource<R>(R);
+struct AsyncSource<R> {
+    reader: R,
+    /// The last chunk was full-sized: a big input, whose next chunk likely is too.
+    full: bool,
+}
 
 impl<R: AsyncRead + Unpin + Send> ChunkSource for AsyncSource<R> {
     async fn next_chunk(&mut self, size: usize) -> std::io::Result<Bytes> {
         // Start small and grow: most inputs of a small-file workload are far below a chunk, and
-        // a fresh chunk-sized buffer costs an mmap, page faults and an munmap each time.
-        let mut buf = BytesMut::with_capacity(size.min(64 << 10));
+        // a fresh chunk-sized buffer costs an mmap, page faults and an munmap each time. Once a
+        // chunk came out full, the next one is allocated whole (growing copies it repeatedly).
+        let mut buf = BytesMut::with_capacity(if self.full { size } else { size.min(64 << 10) });
         while buf.len() < size {
             if buf.len() == buf.capacity() {
                 buf.reserve((buf.capacity() * 2).min(size) - buf.len());
             }
-            let mut limited = (&mut self.0).take((size - buf.len()) as u64);
+            let mut limited = (&mut self.reader).take((size - buf.len()) as u64);
             if limited.read_buf(&mut buf).await? == 0 {
                 break;
             }
         }
+        self.full = buf.len() == size;
         Ok(buf.freeze())
     }
 }

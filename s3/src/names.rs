@@ -131,6 +131,19 @@ impl ObjectMeta {
         (!self.user.is_empty()).then(|| self.user.clone().into_iter().collect())
     }
 
+    /// The response headers this metadata sets on GET and HEAD.
+    pub fn head(&self) -> s3s::dto::HeadObjectOutput {
+        s3s::dto::HeadObjectOutput {
+            content_type: self.content_type.clone(),
+            cache_control: self.header("cache-control"),
+            content_disposition: self.header("content-disposition"),
+            content_encoding: self.header("content-encoding"),
+            content_language: self.header("content-language"),
+            metadata: self.user_map(),
+            ..Default::default()
+        }
+    }
+
     /// The extended attributes to commit with an object of this metadata and ETag.
     pub fn to_xattrs(&self, etag: &str) -> BTreeMap<String, Vec<u8>> {
         let mut x = BTreeMap::new();

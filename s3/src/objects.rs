@@ -16,8 +16,19 @@ use crate::{internal, Gateway};
 
 /// The largest object one PUT (or one part) may carry, as on AWS.
 pub const MAX_PUT: u64 = 5 << 30;
+/// Body pieces queued for the MD5 thread (HTTP frames: a few MiB at most).
+const MD5_QUEUE: usize = 64;
 /// Objects deleted at once by one DeleteObjects request.
 const DELETE_PARALLEL: usize = 16;
+
+/// An object opened for reading: the file as of the open, the byte range to send, and the
+/// response headers (as HEAD answers them).
+struct Opened {
+    file: cairn_proto::v1::OpenFileResponse,
+    start: u64,
+    end: u64,
+    head: HeadObjectOutput,
+}
 
 /// The content of a request body, stored as chunks but not yet committed anywhere.
 pub struct Stored {
@@ -53,12 +64,22 @@ impl Gateway {
         if length.is_some_and(|l| l as u64 > MAX_PUT) {
             return Err(s3_error!(EntityTooLarge, "at most {MAX_PUT} bytes per PUT; use a multipart upload"));
         }
-        let mut md5 = Md5::new();
+        // MD5 runs on a thread of its own, beside the chunking and uploading of the same bytes
+        // (it is the costliest step of a PUT: a core's worth at about 600 MB/s).
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(MD5_QUEUE);
+        let hasher = tokio::task::spawn_blocking(move || {
+            let mut md5 = Md5::new();
+            while let Some(b) = rx.blocking_recv() {
+                md5.update(&b);
+            }
+            md5.finalize()
+        });
         let mut size = 0u64;
         let extents = match body {
             None => vec![],
             Some(body) => {
-                let reader = tokio_util::io::StreamReader::new(Hashing { body, md5: &mut md5, size: &mut size });
+                let hashing = Hashing { body, md5: tokio_util::sync::PollSender::new(tx), size: &mut size };
+                let reader = tokio_util::io::StreamReader::new(hashing);
                 match self.client.upload_stream(reader, &self.put_options(), &|_| {}).await {
                     Ok(e) => e,
                     Err(Error::Io { source, .. }) => return Err(body_error(source)),
@@ -66,6 +87,7 @@ impl Gateway {
                 }
             }
         };
+        let md5 = hasher.await.map_err(|e| s3_error!(InternalError, "MD5 task: {e}"))?;
         if size > MAX_PUT {
             return Err(s3_error!(EntityTooLarge, "at most {MAX_PUT} bytes per PUT; use a multipart upload"));
         }
@@ -74,7 +96,6 @@ impl Gateway {
                 return Err(s3_error!(IncompleteBody, "{size} bytes received, {l} announced"));
             }
         }
-        let md5 = md5.finalize();
         if want.is_some_and(|w| w != md5) {
             return Err(s3_error!(BadDigest, "the Content-MD5 you specified did not match what was received"));
         }
@@ -143,34 +164,55 @@ impl Gateway {
         }))
     }
 
-    pub(crate) async fn get(&self, req: S3Request<GetObjectInput>) -> S3Result<S3Response<GetObjectOutput>> {
-        let i = req.input;
-        let path = names::object_path(&i.bucket, &i.key)?;
+    /// An object for GET or HEAD: opened, its conditions checked, its range resolved.
+    async fn open_object(
+        &self,
+        bucket: &str,
+        key: &str,
+        conds: Conditions<'_>,
+        range: Option<&Range>,
+    ) -> S3Result<(String, Opened)> {
+        let path = names::object_path(bucket, key)?;
         let file = match self.client.open_file(&path).await {
             Ok(f) => f,
             Err(Error::NotFound(_) | Error::NotADirectory(_) | Error::IsADirectory(_)) => {
-                return Err(self.no_such_key(&i.bucket, &i.key).await)
+                return Err(self.no_such_key(bucket, key).await)
             }
             Err(e) => return Err(internal(e)),
         };
         let attr = file.attr.clone().unwrap_or_default();
         let etag = names::etag_of(&attr, &file.xattrs);
-        let conds = Conditions {
-            if_match: i.if_match.as_ref(),
-            if_none_match: i.if_none_match.as_ref(),
-            if_modified_since: i.if_modified_since.as_ref(),
-            if_unmodified_since: i.if_unmodified_since.as_ref(),
-        };
         conds.check(&etag, &names::last_modified(&attr), true)?;
-        let (start, end) = match &i.range {
+        let (start, end) = match range {
             Some(r) => {
                 let r = r.check(attr.size)?;
                 (r.start, r.end)
             }
             None => (0, attr.size),
         };
-        let meta = ObjectMeta::from_xattrs(&file.xattrs);
-        let (mut tx, rx) = tokio::io::duplex(1 << 20);
+        let head = HeadObjectOutput {
+            content_length: Some((end - start) as i64),
+            content_range: range.map(|_| format!("bytes {}-{}/{}", start, end.max(1) - 1, attr.size)),
+            accept_ranges: Some("bytes".into()),
+            e_tag: Some(ETag::Strong(etag)),
+            last_modified: Some(names::last_modified(&attr)),
+            ..ObjectMeta::from_xattrs(&file.xattrs).head()
+        };
+        Ok((path, Opened { file, start, end, head }))
+    }
+
+    pub(crate) async fn get(&self, req: S3Request<GetObjectInput>) -> S3Result<S3Response<GetObjectOutput>> {
+        let i = req.input;
+        let conds = Conditions {
+            if_match: i.if_match.as_ref(),
+            if_none_match: i.if_none_match.as_ref(),
+            if_modified_since: i.if_modified_since.as_ref(),
+            if_unmodified_since: i.if_unmodified_since.as_ref(),
+        };
+        let (path, Opened { file, start, end, head: h }) =
+            self.open_object(&i.bucket, &i.key, conds, i.range.as_ref()).await?;
+        // Verified chunks go to the response as they arrive, without copies; a few in flight.
+        let (mut tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
         let client = self.client.clone();
         tokio::spawn(async move {
             if let Err(e) = client.get_opened(&path, file, &mut tx, start, Some(end - start), &|_| {}).await {
@@ -178,65 +220,38 @@ impl Gateway {
                 tracing::warn!("GET {path}: {e}");
             }
         });
-        let body = StreamingBlob::wrap(tokio_util::io::ReaderStream::with_capacity(rx, 256 << 10));
+        let pieces =
+            futures::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx)) },
+            );
         Ok(S3Response::new(GetObjectOutput {
-            body: Some(body),
-            content_length: Some((end - start) as i64),
-            content_range: i.range.as_ref().map(|_| format!("bytes {}-{}/{}", start, end.max(1) - 1, attr.size)),
-            accept_ranges: Some("bytes".into()),
-            e_tag: Some(ETag::Strong(etag)),
-            last_modified: Some(names::last_modified(&attr)),
-            content_type: meta.content_type.clone(),
-            cache_control: meta.header("cache-control"),
-            content_disposition: meta.header("content-disposition"),
-            content_encoding: meta.header("content-encoding"),
-            content_language: meta.header("content-language"),
-            metadata: meta.user_map(),
+            body: Some(StreamingBlob::wrap(pieces)),
+            content_length: h.content_length,
+            content_range: h.content_range,
+            accept_ranges: h.accept_ranges,
+            e_tag: h.e_tag,
+            last_modified: h.last_modified,
+            content_type: h.content_type,
+            cache_control: h.cache_control,
+            content_disposition: h.content_disposition,
+            content_encoding: h.content_encoding,
+            content_language: h.content_language,
+            metadata: h.metadata,
             ..Default::default()
         }))
     }
 
     pub(crate) async fn head(&self, req: S3Request<HeadObjectInput>) -> S3Result<S3Response<HeadObjectOutput>> {
         let i = req.input;
-        let path = names::object_path(&i.bucket, &i.key)?;
-        let file = match self.client.open_file(&path).await {
-            Ok(f) => f,
-            Err(Error::NotFound(_) | Error::NotADirectory(_) | Error::IsADirectory(_)) => {
-                return Err(self.no_such_key(&i.bucket, &i.key).await)
-            }
-            Err(e) => return Err(internal(e)),
-        };
-        let attr = file.attr.clone().unwrap_or_default();
-        let etag = names::etag_of(&attr, &file.xattrs);
         let conds = Conditions {
             if_match: i.if_match.as_ref(),
             if_none_match: i.if_none_match.as_ref(),
             if_modified_since: i.if_modified_since.as_ref(),
             if_unmodified_since: i.if_unmodified_since.as_ref(),
         };
-        conds.check(&etag, &names::last_modified(&attr), true)?;
-        let (len, content_range) = match &i.range {
-            Some(r) => {
-                let r = r.check(attr.size)?;
-                (r.end - r.start, Some(format!("bytes {}-{}/{}", r.start, r.end.max(1) - 1, attr.size)))
-            }
-            None => (attr.size, None),
-        };
-        let meta = ObjectMeta::from_xattrs(&file.xattrs);
-        Ok(S3Response::new(HeadObjectOutput {
-            content_length: Some(len as i64),
-            content_range,
-            accept_ranges: Some("bytes".into()),
-            e_tag: Some(ETag::Strong(etag)),
-            last_modified: Some(names::last_modified(&attr)),
-            content_type: meta.content_type.clone(),
-            cache_control: meta.header("cache-control"),
-            content_disposition: meta.header("content-disposition"),
-            content_encoding: meta.header("content-encoding"),
-            content_language: meta.header("content-language"),
-            metadata: meta.user_map(),
-            ..Default::default()
-        }))
+        let (_, opened) = self.open_object(&i.bucket, &i.key, conds, i.range.as_ref()).await?;
+        Ok(S3Response::new(opened.head))
     }
 
     /// Deletes one object (a missing one is no error, as in S3), then the directories its key
@@ -369,7 +384,8 @@ impl Gateway {
 /// A request body as a stream of I/O results, hashed and counted on the way.
 struct Hashing<'a> {
     body: StreamingBlob,
-    md5: &'a mut Md5,
+    /// To the MD5 thread; waiting for room in it holds the body back.
+    md5: tokio_util::sync::PollSender<bytes::Bytes>,
     size: &'a mut u64,
 }
 
@@ -381,9 +397,18 @@ impl futures::Stream for Hashing<'_> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
         let this = &mut *self;
+        match this.md5.poll_reserve(cx) {
+            std::task::Poll::Pending => return std::task::Poll::Pending,
+            std::task::Poll::Ready(Ok(())) => {}
+            std::task::Poll::Ready(Err(_)) => {
+                return std::task::Poll::Ready(Some(Err(std::io::Error::other("the MD5 thread stopped"))))
+            }
+        }
         match this.body.poll_next_unpin(cx) {
             std::task::Poll::Ready(Some(Ok(b))) => {
-                this.md5.update(&b);
+                if this.md5.send_item(b.clone()).is_err() {
+                    return std::task::Poll::Ready(Some(Err(std::io::Error::other("the MD5 thread stopped"))));
+                }
                 *this.size += b.len() as u64;
                 std::task::Poll::Ready(Some(Ok(b)))
             }

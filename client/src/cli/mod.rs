@@ -3,6 +3,7 @@
 //! terminal. Errors are returned with a short context and printed as one line by `main`.
 
 mod admin;
+mod copy;
 mod progress;
 mod status;
 mod transfer;
@@ -16,6 +17,7 @@ use cairn_proto::v1::{Attr, InodeKind};
 use crate::{Client, ClientConfig};
 
 pub use admin::{admin, AdminCmd};
+pub use copy::{cp, sync, CpArgs, SyncArgs};
 pub use status::{status, StatusArgs, StatusJson};
 pub use transfer::{get, put, GetArgs, PutArgs};
 
@@ -60,19 +62,25 @@ pub(crate) fn is_dir(a: &Attr) -> bool {
 pub struct LsArgs {
     #[command(flatten)]
     pub cluster: ClusterArgs,
-    /// Directory (or file) to list.
+    /// Directory (or file) to list: a path, or s3://BUCKET/PREFIX.
     #[arg(default_value = "/")]
     pub path: String,
-    /// List subdirectories too, with full paths.
+    /// Every file below, with full paths (directories are not listed themselves).
     #[arg(short = 'r', long)]
     pub recursive: bool,
+    /// Sizes in KiB, MiB, GiB.
+    #[arg(short = 'H', long)]
+    pub human_readable: bool,
+    /// End with the number of files and their total size.
+    #[arg(long)]
+    pub summarize: bool,
 }
 
-fn format_time(ns: i64) -> String {
-    let secs = ns.div_euclid(1_000_000_000);
+/// Year, month, day, hour, minute, second (UTC) of `secs` since the Unix epoch.
+pub fn civil_time(secs: i64) -> (i64, i64, i64, i64, i64, i64) {
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm), UTC.
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
@@ -81,34 +89,84 @@ fn format_time(ns: i64) -> String {
     let mp = (5 * doy + 2) / 153;
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d, rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
-fn ls_line(name: &str, a: &Attr) -> String {
+fn format_time(ns: i64) -> String {
+    let (y, m, d, h, mi, s) = civil_time(ns.div_euclid(1_000_000_000));
+    format!("{y:04}-{m:02}-{d:02} {h:02}:{mi:02}:{s:02}")
+}
+
+/// A size as `aws s3 ls --human-readable` prints it.
+fn human_size(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} Bytes");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+/// One line as `aws s3 ls` prints it: directories as "PRE name/", files with time and size.
+fn ls_line(name: &str, a: &Attr, human: bool) -> String {
     if is_dir(a) {
-        format!("{:>12}  {}  {name}/", "DIR", format_time(a.mtime_ns))
+        format!("{:>30} {name}/", "PRE")
     } else {
-        format!("{:>12}  {}  {name}", a.size, format_time(a.mtime_ns))
+        let size = if human { human_size(a.size) } else { a.size.to_string() };
+        format!("{} {size:>10} {name}", format_time(a.mtime_ns))
     }
 }
 
 pub async fn ls(args: &LsArgs) -> Result<()> {
     let client = args.cluster.connect().await?;
     let ctx = || format!("ls {}", args.path);
-    let (attr, entries) = client.list(&args.path).await.with_context(ctx)?;
+    let path = match args.path.strip_prefix("s3://") {
+        Some(rest) => format!("/{rest}"),
+        None => args.path.clone(),
+    };
+    let (attr, entries) = client.list(&path).await.with_context(ctx)?;
     let mut out = std::io::stdout().lock();
     use std::io::Write;
+    let (mut files, mut bytes) = (0u64, 0u64);
+    let mut line = |out: &mut std::io::StdoutLock<'_>, name: &str, a: &Attr| -> std::io::Result<()> {
+        if !is_dir(a) {
+            files += 1;
+            bytes += a.size;
+        }
+        writeln!(out, "{}", ls_line(name, a, args.human_readable))
+    };
     if !is_dir(&attr) || !args.recursive {
         for e in &entries {
-            writeln!(out, "{}", ls_line(&e.name, &e.attr.clone().unwrap_or_default()))?;
+            line(&mut out, &e.name, &e.attr.clone().unwrap_or_default())?;
         }
-        return Ok(());
+    } else {
+        ls_tree(&client, &path, entries, &mut |name, a| line(&mut out, name, a)).await?;
     }
+    if args.summarize {
+        let size = if args.human_readable { human_size(bytes) } else { bytes.to_string() };
+        writeln!(out, "\nTotal Objects: {files}\n   Total Size: {size}")?;
+    }
+    Ok(())
+}
+
+/// Every file under `path`, depth-first in name order, with full paths.
+async fn ls_tree(
+    client: &Client,
+    path: &str,
+    entries: Vec<cairn_proto::v1::DirEntry>,
+    line: &mut dyn FnMut(&str, &Attr) -> std::io::Result<()>,
+) -> Result<()> {
+    let args_path = path;
     // Depth-first, in name order, printing full paths. Each frame is a directory's entries and
     // the index of the next one to print.
     let mut stack: Vec<(String, Vec<cairn_proto::v1::DirEntry>, usize)> =
-        vec![(args.path.trim_end_matches('/').to_string(), entries, 0)];
+        vec![(args_path.trim_end_matches('/').to_string(), entries, 0)];
     while let Some((dir, entries, next)) = stack.last_mut() {
         let Some(e) = entries.get(*next) else {
             stack.pop();
@@ -117,8 +175,9 @@ pub async fn ls(args: &LsArgs) -> Result<()> {
         *next += 1;
         let a = e.attr.clone().unwrap_or_default();
         let full = format!("{dir}/{}", e.name);
-        writeln!(out, "{}", ls_line(&full, &a))?;
-        if is_dir(&a) {
+        if !is_dir(&a) {
+            line(&full, &a)?;
+        } else {
             let (_, children) = client.list(&full).await.with_context(|| format!("ls {full}"))?;
             stack.push((full, children, 0));
         }

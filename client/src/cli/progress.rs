@@ -30,6 +30,15 @@ impl Bar {
         self.0.inc(n);
     }
 
+    /// A line of output above the bar (on stdout when no bar is drawn).
+    pub fn println(&self, line: &str) {
+        if self.0.is_hidden() {
+            println!("{line}");
+        } else {
+            self.0.println(line);
+        }
+    }
+
     pub fn finish(&self) {
         self.0.finish_and_clear();
     }

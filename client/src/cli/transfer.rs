@@ -165,7 +165,21 @@ pub async fn get(args: &GetArgs) -> Result<()> {
         let name = args.remote.trim_end_matches('/').rsplit('/').next().unwrap_or_default();
         local = local.join(name);
     }
-    // Write beside the target and rename at the end: a failed get leaves no half file.
+    let res = download(&client, &args.remote, &local, args.offset, args.length, &bar).await;
+    bar.finish();
+    res.with_context(|| ctx.clone())
+}
+
+/// Downloads `remote` (or a range of it) to the local file `local`: written beside it and renamed
+/// at the end, so a failed download leaves no half file.
+pub(super) async fn download(
+    client: &Client,
+    remote: &str,
+    local: &Path,
+    offset: u64,
+    length: Option<u64>,
+    bar: &Bar,
+) -> Result<()> {
     let dir = local.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.cairn-{:08x}",
@@ -175,16 +189,15 @@ pub async fn get(args: &GetArgs) -> Result<()> {
     let res = async {
         let f = tokio::fs::File::create(&tmp).await.with_context(|| format!("create {}", tmp.display()))?;
         let mut w = tokio::io::BufWriter::with_capacity(1 << 20, f);
-        client.get(&args.remote, &mut w, args.offset, args.length, &|n| bar.inc(n)).await?;
+        client.get(remote, &mut w, offset, length, &|n| bar.inc(n)).await?;
         let f = w.into_inner();
         f.sync_all().await.with_context(|| format!("sync {}", tmp.display()))?;
-        tokio::fs::rename(&tmp, &local).await.with_context(|| format!("rename to {}", local.display()))?;
+        tokio::fs::rename(&tmp, local).await.with_context(|| format!("rename to {}", local.display()))?;
         anyhow::Ok(())
     }
     .await;
-    bar.finish();
     if res.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    res.with_context(|| ctx.clone())
+    res
 }
