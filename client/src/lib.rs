@@ -51,11 +51,13 @@ pub struct PutOptions {
     /// Cut points: chunks of this size (the last may be shorter). At most `cairn_proto::MAX_CHUNK`.
     pub chunk_size: usize,
     pub mode: u32,
+    /// Create only: the commit fails with AlreadyExists if the path exists.
+    pub exclusive: bool,
 }
 
 impl Default for PutOptions {
     fn default() -> Self {
-        PutOptions { replication: 3, chunk_size: cairn_proto::MAX_CHUNK as usize, mode: 0o644 }
+        PutOptions { replication: 3, chunk_size: cairn_proto::MAX_CHUNK as usize, mode: 0o644, exclusive: false }
     }
 }
 
@@ -396,6 +398,7 @@ impl Client {
             gid: 0,
             set_xattrs: xattrs.is_some(),
             xattrs: xattrs.unwrap_or_default(),
+            exclusive: opts.exclusive,
             id: self.next_id(),
         };
         let r = self
@@ -591,7 +594,13 @@ impl Client {
                 });
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
-            file = self.open_file(path).await?;
+            let again = self.open_file(path).await?;
+            // Only the same content will do: the caller may have described this one already.
+            let same = |f: &pb::OpenFileResponse| f.attr.as_ref().map(|a| (a.inode, a.version));
+            if same(&again) != same(&file) {
+                return Err(Error::Unavailable(format!("{path} changed while its chunk locations were awaited")));
+            }
+            file = again;
         }
         let mut inflight: VecDeque<tokio::task::JoinHandle<Result<Bytes>>> = VecDeque::new();
         let mut pieces = file.extents.into_iter().filter_map(|loc| {

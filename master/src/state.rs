@@ -779,6 +779,7 @@ fn commit_file(w: &mut Writer<'_>, req: &CommitFileRequest, t: i64) -> Result<At
     }
     let parent = w.resolve_dir(parent_names)?;
     let (id, mut node) = match w.child(parent, name)? {
+        Some(_) if req.exclusive => return Err(MetaError::AlreadyExists(req.path.clone())),
         Some(id) => {
             let node = w.inode(id)?.ok_or_else(|| MetaError::Internal(anyhow::anyhow!("dangling entry")))?;
             match kind(&node) {
@@ -810,7 +811,7 @@ fn commit_file(w: &mut Writer<'_>, req: &CommitFileRequest, t: i64) -> Result<At
     if req.set_xattrs {
         node.xattrs = req.xattrs.clone();
     } else {
-        node.xattrs.remove(cairn_proto::ETAG_XATTR);
+        nodes::drop_object_metadata(&mut node);
     }
     let attr = node.attr.get_or_insert_default();
     attr.size = size;

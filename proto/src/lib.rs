@@ -22,6 +22,8 @@ pub const MAX_CHUNK: u64 = 4 << 20;
 /// The extended attribute holding an object's S3 ETag. A commit that changes the content without
 /// giving new metadata drops it (the gateway then derives an ETag from the chunk hashes).
 pub const ETAG_XATTR: &str = "user.s3.etag";
+/// Every extended attribute the S3 gateway keeps starts with this.
+pub const S3_XATTR_PREFIX: &str = "user.s3.";
 
 /// gRPC metadata key carrying the address of the current leader when a follower refuses.
 pub const LEADER_HINT_KEY: &str = "cairn-leader";

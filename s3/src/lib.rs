@@ -62,12 +62,16 @@ pub async fn serve(
     let service = {
         let mut b = s3s::service::S3ServiceBuilder::new(gateway);
         b.set_auth(KeyAuth { client, cache: Mutex::new(HashMap::new()) });
+        b.set_access(SigV4Only);
         if let Some(d) = &cfg.domain {
-            b.set_host(s3s::host::SingleDomain::new(d).map_err(|e| anyhow::anyhow!("--domain {d}: {e}"))?);
+            anyhow::ensure!(!d.is_empty() && !d.contains(':') && !d.contains('/'), "--domain {d}: a bare DNS name");
+            b.set_host(VirtualHosts { domain: d.to_ascii_lowercase() });
         }
         b.build()
     };
-    let http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // A client that opens a connection and sends nothing (or half a header) is dropped.
+    http.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -100,8 +104,71 @@ pub async fn serve(
     Ok(())
 }
 
+/// Virtual-hosted-style requests (`BUCKET.DOMAIN[:port]`) beside path-style ones (any other
+/// host: an IP address, `localhost`, `DOMAIN` itself).
+struct VirtualHosts {
+    domain: String,
+}
+
+impl s3s::host::S3Host for VirtualHosts {
+    fn parse_host_header<'a>(&'a self, host: &'a str) -> S3Result<s3s::host::VirtualHost<'a>> {
+        let name =
+            host.rsplit_once(':').filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit())).map_or(host, |(h, _)| h);
+        let bucket =
+            name.strip_suffix(self.domain.as_str()).and_then(|b| b.strip_suffix('.')).filter(|b| !b.is_empty());
+        let vh = s3s::host::VirtualHost::new(self.domain.as_str());
+        Ok(match bucket {
+            Some(b) => vh.with_bucket(b),
+            None => vh,
+        })
+    }
+}
+
 /// How long a looked-up key (or its absence) is trusted: a deleted key stops working within this.
 const KEY_CACHE_TTL: Duration = Duration::from_secs(10);
+/// Keys remembered at most (unknown ids that clients send included).
+const KEY_CACHE_MAX: usize = 10_000;
+/// Longest a presigned URL may be valid, as on AWS (7 days).
+const PRESIGNED_MAX_S: u64 = 7 * 24 * 3600;
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Admits signed requests only; no Signature V2 headers (s3s accepts them, but they carry no
+/// time that is checked: a captured one could be replayed for ever). Presigned URLs, V4 or V2
+/// (boto3 still presigns with V2 by default; those carry an expiry time s3s checks), may be
+/// valid for at most 7 days.
+struct SigV4Only;
+
+#[async_trait::async_trait]
+impl s3s::access::S3Access for SigV4Only {
+    async fn check(&self, cx: &mut s3s::access::S3AccessContext<'_>) -> S3Result<()> {
+        let auth = cx.headers().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
+        let query = cx.uri().query().unwrap_or("");
+        let param = |name: &str| {
+            query.split('&').find_map(|kv| kv.split_once('=').filter(|(k, _)| *k == name).map(|(_, v)| v.to_string()))
+        };
+        if auth.starts_with("AWS ") {
+            return Err(s3_error!(AccessDenied, "Signature Version 2 headers are not accepted; sign with Version 4"));
+        }
+        if let Some(expires) = param("X-Amz-Expires") {
+            if expires.parse::<u64>().map_or(true, |e| e > PRESIGNED_MAX_S) {
+                return Err(s3_error!(
+                    AuthorizationQueryParametersError,
+                    "X-Amz-Expires must be at most 604800 seconds"
+                ));
+            }
+        }
+        if let (Some(_), Some(expires)) = (param("AWSAccessKeyId"), param("Expires")) {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+            if expires.parse::<u64>().map_or(true, |e| e > now + PRESIGNED_MAX_S) {
+                return Err(s3_error!(AccessDenied, "a presigned URL may be valid for at most 7 days"));
+            }
+        }
+        match cx.credentials() {
+            Some(_) => Ok(()),
+            None => Err(s3_error!(AccessDenied, "Signature is required")),
+        }
+    }
+}
 
 /// Secret keys for signature checks, from the masters, cached briefly.
 struct KeyAuth {
@@ -125,10 +192,13 @@ impl S3Auth for KeyAuth {
                     Err(e) => return Err(internal(e)),
                 };
                 let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-                if cache.len() > 10_000 {
+                if cache.len() >= KEY_CACHE_MAX {
                     cache.retain(|_, (at, _)| at.elapsed() < KEY_CACHE_TTL);
                 }
-                cache.insert(access_key.to_string(), (Instant::now(), k.clone()));
+                // Full of live entries (a flood of made-up ids): answer without remembering.
+                if cache.len() < KEY_CACHE_MAX {
+                    cache.insert(access_key.to_string(), (Instant::now(), k.clone()));
+                }
                 k
             }
         };
@@ -242,6 +312,9 @@ impl S3 for Gateway {
 
     async fn delete_object(&self, req: S3Request<DeleteObjectInput>) -> S3Result<S3Response<DeleteObjectOutput>> {
         let i = &req.input;
+        if i.if_match.is_some() {
+            return Err(s3_error!(NotImplemented, "conditional deletes"));
+        }
         self.require_bucket(&i.bucket).await?;
         self.delete(&i.bucket, &i.key).await?;
         Ok(S3Response::new(DeleteObjectOutput::default()))

@@ -125,6 +125,7 @@ impl Gateway {
         i: CompleteMultipartUploadInput,
     ) -> S3Result<CompleteMultipartUploadOutput> {
         let path = names::object_path(&i.bucket, &i.key)?;
+        let exclusive = Self::write_conditions(i.if_match.as_ref(), i.if_none_match.as_ref())?;
         let wanted = i.multipart_upload.and_then(|m| m.parts).unwrap_or_default();
         if wanted.is_empty() {
             return Err(s3_error!(MalformedXML, "a multipart upload is completed with at least one part"));
@@ -175,7 +176,8 @@ impl Gateway {
             extents.extend(file.extents.into_iter().filter_map(|l| l.extent));
         }
         let etag = format!("{}-{count}", hex::encode(digests.finalize()));
-        self.commit_object(&i.bucket, &i.key, &path, extents, self.cfg.replication, info.meta.to_xattrs(&etag)).await?;
+        let xattrs = info.meta.to_xattrs(&etag);
+        self.commit_object(&i.bucket, &i.key, &path, extents, self.cfg.replication, xattrs, exclusive).await?;
         if let Err(e) = self.client.remove(&dir, true).await {
             // The object is committed; the parts are collected with abandoned uploads.
             tracing::warn!("remove completed upload {dir}: {e}");
@@ -272,7 +274,8 @@ impl Gateway {
             .into_iter()
             .filter(|(_, info, _)| info.bucket == i.bucket && info.key.starts_with(&prefix))
             .collect();
-        all.sort_by(|a, b| (&a.1.key, a.2, &a.0).cmp(&(&b.1.key, b.2, &b.0)));
+        // By key, then upload id (the order the id marker continues in).
+        all.sort_by(|a, b| (&a.1.key, &a.0).cmp(&(&b.1.key, &b.0)));
         let key_marker = i.key_marker.clone().unwrap_or_default();
         let id_marker = i.upload_id_marker.clone();
         let max = i.max_uploads.unwrap_or(1000).clamp(0, 1000) as usize;
@@ -298,7 +301,7 @@ impl Gateway {
                 info.key[prefix.len()..].find(d).map(|p| info.key[..prefix.len() + p + d.len()].to_string())
             });
             if let Some(cp) = rolled {
-                if prefixes.last() == Some(&cp) {
+                if prefixes.last() == Some(&cp) || (!key_marker.is_empty() && cp <= key_marker) {
                     continue;
                 }
                 if uploads.len() + prefixes.len() == max {

@@ -16,8 +16,6 @@ use crate::{internal, Gateway};
 
 /// The largest object one PUT (or one part) may carry, as on AWS.
 pub const MAX_PUT: u64 = 5 << 30;
-/// Body pieces queued for the MD5 thread (HTTP frames: a few MiB at most).
-const MD5_QUEUE: usize = 64;
 /// Objects deleted at once by one DeleteObjects request.
 const DELETE_PARALLEL: usize = 16;
 
@@ -64,21 +62,15 @@ impl Gateway {
         if length.is_some_and(|l| l as u64 > MAX_PUT) {
             return Err(s3_error!(EntityTooLarge, "at most {MAX_PUT} bytes per PUT; use a multipart upload"));
         }
-        // MD5 runs on a thread of its own, beside the chunking and uploading of the same bytes
-        // (it is the costliest step of a PUT: a core's worth at about 600 MB/s).
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(MD5_QUEUE);
-        let hasher = tokio::task::spawn_blocking(move || {
-            let mut md5 = Md5::new();
-            while let Some(b) = rx.blocking_recv() {
-                md5.update(&b);
-            }
-            md5.finalize()
-        });
+        // MD5 as the bytes pass (HTTP frames of some KiB each). It is the costliest step of a PUT
+        // (about 600 MB/s per core), but a thread per request would let many slow uploads take
+        // every blocking thread, which the chunk hashing needs too.
+        let mut md5 = Md5::new();
         let mut size = 0u64;
         let extents = match body {
             None => vec![],
             Some(body) => {
-                let hashing = Hashing { body, md5: tokio_util::sync::PollSender::new(tx), size: &mut size };
+                let hashing = Hashing { body, md5: &mut md5, size: &mut size };
                 let reader = tokio_util::io::StreamReader::new(hashing);
                 match self.client.upload_stream(reader, &self.put_options(), &|_| {}).await {
                     Ok(e) => e,
@@ -87,7 +79,7 @@ impl Gateway {
                 }
             }
         };
-        let md5 = hasher.await.map_err(|e| s3_error!(InternalError, "MD5 task: {e}"))?;
+        let md5 = md5.finalize();
         if size > MAX_PUT {
             return Err(s3_error!(EntityTooLarge, "at most {MAX_PUT} bytes per PUT; use a multipart upload"));
         }
@@ -112,19 +104,36 @@ impl Gateway {
         extents: Vec<Extent>,
         replication: u32,
         xattrs: BTreeMap<String, Vec<u8>>,
+        exclusive: bool,
     ) -> S3Result<Attr> {
-        let opts = PutOptions { replication, ..Default::default() };
-        match self.client.commit(path, extents.clone(), &opts, Some(xattrs.clone())).await {
-            Ok(a) => return Ok(a),
-            Err(Error::NotFound(_)) => {}
-            Err(e) => return Err(key_error(e, key)),
+        let opts = PutOptions { replication, exclusive, ..Default::default() };
+        // A delete emptying the directory may remove it between the mkdir and the commit: try
+        // again a few times.
+        for _ in 0..3 {
+            match self.client.commit(path, extents.clone(), &opts, Some(xattrs.clone())).await {
+                Ok(a) => return Ok(a),
+                Err(Error::NotFound(_)) => {}
+                Err(Error::AlreadyExists(_)) if exclusive => {
+                    return Err(s3_error!(PreconditionFailed, "If-None-Match: * and the object exists"))
+                }
+                Err(e) => return Err(key_error(e, key)),
+            }
+            self.require_bucket(bucket).await?;
+            self.client.mkdir(parent_of(path), true).await.map_err(|e| key_error(e, key))?;
         }
-        self.require_bucket(bucket).await?;
-        match self.client.mkdir(parent_of(path), true).await {
-            Ok(_) => {}
-            Err(e) => return Err(key_error(e, key)),
+        Err(s3_error!(SlowDown, "the directories of key {key} keep being removed; try again"))
+    }
+
+    /// Refuses conditional writes but the one supported (`If-None-Match: *`, create only), which
+    /// it returns as `exclusive`.
+    pub(crate) fn write_conditions(
+        if_match: Option<&ETagCondition>,
+        if_none_match: Option<&ETagCondition>,
+    ) -> S3Result<bool> {
+        if if_match.is_some() || if_none_match.is_some_and(|c| !c.is_any()) {
+            return Err(s3_error!(NotImplemented, "conditional writes other than If-None-Match: *"));
         }
-        self.client.commit(path, extents, &opts, Some(xattrs)).await.map_err(|e| key_error(e, key))
+        Ok(if_none_match.is_some())
     }
 
     pub(crate) async fn put(&self, req: S3Request<PutObjectInput>) -> S3Result<S3Response<PutObjectOutput>> {
@@ -153,10 +162,11 @@ impl Gateway {
             ],
             i.metadata.take(),
         );
+        let exclusive = Self::write_conditions(i.if_match.as_ref(), i.if_none_match.as_ref())?;
         let stored = self.store_body(i.body.take(), i.content_length, i.content_md5.as_deref()).await?;
         let etag = hex::encode(stored.md5);
-        self.commit_object(&i.bucket, &i.key, &path, stored.extents, self.cfg.replication, meta.to_xattrs(&etag))
-            .await?;
+        let xattrs = meta.to_xattrs(&etag);
+        self.commit_object(&i.bucket, &i.key, &path, stored.extents, self.cfg.replication, xattrs, exclusive).await?;
         Ok(S3Response::new(PutObjectOutput {
             e_tag: Some(ETag::Strong(etag)),
             size: Some(stored.size as i64),
@@ -173,12 +183,26 @@ impl Gateway {
         range: Option<&Range>,
     ) -> S3Result<(String, Opened)> {
         let path = names::object_path(bucket, key)?;
-        let file = match self.client.open_file(&path).await {
-            Ok(f) => f,
-            Err(Error::NotFound(_) | Error::NotADirectory(_) | Error::IsADirectory(_)) => {
-                return Err(self.no_such_key(bucket, key).await)
+        let file = if key.ends_with('/') {
+            // A directory reads as an empty "folder" object; a file does not answer to "name/".
+            match self.client.stat(&path).await {
+                Ok(a) if names::is_dir(&a) => cairn_proto::v1::OpenFileResponse {
+                    attr: Some(cairn_proto::v1::Attr { size: 0, ..a }),
+                    ..Default::default()
+                },
+                Ok(_) | Err(Error::NotFound(_) | Error::NotADirectory(_)) => {
+                    return Err(self.no_such_key(bucket, key).await)
+                }
+                Err(e) => return Err(internal(e)),
             }
-            Err(e) => return Err(internal(e)),
+        } else {
+            match self.client.open_file(&path).await {
+                Ok(f) => f,
+                Err(Error::NotFound(_) | Error::NotADirectory(_) | Error::IsADirectory(_)) => {
+                    return Err(self.no_such_key(bucket, key).await)
+                }
+                Err(e) => return Err(internal(e)),
+            }
         };
         let attr = file.attr.clone().unwrap_or_default();
         let etag = names::etag_of(&attr, &file.xattrs);
@@ -258,6 +282,12 @@ impl Gateway {
     /// made that are empty now, so that no empty "folder" lingers in listings.
     pub(crate) async fn delete(&self, bucket: &str, key: &str) -> S3Result<()> {
         let path = names::object_path(bucket, key)?;
+        // "name/" deletes a directory (when empty), "name" a file: never the other one.
+        match self.client.stat(&path).await {
+            Ok(a) if names::is_dir(&a) == key.ends_with('/') => {}
+            Ok(_) | Err(Error::NotFound(_) | Error::NotADirectory(_)) => return Ok(()),
+            Err(e) => return Err(internal(e)),
+        }
         match self.client.remove(&path, false).await {
             Ok(()) => {}
             Err(Error::NotFound(_) | Error::NotADirectory(_)) => return Ok(()),
@@ -329,6 +359,9 @@ impl Gateway {
             _ => return Err(s3_error!(NotImplemented, "access point and outpost copy sources")),
         };
         let spath = names::object_path(&sbucket, &skey)?;
+        if skey.ends_with('/') || i.key.ends_with('/') {
+            return Err(s3_error!(InvalidArgument, "a key ending in '/' is a directory; directories are not copied"));
+        }
         let dpath = names::object_path(&i.bucket, &i.key)?;
         let src = match self.client.open_file(&spath).await {
             Ok(f) => f,
@@ -369,7 +402,8 @@ impl Gateway {
         };
         let extents: Vec<Extent> = src.extents.into_iter().filter_map(|l| l.extent).collect();
         let replication = if attr.replication == 0 { self.cfg.replication } else { attr.replication };
-        let new = self.commit_object(&i.bucket, &i.key, &dpath, extents, replication, meta.to_xattrs(&etag)).await?;
+        let new =
+            self.commit_object(&i.bucket, &i.key, &dpath, extents, replication, meta.to_xattrs(&etag), false).await?;
         Ok(S3Response::new(CopyObjectOutput {
             copy_object_result: Some(CopyObjectResult {
                 e_tag: Some(ETag::Strong(etag)),
@@ -384,8 +418,7 @@ impl Gateway {
 /// A request body as a stream of I/O results, hashed and counted on the way.
 struct Hashing<'a> {
     body: StreamingBlob,
-    /// To the MD5 thread; waiting for room in it holds the body back.
-    md5: tokio_util::sync::PollSender<bytes::Bytes>,
+    md5: &'a mut Md5,
     size: &'a mut u64,
 }
 
@@ -397,18 +430,9 @@ impl futures::Stream for Hashing<'_> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
         let this = &mut *self;
-        match this.md5.poll_reserve(cx) {
-            std::task::Poll::Pending => return std::task::Poll::Pending,
-            std::task::Poll::Ready(Ok(())) => {}
-            std::task::Poll::Ready(Err(_)) => {
-                return std::task::Poll::Ready(Some(Err(std::io::Error::other("the MD5 thread stopped"))))
-            }
-        }
         match this.body.poll_next_unpin(cx) {
             std::task::Poll::Ready(Some(Ok(b))) => {
-                if this.md5.send_item(b.clone()).is_err() {
-                    return std::task::Poll::Ready(Some(Err(std::io::Error::other("the MD5 thread stopped"))));
-                }
+                this.md5.update(&b);
                 *this.size += b.len() as u64;
                 std::task::Poll::Ready(Some(Ok(b)))
             }
@@ -458,9 +482,10 @@ impl Conditions<'_> {
     /// `read`: a GET or HEAD, where a failed If-None-Match or If-Modified-Since means 304 Not
     /// Modified (for a copy source it is 412 like the others).
     pub fn check(&self, etag: &str, modified: &Timestamp, read: bool) -> S3Result<()> {
-        let matches = |c: &ETagCondition| match c {
+        // If-Match compares strongly (a weak ETag never matches), If-None-Match weakly.
+        let matches = |c: &ETagCondition, strong: bool| match c {
             ETagCondition::Any => true,
-            ETagCondition::ETag(e) => e.value() == etag,
+            ETagCondition::ETag(e) => e.value() == etag && (!strong || e.as_strong().is_some()),
         };
         let not_modified = || {
             if read {
@@ -470,7 +495,7 @@ impl Conditions<'_> {
             }
         };
         if let Some(c) = self.if_match {
-            if !matches(c) {
+            if !matches(c, true) {
                 return Err(s3_error!(PreconditionFailed, "If-Match: the ETag is {etag}"));
             }
         } else if let Some(t) = self.if_unmodified_since {
@@ -479,7 +504,7 @@ impl Conditions<'_> {
             }
         }
         if let Some(c) = self.if_none_match {
-            if matches(c) {
+            if matches(c, false) {
                 return Err(not_modified());
             }
         } else if let Some(t) = self.if_modified_since {

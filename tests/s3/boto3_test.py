@@ -362,6 +362,69 @@ finally:
     botocore.auth.datetime.datetime = real_datetime
 check("auth: bad signature, unknown key, anonymous, presigned, expired, clock skew")
 
+# ---------------------------------------------------------------- raw requests
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+
+
+def raw(method, path, headers=None, body=b""):
+    """A request signed with SigV4 by botocore, sent by urllib: (status, body)."""
+    req = AWSRequest(method=method, url=EP + path, data=body, headers=headers or {})
+    S3SigV4Auth(Credentials(AK, SK), "s3", "us-east-1").add_auth(req)
+    r = urllib.request.Request(EP + path, data=body or None, method=method, headers=dict(req.headers.items()))
+    try:
+        with urllib.request.urlopen(r) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+# Create-only PUT (If-None-Match: *), as lock files use it.
+status, _ = raw("PUT", "/alpha/lock/once", {"If-None-Match": "*"}, b"first")
+assert status == 200, status
+status, text = raw("PUT", "/alpha/lock/once", {"If-None-Match": "*"}, b"second")
+assert status == 412 and b"PreconditionFailed" in text, (status, text)
+assert s3.get_object(Bucket="alpha", Key="lock/once")["Body"].read() == b"first"
+status, text = raw("PUT", "/alpha/lock/once", {"If-Match": '"abc"'}, b"third")
+assert status == 501, (status, text)
+# Signature Version 2 headers are refused (whatever the signature); presigned URLs (V2 from boto3 by default) are
+# valid for at most 7 days.
+import email.utils
+import hmac
+
+date = email.utils.formatdate(usegmt=True)
+v2 = base64.b64encode(hmac.new(SK.encode(), f"GET\n\n\n{date}\n/alpha/over".encode(), hashlib.sha1).digest()).decode()
+try:
+    urllib.request.urlopen(
+        urllib.request.Request(f"{EP}/alpha/over", headers={"Date": date, "Authorization": f"AWS {AK}:{v2}"})
+    )
+    raise AssertionError("a Signature V2 request was served")
+except urllib.error.HTTPError as e:
+    text = e.read()
+    assert e.code == 403 and b"Version 2" in text, (e.code, text)
+week = s3.generate_presigned_url("get_object", Params={"Bucket": "alpha", "Key": "over"}, ExpiresIn=8 * 24 * 3600)
+try:
+    urllib.request.urlopen(week)
+    raise AssertionError("a presigned URL valid for 8 days was served")
+except urllib.error.HTTPError as e:
+    assert e.code in (400, 403), e.code
+check("conditional writes, V2 signatures, presigned URL lifetime")
+
+# "name/" is a directory ("folder" object), "name" a file: neither answers for the other.
+s3.put_object(Bucket="alpha", Key="folder/", Body=b"")
+h = s3.head_object(Bucket="alpha", Key="folder/")
+assert h["ContentLength"] == 0 and etag(h) == md5(b"")
+s3.put_object(Bucket="alpha", Key="keep", Body=b"kept")
+s3.delete_object(Bucket="alpha", Key="keep/")
+assert s3.get_object(Bucket="alpha", Key="keep")["Body"].read() == b"kept"
+expect_error("404", s3.head_object, Bucket="alpha", Key="keep/")
+s3.delete_object(Bucket="alpha", Key="folder")
+s3.head_object(Bucket="alpha", Key="folder/")
+s3.delete_object(Bucket="alpha", Key="folder/")
+expect_error("404", s3.head_object, Bucket="alpha", Key="folder/")
+check("directory keys")
+
 # ---------------------------------------------------------------- the same namespace
 assert s3.get_object(Bucket=os.environ["CLI_BUCKET"], Key=os.environ["CLI_KEY"])["Body"].read() == os.environ["CLI_CONTENT"].encode()
 s3.put_object(Bucket=os.environ["CLI_BUCKET"], Key="from-s3/hello.txt", Body=b"written through S3\n")

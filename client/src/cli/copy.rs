@@ -284,33 +284,31 @@ pub async fn cp(a: &CpArgs) -> Result<()> {
     Ok(())
 }
 
-/// BLAKE3 of each `chunk`-sized piece of a local file: what its extents would be once uploaded.
-fn local_chunk_hashes(path: &Path, chunk: usize) -> std::io::Result<Vec<[u8; 32]>> {
+/// BLAKE3 of consecutive pieces of a local file, of the given lengths (a cluster file's extents:
+/// 4 MiB chunks from `cairn put`, other cuts from multipart uploads or the mount). None if the
+/// file ends before or after them.
+fn local_piece_hashes(path: &Path, lengths: &[u64]) -> std::io::Result<Option<Vec<[u8; 32]>>> {
     use std::io::Read;
     let mut f = std::fs::File::open(path)?;
-    let mut buf = vec![0u8; chunk];
-    let mut out = Vec::new();
-    loop {
+    let mut out = Vec::with_capacity(lengths.len());
+    let mut buf = Vec::new();
+    for &len in lengths {
+        buf.resize(len as usize, 0);
         let mut n = 0;
-        while n < chunk {
+        while n < buf.len() {
             match f.read(&mut buf[n..])? {
-                0 => break,
+                0 => return Ok(None),
                 k => n += k,
             }
         }
-        if n == 0 {
-            return Ok(out);
-        }
-        out.push(*blake3::Hasher::new().update_rayon(&buf[..n]).finalize().as_bytes());
-        if n < chunk {
-            return Ok(out);
-        }
+        out.push(*blake3::Hasher::new().update_rayon(&buf).finalize().as_bytes());
     }
+    Ok((f.read(&mut [0u8; 1])? == 0).then_some(out))
 }
 
-/// Whether the two sides of one file have the same content: the same size, and the local
-/// file's chunk hashes equal to the cluster file's extent hashes.
-async fn same_content(client: &Client, a: &Loc, b: &Loc, chunk: usize) -> Result<bool> {
+/// Whether the two sides of one file have the same content: the local file's pieces hash to the
+/// cluster file's extent hashes (cut the same way), or two cluster files have the same extents.
+async fn same_content(client: &Client, a: &Loc, b: &Loc) -> Result<bool> {
     let (local, remote) = match (a, b) {
         (Loc::Local(l), Loc::Remote(r)) | (Loc::Remote(r), Loc::Local(l)) => (l.clone(), r.clone()),
         (Loc::Remote(x), Loc::Remote(y)) => {
@@ -323,12 +321,13 @@ async fn same_content(client: &Client, a: &Loc, b: &Loc, chunk: usize) -> Result
         (Loc::Local(_), Loc::Local(_)) => return Ok(false),
     };
     let f = client.open_file(&remote).await?;
-    let theirs: Vec<&[u8]> = f.extents.iter().filter_map(|l| l.extent.as_ref().map(|e| e.hash.as_slice())).collect();
-    let ours = tokio::task::spawn_blocking(move || local_chunk_hashes(&local, chunk))
+    let extents: Vec<_> = f.extents.into_iter().filter_map(|l| l.extent).collect();
+    let lengths: Vec<u64> = extents.iter().map(|e| e.length).collect();
+    let ours = tokio::task::spawn_blocking(move || local_piece_hashes(&local, &lengths))
         .await
         .context("hash task")?
         .context("hash the local file")?;
-    Ok(ours.len() == theirs.len() && ours.iter().zip(&theirs).all(|(o, t)| o.as_slice() == *t))
+    Ok(ours.is_some_and(|ours| ours.iter().zip(&extents).all(|(o, e)| o.as_slice() == e.hash.as_slice())))
 }
 
 pub async fn sync(a: &SyncArgs) -> Result<()> {
@@ -354,7 +353,6 @@ pub async fn sync(a: &SyncArgs) -> Result<()> {
         None => BTreeMap::new(),
     };
     // Size first; for equal sizes, content hashes, several files at once.
-    let chunk = opts.chunk_size;
     let checks: Vec<Result<Option<Entry>>> = futures::stream::iter(files)
         .map(|f| {
             let (client, src, dst) = (client.clone(), src.clone(), dst.clone());
@@ -362,7 +360,7 @@ pub async fn sync(a: &SyncArgs) -> Result<()> {
             async move {
                 match other {
                     Some(size) if size == f.size => {
-                        let same = same_content(&client, &src.child(&f.rel), &dst.child(&f.rel), chunk)
+                        let same = same_content(&client, &src.child(&f.rel), &dst.child(&f.rel))
                             .await
                             .with_context(|| format!("compare {}", f.rel))?;
                         Ok((!same).then_some(f))

@@ -391,6 +391,12 @@ fn moved(w: &mut Writer<'_>, id: u64, mut node: Inode, dir: u64, t: i64) -> Resu
     w.put_inode(id, &node)
 }
 
+/// New content written other than through S3 (the mount, `cairn put`): the S3 metadata (ETag,
+/// content type and encoding, `x-amz-meta-*`) described the old content, so it goes.
+pub(super) fn drop_object_metadata(node: &mut Inode) {
+    node.xattrs.retain(|k, _| !k.starts_with(cairn_proto::S3_XATTR_PREFIX));
+}
+
 fn set_attr(w: &mut Writer<'_>, s: &SetAttrNode, t: i64) -> Result<Attr, MetaError> {
     let mut node = w.node(s.inode)?;
     let attr = node.attr.get_or_insert_default();
@@ -441,8 +447,8 @@ fn commit_node(w: &mut Writer<'_>, id: u64, extents: &[Extent], t: i64) -> Resul
     attr.ctime_ns = t;
     attr.extent_count = extents.len() as u64;
     node.extents = extents.to_vec();
-    node.xattrs.remove(cairn_proto::ETAG_XATTR);
     let out = attr.clone();
+    drop_object_metadata(&mut node);
     w.put_inode(id, &node)?;
     Ok(out)
 }

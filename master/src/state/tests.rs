@@ -393,14 +393,37 @@ fn commits_carry_object_metadata_and_content_changes_drop_the_etag() {
     run_at(&s, 1, 1, commit(Some(x.clone()))).unwrap();
     let node = s.reader().unwrap().open_file("/obj").unwrap();
     assert_eq!(node.xattrs, x);
-    // A commit without metadata (a write through the mount, `cairn put`) keeps the other
-    // attributes but not the ETag, which described the old content.
-    run_at(&s, 2, 2, commit(None)).unwrap();
+    let listed = s.reader().unwrap().list("/", "", 10, true).unwrap().1;
+    assert_eq!(listed[0].xattrs, node.xattrs);
+    // Create-only (If-None-Match: *) fails on an existing path.
+    let exclusive = match commit(None) {
+        Op::CommitFile(c) => Op::CommitFile(CommitFileRequest { exclusive: true, ..c }),
+        _ => unreachable!(),
+    };
+    assert_eq!(run_at(&s, 2, 2, exclusive), Err(ErrorCode::AlreadyExists));
+    // A commit without metadata (a write through the mount, `cairn put`) drops the S3 metadata,
+    // which described the old content, and keeps other attributes.
+    let mut node = s.reader().unwrap().open_file("/obj").unwrap();
+    node.xattrs.insert("user.mine".into(), b"kept".to_vec());
+    let id = node.attr.as_ref().unwrap().inode;
+    run_at(
+        &s,
+        3,
+        3,
+        Op::Node(cairn_proto::v1::NodeRequest {
+            op: Some(cairn_proto::v1::node_request::Op::SetXattr(cairn_proto::v1::SetXattr {
+                inode: id,
+                name: "user.mine".into(),
+                value: b"kept".to_vec(),
+                ..Default::default()
+            })),
+            id: None,
+        }),
+    )
+    .unwrap();
+    run_at(&s, 4, 4, commit(None)).unwrap();
     let node = s.reader().unwrap().open_file("/obj").unwrap();
-    assert!(!node.xattrs.contains_key(cairn_proto::ETAG_XATTR));
-    assert_eq!(node.xattrs.get("user.s3.content-type").map(Vec::as_slice), Some(&b"text/plain"[..]));
-    let (_, entries, _) = s.reader().unwrap().list("/", "", 10, true).unwrap();
-    assert_eq!(entries[0].xattrs, node.xattrs);
+    assert_eq!(node.xattrs.keys().collect::<Vec<_>>(), ["user.mine"]);
     let (_, entries, _) = s.reader().unwrap().list("/", "", 10, false).unwrap();
     assert!(entries[0].xattrs.is_empty());
 }
