@@ -815,6 +815,9 @@ impl Sim {
                     Ok(Ok(command_result::Result::Done(_))) => Reply::Done(Outcome::Done),
                     Ok(Ok(command_result::Result::Error(e))) => return Err(format!("an error as a result: {e:?}")),
                     Ok(Ok(command_result::Result::Limits(l))) => return Err(format!("limits as an answer: {l:?}")),
+                    Ok(Ok(command_result::Result::AccessKey(k))) => {
+                        return Err(format!("an access key as an answer: {}", k.id))
+                    }
                     Ok(Err(e)) => self.classify(e)?,
                     Err(oneshot::error::TryRecvError::Empty) => {
                         keep.push(p);

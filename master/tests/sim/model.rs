@@ -206,7 +206,7 @@ pub fn walk(state: &State, base: &str) -> Result<Option<Tree>, String> {
     let mut out = Tree::new();
     let mut stack = vec![(Vec::<String>::new(), base.to_string())];
     while let Some((names, path)) = stack.pop() {
-        let entries = match reader.list(&path, "", 100_000) {
+        let entries = match reader.list(&path, "", 100_000, false) {
             Ok((_, entries, _)) => entries,
             Err(MetaError::NotFound(_)) if names.is_empty() => return Ok(None),
             Err(e) => return Err(format!("list {path}: {e}")),
