@@ -153,6 +153,17 @@ fn s3_clients_against_the_gateway() {
     );
     assert!(std::fs::read(dir.join("back.bin")).unwrap() == big, "aws s3 cp round trip differs");
     assert!(c.get_data("/shared/aws/big.bin") == big, "the AWS CLI upload differs through the client library");
+    // A copy inside S3 above the CLI's multipart threshold: UploadPartCopy of 8 MiB ranges.
+    ok(
+        &aws(
+            &ep,
+            &key,
+            dir,
+            &["s3", "cp", "--only-show-errors", "s3://shared/aws/big.bin", "s3://shared/aws/copy.bin"],
+        ),
+        "aws s3 cp s3 to s3",
+    );
+    assert!(c.get_data("/shared/aws/copy.bin") == big, "the multipart copy differs");
     let tree = dir.join("tree");
     for i in 0..12 {
         std::fs::create_dir_all(tree.join(format!("sub{}", i % 3))).unwrap();

@@ -347,6 +347,13 @@ impl S3 for Gateway {
         self.put_part(req.input).await.map(S3Response::new)
     }
 
+    async fn upload_part_copy(
+        &self,
+        req: S3Request<UploadPartCopyInput>,
+    ) -> S3Result<S3Response<UploadPartCopyOutput>> {
+        self.put_part_copy(req.input).await.map(S3Response::new)
+    }
+
     async fn complete_multipart_upload(
         &self,
         req: S3Request<CompleteMultipartUploadInput>,

@@ -103,21 +103,82 @@ impl Gateway {
     }
 
     pub(crate) async fn put_part(&self, mut i: UploadPartInput) -> S3Result<UploadPartOutput> {
+        let mut body = i.body.take();
+        let r = self.put_part_body(i, &mut body).await;
+        if r.is_err() {
+            crate::objects::drain(body.take()).await;
+        }
+        r
+    }
+
+    async fn put_part_body(&self, i: UploadPartInput, body: &mut Option<StreamingBlob>) -> S3Result<UploadPartOutput> {
         if !(1..=MAX_PARTS).contains(&i.part_number) {
             return Err(s3_error!(InvalidArgument, "part number {} (1 to {MAX_PARTS})", i.part_number));
         }
         self.load_upload(&i.bucket, &i.key, &i.upload_id).await?;
-        let stored = self.store_body(i.body.take(), i.content_length, i.content_md5.as_deref()).await?;
+        let stored = self.store_body(body.take(), i.content_length, i.content_md5.as_deref()).await?;
+        let etag = self.commit_part(&i.upload_id, i.part_number, stored).await?;
+        Ok(UploadPartOutput { e_tag: Some(ETag::Strong(etag)), ..Default::default() })
+    }
+
+    /// Commits a part's chunks as its file in the upload; returns its ETag.
+    async fn commit_part(&self, upload: &str, part: i32, stored: crate::objects::Stored) -> S3Result<String> {
         let etag = hex::encode(stored.md5);
         let mut x = BTreeMap::new();
         x.insert(cairn_proto::ETAG_XATTR.to_string(), etag.as_bytes().to_vec());
-        let path = format!("{}/{}", upload_dir(&i.upload_id), part_name(i.part_number));
+        let path = format!("{}/{}", upload_dir(upload), part_name(part));
         match self.client.commit(&path, stored.extents, &self.put_options(), Some(x)).await {
-            Ok(_) => {}
-            Err(Error::NotFound(_)) => return Err(no_such_upload(&i.upload_id)),
-            Err(e) => return Err(internal(e)),
+            Ok(_) => Ok(etag),
+            Err(Error::NotFound(_)) => Err(no_such_upload(upload)),
+            Err(e) => Err(internal(e)),
         }
-        Ok(UploadPartOutput { e_tag: Some(ETag::Strong(etag)), ..Default::default() })
+    }
+
+    /// UploadPartCopy: a part made of (a range of) another object, read and stored again (a
+    /// range need not fall on chunk boundaries, and the part's MD5 is its ETag).
+    pub(crate) async fn put_part_copy(&self, i: UploadPartCopyInput) -> S3Result<UploadPartCopyOutput> {
+        if !(1..=MAX_PARTS).contains(&i.part_number) {
+            return Err(s3_error!(InvalidArgument, "part number {} (1 to {MAX_PARTS})", i.part_number));
+        }
+        self.load_upload(&i.bucket, &i.key, &i.upload_id).await?;
+        let (sbucket, skey) = crate::objects::copy_source(&i.copy_source)?;
+        let spath = names::object_path(&sbucket, &skey)?;
+        let src = match self.client.open_file(&spath).await {
+            Ok(f) if !skey.ends_with('/') => f,
+            Ok(_) | Err(Error::NotFound(_) | Error::NotADirectory(_) | Error::IsADirectory(_)) => {
+                return Err(self.no_such_key(&sbucket, &skey).await)
+            }
+            Err(e) => return Err(internal(e)),
+        };
+        let attr = src.attr.clone().unwrap_or_default();
+        let conds = crate::objects::Conditions {
+            if_match: i.copy_source_if_match.as_ref(),
+            if_none_match: i.copy_source_if_none_match.as_ref(),
+            if_modified_since: i.copy_source_if_modified_since.as_ref(),
+            if_unmodified_since: i.copy_source_if_unmodified_since.as_ref(),
+        };
+        conds.check(&names::etag_of(&attr, &src.xattrs), &names::last_modified(&attr), false)?;
+        let (start, end) = match &i.copy_source_range {
+            Some(r) => {
+                let r = Range::parse(r)
+                    .map_err(|_| s3_error!(InvalidArgument, "x-amz-copy-source-range {r:?} is not bytes=FIRST-LAST"))?
+                    .check(attr.size)?;
+                (r.start, r.end)
+            }
+            None => (0, attr.size),
+        };
+        let body = self.stream(spath, src, start, end);
+        let stored = self.store_body(Some(body), Some((end - start) as i64), None).await?;
+        let etag = self.commit_part(&i.upload_id, i.part_number, stored).await?;
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as i64;
+        Ok(UploadPartCopyOutput {
+            copy_part_result: Some(CopyPartResult {
+                e_tag: Some(ETag::Strong(etag)),
+                last_modified: Some(names::timestamp(now)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
     }
 
     pub(crate) async fn complete_upload(

@@ -138,10 +138,23 @@ impl Gateway {
 
     pub(crate) async fn put(&self, req: S3Request<PutObjectInput>) -> S3Result<S3Response<PutObjectOutput>> {
         let mut i = req.input;
+        let mut body = i.body.take();
+        let r = self.put_body(i, &mut body).await;
+        if r.is_err() {
+            drain(body.take()).await;
+        }
+        r
+    }
+
+    async fn put_body(
+        &self,
+        mut i: PutObjectInput,
+        body: &mut Option<StreamingBlob>,
+    ) -> S3Result<S3Response<PutObjectOutput>> {
         let path = names::object_path(&i.bucket, &i.key)?;
         if i.key.ends_with('/') {
             // A "folder" marker, as consoles and some tools make: a directory.
-            let stored = self.store_body(i.body.take(), i.content_length, i.content_md5.as_deref()).await?;
+            let stored = self.store_body(body.take(), i.content_length, i.content_md5.as_deref()).await?;
             if stored.size != 0 {
                 return Err(s3_error!(InvalidArgument, "a key ending in '/' is a directory and takes no content"));
             }
@@ -163,7 +176,7 @@ impl Gateway {
             i.metadata.take(),
         );
         let exclusive = Self::write_conditions(i.if_match.as_ref(), i.if_none_match.as_ref())?;
-        let stored = self.store_body(i.body.take(), i.content_length, i.content_md5.as_deref()).await?;
+        let stored = self.store_body(body.take(), i.content_length, i.content_md5.as_deref()).await?;
         let etag = hex::encode(stored.md5);
         let xattrs = meta.to_xattrs(&etag);
         self.commit_object(&i.bucket, &i.key, &path, stored.extents, self.cfg.replication, xattrs, exclusive).await?;
@@ -235,22 +248,8 @@ impl Gateway {
         };
         let (path, Opened { file, start, end, head: h }) =
             self.open_object(&i.bucket, &i.key, conds, i.range.as_ref()).await?;
-        // Verified chunks go to the response as they arrive, without copies; a few in flight.
-        let (mut tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
-        let client = self.client.clone();
-        tokio::spawn(async move {
-            if let Err(e) = client.get_opened(&path, file, &mut tx, start, Some(end - start), &|_| {}).await {
-                // The body ends short of its Content-Length: the client sees the failure.
-                tracing::warn!("GET {path}: {e}");
-            }
-        });
-        let pieces =
-            futures::stream::unfold(
-                rx,
-                |mut rx| async move { rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx)) },
-            );
         Ok(S3Response::new(GetObjectOutput {
-            body: Some(StreamingBlob::wrap(pieces)),
+            body: Some(self.stream(path, file, start, end)),
             content_length: h.content_length,
             content_range: h.content_range,
             accept_ranges: h.accept_ranges,
@@ -264,6 +263,31 @@ impl Gateway {
             metadata: h.metadata,
             ..Default::default()
         }))
+    }
+
+    /// Bytes `[start, end)` of an opened file as a body: verified chunks go out as they arrive,
+    /// without copies, a few in flight. A read that fails ends the body short (the receiver
+    /// sees fewer bytes than announced).
+    pub(crate) fn stream(
+        &self,
+        path: String,
+        file: cairn_proto::v1::OpenFileResponse,
+        start: u64,
+        end: u64,
+    ) -> StreamingBlob {
+        let (mut tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            if let Err(e) = client.get_opened(&path, file, &mut tx, start, Some(end - start), &|_| {}).await {
+                tracing::warn!("read {path}: {e}");
+            }
+        });
+        let pieces =
+            futures::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx)) },
+            );
+        StreamingBlob::wrap(pieces)
     }
 
     pub(crate) async fn head(&self, req: S3Request<HeadObjectInput>) -> S3Result<S3Response<HeadObjectOutput>> {
@@ -353,11 +377,7 @@ impl Gateway {
     /// written but metadata). The ETag stays, as the content is the same.
     pub(crate) async fn copy(&self, req: S3Request<CopyObjectInput>) -> S3Result<S3Response<CopyObjectOutput>> {
         let mut i = req.input;
-        let (sbucket, skey) = match &i.copy_source {
-            CopySource::Bucket { bucket, key, version_id: None } => (bucket.to_string(), key.to_string()),
-            CopySource::Bucket { .. } => return Err(s3_error!(InvalidArgument, "object versions are not kept")),
-            _ => return Err(s3_error!(NotImplemented, "access point and outpost copy sources")),
-        };
+        let (sbucket, skey) = copy_source(&i.copy_source)?;
         let spath = names::object_path(&sbucket, &skey)?;
         if skey.ends_with('/') || i.key.ends_with('/') {
             return Err(s3_error!(InvalidArgument, "a key ending in '/' is a directory; directories are not copied"));
@@ -440,6 +460,31 @@ impl futures::Stream for Hashing<'_> {
             std::task::Poll::Ready(None) => std::task::Poll::Ready(None),
             std::task::Poll::Pending => std::task::Poll::Pending,
         }
+    }
+}
+
+/// Bytes of a refused request's body read and dropped, so that the connection stays usable (an
+/// unread body would have to be skipped by closing it). Beyond this, it is closed.
+const DRAIN_MAX: usize = 16 << 20;
+
+/// Reads and drops what is left of a request body (up to [`DRAIN_MAX`]).
+pub(crate) async fn drain(body: Option<StreamingBlob>) {
+    let Some(mut body) = body else { return };
+    let mut n = 0;
+    while let Some(Ok(piece)) = body.next().await {
+        n += piece.len();
+        if n > DRAIN_MAX {
+            return;
+        }
+    }
+}
+
+/// The bucket and key a copy reads from.
+pub(crate) fn copy_source(c: &CopySource) -> S3Result<(String, String)> {
+    match c {
+        CopySource::Bucket { bucket, key, version_id: None } => Ok((bucket.to_string(), key.to_string())),
+        CopySource::Bucket { .. } => Err(s3_error!(InvalidArgument, "object versions are not kept")),
+        _ => Err(s3_error!(NotImplemented, "access point and outpost copy sources")),
     }
 }
 

@@ -242,19 +242,37 @@ async fn copy_all(
     }
 }
 
-pub async fn cp(a: &CpArgs) -> Result<()> {
-    let ctx = format!("cp {} {}", a.src, a.dst);
-    let (src, dst) = (Loc::parse(&a.src)?, Loc::parse(&a.dst)?);
+/// What `cp` and `sync` start from: both sides parsed (one of them in the cluster), a
+/// connection, and the source tree.
+struct Job {
+    ctx: String,
+    src: Loc,
+    dst: Loc,
+    client: Client,
+    opts: PutOptions,
+    files: Vec<Entry>,
+    dirs: Vec<String>,
+}
+
+async fn start(cmd: &str, src: &str, dst: &str, cluster: &ClusterArgs, replication: u32) -> Result<Job> {
+    let ctx = format!("{cmd} {src} {dst}");
+    let (src, dst) = (Loc::parse(src)?, Loc::parse(dst)?);
     anyhow::ensure!(
         !matches!((&src, &dst), (Loc::Local(_), Loc::Local(_))),
         "{ctx}: neither side is in the cluster (name it s3://BUCKET/KEY or cairn:/PATH)"
     );
-    let client = a.cluster.connect().await?;
-    let opts = PutOptions { replication: a.replication, ..Default::default() };
+    let client = cluster.connect().await?;
+    let opts = PutOptions { replication, ..Default::default() };
     let (files, dirs) = walk(&client, &src)
         .await
         .with_context(|| ctx.clone())?
         .with_context(|| format!("{ctx}: {} does not exist", src.show()))?;
+    Ok(Job { ctx, src, dst, client, opts, files, dirs })
+}
+
+pub async fn cp(a: &CpArgs) -> Result<()> {
+    let Job { ctx, src, dst, client, opts, files, dirs } =
+        start("cp", &a.src, &a.dst, &a.cluster, a.replication).await?;
     let tree = files.len() != 1 || !files[0].rel.is_empty();
     anyhow::ensure!(!tree || a.recursive, "{ctx}: {} is a directory (use -r)", src.show());
     // A destination that is a directory (or says so with a trailing '/') receives SRC under its
@@ -331,18 +349,8 @@ async fn same_content(client: &Client, a: &Loc, b: &Loc) -> Result<bool> {
 }
 
 pub async fn sync(a: &SyncArgs) -> Result<()> {
-    let ctx = format!("sync {} {}", a.src, a.dst);
-    let (src, dst) = (Loc::parse(&a.src)?, Loc::parse(&a.dst)?);
-    anyhow::ensure!(
-        !matches!((&src, &dst), (Loc::Local(_), Loc::Local(_))),
-        "{ctx}: neither side is in the cluster (name it s3://BUCKET/PREFIX or cairn:/PATH)"
-    );
-    let client = a.cluster.connect().await?;
-    let opts = PutOptions { replication: a.replication, ..Default::default() };
-    let (files, dirs) = walk(&client, &src)
-        .await
-        .with_context(|| ctx.clone())?
-        .with_context(|| format!("{ctx}: {} does not exist", src.show()))?;
+    let Job { ctx, src, dst, client, opts, files, dirs } =
+        start("sync", &a.src, &a.dst, &a.cluster, a.replication).await?;
     anyhow::ensure!(
         files.len() != 1 || !files[0].rel.is_empty(),
         "{ctx}: {} is a file; sync copies directories",
