@@ -128,19 +128,26 @@ async fn start_mount(exe: &Path, dir: &Path, at: &Path, masters: &[String], tls:
     ];
     let log = dir.join("logs/mount.log");
     let mut p = spawn(exe, "mount", &args, &node, &log)?;
+    wait_up(&mut p, &format!("mount on {}", at.display()), async || crate::mount::is_mounted(at)).await?;
+    Ok(p)
+}
+
+/// Waits until `up` says the child `p` (called `what`) is serving; an error if it exits first
+/// (with the last line of its log) or takes longer than [`READY_TIMEOUT`] (then it is stopped).
+async fn wait_up(p: &mut Proc, what: &str, mut up: impl AsyncFnMut() -> bool) -> Result<()> {
     let t0 = Instant::now();
-    while !crate::mount::is_mounted(at) {
+    while !up().await {
         if let Ok(Some(status)) = p.child.try_wait() {
             p.reported = true;
-            anyhow::bail!("mount on {} failed ({status}): {}", at.display(), last_line(&log));
+            anyhow::bail!("{what} failed ({status}): {}", last_line(&p.log));
         }
         if t0.elapsed() > READY_TIMEOUT {
-            stop(std::slice::from_mut(&mut p)).await;
-            anyhow::bail!("mount on {} did not come up within {READY_TIMEOUT:?}", at.display());
+            stop(std::slice::from_mut(p)).await;
+            anyhow::bail!("{what} did not come up within {READY_TIMEOUT:?}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Ok(p)
+    Ok(())
 }
 
 /// Starts `cairn s3` on `addr` (port 0: a free one), waits until it answers, and returns it with
@@ -170,18 +177,8 @@ async fn start_s3(
     ];
     let log = dir.join("logs/s3.log");
     let mut p = spawn(exe, "s3 gateway", &args, &node, &log)?;
-    let t0 = Instant::now();
-    while tokio::net::TcpStream::connect(sa).await.is_err() {
-        if let Ok(Some(status)) = p.child.try_wait() {
-            p.reported = true;
-            anyhow::bail!("the S3 gateway on {sa} failed ({status}): {}", last_line(&log));
-        }
-        if t0.elapsed() > READY_TIMEOUT {
-            stop(std::slice::from_mut(&mut p)).await;
-            anyhow::bail!("the S3 gateway on {sa} did not come up within {READY_TIMEOUT:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_up(&mut p, &format!("the S3 gateway on {sa}"), async || tokio::net::TcpStream::connect(sa).await.is_ok())
+        .await?;
     let key = match dev_key(dir, masters, tls).await {
         Ok(k) => k,
         Err(e) => {

@@ -315,8 +315,7 @@ impl S3 for Gateway {
         if i.if_match.is_some() {
             return Err(s3_error!(NotImplemented, "conditional deletes"));
         }
-        self.require_bucket(&i.bucket).await?;
-        self.delete(&i.bucket, &i.key).await?;
+        self.delete(&i.bucket, &i.key, true).await?;
         Ok(S3Response::new(DeleteObjectOutput::default()))
     }
 

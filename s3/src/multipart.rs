@@ -75,18 +75,17 @@ impl Gateway {
         Ok(Some((info, f.attr.map_or(0, |a| a.mtime_ns))))
     }
 
-    pub(crate) async fn create_upload(&self, i: CreateMultipartUploadInput) -> S3Result<CreateMultipartUploadOutput> {
+    pub(crate) async fn create_upload(
+        &self,
+        mut i: CreateMultipartUploadInput,
+    ) -> S3Result<CreateMultipartUploadOutput> {
         names::object_path(&i.bucket, &i.key)?;
         if i.key.ends_with('/') {
             return Err(s3_error!(InvalidArgument, "a key ending in '/' is a directory and takes no content"));
         }
         self.require_bucket(&i.bucket).await?;
         let id = hex::encode(rand::random::<[u8; 16]>());
-        let meta = ObjectMeta::new(
-            i.content_type,
-            [i.cache_control, i.content_disposition, i.content_encoding, i.content_language],
-            i.metadata,
-        );
+        let meta = crate::objects::request_meta!(i);
         let info = UploadInfo { bucket: i.bucket.clone(), key: i.key.clone(), meta };
         let json = serde_json::to_vec(&info).map_err(|e| s3_error!(InternalError, "encode upload record: {e}"))?;
         self.client.mkdir(&upload_dir(&id), true).await.map_err(internal)?;

@@ -14,6 +14,24 @@ use s3s::{s3_error, S3Error, S3ErrorCode, S3Request, S3Response, S3Result};
 use crate::names::{self, ObjectMeta, EMPTY_MD5};
 use crate::{internal, Gateway};
 
+/// The metadata a write request carries: PutObject, CopyObject (with REPLACE) and
+/// CreateMultipartUpload have the same fields.
+macro_rules! request_meta {
+    ($i:expr) => {
+        $crate::names::ObjectMeta::new(
+            $i.content_type.take(),
+            [
+                $i.cache_control.take(),
+                $i.content_disposition.take(),
+                $i.content_encoding.take(),
+                $i.content_language.take(),
+            ],
+            $i.metadata.take(),
+        )
+    };
+}
+pub(crate) use request_meta;
+
 /// The largest object one PUT (or one part) may carry, as on AWS.
 pub const MAX_PUT: u64 = 5 << 30;
 /// Objects deleted at once by one DeleteObjects request.
@@ -165,16 +183,7 @@ impl Gateway {
                 ..Default::default()
             }));
         }
-        let meta = ObjectMeta::new(
-            i.content_type.take(),
-            [
-                i.cache_control.take(),
-                i.content_disposition.take(),
-                i.content_encoding.take(),
-                i.content_language.take(),
-            ],
-            i.metadata.take(),
-        );
+        let meta = request_meta!(i);
         let exclusive = Self::write_conditions(i.if_match.as_ref(), i.if_none_match.as_ref())?;
         let stored = self.store_body(body.take(), i.content_length, i.content_md5.as_deref()).await?;
         let etag = hex::encode(stored.md5);
@@ -302,14 +311,19 @@ impl Gateway {
         Ok(S3Response::new(opened.head))
     }
 
-    /// Deletes one object (a missing one is no error, as in S3), then the directories its key
-    /// made that are empty now, so that no empty "folder" lingers in listings.
-    pub(crate) async fn delete(&self, bucket: &str, key: &str) -> S3Result<()> {
+    /// Deletes one object (a missing one is no error, as in S3, unless its bucket is missing
+    /// too and `check_bucket` asks), then the directories its key made that are empty now, so
+    /// that no empty "folder" lingers in listings.
+    pub(crate) async fn delete(&self, bucket: &str, key: &str, check_bucket: bool) -> S3Result<()> {
         let path = names::object_path(bucket, key)?;
         // "name/" deletes a directory (when empty), "name" a file: never the other one.
         match self.client.stat(&path).await {
             Ok(a) if names::is_dir(&a) == key.ends_with('/') => {}
-            Ok(_) | Err(Error::NotFound(_) | Error::NotADirectory(_)) => return Ok(()),
+            Ok(_) => return Ok(()),
+            Err(Error::NotFound(_) | Error::NotADirectory(_)) if check_bucket => {
+                return self.require_bucket(bucket).await
+            }
+            Err(Error::NotFound(_) | Error::NotADirectory(_)) => return Ok(()),
             Err(e) => return Err(internal(e)),
         }
         match self.client.remove(&path, false).await {
@@ -349,7 +363,7 @@ impl Gateway {
             .map(|o| {
                 let bucket = i.bucket.clone();
                 async move {
-                    let r = self.delete(&bucket, &o.key).await;
+                    let r = self.delete(&bucket, &o.key, false).await;
                     (o.key, r)
                 }
             })
@@ -406,20 +420,7 @@ impl Gateway {
                 "This copy request is illegal because it is trying to copy an object to itself without changing the object's metadata"
             ));
         }
-        let meta = if replace {
-            ObjectMeta::new(
-                i.content_type.take(),
-                [
-                    i.cache_control.take(),
-                    i.content_disposition.take(),
-                    i.content_encoding.take(),
-                    i.content_language.take(),
-                ],
-                i.metadata.take(),
-            )
-        } else {
-            ObjectMeta::from_xattrs(&src.xattrs)
-        };
+        let meta = if replace { request_meta!(i) } else { ObjectMeta::from_xattrs(&src.xattrs) };
         let extents: Vec<Extent> = src.extents.into_iter().filter_map(|l| l.extent).collect();
         let replication = if attr.replication == 0 { self.cfg.replication } else { attr.replication };
         let new =
