@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cairn_common::tls;
-use cairn_proto::v1::{master_client::MasterClient, MkdirRequest};
+use cairn_proto::v1::{master_client::MasterClient, MkdirRequest, StatRequest};
 use common::{cli_env, wait_for, Proc, BIN};
 
 fn ip(args: &[&str]) {
@@ -188,6 +188,15 @@ async fn an_isolated_leader_cannot_commit_and_steps_down() {
     }
     let (new, _) = leader(&menv).expect("the majority has a leader");
     assert_ne!(new, old);
+
+    // The isolated old leader, asked directly, must not answer a read from its stale state: its
+    // lease ran out before the majority could elect anyone (see `node::LEASE`).
+    let req = StatRequest { path: "/during-0".into() };
+    match tokio::time::timeout(Duration::from_secs(15), MasterClient::new(ch).stat(req)).await {
+        Ok(Ok(r)) => panic!("the isolated old leader answered a read: {r:?}"),
+        Ok(Err(s)) => assert_eq!(s.code(), tonic::Code::Unavailable, "the isolated old leader answered {s:?}"),
+        Err(_) => {} // no answer is not a stale answer either
+    }
 
     // Heal: the old leader follows the new term and has everything.
     net.isolate(old, N, false);

@@ -32,6 +32,7 @@ fn latency_histogram() -> Histogram {
 
 pub struct Metrics {
     proposals_committed: Counter,
+    lease_reads: Counter,
     proposal_duration: Histogram,
     grpc_requests: Family<MethodCode, Counter>,
     grpc_duration: Family<Method, Histogram, fn() -> Histogram>,
@@ -57,6 +58,7 @@ impl Default for Metrics {
     fn default() -> Metrics {
         Metrics {
             proposals_committed: Counter::default(),
+            lease_reads: Counter::default(),
             proposal_duration: latency_histogram(),
             grpc_requests: Family::default(),
             grpc_duration: Family::new_with_constructor(latency_histogram),
@@ -110,6 +112,11 @@ impl Metrics {
         self.proposal_duration.observe(took.as_secs_f64());
     }
 
+    /// A read served under the leader's lease, without a ReadIndex round.
+    pub(crate) fn lease_read(&self) {
+        self.lease_reads.inc();
+    }
+
     /// One gRPC call of `method` (a fixed name from the .proto, so labels stay few) answered with
     /// `code`; `took` is None for a stream, whose length is a connection's, not a request's.
     pub(crate) fn grpc(&self, method: &'static str, code: tonic::Code, took: Option<Duration>) {
@@ -129,6 +136,11 @@ impl Metrics {
         r.register("raft_term", "Current Raft term of this master", self.raft_term.clone());
         r.register("raft_commit_index", "Highest Raft log index known committed", self.raft_commit_index.clone());
         r.register("raft_applied_index", "Highest Raft log index applied here", self.raft_applied_index.clone());
+        r.register(
+            "lease_reads",
+            "Reads served under the leader lease, without a ReadIndex round",
+            self.lease_reads.clone(),
+        );
         r.register("raft_leader", "1 if this master is the serving leader, else 0", self.raft_leader.clone());
         r.register(
             "proposals_committed",

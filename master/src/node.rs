@@ -5,7 +5,8 @@
 //! go out together in the next one, so many mutations share one fsync (group commit).
 //!
 //! The logic lives in [`Core`], which knows nothing of threads, sockets or wall clocks: the
-//! network is a [`Network`] and time is whatever calls [`Core::tick`]. The production driver wraps
+//! network is a [`Network`] and time is whatever calls [`Core::tick`] (plus the monotonic clock
+//! leases are measured with, also injected: see [`LEASE`]). The production driver wraps
 //! it in a tokio loop with a gRPC transport ([`crate::transport`]); the deterministic simulation
 //! test wraps it in a simulated network and clock.
 
@@ -43,6 +44,16 @@ const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// A leadership transfer that has not happened after this many ticks (2 s) has failed.
 const TRANSFER_TICKS: u64 = 40;
+/// How long after a heartbeat round that a quorum acknowledged this leader serves reads from
+/// its own state without asking the followers again (a leader lease). A follower that heard the
+/// round refuses to vote for anyone else until it has ticked `ELECTION_TICKS` times since
+/// (raft-rs's `check_quorum` lease), which takes at least 9 ticks of 50 ms (450 ms) on a clock
+/// that never ticks early; a restarted node refuses votes for its first `ELECTION_TICKS` ticks
+/// (see [`Core::handle`]). The lease is 7 ticks (350 ms) from *before* the round was sent: the
+/// 100 ms margin absorbs clock rate differences and timer rounding. A leader that starts a
+/// leadership transfer (whose target campaigns past those refusals) gives up its lease for the
+/// rest of its term.
+pub const LEASE: Duration = Duration::from_millis(TICK.as_millis() as u64 * (ELECTION_TICKS as u64 - 3));
 /// Log compaction ("snapshot" in Raft terms: the state machine in redb is always a complete
 /// snapshot as of its applied index) after this many entries or payload bytes...
 pub const COMPACT_EVERY: u64 = 20_000;
@@ -110,6 +121,19 @@ pub struct RaftStatus {
     /// Leader only: the highest log index known to be on each voter.
     pub matched: BTreeMap<u64, u64>,
     pub voters: Vec<u64>,
+    /// Until when (on the monotonic clock of [`mono_ns`]) this leader holds a lease: see [`LEASE`].
+    pub lease_until_ns: u64,
+}
+
+impl RaftStatus {
+    /// Whether a read may be served from this master's state right now without a ReadIndex
+    /// round: it leads, has applied the first entry of its term (so every mutation an earlier
+    /// leader acknowledged), and holds a lease, so no other master can have been elected and
+    /// acknowledged a mutation this one lacks. Every mutation it acknowledged itself was in its
+    /// state before the acknowledgement left.
+    pub fn lease_read(&self, now_ns: u64) -> bool {
+        self.role == "leader" && self.serving && now_ns < self.lease_until_ns
+    }
 }
 
 /// Sends Raft messages to peers. MsgSnapshot messages carry no data: the network streams the
@@ -293,6 +317,10 @@ impl Node {
     /// Waits until a read on this master's state is linearizable: it leads (confirmed by a
     /// quorum after the request arrived) and has applied everything committed before it.
     pub async fn read_barrier(&self) -> Result<(), MetaError> {
+        if self.status.lock().expect("status lock").lease_read(mono_ns()) {
+            self.metrics.lease_read();
+            return Ok(());
+        }
         self.ensure_leader()?;
         let (reply, rx) = oneshot::channel();
         self.send(Msg::Read { reply })?;
@@ -341,6 +369,14 @@ pub fn now_ns() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
 }
 
+/// Nanoseconds on a monotonic clock (since the first call in this process): what leases are
+/// measured with. Unlike the wall clock it never jumps, and it keeps counting while the process
+/// is stopped or paused.
+pub fn mono_ns() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
 async fn run(mut core: Core, mut rx: mpsc::Receiver<Msg>, shutdown: CancellationToken) -> Result<()> {
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -371,15 +407,16 @@ struct Reads {
     /// Arrived since the last ReadIndex request was issued.
     batch: Vec<ReadReply>,
     next_ctx: u64,
-    /// Issued, by context: (tick issued, waiters).
-    inflight: HashMap<u64, (u64, Vec<ReadReply>)>,
+    /// Issued, by context: (tick issued, monotonic time issued, waiters; none for a round that
+    /// only renews the lease).
+    inflight: HashMap<u64, (u64, u64, Vec<ReadReply>)>,
     /// Confirmed by a quorum: released once the applied index reaches the read index.
     ready: Vec<(u64, Vec<ReadReply>)>,
 }
 
 /// Knobs for a [`Core`] driven by a deterministic simulation (`master/tests/sim.rs`). Production
 /// uses the defaults, through [`Core::new`].
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct CoreOptions {
     /// A fixed election timeout in ticks (at least 10) instead of one that raft-rs draws from
     /// `thread_rng` between 10 and 20 ticks, which a seeded simulation could not replay: the
@@ -387,6 +424,8 @@ pub struct CoreOptions {
     pub election_ticks: Option<usize>,
     /// The first id matching proposals to their callers (default: random).
     pub first_request_id: Option<u64>,
+    /// The monotonic clock leases are measured with, in nanoseconds (default: [`mono_ns`]).
+    pub monotonic: Option<Arc<dyn Fn() -> u64 + Send + Sync>>,
 }
 
 /// The Raft node and the state machine it drives; see the module documentation.
@@ -399,6 +438,13 @@ pub struct Core {
     peers: Arc<RwLock<BTreeMap<u64, String>>>,
     net: Box<dyn Network>,
     clock: Box<dyn Fn() -> i64 + Send>,
+    mono: Arc<dyn Fn() -> u64 + Send + Sync>,
+    /// See [`LEASE`]: 0 when none.
+    lease_until: u64,
+    /// A term in which this node started a leadership transfer: no lease in it.
+    no_lease_term: u64,
+    /// The tick of the last round that renewed the lease.
+    renewed_tick: u64,
     waiters: HashMap<u64, Reply>,
     next_request: u64,
     reads: Reads,
@@ -461,6 +507,10 @@ impl Core {
             peers,
             net,
             clock,
+            mono: opts.monotonic.unwrap_or_else(|| Arc::new(mono_ns)),
+            lease_until: 0,
+            no_lease_term: 0,
+            renewed_tick: 0,
             waiters: HashMap::new(),
             next_request: opts.first_request_id.unwrap_or_else(rand::random),
             reads: Reads::default(),
@@ -486,7 +536,18 @@ impl Core {
         self.raw.tick();
         // Reads raft-rs dropped (it may, e.g. right after an election) must not wait forever.
         let stale = self.ticks.saturating_sub((READ_TIMEOUT.as_millis() / TICK.as_millis()) as u64);
-        self.reads.inflight.retain(|_, (t, _)| *t >= stale);
+        self.reads.inflight.retain(|_, (t, _, _)| *t >= stale);
+        // Keep the lease of a leader alive: a heartbeat round with a read context (no waiters)
+        // whenever less than half of it is left, at most every other tick.
+        let now = (self.mono)();
+        if self.raw.raft.state == StateRole::Leader
+            && self.no_lease_term != self.raw.raft.term
+            && self.lease_until.saturating_sub(now) < LEASE.as_nanos() as u64 / 2
+            && self.ticks >= self.renewed_tick + 2
+        {
+            self.renewed_tick = self.ticks;
+            self.issue_read(now, Vec::new());
+        }
         let now = self.ticks;
         let mut i = 0;
         while i < self.transfers.len() {
@@ -537,7 +598,14 @@ impl Core {
             Msg::Read { reply } if !leader => {
                 let _ = reply.send(Err(self.leader_hint()));
             }
+            Msg::Read { reply } if self.lease_valid() => {
+                // Served at the commit index as of now: released once that is applied.
+                self.reads.ready.push((self.raw.raft.raft_log.committed, vec![reply]));
+            }
             Msg::Read { reply } => self.reads.batch.push(reply),
+            Msg::Step(m) if self.refuses_vote(&m) => {
+                tracing::debug!(from = m.from, term = m.term, "vote request ignored: restarted less than a lease ago");
+            }
             Msg::Step(m) => {
                 if let Err(e) = self.raw.step(*m) {
                     tracing::debug!("raft step: {e}");
@@ -650,6 +718,10 @@ impl Core {
                 let _ = reply.send(Ok(me));
             }
             Some(t) if self.log.conf_state().voters.contains(&t) => {
+                // The target will campaign past the followers' lease: give ours up first.
+                self.no_lease_term = self.raw.raft.term;
+                self.lease_until = 0;
+                self.status.lock().expect("status lock").lease_until_ns = 0;
                 self.raw.transfer_leader(t);
                 self.transfers.push((self.ticks + TRANSFER_TICKS, reply));
             }
@@ -660,6 +732,34 @@ impl Core {
                 let _ = reply.send(Err(MetaError::InvalidArgument("no other master to hand leadership to".into())));
             }
         }
+    }
+
+    /// Whether this leader's lease covers a read arriving now: see [`RaftStatus::lease_read`].
+    fn lease_valid(&self) -> bool {
+        let r = &self.raw.raft;
+        r.state == StateRole::Leader
+            && self.no_lease_term != r.term
+            && (self.mono)() < self.lease_until
+            && r.raft_log.term(r.raft_log.committed).is_ok_and(|t| t == r.term)
+    }
+
+    /// A node that restarted less than an election timeout ago may have acknowledged a
+    /// heartbeat just before it stopped, and so be part of the quorum behind a leader's lease:
+    /// it ignores requests for votes in a new term until that lease has expired (a transfer's
+    /// campaign excepted: the leader that started it gave its lease up).
+    fn refuses_vote(&self, m: &RaftMsg) -> bool {
+        matches!(m.get_msg_type(), MessageType::MsgRequestVote | MessageType::MsgRequestPreVote)
+            && m.term > self.raw.raft.term
+            && m.context.as_ref() != raft::CAMPAIGN_TRANSFER
+            && self.ticks < ELECTION_TICKS as u64
+    }
+
+    /// Starts a ReadIndex round for `waiters` (none: only to renew the lease).
+    fn issue_read(&mut self, now: u64, waiters: Vec<ReadReply>) {
+        self.reads.next_ctx += 1;
+        let ctx = self.reads.next_ctx;
+        self.reads.inflight.insert(ctx, (self.ticks, now, waiters));
+        self.raw.read_index(ctx.to_be_bytes().to_vec());
     }
 
     fn discard_incoming(&mut self) {
@@ -676,7 +776,7 @@ impl Core {
         }
         let reads = std::mem::take(&mut self.reads);
         self.reads.next_ctx = reads.next_ctx;
-        let all = reads.batch.into_iter().chain(reads.inflight.into_values().flat_map(|(_, v)| v));
+        let all = reads.batch.into_iter().chain(reads.inflight.into_values().flat_map(|(_, _, v)| v));
         for r in all.chain(reads.ready.into_iter().flat_map(|(_, v)| v)) {
             let _ = r.send(Err(MetaError::Unavailable(why.into())));
         }
@@ -684,11 +784,8 @@ impl Core {
 
     pub fn on_ready(&mut self) -> Result<()> {
         if !self.reads.batch.is_empty() && self.raw.raft.state == StateRole::Leader {
-            self.reads.next_ctx += 1;
-            let ctx = self.reads.next_ctx;
             let batch = std::mem::take(&mut self.reads.batch);
-            self.reads.inflight.insert(ctx, (self.ticks, batch));
-            self.raw.read_index(ctx.to_be_bytes().to_vec());
+            self.issue_read((self.mono)(), batch);
         }
         if !self.raw.has_ready() {
             self.discard_incoming();
@@ -702,8 +799,14 @@ impl Core {
         self.discard_incoming();
         for rs in ready.take_read_states() {
             let ctx = rs.request_ctx.as_slice().try_into().map(u64::from_be_bytes).unwrap_or(0);
-            if let Some((_, w)) = self.reads.inflight.remove(&ctx) {
-                self.reads.ready.push((rs.index, w));
+            if let Some((_, issued, w)) = self.reads.inflight.remove(&ctx) {
+                // A quorum acknowledged a heartbeat sent after `issued`: see [`LEASE`].
+                if self.no_lease_term != self.raw.raft.term && self.raw.raft.state == StateRole::Leader {
+                    self.lease_until = self.lease_until.max(issued + LEASE.as_nanos() as u64);
+                }
+                if !w.is_empty() {
+                    self.reads.ready.push((rs.index, w));
+                }
             }
         }
         let committed = ready.take_committed_entries();
@@ -880,6 +983,7 @@ impl Core {
             tracing::info!(term = self.raw.raft.term, "became leader");
         }
         if !leader && self.was_leader {
+            self.lease_until = 0;
             self.fail_all("leadership changed before the request completed");
         }
         if !leader && self.raw.raft.leader_id != 0 {
@@ -903,6 +1007,7 @@ impl Core {
         s.commit_index = self.raw.raft.raft_log.committed;
         s.serving = leader && s.applied_index >= self.term_start;
         s.voters = self.log.conf_state().voters;
+        s.lease_until_ns = if leader && self.no_lease_term != s.term { self.lease_until } else { 0 };
         s.matched =
             if leader { self.raw.raft.prs().iter().map(|(id, p)| (*id, p.matched)).collect() } else { BTreeMap::new() };
         Ok(())

@@ -11,8 +11,10 @@
 //! or changed (every node's committed prefix matches, and a new leader holds every committed
 //! entry); every state machine that applied index i holds the same state (a digest of
 //! `state::dump`); the durable applied index never falls behind the compacted log; a read
-//! answered by ReadIndex sees every entry committed before it arrived, and so every mutation its
-//! client had acknowledged. Checked per mutation:
+//! answered by ReadIndex, or under the leader's lease (by the driver or, as the service does,
+//! from the status alone), sees every entry committed before it arrived, and so every mutation
+//! its client had acknowledged. Leases run on the simulated clock, which pauses and tick jitter
+//! (ticks 40 to 60 ms apart) stretch and squeeze. Checked per mutation:
 //! each client owns a subtree and runs one operation at a time, so a model predicts every answer
 //! exactly: a retried mutation takes effect once and returns its first answer. At the end the
 //! network heals, every node restarts, and once all have applied the same index each acknowledged
@@ -50,6 +52,8 @@ use tokio::sync::oneshot;
 const MS: u64 = 1_000;
 const SEC: u64 = 1_000_000;
 const TICK_US: u64 = 50 * MS;
+/// The simulated wall clock at time 0.
+const CLOCK_BASE_NS: i64 = 1_700_000_000_000_000_000;
 /// Messages one `Run` hands to the core before `on_ready`, as the production driver's batch.
 const BATCH: usize = 4096;
 /// After the network heals, the group must converge within this much simulated time.
@@ -376,6 +380,8 @@ struct Stats {
     ops: u64,
     retried_ops: u64,
     reads: u64,
+    /// Of `reads`, those answered from the status under the leader's lease, as the service does.
+    lease_reads: u64,
 }
 
 impl Stats {
@@ -389,6 +395,7 @@ impl Stats {
         self.ops += o.ops;
         self.retried_ops += o.retried_ops;
         self.reads += o.reads;
+        self.lease_reads += o.lease_reads;
     }
 }
 
@@ -460,7 +467,7 @@ impl Sim {
             p,
             rng,
             now: 0,
-            clock_ns: Arc::new(AtomicI64::new(1_700_000_000_000_000_000)),
+            clock_ns: Arc::new(AtomicI64::new(CLOCK_BASE_NS)),
             queue: BTreeMap::new(),
             seq: 0,
             nodes,
@@ -554,9 +561,13 @@ impl Sim {
         let net = SimNet { outbox: outbox.clone(), disk: n.disk.clone(), dir: self.dir.path().to_path_buf() };
         let clock_ns = self.clock_ns.clone();
         let skew = n.skew_ns;
+        let mono_ns = self.clock_ns.clone();
         let opts = CoreOptions {
             election_ticks: Some(self.rng.random_range(10..20)),
             first_request_id: Some(self.rng.random()),
+            // Leases are measured on the simulated time (no skew: a skewed wall clock is an offset,
+            // and leases assume only that clocks advance at about the same rate).
+            monotonic: Some(Arc::new(move || (mono_ns.load(Ordering::Relaxed) - CLOCK_BASE_NS) as u64)),
         };
         let mut core = Core::with_options(
             id,
@@ -906,7 +917,7 @@ impl Sim {
             }
             40..55 => OpKind::Rename { src: self.names(PRIVATE, 2), dst: self.names(PRIVATE, 2) },
             55..65 => OpKind::Remove { names: self.names(PRIVATE, 2), recursive: self.rng.random_bool(0.5) },
-            65..75 => OpKind::Read,
+            65..85 => OpKind::Read,
             _ => {
                 let parents = self.rng.random_bool(0.4);
                 let mut names = vec!["s".to_string()];
@@ -990,6 +1001,15 @@ impl Sim {
                     self.after(d, Event::Reply { client, seq, attempt, reply });
                 }
                 return Ok(());
+            }
+            // What `Node::read_barrier` answers at once under the leader's lease.
+            if matches!(req, Req::Read) && s.lease_read(self.now * 1000) {
+                let (reply, rx) = oneshot::channel();
+                let _ = reply.send(Ok(()));
+                let committed_before = self.commit_high;
+                up.pending.push(Pending { client, seq, attempt, rx: Rx::Read(rx), committed_before });
+                self.stats.lease_reads += 1;
+                return self.poll(i);
             }
         }
         let (msg, rx) = match req {
@@ -1340,7 +1360,7 @@ impl Sim {
                 return Err("the event queue ran dry".into());
             };
             self.now = t;
-            self.clock_ns.store(1_700_000_000_000_000_000 + t as i64 * 1000, Ordering::Relaxed);
+            self.clock_ns.store(CLOCK_BASE_NS + t as i64 * 1000, Ordering::Relaxed);
             self.stats.events += 1;
             if self.stats.events > MAX_EVENTS {
                 return Err(format!("more than {MAX_EVENTS} events"));
@@ -1507,7 +1527,8 @@ fn master_group_simulation() {
     let total = total.into_inner().expect("stats lock");
     eprintln!(
         "sim: {count} seeds from {first} in {:.1}s on {threads} threads; simulated {:.0}s, {} events, {} crashes \
-         ({} inside a step), {} elections, {} snapshots installed, {} client operations ({} retried), {} checked reads",
+         ({} inside a step), {} elections, {} snapshots installed, {} client operations ({} retried), {} checked reads ({} under a lease without \
+         the driver)",
         started.elapsed().as_secs_f64(),
         total.sim_us as f64 / SEC as f64,
         total.events,
@@ -1517,7 +1538,8 @@ fn master_group_simulation() {
         total.snapshots,
         total.ops,
         total.retried_ops,
-        total.reads
+        total.reads,
+        total.lease_reads
     );
     let mut failures = failures.into_inner().expect("failures lock");
     failures.sort();
