@@ -268,6 +268,65 @@ fn two_mounts_see_each_others_closed_files_and_unmount_cleanly() {
     assert!(m1.stop(), "SIGTERM unmounts cleanly");
 }
 
+/// Makes the kernel forget unused dentries and inodes, so that the next stat is a LOOKUP.
+fn forget_dentries() {
+    std::fs::write("/proc/sys/vm/drop_caches", "2").expect("drop caches (the FUSE tests run as root)");
+}
+
+/// A run of lookups in one directory is answered from its listing (fuse/src/listing.rs): this
+/// mount's own changes must show at once, another mount's once the attribute TTL ran out.
+#[test]
+fn lookups_answered_from_a_listing_never_hide_changes() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let (c, m1) = start(); // attribute TTL 1 s
+    let m2 = Mount::start(&c, &c.dir.path().join("mnt2"), &["--attr-ttl-s", "0"]);
+    std::fs::create_dir(m1.path("scan")).unwrap();
+    let names: Vec<String> = (0..40).map(|i| format!("f{i:02}")).collect();
+    for n in &names {
+        std::fs::write(m1.path(&format!("scan/{n}")), b"v1").unwrap();
+    }
+    let f = |n: &str| m1.path(&format!("scan/{n}"));
+    // Stats every name that exists after the kernel forgot them: more than a run of lookups.
+    let scan = || {
+        forget_dentries();
+        for n in &names {
+            let _ = std::fs::metadata(f(n));
+        }
+        forget_dentries();
+    };
+    scan();
+    std::fs::remove_file(f("f01")).unwrap();
+    forget_dentries();
+    assert_eq!(std::fs::metadata(f("f01")).unwrap_err().kind(), std::io::ErrorKind::NotFound, "unlinked here");
+    scan();
+    std::fs::set_permissions(f("f02"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    forget_dentries();
+    assert_eq!(std::fs::metadata(f("f02")).unwrap().mode() & 0o777, 0o600, "chmod here");
+    scan();
+    std::fs::write(f("f03"), b"a longer second version").unwrap();
+    forget_dentries();
+    assert_eq!(std::fs::metadata(f("f03")).unwrap().len(), 23, "rewritten here");
+    scan();
+    std::fs::rename(f("f04"), f("g04")).unwrap();
+    forget_dentries();
+    assert!(std::fs::metadata(f("f04")).is_err() && std::fs::metadata(f("g04")).is_ok(), "renamed here");
+    scan();
+    std::fs::hard_link(f("f05"), m1.path("l05")).unwrap();
+    forget_dentries();
+    assert_eq!(std::fs::metadata(f("f05")).unwrap().nlink(), 2, "linked here");
+    scan();
+    std::fs::remove_file(m1.path("l05")).unwrap();
+    forget_dentries();
+    assert_eq!(std::fs::metadata(f("f05")).unwrap().nlink(), 1, "a link removed elsewhere in the tree");
+    // Another mount's change shows once the TTL ran out.
+    scan();
+    std::fs::remove_file(m2.path("scan/f06")).unwrap();
+    wait_for("the first mount to see another mount's unlink", Duration::from_secs(10), || {
+        forget_dentries();
+        std::fs::metadata(f("f06")).is_err()
+    });
+}
+
 #[test]
 fn posix_conformance_suite_and_fsx_pass_like_local_disk() {
     let (_c, m) = start();

@@ -8,17 +8,20 @@
 //! Consistency is close-to-open, as NFS gives: writes collect per open file (see [`file`]) and
 //! are committed atomically on flush (close), fsync, or a change of size; an open that finds a
 //! new version of the file drops the kernel's cached pages, and one that finds the same version
-//! keeps them. Attributes and entries are cached by the kernel for [`MountOptions::attr_ttl`].
+//! keeps them. Attributes and entries are cached by the kernel for [`MountOptions::attr_ttl`];
+//! a run of lookups in one directory is answered from its listing for no longer (see
+//! [`listing`]).
 
 mod cache;
 mod file;
+mod listing;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cairn_client::{Client, Error};
 use cairn_proto::v1::{
@@ -34,6 +37,7 @@ use tokio::runtime::Handle;
 use tokio::sync::Mutex as AsyncMutex;
 
 use file::{Ctx, FileState};
+use listing::{Change, Listings};
 
 /// How far from the end of the previous read a read may start and still count as sequential.
 const SEQUENTIAL_SLACK: u64 = 1 << 20;
@@ -182,6 +186,19 @@ struct Inner {
     /// The version of each file as of its last open here: an open that finds the same version
     /// keeps the kernel's page cache.
     versions: Mutex<HashMap<u64, u64>>,
+    listings: Mutex<Listings>,
+}
+
+/// A change made through the mount, in flight: see [`CairnFs::changing`].
+struct Changing {
+    inner: Arc<Inner>,
+    change: Change,
+}
+
+impl Drop for Changing {
+    fn drop(&mut self) {
+        self.inner.listings.lock().expect("listings lock").change(&self.change);
+    }
 }
 
 #[derive(Clone)]
@@ -208,6 +225,7 @@ impl CairnFs {
                 next_fh: AtomicU64::new(1),
                 open: Mutex::new(HashMap::new()),
                 versions: Mutex::new(HashMap::new()),
+                listings: Mutex::new(Listings::default()),
             }),
         };
         fs.start_committer();
@@ -240,6 +258,31 @@ impl CairnFs {
 
     fn ttl(&self) -> Duration {
         self.inner.opts.attr_ttl
+    }
+
+    /// Tells the lookup listings about a change this mount makes, now and again when the
+    /// returned guard drops (keep it until the change is done).
+    fn changing(&self, change: Change) -> Changing {
+        self.inner.listings.lock().expect("listings lock").change(&change);
+        Changing { inner: self.inner.clone(), change }
+    }
+
+    /// Fetches `dir`'s listing for the lookups that follow (see [`listing`]) and answers `name`
+    /// from it, with the TTL left, when it is there.
+    async fn list_for_lookups(&self, dir: u64, gen: u64, name: &str) -> Option<(Attr, Duration)> {
+        let at = Instant::now();
+        let entries = match self.client().readdir(dir).await {
+            Ok(e) if e.len() <= listing::MAX_ENTRIES => e,
+            Ok(_) => return None,
+            Err(e) => {
+                tracing::debug!(dir, "listing for lookups: {e}");
+                return None;
+            }
+        };
+        let entries = entries.into_iter().filter_map(|e| Some((e.name, e.attr?))).collect();
+        let mut listings = self.inner.listings.lock().expect("listings lock");
+        listings.put(dir, gen, at, entries);
+        listings.get(dir, name, self.ttl())
     }
 
     /// Runs `f` on the runtime; its result or errno answers the request.
@@ -314,6 +357,7 @@ impl CairnFs {
     /// Commits a file's pending writes, and records the new version as this mount's own.
     async fn sync_state(&self, state: &AsyncMutex<FileState>) -> Result<Attr, Errno> {
         let mut st = state.lock().await;
+        let _change = st.dirty.then(|| self.changing(Change::All));
         let attr = st.sync(&self.inner.ctx).await.map_err(|e| {
             tracing::warn!(inode = st.ino, "commit failed: {e}");
             errno(&e)
@@ -418,7 +462,9 @@ impl CairnFs {
     /// A mutation that answers with the node's entry.
     fn entry_op(&self, op: Op, reply: ReplyEntry) {
         let this = self.clone();
+        let change = self.changing(Change::All);
         self.spawn(async move {
+            let _change = change;
             match this.client().node_attr(op).await {
                 Ok(a) => reply.entry(&this.ttl(), &to_file_attr(&a), Generation(0)),
                 Err(e) => reply.error(errno(&e)),
@@ -429,7 +475,9 @@ impl CairnFs {
     /// A mutation that answers with nothing.
     fn empty_op(&self, op: Op, reply: ReplyEmpty) {
         let this = self.clone();
+        let change = self.changing(Change::All);
         self.spawn(async move {
+            let _change = change;
             match this.client().node(op).await {
                 Ok(_) => reply.ok(),
                 Err(e) => reply.error(errno(&e)),
@@ -485,8 +533,26 @@ impl Filesystem for CairnFs {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
+        let ttl = self.ttl();
+        let (listed, fetch) = {
+            let mut listings = self.inner.listings.lock().expect("listings lock");
+            match listings.get(parent.0, &name, ttl) {
+                Some(hit) => (Some(hit), None),
+                None if ttl.is_zero() => (None, None),
+                None => (None, listings.miss(parent.0)),
+            }
+        };
         let this = self.clone();
         self.spawn(async move {
+            let listed = match (listed, fetch) {
+                (Some(hit), _) => Some(hit),
+                (None, Some(gen)) => this.list_for_lookups(parent.0, gen, &name).await,
+                (None, None) => None,
+            };
+            if let Some((a, left)) = listed {
+                let a = this.fresher(a).await;
+                return reply.entry(&left, &to_file_attr(&a), Generation(0));
+            }
             match this.client().lookup(parent.0, &name).await {
                 Ok(a) => {
                     let a = this.fresher(a).await;
@@ -526,7 +592,9 @@ impl Filesystem for CairnFs {
         reply: ReplyAttr,
     ) {
         let this = self.clone();
+        let change = self.changing(Change::All);
         self.spawn(async move {
+            let _change = change;
             let ctx = &this.inner.ctx;
             let open = this.open_state(ino.0);
             // Pending writes first, so that times set now are not overwritten by their commit.
@@ -622,7 +690,9 @@ impl Filesystem for CairnFs {
             Err(e) => return reply.error(e),
         };
         let this = self.clone();
+        let change = self.changing(Change::Names(vec![(parent.0, name.clone())]));
         self.spawn(async move {
+            let _change = change;
             // A file this mount has open outlives its last name until it is closed (POSIX).
             let keep = this.open_target(parent.0, &name).await;
             let op = Op::Unlink(UnlinkNode { parent: parent.0, name, directory: false, keep: keep.is_some() });
@@ -673,7 +743,9 @@ impl Filesystem for CairnFs {
         }
         let exchange = bits & libc::RENAME_EXCHANGE != 0;
         let this = self.clone();
+        let change = self.changing(Change::Names(vec![(parent.0, name.clone()), (newparent.0, new_name.clone())]));
         self.spawn(async move {
+            let _change = change;
             // A replaced file that is open here outlives its name, as with unlink.
             let keep = if exchange { None } else { this.open_target(newparent.0, &new_name).await };
             let op = Op::Rename(RenameNode {
@@ -773,7 +845,9 @@ impl Filesystem for CairnFs {
         let Some((_, state, _)) = self.file_handle(fh) else { return reply.error(Errno::EBADF) };
         let data = data.to_vec();
         let this = self.clone();
+        let change = self.changing(Change::All);
         self.spawn(async move {
+            let _change = change;
             let mut st = state.lock().await;
             match st.write(&this.inner.ctx, offset, &data).await {
                 Ok(()) => reply.written(data.len() as u32),
@@ -1021,7 +1095,9 @@ impl Filesystem for CairnFs {
             Err(e) => return reply.error(e),
         };
         let this = self.clone();
+        let change = self.changing(Change::All);
         self.spawn(async move {
+            let _change = change;
             match this.client().node_attr(op).await {
                 Ok(a) => {
                     let (fh, _) = this.open_file(&a);
