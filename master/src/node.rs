@@ -19,9 +19,7 @@ use anyhow::{Context, Result};
 use cairn_proto::v1::{command, command_result, Command, MasterMember};
 use prost::Message as _;
 use protobuf::Message as _;
-use raft::eraftpb::{
-    ConfChange, ConfChangeType, ConfChangeV2, Entry, EntryType, HardState, Message as RaftMsg, MessageType,
-};
+use raft::eraftpb::{ConfChange, ConfChangeType, ConfChangeV2, Entry, EntryType, Message as RaftMsg, MessageType};
 use raft::{RawNode, SnapshotStatus, StateRole};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -809,8 +807,11 @@ impl Core {
                 }
             }
         }
-        let committed = ready.take_committed_entries();
-        self.apply_and_persist(committed, ready.entries(), ready.hs())?;
+        // raft-rs hands out only committed entries that are already durable in this node's log:
+        // applying them needs no fsync, so their callers are answered before this Ready's new
+        // entries are written and fsynced, not after.
+        self.apply(ready.take_committed_entries())?;
+        self.log.persist(ready.entries(), ready.hs()).context("persist raft log")?;
         self.net.send(ready.take_persisted_messages(), &self.log);
         let mut light = self.raw.advance(ready);
         if let Some(commit) = light.commit_index() {
@@ -883,30 +884,6 @@ impl Core {
         let log = &self.log;
         let results = self.state.apply_batch_with(&cmds, last, &|txn| log.write_hard_state_in(txn))?;
         self.finish_apply(cmds, results, last)
-    }
-
-    /// Applies a Ready's committed entries and persists its new entries and hard state in one
-    /// transaction (durable when the log needs it): one commit instead of two per Ready.
-    fn apply_and_persist(&mut self, committed: Vec<Entry>, entries: &[Entry], hs: Option<&HardState>) -> Result<()> {
-        let prepared = self.prepare_apply(committed)?;
-        if prepared.is_none() && entries.is_empty() && hs.is_none() {
-            return Ok(());
-        }
-        let mut txn = self.state.db().begin_write()?;
-        let results = match &prepared {
-            Some((cmds, last)) => Some(self.state.apply_in(&txn, cmds, *last)?),
-            None => None,
-        };
-        self.log.persist_in(&mut txn, entries, hs).context("persist raft log")?;
-        if hs.is_none() && prepared.is_some() {
-            self.log.write_hard_state_in(&txn)?;
-        }
-        txn.commit().context("commit raft log and state")?;
-        self.log.persisted(entries, hs);
-        match (prepared, results) {
-            (Some((cmds, last)), Some(results)) => self.finish_apply(cmds, results, last),
-            _ => Ok(()),
-        }
     }
 
     /// After an apply committed: answers the waiting callers and updates what depends on it.
