@@ -787,6 +787,9 @@ impl Core {
         }
         if !self.raw.has_ready() {
             self.discard_incoming();
+            // Reads taken under the lease since the last Ready may be answerable already.
+            let applied = self.raw.raft.raft_log.applied;
+            self.release_reads(applied);
             return Ok(());
         }
         let mut ready = self.raw.ready();
