@@ -189,15 +189,16 @@ struct Inner {
     listings: Mutex<Listings>,
 }
 
-/// A change made through the mount, in flight: see [`CairnFs::changing`].
+/// A change made through the mount, in flight: see [`CairnFs::changing`]. Dropped once the
+/// change is done and before it is answered.
 struct Changing {
     inner: Arc<Inner>,
-    change: Change,
+    after: listing::After,
 }
 
 impl Drop for Changing {
     fn drop(&mut self) {
-        self.inner.listings.lock().expect("listings lock").change(&self.change);
+        self.inner.listings.lock().expect("listings lock").after(&self.after);
     }
 }
 
@@ -261,15 +262,15 @@ impl CairnFs {
     }
 
     /// Tells the lookup listings about a change this mount makes, now and again when the
-    /// returned guard drops (keep it until the change is done).
+    /// returned guard drops: drop it when the change is done, before answering.
     fn changing(&self, change: Change) -> Changing {
-        self.inner.listings.lock().expect("listings lock").change(&change);
-        Changing { inner: self.inner.clone(), change }
+        let after = self.inner.listings.lock().expect("listings lock").before(change);
+        Changing { inner: self.inner.clone(), after }
     }
 
     /// Fetches `dir`'s listing for the lookups that follow (see [`listing`]) and answers `name`
-    /// from it, with the TTL left, when it is there.
-    async fn list_for_lookups(&self, dir: u64, gen: u64, name: &str) -> Option<(Attr, Duration)> {
+    /// from it, with until when it may be trusted, when it is there.
+    async fn list_for_lookups(&self, dir: u64, gen: u64, name: &str) -> Option<(Attr, Instant)> {
         let at = Instant::now();
         let entries = match self.client().readdir(dir).await {
             Ok(e) if e.len() <= listing::MAX_ENTRIES => e,
@@ -307,8 +308,14 @@ impl CairnFs {
         let mut f = Box::pin(f);
         let _runtime = self.inner.rt.enter();
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        if f.as_mut().poll(&mut cx).is_pending() {
-            self.inner.rt.spawn(f);
+        // A panic must not take the FUSE thread (and so the mount) with it: the request's reply,
+        // dropped unanswered, tells the kernel EIO, as a panicking task on the runtime would.
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f.as_mut().poll(&mut cx))) {
+            Ok(std::task::Poll::Ready(())) => {}
+            Ok(std::task::Poll::Pending) => {
+                self.inner.rt.spawn(f);
+            }
+            Err(_) => tracing::error!("a request panicked on the FUSE thread; answered with EIO"),
         }
     }
 
@@ -483,8 +490,9 @@ impl CairnFs {
         let this = self.clone();
         let change = self.changing(Change::All);
         self.spawn(async move {
-            let _change = change;
-            match this.client().node_attr(op).await {
+            let res = this.client().node_attr(op).await;
+            drop(change);
+            match res {
                 Ok(a) => reply.entry(&this.ttl(), &to_file_attr(&a), Generation(0)),
                 Err(e) => reply.error(errno(&e)),
             }
@@ -496,12 +504,76 @@ impl CairnFs {
         let this = self.clone();
         let change = self.changing(Change::All);
         self.spawn(async move {
-            let _change = change;
-            match this.client().node(op).await {
+            let res = this.client().node(op).await;
+            drop(change);
+            match res {
                 Ok(_) => reply.ok(),
                 Err(e) => reply.error(errno(&e)),
             }
         });
+    }
+
+    /// What `setattr` does: pending writes first, then the size, then the other attributes.
+    #[allow(clippy::too_many_arguments)]
+    async fn set_attr(
+        &self,
+        ino: u64,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+    ) -> Result<Attr, Errno> {
+        let ctx = &self.inner.ctx;
+        let open = self.open_state(ino);
+        // Pending writes first, so that times set now are not overwritten by their commit.
+        let mut attr = None;
+        if let Some(st) = &open {
+            match self.sync_state(st).await {
+                Ok(a) => attr = Some(a),
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some(size) = size {
+            let st = match &open {
+                Some(st) => st.clone(),
+                None => match self.client().getattr(ino).await {
+                    Ok(a) if a.kind() == InodeKind::Directory => return Err(Errno::EISDIR),
+                    Ok(a) => Arc::new(AsyncMutex::new(FileState::new(a, ctx))),
+                    Err(e) => return Err(errno(&e)),
+                },
+            };
+            let mut s = st.lock().await;
+            if let Err(e) = s.truncate(ctx, size).await {
+                return Err(errno(&e));
+            }
+            drop(s);
+            match self.sync_state(&st).await {
+                Ok(a) => attr = Some(a),
+                Err(e) => return Err(e),
+            }
+        }
+        let (atime_ns, atime_now) = time_arg(atime);
+        let (mtime_ns, mtime_now) = time_arg(mtime);
+        if mode.is_some() || uid.is_some() || gid.is_some() || atime.is_some() || mtime.is_some() {
+            let op = Op::SetAttr(SetAttrNode { inode: ino, mode, uid, gid, atime_ns, mtime_ns, atime_now, mtime_now });
+            match self.client().node_attr(op).await {
+                Ok(a) => attr = Some(a),
+                Err(e) => return Err(errno(&e)),
+            }
+        }
+        let attr = match attr {
+            Some(a) => a,
+            None => match self.attr(ino).await {
+                Ok(a) => a,
+                Err(e) => return Err(e),
+            },
+        };
+        if let Some(st) = &open {
+            st.lock().await.attr = attr.clone();
+        }
+        Ok(attr)
     }
 
     async fn dir_entries(&self, ino: u64) -> Result<Vec<(String, Attr)>, Errno> {
@@ -569,8 +641,9 @@ impl Filesystem for CairnFs {
                 (None, Some(gen)) => this.list_for_lookups(parent.0, gen, &name).await,
                 (None, None) => None,
             };
-            if let Some((a, left)) = listed {
+            if let Some((a, until)) = listed {
                 let a = this.fresher(a).await;
+                let left = until.saturating_duration_since(Instant::now());
                 return reply.entry(&left, &to_file_attr(&a), Generation(0));
             }
             match this.client().lookup(parent.0, &name).await {
@@ -619,57 +692,12 @@ impl Filesystem for CairnFs {
         let this = self.clone();
         let change = self.changing(Change::All);
         self.spawn(async move {
-            let _change = change;
-            let ctx = &this.inner.ctx;
-            let open = this.open_state(ino.0);
-            // Pending writes first, so that times set now are not overwritten by their commit.
-            let mut attr = None;
-            if let Some(st) = &open {
-                match this.sync_state(st).await {
-                    Ok(a) => attr = Some(a),
-                    Err(e) => return reply.error(e),
-                }
+            let res = this.set_attr(ino.0, mode, uid, gid, size, atime, mtime).await;
+            drop(change);
+            match res {
+                Ok(attr) => reply.attr(&this.ttl(), &to_file_attr(&attr)),
+                Err(e) => reply.error(e),
             }
-            if let Some(size) = size {
-                let st = match &open {
-                    Some(st) => st.clone(),
-                    None => match this.client().getattr(ino.0).await {
-                        Ok(a) if a.kind() == InodeKind::Directory => return reply.error(Errno::EISDIR),
-                        Ok(a) => Arc::new(AsyncMutex::new(FileState::new(a, ctx))),
-                        Err(e) => return reply.error(errno(&e)),
-                    },
-                };
-                let mut s = st.lock().await;
-                if let Err(e) = s.truncate(ctx, size).await {
-                    return reply.error(errno(&e));
-                }
-                drop(s);
-                match this.sync_state(&st).await {
-                    Ok(a) => attr = Some(a),
-                    Err(e) => return reply.error(e),
-                }
-            }
-            let (atime_ns, atime_now) = time_arg(atime);
-            let (mtime_ns, mtime_now) = time_arg(mtime);
-            if mode.is_some() || uid.is_some() || gid.is_some() || atime.is_some() || mtime.is_some() {
-                let op =
-                    Op::SetAttr(SetAttrNode { inode: ino.0, mode, uid, gid, atime_ns, mtime_ns, atime_now, mtime_now });
-                match this.client().node_attr(op).await {
-                    Ok(a) => attr = Some(a),
-                    Err(e) => return reply.error(errno(&e)),
-                }
-            }
-            let attr = match attr {
-                Some(a) => a,
-                None => match this.attr(ino.0).await {
-                    Ok(a) => a,
-                    Err(e) => return reply.error(e),
-                },
-            };
-            if let Some(st) = &open {
-                st.lock().await.attr = attr.clone();
-            }
-            reply.attr(&this.ttl(), &to_file_attr(&attr));
         });
     }
 
@@ -717,11 +745,12 @@ impl Filesystem for CairnFs {
         let this = self.clone();
         let change = self.changing(Change::Names(vec![(parent.0, name.clone())]));
         self.spawn(async move {
-            let _change = change;
             // A file this mount has open outlives its last name until it is closed (POSIX).
             let keep = this.open_target(parent.0, &name).await;
             let op = Op::Unlink(UnlinkNode { parent: parent.0, name, directory: false, keep: keep.is_some() });
-            match this.drop_name(op, keep).await {
+            let res = this.drop_name(op, keep).await;
+            drop(change);
+            match res {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(e),
             }
@@ -770,7 +799,6 @@ impl Filesystem for CairnFs {
         let this = self.clone();
         let change = self.changing(Change::Names(vec![(parent.0, name.clone()), (newparent.0, new_name.clone())]));
         self.spawn(async move {
-            let _change = change;
             // A replaced file that is open here outlives its name, as with unlink.
             let keep = if exchange { None } else { this.open_target(newparent.0, &new_name).await };
             let op = Op::Rename(RenameNode {
@@ -782,7 +810,9 @@ impl Filesystem for CairnFs {
                 exchange,
                 keep: keep.is_some(),
             });
-            match this.drop_name(op, keep).await {
+            let res = this.drop_name(op, keep).await;
+            drop(change);
+            match res {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(e),
             }
@@ -872,9 +902,11 @@ impl Filesystem for CairnFs {
         let this = self.clone();
         let change = self.changing(Change::All);
         self.spawn(async move {
-            let _change = change;
             let mut st = state.lock().await;
-            match st.write(&this.inner.ctx, offset, &data).await {
+            let res = st.write(&this.inner.ctx, offset, &data).await;
+            drop(st);
+            drop(change);
+            match res {
                 Ok(()) => reply.written(data.len() as u32),
                 Err(e) => reply.error(errno(&e)),
             }
@@ -1122,8 +1154,9 @@ impl Filesystem for CairnFs {
         let this = self.clone();
         let change = self.changing(Change::All);
         self.spawn(async move {
-            let _change = change;
-            match this.client().node_attr(op).await {
+            let res = this.client().node_attr(op).await;
+            drop(change);
+            match res {
                 Ok(a) => {
                     let (fh, _) = this.open_file(&a);
                     reply.created(&this.ttl(), &to_file_attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty())

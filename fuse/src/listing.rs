@@ -10,9 +10,10 @@
 //! masters (a negative answer is never served from here).
 //!
 //! This mount's own changes never meet a stale listing: every change bumps a generation (a
-//! listing fetched across it is not kept) and, before and after it runs, drops what it makes
-//! stale: the names it touches and the attributes of their directories, or everything when it
-//! may change attributes of entries it cannot name (hard links, writes, attributes).
+//! listing fetched across it is not kept) and, before it runs and again before it is answered,
+//! drops what it makes stale: the names it touches, every entry of the files they named (other
+//! hard links) and of their directories, or everything when it cannot say which files it
+//! changes (writes, attributes, a name not listed).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -49,17 +50,26 @@ pub enum Change {
     All,
 }
 
+/// What to drop once a change is done: see [`Listings::before`].
+#[derive(Clone, Debug)]
+pub struct After {
+    names: Vec<(u64, String)>,
+    /// Files and directories whose entries are dropped wherever they are listed.
+    inodes: Vec<u64>,
+    all: bool,
+}
+
 impl Listings {
-    /// The attributes of `name` in `dir` and how much of `ttl` is left, if a listing fresher
-    /// than `ttl` has it.
-    pub fn get(&mut self, dir: u64, name: &str, ttl: Duration) -> Option<(Attr, Duration)> {
+    /// The attributes of `name` in `dir` and until when they may be trusted, if a listing
+    /// fresher than `ttl` has it.
+    pub fn get(&mut self, dir: u64, name: &str, ttl: Duration) -> Option<(Attr, Instant)> {
         let l = self.dirs.get(&dir)?;
-        let age = l.at.elapsed();
-        if age >= ttl {
+        let until = l.at + ttl;
+        if Instant::now() >= until {
             self.dirs.remove(&dir);
             return None;
         }
-        Some((l.entries.get(name)?.clone(), ttl - age))
+        Some((l.entries.get(name)?.clone(), until))
     }
 
     /// Counts a lookup in `dir` the masters must answer. Returns the generation to fetch the
@@ -88,25 +98,50 @@ impl Listings {
         self.dirs.insert(dir, Listing { at, entries });
     }
 
-    /// Drops what `change` may have made stale; called before and after the change runs.
-    pub fn change(&mut self, change: &Change) {
+    /// Drops what `change` may make stale, before it runs; returns what [`Listings::after`]
+    /// drops once it is done (a listing fetched meanwhile may show the old state).
+    pub fn before(&mut self, change: Change) -> After {
         self.gen += 1;
         self.run = (0, 0);
         let Change::Names(names) = change else {
             self.dirs.clear();
-            return;
+            return After { names: Vec::new(), inodes: Vec::new(), all: true };
         };
-        for (dir, name) in names {
-            let dropped = self.dirs.get_mut(dir).and_then(|l| l.entries.remove(name));
-            // Another name of the same file (a hard link), listed elsewhere, would keep a stale
-            // link count; so would one of a file this mount did not see listed.
-            if dropped.is_none_or(|a| a.nlink > 1) {
-                self.dirs.clear();
-                return;
+        let mut inodes = Vec::with_capacity(2 * names.len());
+        for (dir, name) in &names {
+            match self.dirs.get_mut(dir).and_then(|l| l.entries.remove(name)) {
+                Some(a) => inodes.extend([*dir, a.inode]),
+                None => {
+                    // The file the name held is unknown: it may be listed elsewhere.
+                    self.dirs.clear();
+                    return After { names: Vec::new(), inodes: Vec::new(), all: true };
+                }
             }
-            for l in self.dirs.values_mut() {
-                l.entries.retain(|_, a| a.inode != *dir);
+        }
+        let after = After { names, inodes, all: false };
+        self.drop_named(&after);
+        after
+    }
+
+    /// Drops what a change made stale, once it is done and before it is answered.
+    pub fn after(&mut self, after: &After) {
+        self.gen += 1;
+        self.run = (0, 0);
+        if after.all {
+            self.dirs.clear();
+        } else {
+            self.drop_named(after);
+        }
+    }
+
+    fn drop_named(&mut self, after: &After) {
+        for (dir, name) in &after.names {
+            if let Some(l) = self.dirs.get_mut(dir) {
+                l.entries.remove(name);
             }
+        }
+        for l in self.dirs.values_mut() {
+            l.entries.retain(|_, a| !after.inodes.contains(&a.inode));
         }
     }
 }
@@ -150,40 +185,54 @@ mod tests {
         l.put(7, 0, old, listing(&[("a", attr(10, 1))]));
         assert!(l.get(7, "a", Duration::from_secs(1)).is_none());
         l.put(7, 0, Instant::now(), listing(&[("a", attr(10, 1))]));
-        let (_, left) = l.get(7, "a", Duration::from_secs(1)).unwrap();
-        assert!(left <= Duration::from_secs(1));
+        let (_, until) = l.get(7, "a", Duration::from_secs(1)).unwrap();
+        assert!(until <= Instant::now() + Duration::from_secs(1));
     }
 
     #[test]
     fn a_listing_fetched_across_a_change_is_not_kept() {
         let mut l = Listings::default();
-        l.change(&Change::All);
+        let after = l.before(Change::All);
         l.put(7, 0, Instant::now(), listing(&[("a", attr(10, 1))]));
+        assert!(l.get(7, "a", TTL).is_none());
+        // Fetched while the change ran, with the generation it started with: kept, then dropped
+        // by the second pass.
+        let after2 = l.before(Change::Names(vec![(1, "x".into())]));
+        let gen = l.gen;
+        l.put(7, gen, Instant::now(), listing(&[("a", attr(10, 1))]));
+        assert!(l.get(7, "a", TTL).is_some());
+        l.after(&after2);
+        l.after(&after);
         assert!(l.get(7, "a", TTL).is_none());
     }
 
     #[test]
-    fn changes_drop_their_names_and_their_directories() {
+    fn changes_drop_their_names_their_files_and_their_directories() {
         let mut l = Listings::default();
-        // Directory 7 ("d" in directory 1) holds a, b, and c (two links).
-        l.put(1, 0, Instant::now(), listing(&[("d", attr(7, 2)), ("e", attr(8, 2))]));
+        // Directory 7 ("d" in directory 1) holds a, b and c; "e" in directory 1 is c's other link.
+        l.put(1, 0, Instant::now(), listing(&[("d", attr(7, 2)), ("e", attr(12, 2)), ("f", attr(13, 1))]));
         l.put(7, 0, Instant::now(), listing(&[("a", attr(10, 1)), ("b", attr(11, 1)), ("c", attr(12, 2))]));
-        l.change(&Change::Names(vec![(7, "a".into())]));
+        let after = l.before(Change::Names(vec![(7, "a".into())]));
         assert!(l.get(7, "a", TTL).is_none());
         assert!(l.get(7, "b", TTL).is_some(), "other names stay");
         assert!(l.get(1, "d", TTL).is_none(), "the changed directory's own attributes are dropped");
-        assert!(l.get(1, "e", TTL).is_some());
-        // A name with other links, or one not listed, may leave stale link counts anywhere.
-        l.change(&Change::Names(vec![(7, "c".into())]));
-        assert!(l.get(7, "b", TTL).is_none() && l.get(1, "e", TTL).is_none());
+        // A listing fetched while the unlink ran may still show the name: dropped after it.
+        let gen = l.gen;
+        l.put(7, gen, Instant::now(), listing(&[("a", attr(10, 1)), ("b", attr(11, 1)), ("c", attr(12, 2))]));
+        l.after(&after);
+        assert!(l.get(7, "a", TTL).is_none() && l.get(7, "b", TTL).is_some() && l.get(1, "f", TTL).is_some());
+        // Every listed link of a changed file goes: its link count changed.
+        let after = l.before(Change::Names(vec![(7, "c".into())]));
+        assert!(l.get(1, "e", TTL).is_none() && l.get(1, "f", TTL).is_some());
+        l.after(&after);
+        // A name not listed may have been a link of anything listed.
+        l.before(Change::Names(vec![(9, "x".into())]));
+        assert!(l.get(7, "b", TTL).is_none() && l.get(1, "f", TTL).is_none());
         l.put(7, l.gen, Instant::now(), listing(&[("b", attr(11, 1))]));
-        l.change(&Change::Names(vec![(7, "new".into())]));
+        let after = l.before(Change::All);
         assert!(l.get(7, "b", TTL).is_none());
         l.put(7, l.gen, Instant::now(), listing(&[("b", attr(11, 1))]));
-        l.change(&Change::Names(vec![(9, "x".into())]));
-        assert!(l.get(7, "b", TTL).is_none(), "x may have been a link of b");
-        l.put(7, l.gen, Instant::now(), listing(&[("b", attr(11, 1))]));
-        l.change(&Change::All);
+        l.after(&after);
         assert!(l.get(7, "b", TTL).is_none());
     }
 }

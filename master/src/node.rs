@@ -50,7 +50,9 @@ const TRANSFER_TICKS: u64 = 40;
 /// (see [`Core::handle`]). The lease is 7 ticks (350 ms) from *before* the round was sent: the
 /// 100 ms margin absorbs clock rate differences and timer rounding. A leader that starts a
 /// leadership transfer (whose target campaigns past those refusals) gives up its lease for the
-/// rest of its term.
+/// rest of its term, and one that steps down drops it at once. Time is `CLOCK_BOOTTIME`
+/// ([`mono_ns`]); the assumption is that it advances at nearly the same rate on every master,
+/// which a VM paused by its hypervisor without its guest clocks seeing the pause would break.
 pub const LEASE: Duration = Duration::from_millis(TICK.as_millis() as u64 * (ELECTION_TICKS as u64 - 3));
 /// Log compaction ("snapshot" in Raft terms: the state machine in redb is always a complete
 /// snapshot as of its applied index) after this many entries or payload bytes...
@@ -367,12 +369,19 @@ pub fn now_ns() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
 }
 
-/// Nanoseconds on a monotonic clock (since the first call in this process): what leases are
-/// measured with. Unlike the wall clock it never jumps, and it keeps counting while the process
-/// is stopped or paused.
+/// Nanoseconds on `CLOCK_BOOTTIME`: what leases are measured with. Unlike the wall clock it
+/// never jumps, and unlike `CLOCK_MONOTONIC` (`Instant`) it keeps counting while the machine is
+/// suspended; it also counts while the process is stopped. (A hypervisor that pauses a VM and
+/// hides the pause from its guest clocks breaks every lease; see [`LEASE`].)
 pub fn mono_ns() -> u64 {
-    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec to the valid pointer it is given.
+    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
+        // Only an invalid clock id fails, and CLOCK_BOOTTIME exists since Linux 2.6.39: a time
+        // of 0 makes every lease look expired, so reads fall back to ReadIndex rounds.
+        return 0;
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 async fn run(mut core: Core, mut rx: mpsc::Receiver<Msg>, shutdown: CancellationToken) -> Result<()> {
@@ -532,6 +541,7 @@ impl Core {
     pub fn tick(&mut self) {
         self.ticks += 1;
         self.raw.tick();
+        self.lease_lost_if_not_leader();
         // Reads raft-rs dropped (it may, e.g. right after an election) must not wait forever.
         let stale = self.ticks.saturating_sub((READ_TIMEOUT.as_millis() / TICK.as_millis()) as u64);
         self.reads.inflight.retain(|_, (t, _, _)| *t >= stale);
@@ -608,6 +618,7 @@ impl Core {
                 if let Err(e) = self.raw.step(*m) {
                     tracing::debug!("raft step: {e}");
                 }
+                self.lease_lost_if_not_leader();
             }
             Msg::Snapshot { msg, file } => {
                 let index = msg.get_snapshot().get_metadata().index;
@@ -616,6 +627,7 @@ impl Core {
                 if let Err(e) = self.raw.step(*msg) {
                     tracing::debug!("raft step (snapshot): {e}");
                 }
+                self.lease_lost_if_not_leader();
             }
             Msg::SnapshotSent { to, ok } => {
                 let status = if ok { SnapshotStatus::Finish } else { SnapshotStatus::Failure };
@@ -729,6 +741,16 @@ impl Core {
             None => {
                 let _ = reply.send(Err(MetaError::InvalidArgument("no other master to hand leadership to".into())));
             }
+        }
+    }
+
+    /// A node that stepped down (a higher term, check-quorum) may vote for another master in
+    /// this very Ready: the status, which the service reads without the driver, loses the lease
+    /// now rather than after the Ready.
+    fn lease_lost_if_not_leader(&mut self) {
+        if self.lease_until != 0 && self.raw.raft.state != StateRole::Leader {
+            self.lease_until = 0;
+            self.status.lock().expect("status lock").lease_until_ns = 0;
         }
     }
 
