@@ -164,8 +164,35 @@ fn name_of(name: &OsStr) -> Result<String, Errno> {
 }
 
 enum Fh {
-    File { ino: u64, state: Arc<AsyncMutex<FileState>>, next_read: Arc<AtomicU64> },
+    File { ino: u64, state: Arc<AsyncMutex<FileState>>, reads: Arc<ReadPattern> },
     Dir { entries: Arc<Vec<(String, Attr)>> },
+}
+
+/// Where a handle's reads go. The kernel's read-ahead sends several reads at once, not always
+/// in order, so a read that starts near where the previous one ended counts as following it;
+/// the handle reads sequentially once two reads in a row do (or the first read starts at 0).
+/// One near read alone is not enough: a random reader lands near its previous read now and then,
+/// and each false start would fetch whole chunks ahead (24 MiB) for a 4 KiB read.
+struct ReadPattern {
+    next: AtomicU64,
+    streak: std::sync::atomic::AtomicU32,
+}
+
+impl ReadPattern {
+    fn new() -> ReadPattern {
+        ReadPattern { next: AtomicU64::new(0), streak: std::sync::atomic::AtomicU32::new(1) }
+    }
+
+    /// Records a read; whether it is part of a sequential run.
+    fn sequential(&self, offset: u64, size: u64) -> bool {
+        let prev = self.next.swap(offset.saturating_add(size), Ordering::Relaxed);
+        if offset.abs_diff(prev) <= SEQUENTIAL_SLACK {
+            self.streak.fetch_add(1, Ordering::Relaxed) + 1 >= 2
+        } else {
+            self.streak.store(0, Ordering::Relaxed);
+            false
+        }
+    }
 }
 
 struct Open {
@@ -369,13 +396,13 @@ impl CairnFs {
             let mut v = self.inner.versions.lock().expect("versions lock");
             v.insert(ino, attr.version) == Some(attr.version)
         };
-        let fh = self.add_handle(Fh::File { ino, state, next_read: Arc::new(AtomicU64::new(0)) });
+        let fh = self.add_handle(Fh::File { ino, state, reads: Arc::new(ReadPattern::new()) });
         (fh, keep)
     }
 
-    fn file_handle(&self, fh: FileHandle) -> Option<(u64, Arc<AsyncMutex<FileState>>, Arc<AtomicU64>)> {
+    fn file_handle(&self, fh: FileHandle) -> Option<(u64, Arc<AsyncMutex<FileState>>, Arc<ReadPattern>)> {
         match self.inner.handles.lock().expect("handles lock").get(&fh.0) {
-            Some(Fh::File { ino, state, next_read }) => Some((*ino, state.clone(), next_read.clone())),
+            Some(Fh::File { ino, state, reads }) => Some((*ino, state.clone(), reads.clone())),
             _ => None,
         }
     }
@@ -856,14 +883,11 @@ impl Filesystem for CairnFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
-        let Some((_, state, next_read)) = self.file_handle(fh) else { return reply.error(Errno::EBADF) };
+        let Some((_, state, reads)) = self.file_handle(fh) else { return reply.error(Errno::EBADF) };
         let this = self.clone();
         self.run_inline(async move {
             let ctx = &this.inner.ctx;
-            // The kernel's read-ahead sends several reads at once, not always in order: near
-            // the previous one counts as sequential.
-            let prev = next_read.swap(offset + u64::from(size), Ordering::Relaxed);
-            let sequential = offset.abs_diff(prev) <= SEQUENTIAL_SLACK;
+            let sequential = reads.sequential(offset, u64::from(size));
             let (pieces, ahead) = {
                 let mut st = state.lock().await;
                 let pieces = match st.plan_read(ctx, offset, u64::from(size), sequential).await {
@@ -1174,5 +1198,24 @@ fn xattr_reply(reply: ReplyXattr, size: u32, value: &[u8]) {
         reply.error(Errno::from_i32(libc::ERANGE));
     } else {
         reply.data(value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_are_sequential_from_0_or_after_two_in_a_row() {
+        let r = ReadPattern::new();
+        assert!(r.sequential(0, 131072), "a first read at 0 starts a sequential run");
+        assert!(r.sequential(131072, 131072));
+        assert!(r.sequential(131072 * 3, 131072), "out of order within the slack");
+        let r = ReadPattern::new();
+        assert!(!r.sequential(500 << 20, 4096), "a first read elsewhere is random");
+        assert!(!r.sequential(100 << 20, 4096));
+        assert!(!r.sequential((100 << 20) + 8192, 4096), "one near read by chance is not a run");
+        assert!(r.sequential((100 << 20) + 12288, 4096), "the second in a row is");
+        assert!(!r.sequential(7 << 20, 4096));
     }
 }
