@@ -548,8 +548,7 @@ impl Core {
         // Keep the lease of a leader alive: a heartbeat round with a read context (no waiters)
         // whenever less than half of it is left, at most every other tick.
         let now = (self.mono)();
-        if self.raw.raft.state == StateRole::Leader
-            && self.no_lease_term != self.raw.raft.term
+        if self.may_hold_lease()
             && self.lease_until.saturating_sub(now) < LEASE.as_nanos() as u64 / 2
             && self.ticks >= self.renewed_tick + 2
         {
@@ -754,11 +753,16 @@ impl Core {
         }
     }
 
+    /// Whether this node may hold a lease at all: it leads, and started no leadership transfer
+    /// in this term.
+    fn may_hold_lease(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader && self.no_lease_term != self.raw.raft.term
+    }
+
     /// Whether this leader's lease covers a read arriving now: see [`RaftStatus::lease_read`].
     fn lease_valid(&self) -> bool {
         let r = &self.raw.raft;
-        r.state == StateRole::Leader
-            && self.no_lease_term != r.term
+        self.may_hold_lease()
             && (self.mono)() < self.lease_until
             && r.raft_log.term(r.raft_log.committed).is_ok_and(|t| t == r.term)
     }
@@ -824,7 +828,7 @@ impl Core {
             let ctx = rs.request_ctx.as_slice().try_into().map(u64::from_be_bytes).unwrap_or(0);
             if let Some((_, issued, w)) = self.reads.inflight.remove(&ctx) {
                 // A quorum acknowledged a heartbeat sent after `issued`: see [`LEASE`].
-                if self.no_lease_term != self.raw.raft.term && self.raw.raft.state == StateRole::Leader {
+                if self.may_hold_lease() {
                     self.lease_until = self.lease_until.max(issued + LEASE.as_nanos() as u64);
                 }
                 if !w.is_empty() {
@@ -1009,7 +1013,7 @@ impl Core {
         s.commit_index = self.raw.raft.raft_log.committed;
         s.serving = leader && s.applied_index >= self.term_start;
         s.voters = self.log.conf_state().voters;
-        s.lease_until_ns = if leader && self.no_lease_term != s.term { self.lease_until } else { 0 };
+        s.lease_until_ns = if self.may_hold_lease() { self.lease_until } else { 0 };
         s.matched =
             if leader { self.raw.raft.prs().iter().map(|(id, p)| (*id, p.matched)).collect() } else { BTreeMap::new() };
         Ok(())

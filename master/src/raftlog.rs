@@ -196,15 +196,9 @@ impl RaftLog {
         Ok(())
     }
 
-    /// The writes of [`RaftLog::persist`] inside the caller's transaction, which this makes
-    /// durable if it must be (new entries, or a new term or vote). After the commit the caller
-    /// calls [`RaftLog::persisted`].
-    pub fn persist_in(
-        &self,
-        txn: &mut redb::WriteTransaction,
-        entries: &[Entry],
-        hs: Option<&HardState>,
-    ) -> Result<()> {
+    /// The writes of [`RaftLog::persist`] inside its transaction, which this makes durable if it
+    /// must be (new entries, or a new term or vote).
+    fn persist_in(&self, txn: &mut redb::WriteTransaction, entries: &[Entry], hs: Option<&HardState>) -> Result<()> {
         let (old_last, compacted, old_hs) = {
             let core = self.core.read().expect("raft log lock");
             (core.last_index(), core.compacted_index, core.hard_state.clone())
@@ -237,8 +231,8 @@ impl RaftLog {
         Ok(())
     }
 
-    /// Updates the in-memory mirror after a transaction with [`RaftLog::persist_in`] committed.
-    pub fn persisted(&self, entries: &[Entry], hs: Option<&HardState>) {
+    /// Updates the in-memory mirror after [`RaftLog::persist_in`]'s transaction committed.
+    fn persisted(&self, entries: &[Entry], hs: Option<&HardState>) {
         let mut core = self.core.write().expect("raft log lock");
         if let Some(first) = entries.first() {
             while core.last_index() >= first.index {

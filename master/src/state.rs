@@ -498,7 +498,7 @@ impl State {
         self.reader()?.counter(APPLIED)
     }
 
-    /// Applies a batch of committed commands and records `applied` in the same durable
+    /// Applies a batch of committed commands and records `applied` in the same (unsynced)
     /// transaction. A storage error aborts the whole batch (the caller must stop: crash-only).
     pub fn apply_batch(&self, cmds: &[(u64, Option<Command>)], applied: u64) -> anyhow::Result<Vec<CommandResult>> {
         self.apply_batch_with(cmds, applied, &|_| Ok(()))
@@ -524,9 +524,9 @@ impl State {
         Ok(results)
     }
 
-    /// Applies a batch of committed commands inside the caller's transaction and records
-    /// `applied` there. An error means the transaction must be dropped (and the master stop).
-    pub fn apply_in(
+    /// Applies a batch of committed commands inside `txn` and records `applied` there. An error
+    /// means the transaction must be dropped (and the master stop).
+    fn apply_in(
         &self,
         txn: &WriteTransaction,
         cmds: &[(u64, Option<Command>)],

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use cairn_client::Error;
+use cairn_client::{Error, PutOptions};
 use cairn_proto::v1::Extent;
 use futures::StreamExt;
 use s3s::crypto::{Checksum, Md5};
@@ -237,7 +237,8 @@ impl Gateway {
         }
         let etag = format!("{}-{count}", hex::encode(digests.finalize()));
         let xattrs = info.meta.to_xattrs(&etag);
-        self.commit_object(&i.bucket, &i.key, &path, extents, self.cfg.replication, xattrs, exclusive).await?;
+        let opts = PutOptions { replication: self.cfg.replication, exclusive, ..Default::default() };
+        self.commit_object(&i.bucket, &i.key, &path, extents, xattrs, opts).await?;
         if let Err(e) = self.client.remove(&dir, true).await {
             // The object is committed; the parts are collected with abandoned uploads.
             tracing::warn!("remove completed upload {dir}: {e}");

@@ -14,6 +14,18 @@ use s3s::{s3_error, S3Error, S3ErrorCode, S3Request, S3Response, S3Result};
 use crate::names::{self, ObjectMeta, EMPTY_MD5};
 use crate::{internal, Gateway};
 
+/// The conditions of a read request: GetObject and HeadObject have the same fields.
+macro_rules! conditions {
+    ($i:expr) => {
+        Conditions {
+            if_match: $i.if_match.as_ref(),
+            if_none_match: $i.if_none_match.as_ref(),
+            if_modified_since: $i.if_modified_since.as_ref(),
+            if_unmodified_since: $i.if_unmodified_since.as_ref(),
+        }
+    };
+}
+
 /// The metadata a write request carries: PutObject, CopyObject (with REPLACE) and
 /// CreateMultipartUpload have the same fields.
 macro_rules! request_meta {
@@ -120,11 +132,10 @@ impl Gateway {
         key: &str,
         path: &str,
         extents: Vec<Extent>,
-        replication: u32,
         xattrs: BTreeMap<String, Vec<u8>>,
-        exclusive: bool,
+        opts: PutOptions,
     ) -> S3Result<Attr> {
-        let opts = PutOptions { replication, exclusive, ..Default::default() };
+        let exclusive = opts.exclusive;
         // A delete emptying the directory may remove it between the mkdir and the commit: try
         // again a few times.
         for _ in 0..3 {
@@ -188,7 +199,8 @@ impl Gateway {
         let stored = self.store_body(body.take(), i.content_length, i.content_md5.as_deref()).await?;
         let etag = hex::encode(stored.md5);
         let xattrs = meta.to_xattrs(&etag);
-        self.commit_object(&i.bucket, &i.key, &path, stored.extents, self.cfg.replication, xattrs, exclusive).await?;
+        let opts = PutOptions { replication: self.cfg.replication, exclusive, ..Default::default() };
+        self.commit_object(&i.bucket, &i.key, &path, stored.extents, xattrs, opts).await?;
         Ok(S3Response::new(PutObjectOutput {
             e_tag: Some(ETag::Strong(etag)),
             size: Some(stored.size as i64),
@@ -249,12 +261,7 @@ impl Gateway {
 
     pub(crate) async fn get(&self, req: S3Request<GetObjectInput>) -> S3Result<S3Response<GetObjectOutput>> {
         let i = req.input;
-        let conds = Conditions {
-            if_match: i.if_match.as_ref(),
-            if_none_match: i.if_none_match.as_ref(),
-            if_modified_since: i.if_modified_since.as_ref(),
-            if_unmodified_since: i.if_unmodified_since.as_ref(),
-        };
+        let conds = conditions!(i);
         let (path, Opened { file, start, end, head: h }) =
             self.open_object(&i.bucket, &i.key, conds, i.range.as_ref()).await?;
         Ok(S3Response::new(GetObjectOutput {
@@ -301,12 +308,7 @@ impl Gateway {
 
     pub(crate) async fn head(&self, req: S3Request<HeadObjectInput>) -> S3Result<S3Response<HeadObjectOutput>> {
         let i = req.input;
-        let conds = Conditions {
-            if_match: i.if_match.as_ref(),
-            if_none_match: i.if_none_match.as_ref(),
-            if_modified_since: i.if_modified_since.as_ref(),
-            if_unmodified_since: i.if_unmodified_since.as_ref(),
-        };
+        let conds = conditions!(i);
         let (_, opened) = self.open_object(&i.bucket, &i.key, conds, i.range.as_ref()).await?;
         Ok(S3Response::new(opened.head))
     }
@@ -423,8 +425,8 @@ impl Gateway {
         let meta = if replace { request_meta!(i) } else { ObjectMeta::from_xattrs(&src.xattrs) };
         let extents: Vec<Extent> = src.extents.into_iter().filter_map(|l| l.extent).collect();
         let replication = if attr.replication == 0 { self.cfg.replication } else { attr.replication };
-        let new =
-            self.commit_object(&i.bucket, &i.key, &dpath, extents, replication, meta.to_xattrs(&etag), false).await?;
+        let opts = PutOptions { replication, ..Default::default() };
+        let new = self.commit_object(&i.bucket, &i.key, &dpath, extents, meta.to_xattrs(&etag), opts).await?;
         Ok(S3Response::new(CopyObjectOutput {
             copy_object_result: Some(CopyObjectResult {
                 e_tag: Some(ETag::Strong(etag)),
