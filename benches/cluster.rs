@@ -1,6 +1,6 @@
 //! `cairn bench`: throughput of a cluster through the client library, beside the raw local disk
 //! measured in the same run. Without CAIRN_MASTERS it starts its own `cairn dev` cluster (1
-//! master, 4 chunkservers) in a temp dir and stops it at the end.
+//! master unless `--masters`, 4 chunkservers) in a temp dir and stops it at the end.
 //!
 //! Measured: put and get of one large file (default 2 GiB, random bytes, replication 3; the get
 //! after dropping the page cache when running as root, verified by BLAKE3), many small puts
@@ -66,6 +66,9 @@ pub struct BenchArgs {
     /// Chunkservers of the cluster the benchmark starts (ignored with CAIRN_MASTERS).
     #[arg(long, default_value_t = 4)]
     pub chunkservers: u32,
+    /// data: masters of the cluster the benchmark starts (the other modes start 3).
+    #[arg(long, default_value_t = 1)]
+    pub masters: u32,
     /// Skip the raw disk reference.
     #[arg(long)]
     pub no_disk: bool,
@@ -264,8 +267,13 @@ pub async fn run(a: &BenchArgs) -> Result<()> {
     let (masters, tls, _cluster) = match (std::env::var("CAIRN_MASTERS"), std::env::var("CAIRN_TLS")) {
         (Ok(m), Ok(t)) => (m, PathBuf::from(t), None),
         _ => {
-            eprintln!("starting a dev cluster ({} chunkservers) in {}...", a.chunkservers, dir.display());
-            let c = DevCluster::start(&dir, a.chunkservers)?;
+            eprintln!(
+                "starting a dev cluster ({} master(s), {} chunkservers) in {}...",
+                a.masters,
+                a.chunkservers,
+                dir.display()
+            );
+            let c = DevCluster::start_with(&dir, a.chunkservers, &["--masters", &a.masters.to_string()])?;
             let (m, t) = (
                 c.var("CAIRN_MASTERS").context("env without CAIRN_MASTERS")?,
                 c.var("CAIRN_TLS").context("env without CAIRN_TLS")?,

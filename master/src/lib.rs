@@ -60,7 +60,15 @@ pub async fn run(config: Config, listener: tokio::net::TcpListener, shutdown: Ca
         redb::Database::create(&db_path).with_context(|| format!("open metadata store {}", db_path.display()))?,
     );
     let voters: Vec<u64> = config.peers.keys().copied().collect();
-    let log = raftlog::RaftLog::open(db.clone(), &voters).context("load raft log")?;
+    let files = [
+        raftlog::DiskFile::open(&config.data_dir.join(raftlog::LOG_FILES[0]))?,
+        raftlog::DiskFile::open(&config.data_dir.join(raftlog::LOG_FILES[1]))?,
+    ];
+    // The files may be new: their directory entries must be durable before they hold the log.
+    std::fs::File::open(&config.data_dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("sync {}", config.data_dir.display()))?;
+    let log = raftlog::RaftLog::open(db.clone(), files, &voters).context("load raft log")?;
     let state = state::State::open(db).context("open namespace")?;
     if !voters.is_empty() {
         state.bootstrap_masters(&config.peers)?;

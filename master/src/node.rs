@@ -1,7 +1,7 @@
 //! The Raft driver: one thread owns the `RawNode`, ticks it, feeds it proposals, reads and peer
 //! messages from a bounded channel, and handles each `Ready` in the order raft-rs prescribes (see
 //! CONVENTIONS.md section 5): nothing is acknowledged, voted or acked to a peer before it is
-//! durable in redb. Proposals that arrive while a batch is being written wait in the channel and
+//! durable in the Raft log file ([`crate::raftlog`]). Proposals that arrive while a batch is being written wait in the channel and
 //! go out together in the next one, so many mutations share one fsync (group commit).
 //!
 //! The logic lives in [`Core`], which knows nothing of threads, sockets or wall clocks: the
@@ -61,6 +61,10 @@ const COMPACT_BYTES: u64 = 64 << 20;
 /// ...keeping this many applied entries, so that a follower slightly behind catches up from the
 /// log; one further behind gets a snapshot.
 const COMPACT_KEEP: u64 = 2_000;
+/// The namespace's transactions are not synced one by one (the log file has their entries): a
+/// durable commit every this many applied entries bounds what a restart applies again, and lets
+/// redb reuse the pages those transactions freed.
+pub const CHECKPOINT_EVERY: u64 = 1_000;
 
 pub type Reply = oneshot::Sender<Result<command_result::Result, MetaError>>;
 type ReadReply = oneshot::Sender<Result<(), MetaError>>;
@@ -462,6 +466,9 @@ pub struct Core {
     term_start: u64,
     ticks: u64,
     pub compact_every: u64,
+    pub checkpoint_every: u64,
+    /// Applied index as of the last durable commit of the namespace (at least).
+    checkpointed: u64,
 }
 
 impl Core {
@@ -491,6 +498,15 @@ impl Core {
         opts: CoreOptions,
     ) -> Result<Core> {
         let applied = state.applied_index()?;
+        // The applied index on disk may be ahead of the commit index the log file kept (which is
+        // not synced on its own); raft-rs refuses to start with applied > commit.
+        let (first, last) = (log.first_index_now(), log.last_index_now());
+        anyhow::ensure!(
+            // (A new group's log starts compacted at its bootstrap index, with nothing applied.)
+            (applied == 0 || applied + 1 >= first) && applied <= last,
+            "the namespace is applied through entry {applied} but the raft log holds entries {first} to {last}"
+        );
+        log.set_commit(applied);
         let mut config = raft_config(id, applied);
         if let Some(ticks) = opts.election_ticks {
             config.min_election_tick = ticks;
@@ -527,6 +543,8 @@ impl Core {
             term_start: u64::MAX,
             ticks: 0,
             compact_every: COMPACT_EVERY,
+            checkpoint_every: CHECKPOINT_EVERY,
+            checkpointed: applied,
         })
     }
 
@@ -862,6 +880,7 @@ impl Core {
         self.log.install_snapshot(meta, records).context("install snapshot")?;
         let _ = std::fs::remove_file(&file);
         self.status.lock().expect("status lock").applied_index = meta.index;
+        self.checkpointed = meta.index;
         let members = self.state.reader()?.masters()?;
         self.net.set_peers(&members);
         *self.peers.write().expect("peers lock") = members;
@@ -898,20 +917,17 @@ impl Core {
                 }
             }
         }
-        // The commit index on disk must never be behind the applied index on disk (raft-rs
-        // refuses to start otherwise): it goes into the same transaction as the apply.
         self.log.set_commit(last);
         Ok(Some((cmds, last)))
     }
 
     /// Applies committed entries in a transaction of their own (not fsynced: see
-    /// `State::apply_batch_with`).
+    /// `State::apply_batch`).
     fn apply(&mut self, entries: Vec<Entry>) -> Result<()> {
         let Some((cmds, last)) = self.prepare_apply(entries)? else {
             return Ok(());
         };
-        let log = &self.log;
-        let results = self.state.apply_batch_with(&cmds, last, &|txn| log.write_hard_state_in(txn))?;
+        let results = self.state.apply_batch(&cmds, last)?;
         self.finish_apply(cmds, results, last)
     }
 
@@ -954,11 +970,18 @@ impl Core {
         self.status.lock().expect("status lock").applied_index = last;
         self.release_reads(last);
         let (entries, bytes) = self.log.size();
-        if entries >= self.compact_every + COMPACT_KEEP.min(self.compact_every) || bytes >= COMPACT_BYTES {
-            let upto = last.saturating_sub(COMPACT_KEEP.min(self.compact_every));
+        let keep = COMPACT_KEEP.min(self.compact_every);
+        // By bytes only once the log is twice what is kept: each compaction rewrites the kept part.
+        if entries >= self.compact_every + keep || (bytes >= COMPACT_BYTES && entries >= 2 * keep) {
+            let upto = last.saturating_sub(keep);
             if upto >= self.log.first_index_now() {
                 self.log.compact(upto).context("compact raft log")?;
+                self.checkpointed = last;
             }
+        }
+        if last >= self.checkpointed + self.checkpoint_every {
+            self.log.checkpoint().context("checkpoint the namespace")?;
+            self.checkpointed = last;
         }
         Ok(())
     }

@@ -501,23 +501,12 @@ impl State {
     /// Applies a batch of committed commands and records `applied` in the same (unsynced)
     /// transaction. A storage error aborts the whole batch (the caller must stop: crash-only).
     pub fn apply_batch(&self, cmds: &[(u64, Option<Command>)], applied: u64) -> anyhow::Result<Vec<CommandResult>> {
-        self.apply_batch_with(cmds, applied, &|_| Ok(()))
-    }
-
-    /// [`State::apply_batch`], with `extra` writing more into the same transaction (the Raft
-    /// commit index, which must reach the disk no later than the applied index).
-    pub fn apply_batch_with(
-        &self,
-        cmds: &[(u64, Option<Command>)],
-        applied: u64,
-        extra: &dyn Fn(&WriteTransaction) -> anyhow::Result<()>,
-    ) -> anyhow::Result<Vec<CommandResult>> {
         let mut txn: WriteTransaction = self.db.begin_write()?;
-        extra(&txn)?;
-        // Not fsynced: every applied entry is already durable in the Raft log (same database), and
-        // redb persists this transaction with the next durable one, in order. After a crash the
-        // applied index on disk is older, and the entries after it are applied again from the log,
-        // so no entry is lost, skipped or applied twice.
+        // Not fsynced: every applied entry is already durable in the Raft log file, which keeps
+        // every entry after the last durable applied index (compaction and checkpoints make this
+        // database durable; redb persists unsynced transactions with the next durable one, in
+        // order). After a crash the applied index on disk is older, and the entries after it are
+        // applied again from the log, so no entry is lost, skipped or applied twice.
         txn.set_durability(redb::Durability::None)?;
         let results = self.apply_in(&txn, cmds, applied)?;
         txn.commit()?;

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use cairn_master::cluster::Cluster;
 use cairn_master::error::MetaError;
 use cairn_master::node::{Core, CoreOptions, Msg, Network, RaftStatus};
-use cairn_master::raftlog::RaftLog;
+use cairn_master::raftlog::{LogFile, RaftLog};
 use cairn_master::state::{self, State};
 use cairn_master::transport::SnapshotFile;
 use cairn_proto::v1::{
@@ -178,6 +178,7 @@ struct Params {
     crash_after_vote: f64,
     crash_after_append: f64,
     compact_every: u64,
+    checkpoint_every: u64,
     /// Refuse requests as the gRPC service does (`ensure_leader`) before they reach the core.
     service_checks: bool,
     tick_jitter_us: u64,
@@ -213,6 +214,11 @@ impl Params {
                 rng.random_range(2..40)
             } else {
                 cairn_master::node::COMPACT_EVERY
+            },
+            checkpoint_every: if rng.random_bool(0.5) {
+                rng.random_range(1..30)
+            } else {
+                cairn_master::node::CHECKPOINT_EVERY
             },
             service_checks: rng.random_bool(0.7),
             tick_jitter_us: rng.random_range(0..20 * MS),
@@ -545,7 +551,8 @@ impl Sim {
             .create_with_backend(n.disk.clone())
             .map_err(|e| format!("node {id}: open database: {e}"))?;
         let db = Arc::new(db);
-        let log = RaftLog::open(db.clone(), &self.voters).map_err(|e| format!("node {id}: open log: {e:#}"))?;
+        let files: [LogFile; 2] = [Box::new(n.disk.file(1)), Box::new(n.disk.file(2))];
+        let log = RaftLog::open(db.clone(), files, &self.voters).map_err(|e| format!("node {id}: open log: {e:#}"))?;
         let state = State::open(db).map_err(|e| format!("node {id}: open state: {e:#}"))?;
         state.bootstrap_masters(&self.peers).map_err(|e| format!("node {id}: bootstrap: {e:#}"))?;
         let applied = state.applied_index().map_err(|e| format!("node {id}: applied index: {e}"))?;
@@ -581,6 +588,7 @@ impl Sim {
         )
         .map_err(|e| format!("node {id}: start core: {e:#}"))?;
         core.compact_every = self.p.compact_every;
+        core.checkpoint_every = self.p.checkpoint_every;
         let status = core.status_handle();
         let inc = n.inc;
         self.nodes[i].up = Some(Up {

@@ -1,6 +1,7 @@
-//! A redb storage backend in memory that survives the `Database` being dropped and models a
-//! crash: writes land in the current image, `sync_data` copies them to the durable image, and a
-//! crash reverts to the durable image (optionally keeping a random part of the unsynced pages,
+//! A node's disk in memory, as redb storage backends (one per file: the database and the Raft log
+//! files), that survives the `Database` being dropped and models a crash: writes land in the
+//! current image, `sync_data` copies a file's writes to its durable image, and a crash reverts
+//! every file to its durable image (optionally keeping a random part of the unsynced pages,
 //! which a real disk may have written back on its own). Pages are shared `Arc`s, so a sync
 //! copies pointers to the pages written since the last one, not bytes.
 
@@ -18,37 +19,48 @@ struct Image {
     pages: Vec<Option<Page>>,
 }
 
+/// One file of a node's disk.
 #[derive(Default)]
-struct Inner {
+struct File {
     cur: Image,
     durable: Image,
     /// Pages of `cur` that may differ from `durable`.
     dirty: BTreeSet<usize>,
-    /// Syncs that still reach the disk before the process dies (None: no death planned).
-    syncs_left: Option<u32>,
-    /// The process died: nothing more becomes durable, and what it sends is lost.
-    dead: bool,
     /// The unsynced pages as they were when the process died: what a torn crash may keep.
     /// (What a dead process still writes, e.g. redb closing the database, never happened.)
     unsynced_at_death: Vec<(usize, Option<Page>)>,
+}
+
+#[derive(Default)]
+struct Inner {
+    files: Vec<File>,
+    /// Syncs (of any file) that still reach the disk before the process dies (None: no death
+    /// planned).
+    syncs_left: Option<u32>,
+    /// The process died: nothing more becomes durable, and what it sends is lost.
+    dead: bool,
 }
 
 impl Inner {
     fn die(&mut self) {
         if !self.dead {
             self.dead = true;
-            self.unsynced_at_death =
-                self.dirty.iter().map(|&p| (p, self.cur.pages.get(p).cloned().flatten())).collect();
+            for f in &mut self.files {
+                f.unsynced_at_death = f.dirty.iter().map(|&p| (p, f.cur.pages.get(p).cloned().flatten())).collect();
+            }
         }
     }
 }
 
+/// A node's disk: every file of it shares one process that dies, and one power loss. A handle
+/// is one file of it (the first one by default, see [`SimDisk::file`]).
 #[derive(Clone, Default)]
-pub struct SimDisk(Arc<Mutex<Inner>>);
+pub struct SimDisk(Arc<Mutex<Inner>>, usize);
 
 impl std::fmt::Debug for SimDisk {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SimDisk").field("len", &self.lock().cur.len).finish()
+        let len = self.lock().files.get(self.1).map_or(0, |f| f.cur.len);
+        f.debug_struct("SimDisk").field("file", &self.1).field("len", &len).finish()
     }
 }
 
@@ -58,10 +70,19 @@ fn out_of_range() -> std::io::Error {
 
 impl SimDisk {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.0.lock().expect("disk lock")
+        let mut g = self.0.lock().expect("disk lock");
+        if g.files.len() <= self.1 {
+            g.files.resize_with(self.1 + 1, File::default);
+        }
+        g
     }
 
-    /// Handles to this disk, the simulator's included: 1 once redb has let go of it.
+    /// Another file on the same disk.
+    pub fn file(&self, i: usize) -> SimDisk {
+        SimDisk(self.0.clone(), i)
+    }
+
+    /// Handles to this disk, the simulator's included: 1 once redb and the log have let go.
     pub fn handles(&self) -> usize {
         Arc::strong_count(&self.0)
     }
@@ -85,22 +106,24 @@ impl SimDisk {
         self.lock().syncs_left = None;
     }
 
-    /// Reverts to what the disk holds after power loss; `torn` keeps each unsynced page with
-    /// probability one half. The process must be dead and redb must have let go.
-    pub fn crash(&self, torn: Option<&mut impl Rng>) {
+    /// Reverts every file to what the disk holds after power loss; `torn` keeps each unsynced
+    /// page with probability one half. The process must be dead and redb must have let go.
+    pub fn crash(&self, mut torn: Option<&mut impl Rng>) {
         let mut g = self.lock();
         let inner = &mut *g;
         assert!(inner.dead, "a crash kills the process first");
-        let unsynced = std::mem::take(&mut inner.unsynced_at_death);
-        if let Some(rng) = torn {
-            for (p, page) in unsynced {
-                if p < inner.durable.pages.len() && rng.random_bool(0.5) {
-                    inner.durable.pages[p] = page;
+        for f in &mut inner.files {
+            let unsynced = std::mem::take(&mut f.unsynced_at_death);
+            if let Some(rng) = torn.as_deref_mut() {
+                for (p, page) in unsynced {
+                    if p < f.durable.pages.len() && rng.random_bool(0.5) {
+                        f.durable.pages[p] = page;
+                    }
                 }
             }
+            f.cur = f.durable.clone();
+            f.dirty.clear();
         }
-        inner.cur = inner.durable.clone();
-        inner.dirty.clear();
         inner.syncs_left = None;
         inner.dead = false;
     }
@@ -108,12 +131,13 @@ impl SimDisk {
 
 impl redb::StorageBackend for SimDisk {
     fn len(&self) -> Result<u64, std::io::Error> {
-        Ok(self.lock().cur.len)
+        Ok(self.lock().files[self.1].cur.len)
     }
 
     fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
         let g = self.lock();
-        if offset + out.len() as u64 > g.cur.len {
+        let f = &g.files[self.1];
+        if offset + out.len() as u64 > f.cur.len {
             return Err(out_of_range());
         }
         let mut done = 0;
@@ -121,7 +145,7 @@ impl redb::StorageBackend for SimDisk {
             let at = offset as usize + done;
             let (p, off) = (at / PAGE, at % PAGE);
             let n = (PAGE - off).min(out.len() - done);
-            match &g.cur.pages[p] {
+            match &f.cur.pages[p] {
                 Some(page) => out[done..done + n].copy_from_slice(&page[off..off + n]),
                 None => out[done..done + n].fill(0),
             }
@@ -132,7 +156,7 @@ impl redb::StorageBackend for SimDisk {
 
     fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
         let mut g = self.lock();
-        let inner = &mut *g;
+        let inner = &mut g.files[self.1];
         let old_pages = inner.cur.pages.len();
         let new_pages = (len as usize).div_ceil(PAGE);
         if len < inner.cur.len && !(len as usize).is_multiple_of(PAGE) {
@@ -149,17 +173,17 @@ impl redb::StorageBackend for SimDisk {
 
     fn sync_data(&self) -> Result<(), std::io::Error> {
         let mut g = self.lock();
-        let inner = &mut *g;
-        if inner.dead {
+        if g.dead {
             return Ok(());
         }
-        if let Some(n) = inner.syncs_left {
+        if let Some(n) = g.syncs_left {
             if n == 0 {
-                inner.die();
+                g.die();
                 return Ok(());
             }
-            inner.syncs_left = Some(n - 1);
+            g.syncs_left = Some(n - 1);
         }
+        let inner = &mut g.files[self.1];
         inner.durable.len = inner.cur.len;
         inner.durable.pages.resize(inner.cur.pages.len(), None);
         for p in std::mem::take(&mut inner.dirty) {
@@ -172,7 +196,7 @@ impl redb::StorageBackend for SimDisk {
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
         let mut g = self.lock();
-        let inner = &mut *g;
+        let inner = &mut g.files[self.1];
         if offset + data.len() as u64 > inner.cur.len {
             return Err(out_of_range());
         }
@@ -215,15 +239,40 @@ mod tests {
 
     #[test]
     fn redb_loses_non_durable_commits_only() {
+        assert_eq!(keys_after_crash(&[(1, true), (2, false)], false), vec![1]);
+        // An empty durable commit (a checkpoint of the namespace) persists the ones before it.
+        assert_eq!(keys_after_crash(&[(1, true), (2, false), (3, false)], true), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn files_of_one_disk_die_together() {
+        let disk = SimDisk::default();
+        let other = disk.file(1);
+        other.set_len(4096).unwrap();
+        other.write(0, &[1; 10]).unwrap();
+        disk.die_at_sync(1);
+        other.sync_data().unwrap();
+        assert!(disk.dead(), "a sync of any file counts");
+        drop(other);
+        disk.crash(None::<&mut rand_chacha::ChaCha8Rng>);
+        assert_eq!(disk.file(1).len().unwrap(), 0);
+    }
+
+    fn keys_after_crash(commits: &[(u64, bool)], checkpoint: bool) -> Vec<u64> {
         const T: TableDefinition<u64, u64> = TableDefinition::new("t");
         let disk = SimDisk::default();
         let db = redb::Database::builder().create_with_backend(disk.clone()).unwrap();
-        for (k, durable) in [(1, true), (2, false)] {
+        for &(k, durable) in commits {
             let mut txn = db.begin_write().unwrap();
             if !durable {
                 txn.set_durability(redb::Durability::None).unwrap();
             }
             txn.open_table(T).unwrap().insert(k, k).unwrap();
+            txn.commit().unwrap();
+        }
+        if checkpoint {
+            let txn = db.begin_write().unwrap();
+            txn.open_table(T).unwrap();
             txn.commit().unwrap();
         }
         disk.kill();
@@ -232,7 +281,6 @@ mod tests {
         disk.crash(None::<&mut rand_chacha::ChaCha8Rng>);
         let db = redb::Database::builder().create_with_backend(disk.clone()).unwrap();
         let txn = db.begin_read().unwrap();
-        let keys: Vec<u64> = txn.open_table(T).unwrap().iter().unwrap().map(|r| r.unwrap().0.value()).collect();
-        assert_eq!(keys, vec![1]);
+        txn.open_table(T).unwrap().iter().unwrap().map(|r| r.unwrap().0.value()).collect()
     }
 }
