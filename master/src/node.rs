@@ -1,8 +1,9 @@
 //! The Raft driver: one thread owns the `RawNode`, ticks it, feeds it proposals, reads and peer
 //! messages from a bounded channel, and handles each `Ready` in the order raft-rs prescribes (see
 //! CONVENTIONS.md section 5): nothing is acknowledged, voted or acked to a peer before it is
-//! durable in the Raft log file ([`crate::raftlog`]). Proposals that arrive while a batch is being written wait in the channel and
-//! go out together in the next one, so many mutations share one fsync (group commit).
+//! durable in the Raft log file ([`crate::raftlog`]). Proposals that arrive while a batch is
+//! being written wait in the channel and go out together in the next one, so many mutations share
+//! one fsync (group commit).
 //!
 //! The logic lives in [`Core`], which knows nothing of threads, sockets or wall clocks: the
 //! network is a [`Network`] and time is whatever calls [`Core::tick`] (plus the monotonic clock
