@@ -786,6 +786,24 @@ mod tests {
     }
 
     #[test]
+    fn a_member_whose_log_files_are_gone_refuses_to_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), &[1]);
+        log.persist(&[entry(2, 1)], Some(&HardState { term: 2, vote: 1, commit: 2, ..Default::default() })).unwrap();
+        drop(log);
+        for f in LOG_FILES {
+            std::fs::write(dir.path().join(f), b"").unwrap();
+        }
+        let db = Arc::new(Database::create(dir.path().join("m.redb")).unwrap());
+        let files = [
+            DiskFile::open(&dir.path().join(LOG_FILES[0])).unwrap(),
+            DiskFile::open(&dir.path().join(LOG_FILES[1])).unwrap(),
+        ];
+        let err = RaftLog::open(db, files, &[1]).err().expect("a lost vote must not be forgotten silently");
+        assert!(format!("{err:#}").contains("its log and vote are lost"), "{err:#}");
+    }
+
+    #[test]
     fn records_of_an_earlier_generation_are_not_replayed() {
         let dir = tempfile::tempdir().unwrap();
         let log = open(dir.path(), &[1]);
