@@ -1,6 +1,7 @@
 //! The master group under failures, with real processes: kill -9 of the leader and of a follower
 //! under load, a lagging follower brought back by a snapshot, membership changes under load (and
-//! the whole group killed right after them), and leadership handed over on SIGTERM. Every acknowledged file must read back intact.
+//! the whole group killed right after them), and leadership handed over on SIGTERM. Every
+//! acknowledged file must read back intact.
 
 mod common;
 

@@ -1,7 +1,8 @@
 //! The Cairn master: the metadata service. It owns the Raft log (raft-rs, durable in a log file
-//! of its own), the namespace state machine replicated by it (in redb), and the leader's soft state about chunkservers
-//! (liveness, chunk locations, placement). It never stores chunk data and never talks QUIC; it
-//! meets chunkservers and clients only through the gRPC services in `cairn-proto`.
+//! of its own), the namespace state machine replicated by it (in redb), and the leader's soft
+//! state about chunkservers (liveness, chunk locations, placement). It never stores chunk data
+//! and never talks QUIC; it meets chunkservers and clients only through the gRPC services in
+//! `cairn-proto`.
 
 pub mod cluster;
 pub mod error;

@@ -4,18 +4,21 @@
 //! raft-rs reads the log through the [`Storage`] trait, from an in-memory mirror; every write goes
 //! to the file first, so what raft-rs can see is on disk. A Ready's entries cost one `pwrite` and
 //! one `fdatasync` (a redb transaction cost about two and a half times that, measured: 223 µs
-//! against 88 µs on this machine's disk), and the state machine's transactions are not fsynced at
-//! all: after a crash, the entries after the applied index redb kept are applied again from this
-//! log. So the log keeps every entry after the last *durable* applied index, and compaction, which
-//! drops a prefix, first makes the state machine durable (one redb commit).
+//! against 88 µs on this machine's disk), and the state machine's transactions are not fsynced
+//! one by one: after a crash, the entries after the applied index redb kept are applied again
+//! from this log. So the log keeps every entry after the last *durable* applied index, and
+//! compaction, which drops a prefix, first makes the state machine durable (one redb commit; the
+//! driver also makes one every `node::CHECKPOINT_EVERY` entries).
 //!
 //! The log lives in two files used in turn. A file is a sequence of records (`u32` length, `u32`
-//! CRC-32 of the body, body = kind byte + payload): a header (generation, compacted index and
-//! term), then the hard state and the entries kept from the previous file, then a seal, then
-//! appended entries and hard states. An entry whose index is at or below the last one replaces
-//! the suffix from there (a new leader overwrote it). Compaction writes the other file, seals and
-//! syncs it, and only then uses it: at start the sealed file with the highest generation wins and
-//! is replayed up to its first record that is incomplete or fails its checksum, and cut there.
+//! CRC-32 of the file's generation and the body, body = kind byte + payload): a header
+//! (generation, compacted index and term), then the hard state and the entries kept from the
+//! previous file, then a seal, then appended entries and hard states. An entry whose index is at
+//! or below the last one replaces the suffix from there (a new leader overwrote it). Compaction
+//! writes the other file over whatever it held, seals and syncs it, and only then uses it. At
+//! start the sealed file with the highest generation wins and is replayed up to its first record
+//! that is incomplete or fails its checksum; then a new generation is written from what was read,
+//! so nothing is ever appended after a torn record.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
