@@ -68,6 +68,8 @@ const COMPACT_KEEP: u64 = 2_000;
 pub const CHECKPOINT_EVERY: u64 = 1_000;
 
 pub type Reply = oneshot::Sender<Result<command_result::Result, MetaError>>;
+/// Committed commands to apply, each with the client request id it answers (0: none).
+type Commands = Vec<(u64, Option<Command>)>;
 type ReadReply = oneshot::Sender<Result<(), MetaError>>;
 type TransferReply = oneshot::Sender<Result<u64, MetaError>>;
 
@@ -715,10 +717,8 @@ impl Core {
         }
         let id = self.next_id();
         let cmd = Command { request_id: id, time_ns: (self.clock)(), op: Some(command::Op::SetMaster(member.clone())) };
-        let mut cc = ConfChange::default();
-        cc.node_id = member.id;
+        let mut cc = ConfChange { node_id: member.id, context: cmd.encode_to_vec().into(), ..Default::default() };
         cc.set_change_type(if member.removed { ConfChangeType::RemoveNode } else { ConfChangeType::AddNode });
-        cc.context = cmd.encode_to_vec().into();
         match self.raw.propose_conf_change(vec![], cc) {
             Ok(()) => {
                 self.waiters.insert(id, reply);
@@ -891,7 +891,7 @@ impl Core {
 
     /// Decodes committed entries into state-machine commands; configuration changes take effect
     /// in raft-rs here. None when there is nothing to apply.
-    fn prepare_apply(&mut self, entries: Vec<Entry>) -> Result<Option<(Vec<(u64, Option<Command>)>, u64)>> {
+    fn prepare_apply(&mut self, entries: Vec<Entry>) -> Result<Option<(Commands, u64)>> {
         let Some(last) = entries.last().map(|e| e.index) else {
             return Ok(None);
         };
@@ -933,12 +933,7 @@ impl Core {
     }
 
     /// After an apply committed: answers the waiting callers and updates what depends on it.
-    fn finish_apply(
-        &mut self,
-        cmds: Vec<(u64, Option<Command>)>,
-        results: Vec<cairn_proto::v1::CommandResult>,
-        last: u64,
-    ) -> Result<()> {
+    fn finish_apply(&mut self, cmds: Commands, results: Vec<cairn_proto::v1::CommandResult>, last: u64) -> Result<()> {
         let mut members_changed = false;
         for ((req, cmd), res) in cmds.iter().zip(results) {
             match cmd.as_ref().and_then(|c| c.op.as_ref()) {

@@ -455,7 +455,7 @@ impl RaftLog {
     pub fn install_snapshot(
         &self,
         meta: &SnapshotMetadata,
-        records: impl Iterator<Item = Result<(u32, Vec<u8>, Vec<u8>)>>,
+        records: impl Iterator<Item = Result<crate::state::Record>>,
     ) -> Result<()> {
         let mut hs = self.core.read().expect("raft log lock").hard_state.clone();
         hs.term = hs.term.max(meta.term);
@@ -669,9 +669,7 @@ impl Storage for RaftLog {
             return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
         }
         let term = self.term(index)?;
-        let mut meta = SnapshotMetadata::default();
-        meta.index = index;
-        meta.term = term;
+        let mut meta = SnapshotMetadata { index, term, ..Default::default() };
         meta.set_conf_state(self.conf_state());
         let mut snap = Snapshot::default();
         snap.set_metadata(meta.clone());
@@ -685,11 +683,7 @@ mod tests {
     use super::*;
 
     fn entry(index: u64, term: u64) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e.data = vec![index as u8].into();
-        e
+        Entry { index, term, data: vec![index as u8].into(), ..Default::default() }
     }
 
     fn open(dir: &std::path::Path, voters: &[u64]) -> RaftLog {
@@ -713,9 +707,7 @@ mod tests {
             assert_eq!(log.first_index().unwrap(), BOOT_INDEX + 1, "a new group starts after its bootstrap index");
             log.persist(&(2..=10).map(|i| entry(i, 1)).collect::<Vec<_>>(), None).unwrap();
             // A new leader replaces an uncommitted suffix.
-            let mut hs = HardState::default();
-            hs.term = 2;
-            hs.commit = 9;
+            let hs = HardState { term: 2, commit: 9, ..Default::default() };
             log.persist(&[entry(8, 2), entry(9, 2)], Some(&hs)).unwrap();
             log.compact(5).unwrap();
             assert_eq!(log.term(5).unwrap(), 1);

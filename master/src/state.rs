@@ -20,6 +20,9 @@ use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, Table, Ta
 
 use crate::error::MetaError;
 
+/// One record of a snapshot: the table's number in the snapshot format, a key, a value.
+pub type Record = (u32, Vec<u8>, Vec<u8>);
+
 const INODES: TableDefinition<u64, &[u8]> = TableDefinition::new("inodes");
 const DIRENTS: TableDefinition<(u64, &str), u64> = TableDefinition::new("dirents");
 /// chunk hash -> (reference count, replication goal: the highest of the files referencing it).
@@ -953,11 +956,11 @@ pub fn dump(
 }
 
 /// Replaces every state table with the records of a snapshot, inside the caller's transaction
-/// (which also resets the Raft log, so that both change together or not at all), and sets the
-/// applied index to the snapshot's.
+/// (which also records the snapshot's conf state and compaction marker, so that they change
+/// together or not at all), and sets the applied index to the snapshot's.
 pub fn load(
     txn: &WriteTransaction,
-    records: impl Iterator<Item = anyhow::Result<(u32, Vec<u8>, Vec<u8>)>>,
+    records: impl Iterator<Item = anyhow::Result<Record>>,
     applied: u64,
 ) -> anyhow::Result<()> {
     txn.delete_table(INODES)?;

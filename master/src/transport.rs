@@ -252,7 +252,7 @@ impl Drop for SnapshotFile {
 }
 
 /// The records of a staged snapshot file, in order.
-pub fn read_snapshot_file(path: &Path) -> Result<impl Iterator<Item = Result<(u32, Vec<u8>, Vec<u8>)>>> {
+pub fn read_snapshot_file(path: &Path) -> Result<impl Iterator<Item = Result<crate::state::Record>>> {
     let mut r = BufReader::new(std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?);
     Ok(std::iter::from_fn(move || {
         let mut len = [0u8; 4];

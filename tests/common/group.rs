@@ -230,7 +230,8 @@ impl Load {
         let stop = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(Mutex::new(Vec::new()));
         let failed = Arc::new(AtomicU64::new(0));
-        let (dirs, twice): (Arc<Mutex<Vec<String>>>, Arc<Mutex<Vec<String>>>) = Default::default();
+        let dirs: Arc<Mutex<Vec<String>>> = Default::default();
+        let twice: Arc<Mutex<Vec<String>>> = Default::default();
         let mut workers = Vec::new();
         for w in 0..WORKERS {
             let (s, a, f, d, t) = (stop.clone(), acked.clone(), failed.clone(), dirs.clone(), twice.clone());
