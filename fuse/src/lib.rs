@@ -19,7 +19,7 @@ mod listing;
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -175,12 +175,12 @@ enum Fh {
 /// and each false start would fetch whole chunks ahead (24 MiB) for a 4 KiB read.
 struct ReadPattern {
     next: AtomicU64,
-    streak: std::sync::atomic::AtomicU32,
+    streak: AtomicU32,
 }
 
 impl ReadPattern {
     fn new() -> ReadPattern {
-        ReadPattern { next: AtomicU64::new(0), streak: std::sync::atomic::AtomicU32::new(1) }
+        ReadPattern { next: AtomicU64::new(0), streak: AtomicU32::new(1) }
     }
 
     /// Records a read; whether it is part of a sequential run.
@@ -193,6 +193,16 @@ impl ReadPattern {
             false
         }
     }
+}
+
+/// The attributes a `setattr` asks to change (None: keep).
+struct NewAttrs {
+    mode: Option<u32>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    size: Option<u64>,
+    atime: Option<TimeOrNow>,
+    mtime: Option<TimeOrNow>,
 }
 
 struct Open {
@@ -541,28 +551,15 @@ impl CairnFs {
     }
 
     /// What `setattr` does: pending writes first, then the size, then the other attributes.
-    #[allow(clippy::too_many_arguments)]
-    async fn set_attr(
-        &self,
-        ino: u64,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        size: Option<u64>,
-        atime: Option<TimeOrNow>,
-        mtime: Option<TimeOrNow>,
-    ) -> Result<Attr, Errno> {
+    async fn set_attr(&self, ino: u64, new: NewAttrs) -> Result<Attr, Errno> {
         let ctx = &self.inner.ctx;
         let open = self.open_state(ino);
         // Pending writes first, so that times set now are not overwritten by their commit.
         let mut attr = None;
         if let Some(st) = &open {
-            match self.sync_state(st).await {
-                Ok(a) => attr = Some(a),
-                Err(e) => return Err(e),
-            }
+            attr = Some(self.sync_state(st).await?);
         }
-        if let Some(size) = size {
+        if let Some(size) = new.size {
             let st = match &open {
                 Some(st) => st.clone(),
                 None => match self.client().getattr(ino).await {
@@ -571,31 +568,19 @@ impl CairnFs {
                     Err(e) => return Err(errno(&e)),
                 },
             };
-            let mut s = st.lock().await;
-            if let Err(e) = s.truncate(ctx, size).await {
-                return Err(errno(&e));
-            }
-            drop(s);
-            match self.sync_state(&st).await {
-                Ok(a) => attr = Some(a),
-                Err(e) => return Err(e),
-            }
+            st.lock().await.truncate(ctx, size).await.map_err(|e| errno(&e))?;
+            attr = Some(self.sync_state(&st).await?);
         }
+        let NewAttrs { mode, uid, gid, atime, mtime, .. } = new;
         let (atime_ns, atime_now) = time_arg(atime);
         let (mtime_ns, mtime_now) = time_arg(mtime);
         if mode.is_some() || uid.is_some() || gid.is_some() || atime.is_some() || mtime.is_some() {
             let op = Op::SetAttr(SetAttrNode { inode: ino, mode, uid, gid, atime_ns, mtime_ns, atime_now, mtime_now });
-            match self.client().node_attr(op).await {
-                Ok(a) => attr = Some(a),
-                Err(e) => return Err(errno(&e)),
-            }
+            attr = Some(self.client().node_attr(op).await.map_err(|e| errno(&e))?);
         }
         let attr = match attr {
             Some(a) => a,
-            None => match self.attr(ino).await {
-                Ok(a) => a,
-                Err(e) => return Err(e),
-            },
+            None => self.attr(ino).await?,
         };
         if let Some(st) = &open {
             st.lock().await.attr = attr.clone();
@@ -719,7 +704,7 @@ impl Filesystem for CairnFs {
         let this = self.clone();
         let change = self.changing(Change::All);
         self.spawn(async move {
-            let res = this.set_attr(ino.0, mode, uid, gid, size, atime, mtime).await;
+            let res = this.set_attr(ino.0, NewAttrs { mode, uid, gid, size, atime, mtime }).await;
             drop(change);
             match res {
                 Ok(attr) => reply.attr(&this.ttl(), &to_file_attr(&attr)),

@@ -21,7 +21,7 @@ use cairn_proto::v1::{command, command_result, Command, MasterMember};
 use prost::Message as _;
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeType, ConfChangeV2, Entry, EntryType, Message as RaftMsg, MessageType};
-use raft::{RawNode, SnapshotStatus, StateRole};
+use raft::{RawNode, SnapshotStatus, StateRole, Storage as _};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -503,7 +503,7 @@ impl Core {
         let applied = state.applied_index()?;
         // The applied index on disk may be ahead of the commit index the log file kept (which is
         // not synced on its own); raft-rs refuses to start with applied > commit.
-        let (first, last) = (log.first_index_now(), log.last_index_now());
+        let (first, last) = (log.first_index()?, log.last_index()?);
         anyhow::ensure!(
             // (A new group's log starts compacted at its bootstrap index, with nothing applied.)
             (applied == 0 || applied + 1 >= first) && applied <= last,
@@ -976,7 +976,7 @@ impl Core {
             }
         }
         if last >= self.checkpointed + self.checkpoint_every {
-            self.log.checkpoint().context("checkpoint the namespace")?;
+            self.state.checkpoint().context("checkpoint the namespace")?;
             self.checkpointed = last;
         }
         Ok(())

@@ -8,7 +8,7 @@
 //! one by one: after a crash, the entries after the applied index redb kept are applied again
 //! from this log. So the log keeps every entry after the last *durable* applied index, and
 //! compaction, which drops a prefix, first makes the state machine durable (one redb commit; the
-//! driver also makes one every `node::CHECKPOINT_EVERY` entries).
+//! driver also makes one every `node::CHECKPOINT_EVERY` entries, `State::checkpoint`).
 //!
 //! The log lives in two files used in turn. A file is a sequence of records (`u32` length, `u32`
 //! CRC-32 of the file's generation and the body, body = kind byte + payload): a header
@@ -579,15 +579,6 @@ impl RaftLog {
         Ok(())
     }
 
-    /// Makes every state-machine transaction committed so far durable (they are not fsynced one
-    /// by one), so that a restart replays fewer entries.
-    pub fn checkpoint(&self) -> Result<()> {
-        let txn = self.db.begin_write()?;
-        txn.open_table(RAFT_STATE)?;
-        txn.commit()?;
-        Ok(())
-    }
-
     /// Entries and payload bytes in the log (after the compacted prefix).
     pub fn size(&self) -> (u64, u64) {
         let core = self.core.read().expect("raft log lock");
@@ -596,10 +587,6 @@ impl RaftLog {
 
     pub fn first_index_now(&self) -> u64 {
         self.core.read().expect("raft log lock").first_index()
-    }
-
-    pub fn last_index_now(&self) -> u64 {
-        self.core.read().expect("raft log lock").last_index()
     }
 }
 
