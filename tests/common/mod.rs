@@ -363,7 +363,7 @@ impl Cluster {
 
 pub fn chunk_path(data: &Path, hash: &blake3::Hash) -> PathBuf {
     let hex = hash.to_hex();
-    data.join("chunks").join(&hex[0..2]).join(&hex[2..4]).join(hex.as_str())
+    data.join("chunks").join(&hex[0..2]).join(hex.as_str())
 }
 
 pub fn count_files(dir: &Path) -> usize {

@@ -1,19 +1,20 @@
 //! Group commit of new chunk files. A chunk is durable when its bytes, its inode and its name in
-//! the chunk tree are on disk. Done one chunk at a time that is two or three fsyncs per chunk
-//! (file, directory, new fan-out directories), each a journal commit: small chunks then spend
-//! their time waiting on the disk. Instead one thread takes every chunk waiting, makes all
+//! the chunk tree are on disk. Done one chunk at a time that is two fsyncs per chunk (file,
+//! directory), each a journal commit: small chunks then spend their time waiting on the disk. Instead one thread takes every chunk waiting, makes all
 //! their temp files durable with one `syncfs`, renames them into place, and makes the renames
 //! durable with a second `syncfs`; only then is each put answered. Under load a batch holds many
 //! chunks, so the cost per chunk falls as the load rises.
 //!
 //! `syncfs` flushes the whole filesystem the chunk tree lives on. On a disk dedicated to chunks
-//! (the expected deployment) that is only chunk data, which O_DIRECT already wrote.
+//! (the expected deployment) that is only chunk data: large chunks already written with
+//! O_DIRECT, small ones (written through the page cache) flushed by the first `syncfs`.
 
 use std::fs::{self, File};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+
+use tokio::sync::{mpsc, oneshot};
 
 /// Chunks committed by one pair of `syncfs` calls, at most.
 const MAX_BATCH: usize = 512;
@@ -23,11 +24,11 @@ const QUEUE: usize = 1024;
 struct Job {
     tmp: PathBuf,
     path: PathBuf,
-    reply: mpsc::SyncSender<io::Result<()>>,
+    reply: oneshot::Sender<io::Result<()>>,
 }
 
 pub(super) struct GroupCommit {
-    tx: mpsc::SyncSender<Job>,
+    tx: mpsc::Sender<Job>,
 }
 
 fn syncfs(f: &File) -> io::Result<()> {
@@ -39,21 +40,20 @@ fn syncfs(f: &File) -> io::Result<()> {
     }
 }
 
-fn create_dir_if_missing(dir: &Path) -> io::Result<()> {
-    match fs::create_dir(dir) {
-        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(e),
-        _ => Ok(()),
-    }
-}
-
-/// Renames `tmp` to `path`, creating the two fan-out directories above it as needed.
+/// Renames `tmp` to `path`. The store makes the fan-out directories at open; one removed since
+/// is made again.
 fn link(tmp: &Path, path: &Path) -> io::Result<()> {
-    let leaf = path.parent().expect("a chunk path has fan-out directories above it");
-    if let Some(mid) = leaf.parent() {
-        create_dir_if_missing(mid)?;
+    match fs::rename(tmp, path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound && tmp.exists() => {
+            let dir = path.parent().expect("a chunk path has a fan-out directory above it");
+            match fs::create_dir(dir) {
+                Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+                _ => {}
+            }
+            fs::rename(tmp, path)
+        }
+        r => r,
     }
-    create_dir_if_missing(leaf)?;
-    fs::rename(tmp, path)
 }
 
 impl GroupCommit {
@@ -61,9 +61,9 @@ impl GroupCommit {
     /// `GroupCommit` is dropped.
     pub(super) fn start(chunks_dir: &Path) -> io::Result<GroupCommit> {
         let dir = File::open(chunks_dir)?;
-        let (tx, rx) = mpsc::sync_channel::<Job>(QUEUE);
+        let (tx, mut rx) = mpsc::channel::<Job>(QUEUE);
         std::thread::Builder::new().name("chunk-commit".into()).spawn(move || {
-            while let Ok(first) = rx.recv() {
+            while let Some(first) = rx.blocking_recv() {
                 let mut batch = vec![first];
                 while batch.len() < MAX_BATCH {
                     match rx.try_recv() {
@@ -92,13 +92,28 @@ impl GroupCommit {
         Ok(GroupCommit { tx })
     }
 
-    /// Makes the written file `tmp` durable under the name `path`. Blocks until it is (or failed);
-    /// call it from a blocking thread.
-    pub(super) fn commit(&self, tmp: &Path, path: &Path) -> io::Result<()> {
-        let (reply, done) = mpsc::sync_channel(1);
-        self.tx
-            .send(Job { tmp: tmp.to_path_buf(), path: path.to_path_buf(), reply })
-            .map_err(|_| io::Error::other("chunk committer stopped"))?;
-        done.recv().map_err(|_| io::Error::other("chunk committer stopped"))?
+    /// Makes the written file `tmp` durable under the name `path`: done when the returned
+    /// receiver answers. The reply wakes the caller's task directly (no thread in between).
+    fn submit(&self, tmp: &Path, path: &Path) -> (Job, oneshot::Receiver<io::Result<()>>) {
+        let (reply, done) = oneshot::channel();
+        (Job { tmp: tmp.to_path_buf(), path: path.to_path_buf(), reply }, done)
     }
+
+    /// Makes the written file `tmp` durable under the name `path`.
+    pub(super) async fn commit(&self, tmp: &Path, path: &Path) -> io::Result<()> {
+        let (job, done) = self.submit(tmp, path);
+        self.tx.send(job).await.map_err(|_| stopped())?;
+        done.await.map_err(|_| stopped())?
+    }
+
+    /// [`GroupCommit::commit`] from a blocking thread (not a runtime worker).
+    pub(super) fn commit_blocking(&self, tmp: &Path, path: &Path) -> io::Result<()> {
+        let (job, done) = self.submit(tmp, path);
+        self.tx.blocking_send(job).map_err(|_| stopped())?;
+        done.blocking_recv().map_err(|_| stopped())?
+    }
+}
+
+fn stopped() -> io::Error {
+    io::Error::other("chunk committer stopped")
 }

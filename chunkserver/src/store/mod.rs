@@ -3,10 +3,11 @@
 //! Layout under the data directory:
 //!
 //! ```text
-//! chunks/ab/cd/<64 hex digits>   one file per chunk, named by the BLAKE3 of its content
-//! tmp/                           chunks being written; emptied at every start
-//! corrupt/                       chunks whose bytes no longer match their name, kept for a human
-//! node_id                        this node's id, chosen at first start
+//! chunks/ab/<64 hex digits>   one file per chunk, named by the BLAKE3 of its content, under
+//!                             the first two of its hex digits (256 directories, made at open)
+//! tmp/                        chunks being written; emptied at every start
+//! corrupt/                    chunks whose bytes no longer match their name, kept for a human
+//! node_id                     this node's id, chosen at first start
 //! ```
 //!
 //! Invariants: a file appears under `chunks/` only by a rename of a fully written, fsynced temp
@@ -26,6 +27,8 @@ use bytes::Bytes;
 use cairn_proto::data::Status;
 use cairn_proto::{HASH_LEN, MAX_CHUNK};
 
+/// Chunks up to this size are hashed and written to their temp file on the receiving task.
+const INLINE_MAX: usize = 64 * 1024;
 /// Below this size one thread hashes faster than handing the work to rayon.
 const PARALLEL_HASH_MIN: usize = 128 * 1024;
 
@@ -196,6 +199,14 @@ impl fmt::Debug for ChunkStore {
 }
 
 /// Releases a space reservation when a put ends, however it ends.
+/// A chunk written to its temp file, waiting for the group commit.
+struct Pending<'a> {
+    tmp: PathBuf,
+    path: PathBuf,
+    len: u64,
+    _reservation: Reservation<'a>,
+}
+
 struct Reservation<'a> {
     store: &'a Inner,
     bytes: u64,
@@ -246,6 +257,7 @@ impl ChunkStore {
         recovery::empty_tmp(&tmp_dir)?;
         let node_id = recovery::load_node_id(&data_dir.join("node_id"))?;
         let (index, used) = recovery::scan_chunks(&chunks_dir)?;
+        recovery::make_fanout(&chunks_dir)?;
         tracing::info!(chunks = index.len(), used_bytes = used, node_id, "chunk store open");
         let state = State { index, used, ..State::default() };
         let committer =
@@ -352,12 +364,23 @@ impl ChunkStore {
         Staged::new(&self.inner.pool)
     }
 
-    /// Stores a chunk received into a [`Staged`] buffer, without copying it again.
-    pub async fn put_staged(&self, hash: ChunkHash, staged: Staged) -> Result<(), StoreError> {
+    /// Stores a chunk received into a [`Staged`] buffer, without copying it again. A small chunk
+    /// is written to its temp file on the calling task (a page-cache copy, cheaper than handing
+    /// it to a blocking thread); a larger one goes to disk with O_DIRECT on a blocking thread.
+    /// A future dropped half-way may leave the chunk on disk but out of the index until the next
+    /// start, which indexes and reports it like any other.
+    pub async fn put_staged(&self, hash: ChunkHash, mut staged: Staged) -> Result<(), StoreError> {
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || inner.put_staged_blocking(hash, staged))
-            .await
-            .map_err(|e| StoreError::io("put task failed", io::Error::other(e)))?
+        if staged.len() > INLINE_MAX {
+            return tokio::task::spawn_blocking(move || inner.put_staged_blocking(hash, staged))
+                .await
+                .map_err(|e| StoreError::io("put task failed", io::Error::other(e)))?;
+        }
+        let Some(pending) = inner.stage_file(hash, &mut staged, false)? else {
+            return Ok(());
+        };
+        let committed = inner.committer.commit(&pending.tmp, &pending.path).await;
+        inner.finish_put(hash, pending, committed)
     }
 
     /// [`ChunkStore::put`] for callers outside the async runtime.
@@ -426,7 +449,7 @@ impl Inner {
 
     fn chunk_path(&self, hash: &ChunkHash) -> PathBuf {
         let hex = hash.to_hex();
-        self.chunks_dir.join(&hex[0..2]).join(&hex[2..4]).join(hex)
+        self.chunks_dir.join(&hex[0..2]).join(hex)
     }
 
     fn reserve(&self, len: u64) -> Result<Reservation<'_>, StoreError> {
@@ -452,42 +475,55 @@ impl Inner {
     }
 
     fn put_staged_blocking(&self, hash: ChunkHash, mut staged: Staged) -> Result<(), StoreError> {
+        let Some(pending) = self.stage_file(hash, &mut staged, true)? else {
+            return Ok(());
+        };
+        let committed = self.committer.commit_blocking(&pending.tmp, &pending.path);
+        self.finish_put(hash, pending, committed)
+    }
+
+    /// Checks a received chunk and writes it to a new temp file (with O_DIRECT if `direct`).
+    /// `None`: the store already holds it.
+    fn stage_file(
+        &self,
+        hash: ChunkHash,
+        staged: &mut Staged,
+        direct: bool,
+    ) -> Result<Option<Pending<'_>>, StoreError> {
         let len = staged.len() as u64;
         if len == 0 || len > MAX_CHUNK {
             return Err(StoreError::Invalid(format!("chunk length {len} is not in 1..={MAX_CHUNK}")));
         }
         if self.lock().index.contains_key(&hash) {
-            return Ok(());
+            return Ok(None);
         }
         let actual = ChunkHash::of(staged.as_slice());
         if actual != hash {
             return Err(StoreError::HashMismatch { expected: hash, actual });
         }
-        let _reservation = self.reserve(len)?;
-
+        let reservation = self.reserve(len)?;
         let tmp = self.tmp_dir.join(format!("{:016x}", rand::random::<u64>()));
-        let result = self.write_and_link(&tmp, hash, &mut staged);
-        if result.is_err() {
+        if let Err((what, e)) = write_temp(&tmp, staged, direct) {
             // Best effort: a leftover is removed at the next start anyway.
             let _ = fs::remove_file(&tmp);
+            return Err(write_err(format!("{what} {}", tmp.display()), len, e));
         }
-        result?;
+        Ok(Some(Pending { tmp, path: self.chunk_path(&hash), len, _reservation: reservation }))
+    }
 
+    /// Indexes a chunk once the group commit made it durable, or cleans up after a failed one.
+    fn finish_put(&self, hash: ChunkHash, pending: Pending<'_>, committed: io::Result<()>) -> Result<(), StoreError> {
+        if let Err(e) = committed {
+            let _ = fs::remove_file(&pending.tmp);
+            return Err(write_err(format!("commit {}", pending.path.display()), pending.len, e));
+        }
         let mut st = self.lock();
-        if st.index.insert(hash, len).is_none() {
-            st.used += len;
+        if st.index.insert(hash, pending.len).is_none() {
+            st.used += pending.len;
         }
         st.removed.remove(&hash);
         st.added.insert(hash);
         Ok(())
-    }
-
-    fn write_and_link(&self, tmp: &Path, hash: ChunkHash, staged: &mut Staged) -> Result<(), StoreError> {
-        let len = staged.len() as u64;
-        write_durably(tmp, staged).map_err(|(what, e)| write_err(format!("{what} {}", tmp.display()), len, e))?;
-
-        let path = self.chunk_path(&hash);
-        self.committer.commit(tmp, &path).map_err(|e| write_err(format!("commit {}", path.display()), len, e))
     }
 
     fn get_blocking(&self, hash: ChunkHash, offset: u64, length: u64, recent: bool) -> Result<ChunkRead, StoreError> {
@@ -644,27 +680,25 @@ impl Drop for Staged {
 /// the profile), O_DIRECT at 1.1 GB/s with the fsync. Chunks are read back through mmap, which
 /// fills the page cache on first read. The block padding is cut off with ftruncate. Filesystems
 /// without O_DIRECT (tmpfs) get a buffered write.
-fn write_durably(path: &Path, staged: &mut Staged) -> Result<(), (&'static str, io::Error)> {
+fn write_temp(path: &Path, staged: &mut Staged, direct: bool) -> Result<(), (&'static str, io::Error)> {
     let len = staged.len() as u64;
-    let direct = OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_DIRECT).open(path);
-    let f = match direct {
-        Ok(mut f) => {
-            f.write_all(staged.padded()).map_err(|e| ("write", e))?;
-            if f.metadata().map_err(|e| ("stat", e))?.len() != len {
-                f.set_len(len).map_err(|e| ("truncate", e))?;
+    if direct {
+        match OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_DIRECT).open(path) {
+            Ok(mut f) => {
+                f.write_all(staged.padded()).map_err(|e| ("write", e))?;
+                if f.metadata().map_err(|e| ("stat", e))?.len() != len {
+                    f.set_len(len).map_err(|e| ("truncate", e))?;
+                }
+                // Durability (data, inode, name) comes from the group commit that follows.
+                return Ok(());
             }
-            f
+            // Some kernels create the file before they refuse O_DIRECT on it: buffered instead.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                let _ = fs::remove_file(path);
+            }
+            Err(e) => return Err(("create", e)),
         }
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-            // Some kernels create the file before they refuse O_DIRECT on it.
-            let _ = fs::remove_file(path);
-            let mut f = OpenOptions::new().write(true).create_new(true).open(path).map_err(|e| ("create", e))?;
-            f.write_all(staged.as_slice()).map_err(|e| ("write", e))?;
-            f
-        }
-        Err(e) => return Err(("create", e)),
-    };
-    // Durability (data, inode, name) comes from the group commit that follows.
-    drop(f);
-    Ok(())
+    }
+    let mut f = OpenOptions::new().write(true).create_new(true).open(path).map_err(|e| ("create", e))?;
+    f.write_all(staged.as_slice()).map_err(|e| ("write", e))
 }

@@ -2,7 +2,7 @@
 //! index from the chunk tree. Runs on a blocking thread, before the store serves anything.
 
 use std::collections::HashMap;
-use std::fs;
+use std::fs::{self, File};
 use std::io;
 use std::path::Path;
 
@@ -52,15 +52,11 @@ fn is_fanout_name(name: &str) -> bool {
     name.len() == 2 && name.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-/// Walks `chunks/ab/cd/<hash>` and returns the index and the bytes it holds. Files that are not
+/// Walks `chunks/ab/<hash>` and returns the index and the bytes it holds. Files that are not
 /// chunks (bad names) are removed; a well-named file in the wrong directory is left alone but not
-/// indexed, since it can never be found by its path.
+/// indexed, since it can never be found by its path. Chunks in the older two-level layout
+/// (`chunks/ab/cd/<hash>`) are moved up into this one first.
 pub(super) fn scan_chunks(chunks_dir: &Path) -> Result<(HashMap<ChunkHash, u64>, u64), StoreError> {
-    let list = |d: &Path| -> Result<Vec<fs::DirEntry>, StoreError> {
-        fs::read_dir(d)
-            .and_then(|it| it.collect::<io::Result<Vec<_>>>())
-            .map_err(|e| StoreError::io(format!("list {}", d.display()), e))
-    };
     let mut index = HashMap::new();
     let mut used = 0u64;
     for top in list(chunks_dir)? {
@@ -70,41 +66,99 @@ pub(super) fn scan_chunks(chunks_dir: &Path) -> Result<(HashMap<ChunkHash, u64>,
             remove_stray(&top_path);
             continue;
         }
-        for mid in list(&top_path)? {
-            let mid_path = mid.path();
-            let mid_name = mid.file_name().to_string_lossy().into_owned();
-            if !mid.file_type().map(|t| t.is_dir()).unwrap_or(false) || !is_fanout_name(&mid_name) {
-                remove_stray(&mid_path);
+        let mut entries = list(&top_path)?;
+        let old: Vec<_> =
+            entries.iter().filter(|e| is_dir(e) && is_fanout_name(&e.file_name().to_string_lossy())).collect();
+        if !old.is_empty() {
+            for leaf in old {
+                migrate_leaf(&top_path, &leaf.path())?;
+            }
+            File::open(&top_path)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| StoreError::io(format!("sync {}", top_path.display()), e))?;
+            entries = list(&top_path)?;
+        }
+        for file in entries {
+            let path = file.path();
+            let name = file.file_name().to_string_lossy().into_owned();
+            let Some(hash) = ChunkHash::from_hex(&name) else {
+                remove_stray(&path);
+                continue;
+            };
+            if name[0..2] != top_name {
+                tracing::warn!(path = %path.display(), "chunk file in the wrong directory; ignored");
                 continue;
             }
-            for file in list(&mid_path)? {
-                let path = file.path();
-                let name = file.file_name().to_string_lossy().into_owned();
-                let Some(hash) = ChunkHash::from_hex(&name) else {
-                    remove_stray(&path);
-                    continue;
-                };
-                if name[0..2] != top_name || name[2..4] != mid_name {
-                    tracing::warn!(path = %path.display(), "chunk file in the wrong directory; ignored");
-                    continue;
-                }
-                let meta = file.metadata().map_err(|e| StoreError::io(format!("stat {}", path.display()), e))?;
-                if !meta.is_file() {
-                    tracing::warn!(path = %path.display(), "not a regular file; ignored");
-                    continue;
-                }
-                // A size that no chunk can have is damage; reads would refuse it anyway, but the
-                // master should not count it as a replica. Reads catch every other corruption.
-                if meta.len() == 0 || meta.len() > MAX_CHUNK {
-                    tracing::warn!(path = %path.display(), len = meta.len(), "chunk file of impossible size; ignored");
-                    continue;
-                }
-                index.insert(hash, meta.len());
-                used += meta.len();
+            let meta = file.metadata().map_err(|e| StoreError::io(format!("stat {}", path.display()), e))?;
+            if !meta.is_file() {
+                tracing::warn!(path = %path.display(), "not a regular file; ignored");
+                continue;
             }
+            // A size that no chunk can have is damage; reads would refuse it anyway, but the
+            // master should not count it as a replica. Reads catch every other corruption.
+            if meta.len() == 0 || meta.len() > MAX_CHUNK {
+                tracing::warn!(path = %path.display(), len = meta.len(), "chunk file of impossible size; ignored");
+                continue;
+            }
+            index.insert(hash, meta.len());
+            used += meta.len();
         }
     }
     Ok((index, used))
+}
+
+/// Creates the 256 directories chunks go into, so that storing a chunk is only a rename (a
+/// directory made per chunk costs a new inode and block in the same journal commit).
+pub(super) fn make_fanout(chunks_dir: &Path) -> Result<(), StoreError> {
+    let mut made = false;
+    for i in 0..=255u8 {
+        let d = chunks_dir.join(format!("{i:02x}"));
+        match fs::create_dir(&d) {
+            Ok(()) => made = true,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(StoreError::io(format!("create {}", d.display()), e)),
+        }
+    }
+    if made {
+        File::open(chunks_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| StoreError::io(format!("sync {}", chunks_dir.display()), e))?;
+    }
+    Ok(())
+}
+
+fn list(d: &Path) -> Result<Vec<fs::DirEntry>, StoreError> {
+    fs::read_dir(d)
+        .and_then(|it| it.collect::<io::Result<Vec<_>>>())
+        .map_err(|e| StoreError::io(format!("list {}", d.display()), e))
+}
+
+fn is_dir(e: &fs::DirEntry) -> bool {
+    e.file_type().map(|t| t.is_dir()).unwrap_or(false)
+}
+
+/// Moves the chunks of an old-layout directory `chunks/ab/cd/` up into `chunks/ab/` and removes
+/// it once empty. A rename is atomic, so a crash part-way leaves every chunk in one of the two
+/// places, and the next start carries on. Anything else in it is handled as a stray.
+fn migrate_leaf(top: &Path, leaf: &Path) -> Result<(), StoreError> {
+    let mut moved = 0usize;
+    for file in list(leaf)? {
+        let path = file.path();
+        let name = file.file_name().to_string_lossy().into_owned();
+        if ChunkHash::from_hex(&name).is_none() {
+            remove_stray(&path);
+            continue;
+        }
+        let to = top.join(&name);
+        fs::rename(&path, &to)
+            .map_err(|e| StoreError::io(format!("move {} to {}", path.display(), to.display()), e))?;
+        moved += 1;
+    }
+    if let Err(e) = fs::remove_dir(leaf) {
+        tracing::warn!(path = %leaf.display(), error = %e, "old chunk directory not removed");
+    }
+    tracing::info!(from = %leaf.display(), chunks = moved, "moved chunks to the one-level layout");
+    Ok(())
 }
 
 /// Removes a file that has no business in the chunk tree. Unknown directories are left alone:

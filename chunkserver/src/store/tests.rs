@@ -154,6 +154,41 @@ async fn reopen_rebuilds_index_and_empties_tmp() {
 }
 
 #[tokio::test]
+async fn reopen_moves_the_two_level_layout_into_one_level() {
+    let dir = tempfile::tempdir().unwrap();
+    let hashes: Vec<ChunkHash> = {
+        let store = ChunkStore::open(dir.path(), None).await.unwrap();
+        let mut hashes = Vec::new();
+        for i in 0..20u8 {
+            let bytes = data(3000 + i as usize, i);
+            let hash = ChunkHash::of(&bytes);
+            store.put(hash, Bytes::from(bytes)).await.unwrap();
+            hashes.push(hash);
+        }
+        hashes
+    };
+    // Lay the chunks out as an older version did: chunks/ab/cd/<hex>.
+    let chunks = dir.path().join("chunks");
+    for h in &hashes {
+        let hex = h.to_hex();
+        let leaf = chunks.join(&hex[0..2]).join(&hex[2..4]);
+        fs::create_dir_all(&leaf).unwrap();
+        fs::rename(chunks.join(&hex[0..2]).join(&hex), leaf.join(&hex)).unwrap();
+    }
+    assert!(!chunks.join(&hashes[0].to_hex()[0..2]).join(hashes[0].to_hex()).exists());
+
+    let store = ChunkStore::open(dir.path(), None).await.unwrap();
+    assert_eq!(store.chunk_count(), 20);
+    for (i, h) in hashes.iter().enumerate() {
+        let hex = h.to_hex();
+        assert!(chunks.join(&hex[0..2]).join(&hex).is_file(), "chunk {hex} moved up");
+        assert!(!chunks.join(&hex[0..2]).join(&hex[2..4]).exists(), "old directory of {hex} removed");
+        let got = store.get(*h, 0, 0).await.unwrap();
+        assert_eq!(&got.bytes[..], &data(3000 + i, i as u8)[..]);
+    }
+}
+
+#[tokio::test]
 async fn capacity_limit_gives_no_space() {
     let dir = tempfile::tempdir().unwrap();
     let store = ChunkStore::open(dir.path(), Some(10_000)).await.unwrap();
