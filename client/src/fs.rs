@@ -80,16 +80,20 @@ impl Client {
     /// One namespace mutation by inode. Returns the attributes of the node it made or changed
     /// (none for unlink, rename and xattr changes).
     pub async fn node(&self, op: node_request::Op) -> Result<Option<Attr>> {
+        Ok(self.node_full(op).await?.attr)
+    }
+
+    /// [`Client::node`] with the whole answer: also the directories the change touched, as
+    /// they were right after it.
+    pub async fn node_full(&self, op: node_request::Op) -> Result<pb::StatResponse> {
         let req = pb::NodeRequest { op: Some(op), id: self.next_id() };
-        let r = self
-            .inner
+        self.inner
             .masters
             .call(|mut c| {
                 let req = req.clone();
                 async move { c.node(req).await }
             })
-            .await?;
-        Ok(r.attr)
+            .await
     }
 
     /// [`Client::node`] for operations that answer with attributes.

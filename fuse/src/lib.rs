@@ -13,6 +13,7 @@
 //! [`listing`]).
 
 mod cache;
+mod dirattrs;
 mod file;
 mod listing;
 
@@ -36,6 +37,7 @@ use fuser::{
 use tokio::runtime::Handle;
 use tokio::sync::Mutex as AsyncMutex;
 
+use dirattrs::DirAttrs;
 use file::{Ctx, FileState};
 use listing::{Change, Listings};
 
@@ -224,6 +226,8 @@ struct Inner {
     /// keeps the kernel's page cache.
     versions: Mutex<HashMap<u64, u64>>,
     listings: Mutex<Listings>,
+    /// Directories as this mount's changes left them, for the kernel's next GETATTR.
+    dir_attrs: Mutex<DirAttrs>,
 }
 
 /// A change made through the mount, in flight: see [`CairnFs::changing`]. Dropped once the
@@ -264,6 +268,7 @@ impl CairnFs {
                 open: Mutex::new(HashMap::new()),
                 versions: Mutex::new(HashMap::new()),
                 listings: Mutex::new(Listings::default()),
+                dir_attrs: Mutex::new(DirAttrs::default()),
             }),
         };
         fs.start_committer();
@@ -303,6 +308,25 @@ impl CairnFs {
     fn changing(&self, change: Change) -> Changing {
         let after = self.inner.listings.lock().expect("listings lock").before(change);
         Changing { inner: self.inner.clone(), after }
+    }
+
+    /// Sends a namespace change. The directories it may touch are dropped from [`dirattrs`]
+    /// before, and kept as the masters answer them after. Returns the attributes of the node
+    /// made or changed, if any.
+    async fn change_node(&self, op: Op) -> Result<Option<Attr>, Errno> {
+        let begun = self.inner.dir_attrs.lock().expect("dir attrs lock").begin(touched_dirs(&op));
+        let res = self.client().node_full(op).await;
+        let (parents, res) = match res {
+            Ok(r) => (r.parents, Ok(r.attr)),
+            Err(e) => (Vec::new(), Err(errno(&e))),
+        };
+        self.inner.dir_attrs.lock().expect("dir attrs lock").finish(begun, parents, self.ttl());
+        res
+    }
+
+    /// [`CairnFs::change_node`] for changes that answer with the node's attributes.
+    async fn change_node_attr(&self, op: Op) -> Result<Attr, Errno> {
+        self.change_node(op).await?.ok_or(Errno::EIO)
     }
 
     /// Fetches `dir`'s listing for the lookups that follow (see [`listing`]) and answers `name`
@@ -473,7 +497,7 @@ impl CairnFs {
     /// Sends an unlink or rename that may take a name away from `keep`, a file open here (see
     /// [`CairnFs::open_target`]), which then lives on until its last handle closes.
     async fn drop_name(&self, op: Op, keep: Option<u64>) -> Result<(), Errno> {
-        self.client().node(op).await.map_err(|e| errno(&e))?;
+        self.change_node(op).await?;
         if let Some(ino) = keep {
             self.orphaned(ino).await;
         }
@@ -527,11 +551,11 @@ impl CairnFs {
         let this = self.clone();
         let change = self.changing(Change::All);
         self.spawn(async move {
-            let res = this.client().node_attr(op).await;
+            let res = this.change_node_attr(op).await;
             drop(change);
             match res {
                 Ok(a) => reply.entry(&this.ttl(), &to_file_attr(&a), Generation(0)),
-                Err(e) => reply.error(errno(&e)),
+                Err(e) => reply.error(e),
             }
         });
     }
@@ -541,11 +565,11 @@ impl CairnFs {
         let this = self.clone();
         let change = self.changing(Change::All);
         self.spawn(async move {
-            let res = this.client().node(op).await;
+            let res = this.change_node(op).await;
             drop(change);
             match res {
                 Ok(_) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
+                Err(e) => reply.error(e),
             }
         });
     }
@@ -576,7 +600,7 @@ impl CairnFs {
         let (mtime_ns, mtime_now) = time_arg(mtime);
         if mode.is_some() || uid.is_some() || gid.is_some() || atime.is_some() || mtime.is_some() {
             let op = Op::SetAttr(SetAttrNode { inode: ino, mode, uid, gid, atime_ns, mtime_ns, atime_now, mtime_now });
-            attr = Some(self.client().node_attr(op).await.map_err(|e| errno(&e))?);
+            attr = Some(self.change_node_attr(op).await?);
         }
         let attr = match attr {
             Some(a) => a,
@@ -674,6 +698,10 @@ impl Filesystem for CairnFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let kept = self.inner.dir_attrs.lock().expect("dir attrs lock").get(ino.0);
+        if let Some((a, left)) = kept {
+            return reply.attr(&left, &to_file_attr(&a));
+        }
         let this = self.clone();
         self.spawn(async move {
             match this.attr(ino.0).await {
@@ -1163,16 +1191,32 @@ impl Filesystem for CairnFs {
         let this = self.clone();
         let change = self.changing(Change::All);
         self.spawn(async move {
-            let res = this.client().node_attr(op).await;
+            let res = this.change_node_attr(op).await;
             drop(change);
             match res {
                 Ok(a) => {
                     let (fh, _) = this.open_file(&a);
                     reply.created(&this.ttl(), &to_file_attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty())
                 }
-                Err(e) => reply.error(errno(&e)),
+                Err(e) => reply.error(e),
             }
         });
+    }
+}
+
+/// The directories a change may alter the attributes of (`None`: it cannot say which). A
+/// rename may move a directory (whose own attributes change) or replace one; an rmdir removes
+/// one.
+fn touched_dirs(op: &Op) -> Option<Vec<u64>> {
+    match op {
+        Op::Make(m) => Some(vec![m.parent]),
+        Op::Link(l) => Some(vec![l.parent]),
+        Op::Unlink(u) if !u.directory => Some(vec![u.parent]),
+        Op::SetAttr(a) => Some(vec![a.inode]),
+        Op::SetXattr(x) => Some(vec![x.inode]),
+        Op::RemoveXattr(x) => Some(vec![x.inode]),
+        Op::Commit(_) | Op::Release(_) => Some(vec![]),
+        Op::Unlink(_) | Op::Rename(_) => None,
     }
 }
 

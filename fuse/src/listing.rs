@@ -102,8 +102,10 @@ impl Listings {
     /// drops once it is done (a listing fetched meanwhile may show the old state).
     pub fn before(&mut self, change: Change) -> After {
         self.gen += 1;
-        self.run = (0, 0);
         let Change::Names(names) = change else {
+            // Writes and creates: a listing would be dropped by the next one (a run of unlinks
+            // or renames keeps its listing, which loses only the names they take).
+            self.run = (0, 0);
             self.dirs.clear();
             return After { names: Vec::new(), inodes: Vec::new(), all: true };
         };
@@ -126,7 +128,6 @@ impl Listings {
     /// Drops what a change made stale, once it is done and before it is answered.
     pub fn after(&mut self, after: &After) {
         self.gen += 1;
-        self.run = (0, 0);
         if after.all {
             self.dirs.clear();
         } else {
@@ -176,6 +177,32 @@ mod tests {
             assert_eq!(l.miss(8), None);
         }
         assert_eq!(l.miss(9), None);
+    }
+
+    #[test]
+    fn a_run_of_unlinks_gets_a_listing_and_keeps_it() {
+        let mut l = Listings::default();
+        // `rm` of every file: each lookup the masters answer is followed by an unlink.
+        let mut fetch = None;
+        for i in 0..RUN {
+            fetch = l.miss(7);
+            if fetch.is_none() {
+                let after = l.before(Change::Names(vec![(7, format!("f{i}"))]));
+                l.after(&after);
+            }
+        }
+        let gen = fetch.expect("unlinks do not break the run");
+        let names: Vec<(String, Attr)> = (RUN..RUN + 3).map(|i| (format!("f{i}"), attr(100 + i as u64, 1))).collect();
+        l.put(7, gen, Instant::now(), names.into_iter().collect());
+        let after = l.before(Change::Names(vec![(7, format!("f{RUN}"))]));
+        l.after(&after);
+        assert!(l.get(7, &format!("f{RUN}"), TTL).is_none());
+        assert!(l.get(7, &format!("f{}", RUN + 1), TTL).is_some(), "the listing outlives an unlink of a listed name");
+        // A create (or a write) drops it and starts the run again.
+        let after = l.before(Change::All);
+        l.after(&after);
+        assert!(l.get(7, &format!("f{}", RUN + 1), TTL).is_none());
+        assert_eq!(l.miss(7), None);
     }
 
     #[test]

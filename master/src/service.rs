@@ -219,7 +219,7 @@ impl master_server::Master for Services {
         self.rpc("Stat", async {
             self.node.read_barrier().await?;
             let attr = self.state.reader()?.stat(&req.into_inner().path)?;
-            Ok(Response::new(pb::StatResponse { attr: Some(attr) }))
+            Ok(Response::new(pb::StatResponse { attr: Some(attr), ..Default::default() }))
         })
         .await
     }
@@ -334,7 +334,7 @@ impl master_server::Master for Services {
             self.node.read_barrier().await?;
             let req = req.into_inner();
             let attr = self.state.reader()?.lookup(req.parent, &req.name)?;
-            Ok(Response::new(pb::StatResponse { attr: Some(attr) }))
+            Ok(Response::new(pb::StatResponse { attr: Some(attr), ..Default::default() }))
         })
         .await
     }
@@ -343,7 +343,7 @@ impl master_server::Master for Services {
         self.rpc("GetAttr", async {
             self.node.read_barrier().await?;
             let attr = self.state.reader()?.getattr(req.into_inner().inode)?;
-            Ok(Response::new(pb::StatResponse { attr: Some(attr) }))
+            Ok(Response::new(pb::StatResponse { attr: Some(attr), ..Default::default() }))
         })
         .await
     }
@@ -384,6 +384,14 @@ impl master_server::Master for Services {
         self.rpc("Node", async {
             self.node.ensure_leader()?;
             let req = req.into_inner();
+            let touched: Vec<u64> = match &req.op {
+                Some(pb::node_request::Op::Make(m)) => vec![m.parent],
+                Some(pb::node_request::Op::Link(l)) => vec![l.parent],
+                Some(pb::node_request::Op::Unlink(u)) => vec![u.parent],
+                Some(pb::node_request::Op::Rename(r)) if r.parent == r.new_parent => vec![r.parent],
+                Some(pb::node_request::Op::Rename(r)) => vec![r.parent, r.new_parent],
+                _ => vec![],
+            };
             let result = match &req.op {
                 Some(pb::node_request::Op::Commit(c)) => {
                     check_extents(&c.extents)?;
@@ -398,7 +406,14 @@ impl master_server::Master for Services {
                 command_result::Result::Attr(a) => Some(a),
                 _ => None,
             };
-            Ok(Response::new(pb::StatResponse { attr }))
+            // Applied here already: a read now sees the change (and perhaps later ones).
+            let parents = if touched.is_empty() {
+                vec![]
+            } else {
+                let reader = self.state.reader()?;
+                touched.iter().filter_map(|&i| reader.getattr(i).ok()).collect()
+            };
+            Ok(Response::new(pb::StatResponse { attr, parents }))
         })
         .await
     }
