@@ -161,3 +161,33 @@ fn a_bad_or_busy_metrics_address_fails_start_up_with_one_line() {
         assert!(line.starts_with(&format!("cairn: metrics: listen on {bad}: ")), "{line}");
     }
 }
+
+/// Concurrent uploads from one client share their placement calls (see `client/src/place.rs`):
+/// 64 small files put at once cost fewer `PlaceChunks` calls than files, and all read back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_small_puts_share_placement_calls() {
+    const PLACE: &str = "cairn_master_grpc_requests_total{method=\"PlaceChunks\",code=\"OK\"}";
+    let c = Cluster::start(Options { chunkservers: 3, metrics: true, ..Default::default() });
+    let master = c.master_metrics.clone().expect("the master printed its metrics address");
+    let client = c.client().await;
+    let scrape_places = || {
+        let addr = master.clone();
+        async move { tokio::task::spawn_blocking(move || scrape(&addr).get(PLACE).copied().unwrap_or(0.0)).await.unwrap() }
+    };
+    let before = scrape_places().await;
+    let files: Vec<(String, Vec<u8>)> = (0..64u64).map(|i| (format!("/s{i}"), random_bytes(4096, 100 + i))).collect();
+    let puts = files.iter().map(|(path, data)| {
+        let (client, path, data) = (client.clone(), path.clone(), bytes::Bytes::from(data.clone()));
+        tokio::spawn(async move { client.put_bytes(&path, data, &cairn_client::PutOptions::default()).await })
+    });
+    for put in futures::future::join_all(puts).await {
+        put.expect("put task").expect("put");
+    }
+    let calls = scrape_places().await - before;
+    assert!(calls >= 1.0 && calls < 64.0, "{calls} PlaceChunks calls for 64 concurrent uploads");
+    for (path, data) in &files {
+        let mut back = Vec::new();
+        client.get(path, &mut back, 0, None, &|_| {}).await.expect("get");
+        assert_eq!(&back, data, "content of {path}");
+    }
+}

@@ -15,6 +15,7 @@ mod data;
 pub mod error;
 mod fs;
 mod master;
+mod place;
 
 use data::hash_chunk;
 use std::collections::VecDeque;
@@ -77,6 +78,7 @@ struct Inner {
     /// a retried one only once.
     client_id: u64,
     seq: std::sync::atomic::AtomicU64,
+    placer: place::Placer,
 }
 
 fn is_dir(a: &Attr) -> bool {
@@ -108,7 +110,13 @@ impl Client {
         let masters = master::Masters::new(cfg.masters, identity.grpc_client(), cfg.master_deadline)?;
         let data = data::DataPlane::new(&identity).map_err(|e| Error::Internal(format!("QUIC endpoint: {e:#}")))?;
         Ok(Client {
-            inner: Arc::new(Inner { masters, data, client_id: rand::random::<u64>() | 1, seq: Default::default() }),
+            inner: Arc::new(Inner {
+                masters,
+                data,
+                client_id: rand::random::<u64>() | 1,
+                seq: Default::default(),
+                placer: Default::default(),
+            }),
         })
     }
 
@@ -491,20 +499,8 @@ impl Client {
             ex.extend(&exclude);
             ex.sort_unstable();
             ex.dedup();
-            let req = pb::PlaceChunksRequest {
-                chunks: vec![pb::ChunkSpec { hash: hash.to_vec(), length: chunk.len() as u64 }],
-                replication,
-                exclude: ex,
-            };
-            let r = self
-                .inner
-                .masters
-                .call(|mut c| {
-                    let req = req.clone();
-                    async move { c.place_chunks(req).await }
-                })
-                .await?;
-            let p = r.placements.into_iter().next().ok_or_else(|| Error::Internal("placement missing".into()))?;
+            let spec = pb::ChunkSpec { hash: hash.to_vec(), length: chunk.len() as u64 };
+            let p = place::Placer::place(&self.inner, spec, replication, ex).await?;
             if p.stored {
                 return Ok(extent);
             }
