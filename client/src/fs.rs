@@ -30,6 +30,12 @@ impl Client {
 
     /// Every entry of the directory `inode`, all pages.
     pub async fn readdir(&self, inode: u64) -> Result<Vec<DirEntry>> {
+        Ok(self.readdir_upto(inode, usize::MAX).await?.unwrap_or_default())
+    }
+
+    /// [`Client::readdir`] of a directory of at most `max` entries; `None` (after fetching
+    /// only a little more than `max`) for a larger one.
+    pub async fn readdir_upto(&self, inode: u64, max: usize) -> Result<Option<Vec<DirEntry>>> {
         let mut out = Vec::new();
         let mut start_after = String::new();
         loop {
@@ -46,8 +52,11 @@ impl Client {
                 start_after = last.name.clone();
             }
             out.extend(r.entries);
+            if out.len() > max {
+                return Ok(None);
+            }
             if !r.more {
-                return Ok(out);
+                return Ok(Some(out));
             }
         }
     }

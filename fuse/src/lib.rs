@@ -333,9 +333,12 @@ impl CairnFs {
     /// from it, with until when it may be trusted, when it is there.
     async fn list_for_lookups(&self, dir: u64, gen: u64, name: &str) -> Option<(Attr, Instant)> {
         let at = Instant::now();
-        let entries = match self.client().readdir(dir).await {
-            Ok(e) if e.len() <= listing::MAX_ENTRIES => e,
-            Ok(_) => return None,
+        let entries = match self.client().readdir_upto(dir, listing::MAX_ENTRIES).await {
+            Ok(Some(e)) => e,
+            Ok(None) => {
+                self.inner.listings.lock().expect("listings lock").too_large(dir);
+                return None;
+            }
             Err(e) => {
                 tracing::debug!(dir, "listing for lookups: {e}");
                 return None;

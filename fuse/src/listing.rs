@@ -26,6 +26,8 @@ pub const RUN: u32 = 16;
 pub const MAX_ENTRIES: usize = 100_000;
 /// Listings kept at once.
 const MAX_DIRS: usize = 16;
+/// How long a directory found larger than [`MAX_ENTRIES`] is not fetched again for lookups.
+const TOO_LARGE_FOR: Duration = Duration::from_secs(60);
 
 struct Listing {
     /// When the fetch started: the TTL counts from here.
@@ -39,6 +41,8 @@ pub struct Listings {
     dirs: HashMap<u64, Listing>,
     /// The directory of the latest lookups the masters answered, and how many in a row.
     run: (u64, u32),
+    /// Directories found too large to list, and when.
+    too_large: HashMap<u64, Instant>,
 }
 
 /// What a change made through the mount may have made stale.
@@ -83,8 +87,23 @@ impl Listings {
         if self.run.1 < RUN || self.dirs.contains_key(&dir) {
             return None;
         }
+        if let Some(t) = self.too_large.get(&dir) {
+            if t.elapsed() < TOO_LARGE_FOR {
+                return None;
+            }
+            self.too_large.remove(&dir);
+        }
         self.run.1 = 0;
         Some(self.gen)
+    }
+
+    /// Notes that `dir` has more than [`MAX_ENTRIES`] entries: its lookups go to the masters
+    /// for a while without fetching it again.
+    pub fn too_large(&mut self, dir: u64) {
+        if self.too_large.len() >= MAX_DIRS {
+            self.too_large.retain(|_, t| t.elapsed() < TOO_LARGE_FOR);
+        }
+        self.too_large.insert(dir, Instant::now());
     }
 
     /// Keeps a listing fetched from `at` on, unless the mount changed something since `gen`.
@@ -203,6 +222,21 @@ mod tests {
         l.after(&after);
         assert!(l.get(7, &format!("f{}", RUN + 1), TTL).is_none());
         assert_eq!(l.miss(7), None);
+    }
+
+    #[test]
+    fn a_directory_too_large_to_list_is_not_fetched_again_soon() {
+        let mut l = Listings::default();
+        for _ in 1..RUN {
+            l.miss(7);
+        }
+        assert!(l.miss(7).is_some());
+        l.too_large(7);
+        for _ in 0..3 * RUN {
+            assert_eq!(l.miss(7), None, "no second fetch of a directory too large to list");
+        }
+        l.too_large.insert(7, Instant::now() - TOO_LARGE_FOR);
+        assert!((0..RUN).any(|_| l.miss(7).is_some()), "asked again once the pause is over");
     }
 
     #[test]
