@@ -162,19 +162,28 @@ fn a_bad_or_busy_metrics_address_fails_start_up_with_one_line() {
     }
 }
 
-/// Concurrent uploads from one client share their placement calls (see `client/src/place.rs`):
-/// 64 small files put at once cost fewer `PlaceChunks` calls than files, and all read back.
+/// Concurrent uploads from one client share their calls to the leader (see
+/// `client/src/batch.rs`): 64 small files put at once cost fewer placement calls, and fewer
+/// commit calls, than files; and all read back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_small_puts_share_placement_calls() {
-    const PLACE: &str = "cairn_master_grpc_requests_total{method=\"PlaceChunks\",code=\"OK\"}";
+async fn concurrent_small_puts_share_placement_and_commit_calls() {
+    const METHODS: [&str; 3] = ["PlaceChunks", "CommitFile", "CommitFiles"];
     let c = Cluster::start(Options { chunkservers: 3, metrics: true, ..Default::default() });
     let master = c.master_metrics.clone().expect("the master printed its metrics address");
     let client = c.client().await;
-    let scrape_places = || {
+    let calls = || {
         let addr = master.clone();
-        async move { tokio::task::spawn_blocking(move || scrape(&addr).get(PLACE).copied().unwrap_or(0.0)).await.unwrap() }
+        let count = move || {
+            let m = scrape(&addr);
+            METHODS.map(|k| {
+                m.get(&format!("cairn_master_grpc_requests_total{{method=\"{k}\",code=\"OK\"}}"))
+                    .copied()
+                    .unwrap_or(0.0)
+            })
+        };
+        async move { tokio::task::spawn_blocking(count).await.unwrap() }
     };
-    let before = scrape_places().await;
+    let before = calls().await;
     let files: Vec<(String, Vec<u8>)> = (0..64u64).map(|i| (format!("/s{i}"), random_bytes(4096, 100 + i))).collect();
     let puts = files.iter().map(|(path, data)| {
         let (client, path, data) = (client.clone(), path.clone(), bytes::Bytes::from(data.clone()));
@@ -183,8 +192,13 @@ async fn concurrent_small_puts_share_placement_calls() {
     for put in futures::future::join_all(puts).await {
         put.expect("put task").expect("put");
     }
-    let calls = scrape_places().await - before;
-    assert!(calls >= 1.0 && calls < 64.0, "{calls} PlaceChunks calls for 64 concurrent uploads");
+    let after = calls().await;
+    let [place, commit, commits] = [0, 1, 2].map(|i| after[i] - before[i]);
+    assert!(place >= 1.0 && place < 64.0, "{place} PlaceChunks calls for 64 concurrent uploads");
+    assert!(
+        commits >= 1.0 && commit + commits < 64.0,
+        "{commit} CommitFile and {commits} CommitFiles calls for 64 uploads"
+    );
     for (path, data) in &files {
         let mut back = Vec::new();
         client.get(path, &mut back, 0, None, &|_| {}).await.expect("get");

@@ -10,12 +10,12 @@
 //!
 //! `cli` holds the code of the `cairn` commands that use only this library.
 
+mod batch;
 pub mod cli;
 mod data;
 pub mod error;
 mod fs;
 mod master;
-mod place;
 
 use data::hash_chunk;
 use std::collections::VecDeque;
@@ -78,7 +78,8 @@ struct Inner {
     /// a retried one only once.
     client_id: u64,
     seq: std::sync::atomic::AtomicU64,
-    placer: place::Placer,
+    places: batch::Batcher<batch::Place>,
+    commits: batch::Batcher<batch::Commit>,
 }
 
 fn is_dir(a: &Attr) -> bool {
@@ -115,7 +116,8 @@ impl Client {
                 data,
                 client_id: rand::random::<u64>() | 1,
                 seq: Default::default(),
-                placer: Default::default(),
+                places: Default::default(),
+                commits: Default::default(),
             }),
         })
     }
@@ -409,15 +411,7 @@ impl Client {
             exclusive: opts.exclusive,
             id: self.next_id(),
         };
-        let r = self
-            .inner
-            .masters
-            .call(|mut c| {
-                let req = req.clone();
-                async move { c.commit_file(req).await }
-            })
-            .await?;
-        r.attr.ok_or_else(|| Error::Internal("commit returned no attributes".into()))
+        batch::send::<batch::Commit>(&self.inner, (), req).await
     }
 
     /// Uploads the chunks of `source`. With `path`, a multi-chunk upload first checks that a
@@ -500,7 +494,7 @@ impl Client {
             ex.sort_unstable();
             ex.dedup();
             let spec = pb::ChunkSpec { hash: hash.to_vec(), length: chunk.len() as u64 };
-            let p = place::Placer::place(&self.inner, spec, replication, ex).await?;
+            let p = batch::send::<batch::Place>(&self.inner, (replication, ex), spec).await?;
             if p.stored {
                 return Ok(extent);
             }

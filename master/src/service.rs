@@ -19,6 +19,8 @@ use crate::state::{check_extents, split_path, State};
 const LIST_PAGE_DEFAULT: usize = 1000;
 const LIST_PAGE_MAX: usize = 10_000;
 const PLACE_MAX_CHUNKS: usize = 1024;
+/// Files in one CommitFiles call, at most.
+const COMMIT_MAX_FILES: usize = 256;
 const MAX_REPLICATION: u32 = 16;
 /// How long status waits for each other master to describe itself.
 const DESCRIBE_TIMEOUT: Duration = Duration::from_millis(500);
@@ -113,6 +115,16 @@ fn describe(s: &RaftStatus, addr: String) -> pb::MasterStatus {
 
 impl Services {
     /// Runs one unary (or snapshot) gRPC handler, counting it by method and outcome and timing it.
+    /// Checks a commit and proposes it once its chunks are confirmed stored (see
+    /// [`crate::cluster::Cluster::confirm_commit`]); the receiver gets the applied answer.
+    fn propose_commit(&self, req: pb::CommitFileRequest) -> Result<Answer, MetaError> {
+        split_path(&req.path)?;
+        check_replication(req.replication)?;
+        check_extents(&req.extents)?;
+        let hashes: Vec<_> = req.extents.iter().filter_map(|e| to_hash(&e.hash)).collect();
+        self.cluster.confirm_commit(&hashes, || self.node.propose_nowait(command::Op::CommitFile(req)))
+    }
+
     async fn rpc<T>(&self, method: &'static str, call: impl Future<Output = Res<T>>) -> Res<T> {
         let start = Instant::now();
         let res = call.await;
@@ -162,6 +174,8 @@ impl Services {
 }
 
 type Res<T> = Result<Response<T>, Status>;
+/// The applied answer to a proposal, when it comes.
+type Answer = tokio::sync::oneshot::Receiver<Result<command_result::Result, MetaError>>;
 
 /// Refuses callers that are not cluster nodes: the Raft and Cluster services change the group's
 /// log and the chunk map, which a client certificate must not reach.
@@ -307,15 +321,36 @@ impl master_server::Master for Services {
     async fn commit_file(&self, req: Request<pb::CommitFileRequest>) -> Res<pb::CommitFileResponse> {
         self.rpc("CommitFile", async {
             self.node.ensure_leader()?;
-            let req = req.into_inner();
-            split_path(&req.path)?;
-            check_replication(req.replication)?;
-            check_extents(&req.extents)?;
-            let hashes: Vec<_> = req.extents.iter().filter_map(|e| to_hash(&e.hash)).collect();
-            let answer =
-                self.cluster.confirm_commit(&hashes, || self.node.propose_nowait(command::Op::CommitFile(req)))?;
+            let answer = self.propose_commit(req.into_inner())?;
             let attr = attr_of(self.node.answer(answer).await?)?;
             Ok(Response::new(pb::CommitFileResponse { attr: Some(attr) }))
+        })
+        .await
+    }
+
+    async fn commit_files(&self, req: Request<pb::CommitFilesRequest>) -> Res<pb::CommitFilesResponse> {
+        self.rpc("CommitFiles", async {
+            self.node.ensure_leader()?;
+            let files = req.into_inner().files;
+            if files.len() > COMMIT_MAX_FILES {
+                return Err(MetaError::InvalidArgument(format!(
+                    "{} files in one request, at most {COMMIT_MAX_FILES}",
+                    files.len()
+                ))
+                .into());
+            }
+            // Proposed one by one, all before the first answer: Raft batches them. A file that
+            // fails has no attr in its outcome; the client asks again for that one alone.
+            let answers: Vec<_> = files.into_iter().map(|f| self.propose_commit(f)).collect();
+            let mut outcomes = Vec::with_capacity(answers.len());
+            for answer in answers {
+                let attr = match answer {
+                    Ok(rx) => self.node.answer(rx).await.and_then(attr_of).ok(),
+                    Err(_) => None,
+                };
+                outcomes.push(pb::CommitFileResponse { attr });
+            }
+            Ok(Response::new(pb::CommitFilesResponse { outcomes }))
         })
         .await
     }

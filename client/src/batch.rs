@@ -1,0 +1,230 @@
+//! Requests of concurrent uploads to the leader, sent together.
+//!
+//! Every chunk asks the leader where to go (and whether the cluster holds it already) before it
+//! is uploaded, and every file then commits its extents: with many small files in flight, two
+//! gRPC calls per file, each as costly for the leader as the work it asks for. Instead, while
+//! one call of a kind is in flight, the requests that arrive queue up, and the next call
+//! carries them all (the leader still handles each one on its own: placements counted one after
+//! the other, commits proposed one by one and batched by Raft). A request alone goes out at
+//! once; nothing waits for a timer. A request whose batch failed is sent again alone, so that
+//! it gets its own answer (or error) exactly as without batching; commits carry their request
+//! id, so a commit that did land is not applied twice.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use cairn_proto::v1 as pb;
+use tokio::sync::oneshot;
+
+use crate::error::{Error, Result};
+use crate::Inner;
+
+/// One kind of request that a call can carry several of.
+pub(crate) trait Kind: Send + Sync + Sized + 'static {
+    /// Requests with equal keys can share a call.
+    type Key: Clone + PartialEq + Send + Sync;
+    type Item: Clone + Send + Sync;
+    type Answer: Send;
+    /// Requests in one call, at most.
+    const MAX: usize;
+
+    fn queue(inner: &Inner) -> &Batcher<Self>;
+    /// One request in a call of its own, with its own answer or error.
+    fn one(inner: &Inner, key: &Self::Key, item: Self::Item) -> impl Future<Output = Result<Self::Answer>> + Send;
+    /// Several in one call; `None` for a request that must be sent again alone.
+    fn many(
+        inner: &Inner,
+        key: &Self::Key,
+        items: Vec<Self::Item>,
+    ) -> impl Future<Output = Result<Vec<Option<Self::Answer>>>> + Send;
+}
+
+type Waiting<K> = (<K as Kind>::Key, <K as Kind>::Item, oneshot::Sender<Option<<K as Kind>::Answer>>);
+
+pub(crate) struct Batcher<K: Kind> {
+    state: Mutex<State<K>>,
+}
+
+struct State<K: Kind> {
+    /// A call is in flight: new requests queue.
+    busy: bool,
+    queue: Vec<Waiting<K>>,
+}
+
+impl<K: Kind> Default for Batcher<K> {
+    fn default() -> Self {
+        Batcher { state: Mutex::new(State { busy: false, queue: Vec::new() }) }
+    }
+}
+
+/// Sends `item` now, or with the next call of its kind if one is in flight.
+pub(crate) async fn send<K: Kind>(inner: &Arc<Inner>, key: K::Key, item: K::Item) -> Result<K::Answer> {
+    let queued = {
+        let mut st = K::queue(inner).state.lock().expect("batch lock");
+        if st.busy {
+            let (reply, answer) = oneshot::channel();
+            st.queue.push((key.clone(), item.clone(), reply));
+            Some(answer)
+        } else {
+            st.busy = true;
+            None
+        }
+    };
+    if let Some(answer) = queued {
+        if let Ok(Some(a)) = answer.await {
+            return Ok(a);
+        }
+        return K::one(inner, &key, item).await;
+    }
+    let mine = K::one(inner, &key, item).await;
+    // Whatever queued meanwhile goes next, in calls of its own until the queue is empty, while
+    // this request's caller goes on.
+    {
+        let mut st = K::queue(inner).state.lock().expect("batch lock");
+        if st.queue.is_empty() {
+            st.busy = false;
+        } else {
+            let inner = inner.clone();
+            tokio::spawn(async move { drain::<K>(&inner).await });
+        }
+    }
+    mine
+}
+
+async fn drain<K: Kind>(inner: &Inner) {
+    loop {
+        let (key, batch) = {
+            let mut st = K::queue(inner).state.lock().expect("batch lock");
+            if st.queue.is_empty() {
+                st.busy = false;
+                return;
+            }
+            take_batch::<K>(&mut st.queue)
+        };
+        let items = batch.iter().map(|(_, item, _)| item.clone()).collect();
+        let mut answers = match K::many(inner, &key, items).await {
+            Ok(a) if a.len() == batch.len() => a,
+            Ok(_) | Err(_) => Vec::new(),
+        };
+        answers.resize_with(batch.len(), || None);
+        for ((_, _, reply), answer) in batch.into_iter().zip(answers) {
+            let _ = reply.send(answer);
+        }
+    }
+}
+
+/// Takes up to [`Kind::MAX`] requests with the key of the oldest one, in order.
+fn take_batch<K: Kind>(queue: &mut Vec<Waiting<K>>) -> (K::Key, Vec<Waiting<K>>) {
+    let key = queue[0].0.clone();
+    let mut batch = Vec::new();
+    let mut rest = Vec::with_capacity(queue.len());
+    for w in queue.drain(..) {
+        if w.0 == key && batch.len() < K::MAX {
+            batch.push(w);
+        } else {
+            rest.push(w);
+        }
+    }
+    *queue = rest;
+    (key, batch)
+}
+
+/// Where new chunks go: `PlaceChunks`, keyed by replication and the nodes to avoid.
+pub(crate) struct Place;
+
+impl Kind for Place {
+    type Key = (u32, Vec<u64>);
+    type Item = pb::ChunkSpec;
+    type Answer = pb::Placement;
+    const MAX: usize = 256;
+
+    fn queue(inner: &Inner) -> &Batcher<Self> {
+        &inner.places
+    }
+
+    async fn one(inner: &Inner, key: &Self::Key, item: pb::ChunkSpec) -> Result<pb::Placement> {
+        let mut p = place(inner, key, vec![item]).await?;
+        Ok(p.remove(0))
+    }
+
+    async fn many(inner: &Inner, key: &Self::Key, items: Vec<pb::ChunkSpec>) -> Result<Vec<Option<pb::Placement>>> {
+        Ok(place(inner, key, items).await?.into_iter().map(Some).collect())
+    }
+}
+
+async fn place(inner: &Inner, key: &(u32, Vec<u64>), chunks: Vec<pb::ChunkSpec>) -> Result<Vec<pb::Placement>> {
+    let n = chunks.len();
+    let req = pb::PlaceChunksRequest { chunks, replication: key.0, exclude: key.1.clone() };
+    let r = inner
+        .masters
+        .call(|mut c| {
+            let req = req.clone();
+            async move { c.place_chunks(req).await }
+        })
+        .await?;
+    if r.placements.len() != n {
+        return Err(Error::Internal(format!("{} placements for {n} chunks", r.placements.len())));
+    }
+    Ok(r.placements)
+}
+
+/// File commits: `CommitFile` alone, `CommitFiles` for several.
+pub(crate) struct Commit;
+
+impl Kind for Commit {
+    type Key = ();
+    type Item = pb::CommitFileRequest;
+    type Answer = pb::Attr;
+    /// The leader takes up to 256 (`COMMIT_MAX_FILES`).
+    const MAX: usize = 128;
+
+    fn queue(inner: &Inner) -> &Batcher<Self> {
+        &inner.commits
+    }
+
+    async fn one(inner: &Inner, _: &(), req: pb::CommitFileRequest) -> Result<pb::Attr> {
+        let r = inner
+            .masters
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.commit_file(req).await }
+            })
+            .await?;
+        r.attr.ok_or_else(|| Error::Internal("commit returned no attributes".into()))
+    }
+
+    async fn many(inner: &Inner, _: &(), files: Vec<pb::CommitFileRequest>) -> Result<Vec<Option<pb::Attr>>> {
+        let req = pb::CommitFilesRequest { files };
+        let r = inner
+            .masters
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.commit_files(req).await }
+            })
+            .await?;
+        Ok(r.outcomes.into_iter().map(|o| o.attr).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiting(key: (u32, Vec<u64>), n: u8) -> Waiting<Place> {
+        let (reply, _) = oneshot::channel();
+        (key, pb::ChunkSpec { hash: vec![n], length: 1 }, reply)
+    }
+
+    #[test]
+    fn a_batch_takes_the_oldest_key_in_order_and_leaves_the_rest() {
+        let mut q =
+            vec![waiting((3, vec![]), 1), waiting((2, vec![]), 2), waiting((3, vec![]), 3), waiting((3, vec![9]), 4)];
+        let (key, batch) = take_batch::<Place>(&mut q);
+        assert_eq!(key, (3, vec![]));
+        assert_eq!(batch.iter().map(|w| w.1.hash[0]).collect::<Vec<_>>(), [1, 3]);
+        assert_eq!(q.iter().map(|w| w.1.hash[0]).collect::<Vec<_>>(), [2, 4]);
+        let mut q: Vec<_> = (0..=255u8).chain(0..10).map(|i| waiting((3, vec![]), i)).collect();
+        assert_eq!(take_batch::<Place>(&mut q).1.len(), Place::MAX);
+        assert_eq!(q.len(), 10);
+    }
+}
