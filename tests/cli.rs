@@ -203,6 +203,9 @@ fn a_client_killed_mid_put_changes_nothing() {
     let c = Cluster::start(Options::default());
     let old = random_bytes(6 * MIB, 3);
     assert!(c.cli_stdin(&["put", "-", "/f"], &old).status.success());
+    // Counted before the second put starts: it may store all its full chunks before the test
+    // gets to look.
+    let before = c.chunk_files();
     // A second put streams from a pipe that we feed partly, then the client is killed.
     let mut child = Command::new(BIN)
         .args(["put", "-", "/f"])
@@ -215,7 +218,6 @@ fn a_client_killed_mid_put_changes_nothing() {
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(&random_bytes(30 * MIB, 4)).unwrap();
     // Wait until chunks of the new content reach the chunkservers, then kill -9 the client.
-    let before = c.chunk_files();
     wait_for("the half-upload to reach chunkservers", Duration::from_secs(30), || c.chunk_files() > before);
     child.kill().unwrap();
     child.wait().unwrap();

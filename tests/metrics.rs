@@ -194,7 +194,7 @@ async fn concurrent_small_puts_share_placement_and_commit_calls() {
     }
     let after = calls().await;
     let [place, commit, commits] = [0, 1, 2].map(|i| after[i] - before[i]);
-    assert!(place >= 1.0 && place < 64.0, "{place} PlaceChunks calls for 64 concurrent uploads");
+    assert!((1.0..64.0).contains(&place), "{place} PlaceChunks calls for 64 concurrent uploads");
     assert!(
         commits >= 1.0 && commit + commits < 64.0,
         "{commit} CommitFile and {commits} CommitFiles calls for 64 uploads"

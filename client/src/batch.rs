@@ -76,19 +76,40 @@ pub(crate) async fn send<K: Kind>(inner: &Arc<Inner>, key: K::Key, item: K::Item
         }
         return K::one(inner, &key, item).await;
     }
+    // Hands over when this call is done, or when its caller gives up on it (a dropped future
+    // must not leave the others queued for ever).
+    let sending = Sending::<K> { inner: inner.clone(), kind: std::marker::PhantomData };
     let mine = K::one(inner, &key, item).await;
-    // Whatever queued meanwhile goes next, in calls of its own until the queue is empty, while
-    // this request's caller goes on.
-    {
-        let mut st = K::queue(inner).state.lock().expect("batch lock");
+    drop(sending);
+    mine
+}
+
+/// The request in flight: when it ends, whatever queued meanwhile goes next, in calls of its
+/// own until the queue is empty, while this request's caller goes on.
+struct Sending<K: Kind> {
+    inner: Arc<Inner>,
+    kind: std::marker::PhantomData<K>,
+}
+
+impl<K: Kind> Drop for Sending<K> {
+    fn drop(&mut self) {
+        let mut st = K::queue(&self.inner).state.lock().unwrap_or_else(|p| p.into_inner());
         if st.queue.is_empty() {
             st.busy = false;
-        } else {
-            let inner = inner.clone();
-            tokio::spawn(async move { drain::<K>(&inner).await });
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                let inner = self.inner.clone();
+                rt.spawn(async move { drain::<K>(&inner).await });
+            }
+            Err(_) => {
+                // No runtime to send them from: each waiter sends its own.
+                st.queue.clear();
+                st.busy = false;
+            }
         }
     }
-    mine
 }
 
 async fn drain<K: Kind>(inner: &Inner) {
