@@ -83,7 +83,7 @@ fn a_new_empty_chunkserver_receives_data_until_usage_is_even() {
     // 36 replicas of 4 MiB over 4 nodes of 256 MiB: even within 5% of capacity means the new
     // node holds at least 6.
     wait_for("the new node to receive a fair share", Duration::from_secs(90), || {
-        count_files(&new.join("chunks")) >= 6 && hashes.iter().all(|h| c.replicas_of(h).len() == 3)
+        count_files(&new.join("by-hash")) >= 6 && hashes.iter().all(|h| c.replicas_of(h).len() == 3)
     });
     wait_for("no chunk over- or under-replicated", Duration::from_secs(30), || {
         let s = c.status();

@@ -68,7 +68,7 @@ fn chunk_files(data: &Path) -> usize {
             .map(|it| it.flatten().map(|e| if e.path().is_dir() { walk(&e.path()) } else { 1 }).sum())
             .unwrap_or(0)
     }
-    walk(&data.join("chunks"))
+    walk(&data.join("by-hash"))
 }
 
 #[tokio::test(flavor = "multi_thread")]

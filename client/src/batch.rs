@@ -12,6 +12,7 @@
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use cairn_proto::v1 as pb;
 use tokio::sync::oneshot;
@@ -19,10 +20,15 @@ use tokio::sync::oneshot;
 use crate::error::{Error, Result};
 use crate::Inner;
 
+/// How long a queued request waits for its batch before it goes alone. A call normally takes
+/// milliseconds; one that the leader keeps refusing (a chunk being collected, a leader change)
+/// is retried until the client's deadline, and must not hold the others that long.
+const WAIT_MAX: Duration = Duration::from_secs(1);
+
 /// One kind of request that a call can carry several of.
 pub(crate) trait Kind: Send + Sync + Sized + 'static {
     /// Requests with equal keys can share a call.
-    type Key: Clone + PartialEq + Send + Sync;
+    type Key: Clone + Default + PartialEq + Send + Sync;
     type Item: Clone + Send + Sync;
     type Answer: Send;
     /// Requests in one call, at most.
@@ -71,9 +77,11 @@ pub(crate) async fn send<K: Kind>(inner: &Arc<Inner>, key: K::Key, item: K::Item
         }
     };
     if let Some(answer) = queued {
-        if let Ok(Some(a)) = answer.await {
+        if let Ok(Ok(Some(a))) = tokio::time::timeout(WAIT_MAX, answer).await {
             return Ok(a);
         }
+        // Alone now. If the batch did send it meanwhile, the leader answers this copy the same:
+        // a placement twice is harmless, a commit's request id makes the second a retry.
         return K::one(inner, &key, item).await;
     }
     // Hands over when this call is done, or when its caller gives up on it (a dropped future
@@ -122,6 +130,9 @@ async fn drain<K: Kind>(inner: &Inner) {
             }
             take_batch::<K>(&mut st.queue)
         };
+        if batch.is_empty() {
+            continue;
+        }
         let items = batch.iter().map(|(_, item, _)| item.clone()).collect();
         let mut answers = match K::many(inner, &key, items).await {
             Ok(a) if a.len() == batch.len() => a,
@@ -134,9 +145,12 @@ async fn drain<K: Kind>(inner: &Inner) {
     }
 }
 
-/// Takes up to [`Kind::MAX`] requests with the key of the oldest one, in order.
+/// Takes up to [`Kind::MAX`] requests with the key of the oldest one, in order. Requests
+/// whose caller stopped waiting are dropped: a commit given up on must not land later.
 fn take_batch<K: Kind>(queue: &mut Vec<Waiting<K>>) -> (K::Key, Vec<Waiting<K>>) {
-    let key = queue[0].0.clone();
+    queue.retain(|w| !w.2.is_closed());
+    let Some(first) = queue.first() else { return (Default::default(), Vec::new()) };
+    let key = first.0.clone();
     let mut batch = Vec::new();
     let mut rest = Vec::with_capacity(queue.len());
     for w in queue.drain(..) {
@@ -231,21 +245,44 @@ impl Kind for Commit {
 mod tests {
     use super::*;
 
-    fn waiting(key: (u32, Vec<u64>), n: u8) -> Waiting<Place> {
-        let (reply, _) = oneshot::channel();
+    type Answer = oneshot::Receiver<Option<pb::Placement>>;
+
+    fn waiting(key: (u32, Vec<u64>), n: u8, answers: &mut Vec<Answer>) -> Waiting<Place> {
+        let (reply, answer) = oneshot::channel();
+        answers.push(answer);
         (key, pb::ChunkSpec { hash: vec![n], length: 1 }, reply)
     }
 
     #[test]
     fn a_batch_takes_the_oldest_key_in_order_and_leaves_the_rest() {
-        let mut q =
-            vec![waiting((3, vec![]), 1), waiting((2, vec![]), 2), waiting((3, vec![]), 3), waiting((3, vec![9]), 4)];
+        let mut a = Vec::new();
+        let mut q = vec![
+            waiting((3, vec![]), 1, &mut a),
+            waiting((2, vec![]), 2, &mut a),
+            waiting((3, vec![]), 3, &mut a),
+            waiting((3, vec![9]), 4, &mut a),
+        ];
         let (key, batch) = take_batch::<Place>(&mut q);
         assert_eq!(key, (3, vec![]));
         assert_eq!(batch.iter().map(|w| w.1.hash[0]).collect::<Vec<_>>(), [1, 3]);
         assert_eq!(q.iter().map(|w| w.1.hash[0]).collect::<Vec<_>>(), [2, 4]);
-        let mut q: Vec<_> = (0..=255u8).chain(0..10).map(|i| waiting((3, vec![]), i)).collect();
+        let mut q: Vec<_> = (0..=255u8).chain(0..10).map(|i| waiting((3, vec![]), i, &mut a)).collect();
         assert_eq!(take_batch::<Place>(&mut q).1.len(), Place::MAX);
         assert_eq!(q.len(), 10);
+    }
+
+    #[test]
+    fn requests_given_up_on_are_not_sent() {
+        let mut a = Vec::new();
+        let mut q =
+            vec![waiting((3, vec![]), 1, &mut a), waiting((3, vec![]), 2, &mut a), waiting((3, vec![]), 3, &mut a)];
+        a.remove(1); // the caller of request 2 stopped waiting
+        let (_, batch) = take_batch::<Place>(&mut q);
+        assert_eq!(batch.iter().map(|w| w.1.hash[0]).collect::<Vec<_>>(), [1, 3]);
+        a.clear();
+        let mut q = vec![waiting((3, vec![]), 4, &mut a)];
+        a.clear();
+        assert!(take_batch::<Place>(&mut q).1.is_empty());
+        assert!(q.is_empty());
     }
 }

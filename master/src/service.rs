@@ -441,12 +441,11 @@ impl master_server::Master for Services {
                 command_result::Result::Attr(a) => Some(a),
                 _ => None,
             };
-            // Applied here already: a read now sees the change (and perhaps later ones).
-            let parents = if touched.is_empty() {
-                vec![]
-            } else {
-                let reader = self.state.reader()?;
-                touched.iter().filter_map(|&i| reader.getattr(i).ok()).collect()
+            // Applied here already: a read now sees the change (and perhaps later ones). Best
+            // effort: the change is done whatever this read meets.
+            let parents = match self.state.reader() {
+                Ok(reader) if !touched.is_empty() => touched.iter().filter_map(|&i| reader.getattr(i).ok()).collect(),
+                _ => vec![],
             };
             Ok(Response::new(pb::StatResponse { attr, parents }))
         })

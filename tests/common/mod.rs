@@ -357,13 +357,13 @@ impl Cluster {
     }
 
     pub fn chunk_files(&self) -> usize {
-        self.chunkservers.iter().map(|c| count_files(&c.data.join("chunks"))).sum()
+        self.chunkservers.iter().map(|c| count_files(&c.data.join("by-hash"))).sum()
     }
 }
 
 pub fn chunk_path(data: &Path, hash: &blake3::Hash) -> PathBuf {
     let hex = hash.to_hex();
-    data.join("chunks").join(&hex[0..2]).join(hex.as_str())
+    data.join("by-hash").join(&hex[0..2]).join(hex.as_str())
 }
 
 pub fn count_files(dir: &Path) -> usize {

@@ -22,6 +22,8 @@ const MAX_BATCH: usize = 512;
 const QUEUE: usize = 1024;
 
 struct Job {
+    /// The temp file, open since it was written: its own write-back errors are asked of it.
+    file: File,
     tmp: PathBuf,
     path: PathBuf,
     reply: oneshot::Sender<io::Result<()>>,
@@ -34,6 +36,19 @@ pub(super) struct GroupCommit {
 fn syncfs(f: &File) -> io::Result<()> {
     // SAFETY: the descriptor is valid for the lifetime of `f`.
     if unsafe { libc::syncfs(f.as_raw_fd()) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The error, if any, that writing `f` back to disk met since it was opened. `syncfs` reports
+/// such an error once, to whichever call comes first (maybe one for another batch), so each file
+/// is asked itself. After the `syncfs` its pages are clean: nothing is written or waited for.
+fn written(f: &File) -> io::Result<()> {
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    // SAFETY: the descriptor is valid for the lifetime of `f`.
+    if unsafe { libc::sync_file_range(f.as_raw_fd(), 0, 0, flags) } == 0 {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
@@ -75,7 +90,7 @@ impl GroupCommit {
                 let linked: Vec<io::Result<()>> = batch
                     .iter()
                     .map(|j| match &data {
-                        Ok(()) => link(&j.tmp, &j.path),
+                        Ok(()) => written(&j.file).and_then(|()| link(&j.tmp, &j.path)),
                         Err(e) => Err(io::Error::new(e.kind(), format!("syncfs: {e}"))),
                     })
                     .collect();
@@ -94,21 +109,22 @@ impl GroupCommit {
 
     /// Makes the written file `tmp` durable under the name `path`: done when the returned
     /// receiver answers. The reply wakes the caller's task directly (no thread in between).
-    fn submit(&self, tmp: &Path, path: &Path) -> (Job, oneshot::Receiver<io::Result<()>>) {
+    fn submit(&self, file: File, tmp: &Path, path: &Path) -> (Job, oneshot::Receiver<io::Result<()>>) {
         let (reply, done) = oneshot::channel();
-        (Job { tmp: tmp.to_path_buf(), path: path.to_path_buf(), reply }, done)
+        (Job { file, tmp: tmp.to_path_buf(), path: path.to_path_buf(), reply }, done)
     }
 
-    /// Makes the written file `tmp` durable under the name `path`.
-    pub(super) async fn commit(&self, tmp: &Path, path: &Path) -> io::Result<()> {
-        let (job, done) = self.submit(tmp, path);
+    /// Makes the written file `tmp` (open as `file`) durable under the name `path`.
+    pub(super) async fn commit(&self, file: File, tmp: &Path, path: &Path) -> io::Result<()> {
+        let (job, done) = self.submit(file, tmp, path);
         self.tx.send(job).await.map_err(|_| stopped())?;
         done.await.map_err(|_| stopped())?
     }
 
-    /// [`GroupCommit::commit`] from a blocking thread (not a runtime worker).
-    pub(super) fn commit_blocking(&self, tmp: &Path, path: &Path) -> io::Result<()> {
-        let (job, done) = self.submit(tmp, path);
+    /// [`GroupCommit::commit`] from a blocking thread. Panics on a runtime worker thread (as
+    /// tokio's blocking calls do): async callers use [`GroupCommit::commit`].
+    pub(super) fn commit_blocking(&self, file: File, tmp: &Path, path: &Path) -> io::Result<()> {
+        let (job, done) = self.submit(file, tmp, path);
         self.tx.blocking_send(job).map_err(|_| stopped())?;
         done.blocking_recv().map_err(|_| stopped())?
     }

@@ -3,14 +3,15 @@
 //! Layout under the data directory:
 //!
 //! ```text
-//! chunks/ab/<64 hex digits>   one file per chunk, named by the BLAKE3 of its content, under
-//!                             the first two of its hex digits (256 directories, made at open)
+//! by-hash/ab/<64 hex digits>  one file per chunk, named by the BLAKE3 of its content, under
+//!                             the first two of its hex digits (256 directories, made at open;
+//!                             an older `chunks/ab/cd/<hex>` tree is moved in at open)
 //! tmp/                        chunks being written; emptied at every start
 //! corrupt/                    chunks whose bytes no longer match their name, kept for a human
 //! node_id                     this node's id, chosen at first start
 //! ```
 //!
-//! Invariants: a file appears under `chunks/` only by a rename of a fully written, fsynced temp
+//! Invariants: a file appears under `by-hash/` only by a rename of a fully written, fsynced temp
 //! file whose hash was checked, so a file there is either complete or damaged by the disk, never
 //! half-written by us; every read verifies the hash again before serving a byte. The in-memory
 //! index (`hash -> size`) is rebuilt from a scan at every open: nothing relies on a clean shutdown.
@@ -198,7 +199,6 @@ impl fmt::Debug for ChunkStore {
     }
 }
 
-/// Releases a space reservation when a put ends, however it ends.
 /// A chunk written to its temp file, waiting for the group commit.
 struct Pending<'a> {
     tmp: PathBuf,
@@ -207,6 +207,7 @@ struct Pending<'a> {
     _reservation: Reservation<'a>,
 }
 
+/// Releases a space reservation when a put ends, however it ends.
 struct Reservation<'a> {
     store: &'a Inner,
     bytes: u64,
@@ -237,7 +238,7 @@ fn fs_space(dir: &Path) -> Result<FsSpace, StoreError> {
 
 impl ChunkStore {
     /// Opens (creating if needed) the store in `data_dir`, recovering from whatever a crash left:
-    /// empties `tmp/` and rebuilds the index by scanning `chunks/` (off the async runtime).
+    /// empties `tmp/` and rebuilds the index by scanning `by-hash/` (off the async runtime).
     /// `capacity_cap` limits the space used below the filesystem's size.
     pub async fn open(data_dir: &Path, capacity_cap: Option<u64>) -> Result<ChunkStore, StoreError> {
         let dir = data_dir.to_path_buf();
@@ -248,7 +249,7 @@ impl ChunkStore {
 
     /// [`ChunkStore::open`] for callers outside the async runtime (benches, tools).
     pub fn open_blocking(data_dir: &Path, capacity_cap: Option<u64>) -> Result<ChunkStore, StoreError> {
-        let chunks_dir = data_dir.join("chunks");
+        let chunks_dir = data_dir.join("by-hash");
         let tmp_dir = data_dir.join("tmp");
         let corrupt_dir = data_dir.join("corrupt");
         for d in [data_dir, &chunks_dir, &tmp_dir, &corrupt_dir] {
@@ -256,8 +257,9 @@ impl ChunkStore {
         }
         recovery::empty_tmp(&tmp_dir)?;
         let node_id = recovery::load_node_id(&data_dir.join("node_id"))?;
-        let (index, used) = recovery::scan_chunks(&chunks_dir)?;
         recovery::make_fanout(&chunks_dir)?;
+        recovery::migrate_two_level(&data_dir.join("chunks"), &chunks_dir)?;
+        let (index, used) = recovery::scan_chunks(&chunks_dir)?;
         tracing::info!(chunks = index.len(), used_bytes = used, node_id, "chunk store open");
         let state = State { index, used, ..State::default() };
         let committer =
@@ -376,10 +378,10 @@ impl ChunkStore {
                 .await
                 .map_err(|e| StoreError::io("put task failed", io::Error::other(e)))?;
         }
-        let Some(pending) = inner.stage_file(hash, &mut staged, false)? else {
+        let Some((pending, file)) = inner.stage_file(hash, &mut staged, false)? else {
             return Ok(());
         };
-        let committed = inner.committer.commit(&pending.tmp, &pending.path).await;
+        let committed = inner.committer.commit(file, &pending.tmp, &pending.path).await;
         inner.finish_put(hash, pending, committed)
     }
 
@@ -475,21 +477,21 @@ impl Inner {
     }
 
     fn put_staged_blocking(&self, hash: ChunkHash, mut staged: Staged) -> Result<(), StoreError> {
-        let Some(pending) = self.stage_file(hash, &mut staged, true)? else {
+        let Some((pending, file)) = self.stage_file(hash, &mut staged, true)? else {
             return Ok(());
         };
-        let committed = self.committer.commit_blocking(&pending.tmp, &pending.path);
+        let committed = self.committer.commit_blocking(file, &pending.tmp, &pending.path);
         self.finish_put(hash, pending, committed)
     }
 
-    /// Checks a received chunk and writes it to a new temp file (with O_DIRECT if `direct`).
-    /// `None`: the store already holds it.
+    /// Checks a received chunk and writes it to a new temp file (with O_DIRECT if `direct`),
+    /// returned still open for the group commit. `None`: the store already holds it.
     fn stage_file(
         &self,
         hash: ChunkHash,
         staged: &mut Staged,
         direct: bool,
-    ) -> Result<Option<Pending<'_>>, StoreError> {
+    ) -> Result<Option<(Pending<'_>, File)>, StoreError> {
         let len = staged.len() as u64;
         if len == 0 || len > MAX_CHUNK {
             return Err(StoreError::Invalid(format!("chunk length {len} is not in 1..={MAX_CHUNK}")));
@@ -503,12 +505,15 @@ impl Inner {
         }
         let reservation = self.reserve(len)?;
         let tmp = self.tmp_dir.join(format!("{:016x}", rand::random::<u64>()));
-        if let Err((what, e)) = write_temp(&tmp, staged, direct) {
-            // Best effort: a leftover is removed at the next start anyway.
-            let _ = fs::remove_file(&tmp);
-            return Err(write_err(format!("{what} {}", tmp.display()), len, e));
-        }
-        Ok(Some(Pending { tmp, path: self.chunk_path(&hash), len, _reservation: reservation }))
+        let file = match write_temp(&tmp, staged, direct) {
+            Ok(f) => f,
+            Err((what, e)) => {
+                // Best effort: a leftover is removed at the next start anyway.
+                let _ = fs::remove_file(&tmp);
+                return Err(write_err(format!("{what} {}", tmp.display()), len, e));
+            }
+        };
+        Ok(Some((Pending { tmp, path: self.chunk_path(&hash), len, _reservation: reservation }, file)))
     }
 
     /// Indexes a chunk once the group commit made it durable, or cleans up after a failed one.
@@ -553,7 +558,7 @@ impl Inner {
             return Err(StoreError::Corrupt(hash));
         }
         // SAFETY: chunk files are immutable: this process never writes a file once it is under
-        // `chunks/`, only renames it away, which leaves the mapping intact. Another process
+        // `by-hash/`, only renames it away, which leaves the mapping intact. Another process
         // truncating it would be outside Cairn's model (like a disk failure).
         let map =
             unsafe { memmap2::Mmap::map(&file) }.map_err(|e| StoreError::io(format!("mmap {}", path.display()), e))?;
@@ -680,7 +685,7 @@ impl Drop for Staged {
 /// the profile), O_DIRECT at 1.1 GB/s with the fsync. Chunks are read back through mmap, which
 /// fills the page cache on first read. The block padding is cut off with ftruncate. Filesystems
 /// without O_DIRECT (tmpfs) get a buffered write.
-fn write_temp(path: &Path, staged: &mut Staged, direct: bool) -> Result<(), (&'static str, io::Error)> {
+fn write_temp(path: &Path, staged: &mut Staged, direct: bool) -> Result<File, (&'static str, io::Error)> {
     let len = staged.len() as u64;
     if direct {
         match OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_DIRECT).open(path) {
@@ -690,7 +695,7 @@ fn write_temp(path: &Path, staged: &mut Staged, direct: bool) -> Result<(), (&'s
                     f.set_len(len).map_err(|e| ("truncate", e))?;
                 }
                 // Durability (data, inode, name) comes from the group commit that follows.
-                return Ok(());
+                return Ok(f);
             }
             // Some kernels create the file before they refuse O_DIRECT on it: buffered instead.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
@@ -700,5 +705,6 @@ fn write_temp(path: &Path, staged: &mut Staged, direct: bool) -> Result<(), (&'s
         }
     }
     let mut f = OpenOptions::new().write(true).create_new(true).open(path).map_err(|e| ("create", e))?;
-    f.write_all(staged.as_slice()).map_err(|e| ("write", e))
+    f.write_all(staged.as_slice()).map_err(|e| ("write", e))?;
+    Ok(f)
 }

@@ -52,33 +52,20 @@ fn is_fanout_name(name: &str) -> bool {
     name.len() == 2 && name.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-/// Walks `chunks/ab/<hash>` and returns the index and the bytes it holds. Files that are not
+/// Walks `by-hash/ab/<hash>` and returns the index and the bytes it holds. Files that are not
 /// chunks (bad names) are removed; a well-named file in the wrong directory is left alone but not
-/// indexed, since it can never be found by its path. Chunks in the older two-level layout
-/// (`chunks/ab/cd/<hash>`) are moved up into this one first.
+/// indexed, since it can never be found by its path.
 pub(super) fn scan_chunks(chunks_dir: &Path) -> Result<(HashMap<ChunkHash, u64>, u64), StoreError> {
     let mut index = HashMap::new();
     let mut used = 0u64;
     for top in list(chunks_dir)? {
         let top_path = top.path();
         let top_name = top.file_name().to_string_lossy().into_owned();
-        if !top.file_type().map(|t| t.is_dir()).unwrap_or(false) || !is_fanout_name(&top_name) {
+        if !is_dir(&top) || !is_fanout_name(&top_name) {
             remove_stray(&top_path);
             continue;
         }
-        let mut entries = list(&top_path)?;
-        let old: Vec<_> =
-            entries.iter().filter(|e| is_dir(e) && is_fanout_name(&e.file_name().to_string_lossy())).collect();
-        if !old.is_empty() {
-            for leaf in old {
-                migrate_leaf(&top_path, &leaf.path())?;
-            }
-            File::open(&top_path)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| StoreError::io(format!("sync {}", top_path.display()), e))?;
-            entries = list(&top_path)?;
-        }
-        for file in entries {
+        for file in list(&top_path)? {
             let path = file.path();
             let name = file.file_name().to_string_lossy().into_owned();
             let Some(hash) = ChunkHash::from_hex(&name) else {
@@ -105,6 +92,65 @@ pub(super) fn scan_chunks(chunks_dir: &Path) -> Result<(HashMap<ChunkHash, u64>,
         }
     }
     Ok((index, used))
+}
+
+/// Moves the chunks of the older two-level tree `old` (`chunks/ab/cd/<hash>`) into `new`
+/// (`by-hash/ab/<hash>`), made by [`make_fanout`] already, then removes what it emptied. The
+/// new tree has a name of its own so that an older chunkserver started on this directory again
+/// finds an empty tree rather than taking the new one's files for strays (it would delete
+/// them); the chunks it then stores move over at the next start of this version. Each rename
+/// is atomic: a crash part-way leaves every chunk in one tree or the other, and the next start
+/// carries on. Anything that is not a well-placed chunk file stays where it is.
+pub(super) fn migrate_two_level(old: &Path, new: &Path) -> Result<(), StoreError> {
+    if !old.is_dir() {
+        return Ok(());
+    }
+    let mut moved = 0usize;
+    for top in list(old)? {
+        let top_name = top.file_name().to_string_lossy().into_owned();
+        if !is_dir(&top) || !is_fanout_name(&top_name) {
+            continue;
+        }
+        for leaf in list(&top.path())? {
+            let leaf_name = leaf.file_name().to_string_lossy().into_owned();
+            if !is_dir(&leaf) || !is_fanout_name(&leaf_name) {
+                continue;
+            }
+            for file in list(&leaf.path())? {
+                let name = file.file_name().to_string_lossy().into_owned();
+                if ChunkHash::from_hex(&name).is_none() || name[0..2] != top_name || name[2..4] != leaf_name {
+                    continue;
+                }
+                let (from, to) = (file.path(), new.join(&top_name).join(&name));
+                fs::rename(&from, &to)
+                    .map_err(|e| StoreError::io(format!("move {} to {}", from.display(), to.display()), e))?;
+                moved += 1;
+            }
+            let _ = fs::remove_dir(leaf.path());
+        }
+        let _ = fs::remove_dir(top.path());
+    }
+    if fs::remove_dir(old).is_err() {
+        tracing::warn!(path = %old.display(), "older chunk tree not empty after moving its chunks; left alone");
+    }
+    if moved > 0 {
+        sync_dirs(new)?;
+        tracing::info!(chunks = moved, from = %old.display(), to = %new.display(), "moved chunks to the one-level tree");
+    }
+    Ok(())
+}
+
+/// Makes the entries of `dir` and of each directory in it durable.
+fn sync_dirs(dir: &Path) -> Result<(), StoreError> {
+    let sync = |d: &Path| {
+        File::open(d).and_then(|f| f.sync_all()).map_err(|e| StoreError::io(format!("sync {}", d.display()), e))
+    };
+    for entry in list(dir)? {
+        if is_dir(&entry) {
+            sync(&entry.path())?;
+        }
+    }
+    sync(dir)
 }
 
 /// Creates the 256 directories chunks go into, so that storing a chunk is only a rename (a
@@ -135,30 +181,6 @@ fn list(d: &Path) -> Result<Vec<fs::DirEntry>, StoreError> {
 
 fn is_dir(e: &fs::DirEntry) -> bool {
     e.file_type().map(|t| t.is_dir()).unwrap_or(false)
-}
-
-/// Moves the chunks of an old-layout directory `chunks/ab/cd/` up into `chunks/ab/` and removes
-/// it once empty. A rename is atomic, so a crash part-way leaves every chunk in one of the two
-/// places, and the next start carries on. Anything else in it is handled as a stray.
-fn migrate_leaf(top: &Path, leaf: &Path) -> Result<(), StoreError> {
-    let mut moved = 0usize;
-    for file in list(leaf)? {
-        let path = file.path();
-        let name = file.file_name().to_string_lossy().into_owned();
-        if ChunkHash::from_hex(&name).is_none() {
-            remove_stray(&path);
-            continue;
-        }
-        let to = top.join(&name);
-        fs::rename(&path, &to)
-            .map_err(|e| StoreError::io(format!("move {} to {}", path.display(), to.display()), e))?;
-        moved += 1;
-    }
-    if let Err(e) = fs::remove_dir(leaf) {
-        tracing::warn!(path = %leaf.display(), error = %e, "old chunk directory not removed");
-    }
-    tracing::info!(from = %leaf.display(), chunks = moved, "moved chunks to the one-level layout");
-    Ok(())
 }
 
 /// Removes a file that has no business in the chunk tree. Unknown directories are left alone:

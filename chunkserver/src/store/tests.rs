@@ -64,7 +64,7 @@ async fn duplicate_put_is_a_no_op() {
     assert_eq!(fs::metadata(store.chunk_path(&hash)).unwrap().modified().unwrap(), mtime);
     assert_eq!(store.used_bytes(), 4096);
     assert_eq!(store.chunk_count(), 1);
-    assert_eq!(files_in(&dir.path().join("chunks")), 1);
+    assert_eq!(files_in(&dir.path().join("by-hash")), 1);
 }
 
 #[tokio::test]
@@ -75,7 +75,7 @@ async fn hash_mismatch_is_refused_and_leaves_nothing() {
     let err = store.put(hash, Bytes::from_static(b"other content")).await.unwrap_err();
     assert!(matches!(err, StoreError::HashMismatch { .. }), "{err}");
     assert_eq!(err.status(), Status::HashMismatch);
-    assert_eq!(files_in(&dir.path().join("chunks")), 0);
+    assert_eq!(files_in(&dir.path().join("by-hash")), 0);
     assert_eq!(files_in(&dir.path().join("tmp")), 0);
     assert_eq!(store.chunk_count(), 0);
     assert!(store.take_changes(10).0.is_empty());
@@ -131,10 +131,9 @@ async fn reopen_rebuilds_index_and_empties_tmp() {
         (store.node_id(), hashes)
     };
     fs::write(dir.path().join("tmp/leftover"), b"half a chunk").unwrap();
-    fs::write(dir.path().join("chunks/stray.txt"), b"junk").unwrap();
-    let leaf = dir.path().join("chunks/ab/cd");
-    fs::create_dir_all(&leaf).unwrap();
-    fs::write(leaf.join("not-a-hash"), b"junk").unwrap();
+    fs::write(dir.path().join("by-hash/stray.txt"), b"junk").unwrap();
+    let stray = dir.path().join("by-hash/ab/not-a-hash");
+    fs::write(&stray, b"junk").unwrap();
 
     let store = ChunkStore::open(dir.path(), None).await.unwrap();
     assert_eq!(store.node_id(), node_id, "node id survives a restart");
@@ -146,8 +145,8 @@ async fn reopen_rebuilds_index_and_empties_tmp() {
     want.sort();
     assert_eq!(got, want);
     assert_eq!(files_in(&dir.path().join("tmp")), 0);
-    assert!(!dir.path().join("chunks/stray.txt").exists());
-    assert!(!leaf.join("not-a-hash").exists());
+    assert!(!dir.path().join("by-hash/stray.txt").exists());
+    assert!(!stray.exists());
     for h in &hashes {
         store.get(*h, 0, 0).await.unwrap();
     }
@@ -167,25 +166,33 @@ async fn reopen_moves_the_two_level_layout_into_one_level() {
         }
         hashes
     };
-    // Lay the chunks out as an older version did: chunks/ab/cd/<hex>.
-    let chunks = dir.path().join("chunks");
-    for h in &hashes {
+    // Lay 15 of them out as an older version did, chunks/ab/cd/<hex>, as if it had stored them
+    // (an upgrade, or a start of the older version after this one, which leaves by-hash/ alone).
+    let (old, new) = (dir.path().join("chunks"), dir.path().join("by-hash"));
+    for h in &hashes[5..] {
         let hex = h.to_hex();
-        let leaf = chunks.join(&hex[0..2]).join(&hex[2..4]);
+        let leaf = old.join(&hex[0..2]).join(&hex[2..4]);
         fs::create_dir_all(&leaf).unwrap();
-        fs::rename(chunks.join(&hex[0..2]).join(&hex), leaf.join(&hex)).unwrap();
+        fs::rename(new.join(&hex[0..2]).join(&hex), leaf.join(&hex)).unwrap();
     }
-    assert!(!chunks.join(&hashes[0].to_hex()[0..2]).join(hashes[0].to_hex()).exists());
+    // Something the older tree holds that is not a chunk stays where it is.
+    let odd = old.join(&hashes[5].to_hex()[0..2]).join("notes.txt");
+    fs::write(&odd, b"not a chunk").unwrap();
 
     let store = ChunkStore::open(dir.path(), None).await.unwrap();
     assert_eq!(store.chunk_count(), 20);
     for (i, h) in hashes.iter().enumerate() {
         let hex = h.to_hex();
-        assert!(chunks.join(&hex[0..2]).join(&hex).is_file(), "chunk {hex} moved up");
-        assert!(!chunks.join(&hex[0..2]).join(&hex[2..4]).exists(), "old directory of {hex} removed");
+        assert!(new.join(&hex[0..2]).join(&hex).is_file(), "chunk {hex} in by-hash/");
+        assert!(!old.join(&hex[0..2]).join(&hex[2..4]).exists(), "old directory of {hex} removed");
         let got = store.get(*h, 0, 0).await.unwrap();
         assert_eq!(&got.bytes[..], &data(3000 + i, i as u8)[..]);
     }
+    assert!(odd.is_file());
+    fs::remove_file(&odd).unwrap();
+    drop(store);
+    ChunkStore::open(dir.path(), None).await.unwrap();
+    assert!(!old.exists(), "an emptied older tree is removed");
 }
 
 #[tokio::test]
