@@ -1,9 +1,10 @@
 //! Group commit of new chunk files. A chunk is durable when its bytes, its inode and its name in
 //! the chunk tree are on disk. Done one chunk at a time that is two fsyncs per chunk (file,
-//! directory), each a journal commit: small chunks then spend their time waiting on the disk. Instead one thread takes every chunk waiting, makes all
-//! their temp files durable with one `syncfs`, renames them into place, and makes the renames
-//! durable with a second `syncfs`; only then is each put answered. Under load a batch holds many
-//! chunks, so the cost per chunk falls as the load rises.
+//! directory), each a journal commit: small chunks then spend their time waiting on the disk.
+//! Instead one thread takes every chunk waiting, makes all their temp files durable with one
+//! `syncfs`, renames them into place, and makes the renames durable with a second `syncfs`; only
+//! then is each put answered. Under load a batch holds many chunks, so the cost per chunk falls
+//! as the load rises.
 //!
 //! `syncfs` flushes the whole filesystem the chunk tree lives on. On a disk dedicated to chunks
 //! (the expected deployment) that is only chunk data: large chunks already written with
