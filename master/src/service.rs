@@ -443,10 +443,8 @@ impl master_server::Master for Services {
             };
             // Applied here already: a read now sees the change (and perhaps later ones). Best
             // effort: the change is done whatever this read meets.
-            let parents = match self.state.reader() {
-                Ok(reader) if !touched.is_empty() => touched.iter().filter_map(|&i| reader.getattr(i).ok()).collect(),
-                _ => vec![],
-            };
+            let reader = if touched.is_empty() { None } else { self.state.reader().ok() };
+            let parents = reader.map_or_else(Vec::new, |r| touched.iter().filter_map(|&i| r.getattr(i).ok()).collect());
             Ok(Response::new(pb::StatResponse { attr, parents }))
         })
         .await
