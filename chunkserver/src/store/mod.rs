@@ -403,6 +403,11 @@ impl ChunkStore {
     /// [`ChunkStore::get`] for serving clients: a chunk verified within [`VERIFIED_FOR`] is not
     /// hashed again.
     pub async fn get_recent(&self, hash: ChunkHash, offset: u64, length: u64) -> Result<ChunkRead, StoreError> {
+        // A hit is a slice of a map already made: nothing here blocks (the pages are read when
+        // the bytes are sent), so a thread hand-off would cost more than the lookup.
+        if let Some(map) = self.inner.recently_verified(&hash, std::time::Instant::now()) {
+            return slice_map(map, offset, length);
+        }
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || inner.get_blocking(hash, offset, length, true))
             .await
@@ -536,11 +541,8 @@ impl Inner {
             return Err(StoreError::NotFound(hash));
         };
         let now = std::time::Instant::now();
-        if recent {
-            let hit = self.verified.lock().expect("verified lock").get(&hash).cloned();
-            if let Some((_, map)) = hit.filter(|(t, _)| now.duration_since(*t) < VERIFIED_FOR) {
-                return slice_map(map, offset, length);
-            }
+        if let Some(map) = recent.then(|| self.recently_verified(&hash, now)).flatten() {
+            return slice_map(map, offset, length);
         }
         let path = self.chunk_path(&hash);
         let file = match File::open(&path) {
@@ -579,6 +581,14 @@ impl Inner {
             v.insert(hash, (now, map.clone()));
         }
         slice_map(map, offset, length)
+    }
+
+    /// The map of `hash` if its whole content matched within [`VERIFIED_FOR`] and it is still
+    /// indexed (a chunk deleted or quarantined since is not served from an old map).
+    fn recently_verified(&self, hash: &ChunkHash, now: std::time::Instant) -> Option<Arc<memmap2::Mmap>> {
+        let hit = self.verified.lock().expect("verified lock").get(hash).cloned();
+        let (_, map) = hit.filter(|(t, _)| now.duration_since(*t) < VERIFIED_FOR)?;
+        self.lock().index.contains_key(hash).then_some(map)
     }
 
     /// Drops `hash` from the index and queues its removal for the master.

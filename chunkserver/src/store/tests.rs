@@ -53,6 +53,25 @@ async fn put_get_round_trip_and_ranges() {
 }
 
 #[tokio::test]
+async fn recent_reads_come_from_the_verified_map_until_the_chunk_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ChunkStore::open(dir.path(), None).await.unwrap();
+    let bytes = data(200_000, 7);
+    let hash = ChunkHash::of(&bytes);
+    store.put(hash, Bytes::from(bytes.clone())).await.unwrap();
+    // The first read hashes the chunk and keeps its map; later ones are slices of that map.
+    let first = store.get_recent(hash, 10, 20).await.unwrap();
+    assert_eq!(&first.bytes[..], &bytes[10..30]);
+    let tail = store.get_recent(hash, 199_000, 0).await.unwrap();
+    assert_eq!(&tail.bytes[..], &bytes[199_000..]);
+    assert_eq!(tail.chunk_len, 200_000);
+    assert!(matches!(store.get_recent(hash, 200_001, 1).await, Err(StoreError::Invalid(_))));
+    // Deleted: an old map is not served.
+    assert!(store.delete_blocking(&hash).unwrap());
+    assert!(matches!(store.get_recent(hash, 0, 10).await, Err(StoreError::NotFound(_))));
+}
+
+#[tokio::test]
 async fn duplicate_put_is_a_no_op() {
     let dir = tempfile::tempdir().unwrap();
     let store = ChunkStore::open(dir.path(), None).await.unwrap();
