@@ -60,6 +60,55 @@ pub struct DataPlane {
     endpoint: quinn::Endpoint,
     conns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<quinn::Connection>>>>>,
     breakers: Breakers,
+    bufs: Arc<ChunkBufs>,
+}
+
+/// Reads of at least this many bytes go into a reused [`ChunkBufs`] buffer.
+const POOLED_READ_MIN: u64 = 1 << 20;
+/// Idle chunk buffers kept for reuse, at most (4 MiB each).
+const POOLED_KEEP: usize = 16;
+
+/// Buffers for large chunk reads, reused. A fresh 4 MiB buffer costs a thousand page faults,
+/// each page zeroed by the kernel (`perf` on the S3 gateway serving 1 GiB GETs: 14% of its CPU);
+/// a buffer comes back here when the last `Bytes` of the chunk read into it is dropped.
+#[derive(Default)]
+pub(crate) struct ChunkBufs(Mutex<Vec<Vec<u8>>>);
+
+/// A buffer of [`ChunkBufs`], owned by the `Bytes` made from it.
+pub(crate) struct Pooled {
+    pub(crate) buf: Vec<u8>,
+    pool: Arc<ChunkBufs>,
+}
+
+impl Pooled {
+    /// The first `len` bytes, as `Bytes` that give the buffer back when the last is dropped.
+    pub(crate) fn freeze(self, len: usize) -> Bytes {
+        Bytes::from_owner(self).slice(..len)
+    }
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let mut free = self.pool.0.lock().expect("chunk buffers lock");
+        if free.len() < POOLED_KEEP {
+            free.push(std::mem::take(&mut self.buf));
+        }
+    }
+}
+
+impl ChunkBufs {
+    /// A buffer of `MAX_CHUNK` initialized bytes (old content, or zeros when new).
+    pub(crate) fn take(self: &Arc<Self>) -> Pooled {
+        let buf = self.0.lock().expect("chunk buffers lock").pop();
+        let buf = buf.unwrap_or_else(|| vec![0; cairn_proto::MAX_CHUNK as usize]);
+        Pooled { buf, pool: self.clone() }
+    }
 }
 
 /// A circuit breaker per chunkserver: after [`BREAKER_THRESHOLD`] failures in a row a node is
@@ -117,7 +166,12 @@ impl DataPlane {
         let runtime = quinn::default_runtime().ok_or_else(|| anyhow::anyhow!("no async runtime for QUIC"))?;
         let mut endpoint = quinn::Endpoint::new(cairn_common::tls::quic_endpoint_config(), None, socket, runtime)?;
         endpoint.set_default_client_config(identity.quic_client()?);
-        Ok(DataPlane { endpoint, conns: Mutex::new(HashMap::new()), breakers: Breakers::default() })
+        Ok(DataPlane {
+            endpoint,
+            conns: Mutex::new(HashMap::new()),
+            breakers: Breakers::default(),
+            bufs: Arc::default(),
+        })
     }
 
     async fn connection(&self, addr: &str) -> Result<quinn::Connection, ChunkError> {
@@ -218,6 +272,11 @@ impl DataPlane {
     /// chunk is checked against its hash here; a range was checked by the server, which verifies
     /// the chunk before it serves any part of it. The replica must start answering within
     /// `patience` (connection included).
+    /// The pool of chunk-sized buffers, for readers of large inputs.
+    pub(crate) fn bufs(&self) -> Arc<ChunkBufs> {
+        self.bufs.clone()
+    }
+
     pub async fn get_chunk(
         &self,
         node: &ChunkserverRef,
@@ -247,8 +306,14 @@ impl DataPlane {
                     format!("{} announced {} bytes, {want} expected", node.addr, resp.length),
                 ));
             }
+            let unreachable = |e| ChunkError::Unreachable(format!("{}: {e}", node.addr));
+            if (POOLED_READ_MIN..=cairn_proto::MAX_CHUNK).contains(&want) {
+                let mut buf = self.bufs.take();
+                recv.read_exact(&mut buf.buf[..want as usize]).await.map_err(unreachable)?;
+                return Ok(buf.freeze(want as usize));
+            }
             let mut buf = BytesMut::zeroed(want as usize);
-            recv.read_exact(&mut buf).await.map_err(|e| ChunkError::Unreachable(format!("{}: {e}", node.addr)))?;
+            recv.read_exact(&mut buf).await.map_err(unreachable)?;
             Ok(buf.freeze())
         };
         let data = tokio::time::timeout(REQUEST_TIMEOUT, fetch)
@@ -289,6 +354,29 @@ pub(crate) async fn hash_chunk(data: Bytes) -> [u8; 32] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunk_buffers_come_back_when_their_last_bytes_go() {
+        let pool = Arc::new(ChunkBufs::default());
+        let mut a = pool.take();
+        a.buf[..3].copy_from_slice(b"abc");
+        let bytes = a.freeze(3);
+        let part = bytes.slice(1..);
+        drop(bytes);
+        assert_eq!(pool.0.lock().unwrap().len(), 0, "a slice still holds the buffer");
+        assert_eq!(&part[..], b"bc");
+        drop(part);
+        assert_eq!(pool.0.lock().unwrap().len(), 1);
+        // Taken again: the same memory, no new allocation.
+        let b = pool.take();
+        assert_eq!(&b.buf[..3], b"abc");
+        assert_eq!(pool.0.lock().unwrap().len(), 0);
+        // At most POOLED_KEEP idle buffers are kept.
+        let many: Vec<Pooled> = (0..POOLED_KEEP + 3).map(|_| pool.take()).collect();
+        drop(many);
+        drop(b);
+        assert_eq!(pool.0.lock().unwrap().len(), POOLED_KEEP);
+    }
 
     #[test]
     fn breaker_opens_probes_and_closes() {

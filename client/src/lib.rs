@@ -352,7 +352,7 @@ impl Client {
         opts: &PutOptions,
         progress: Progress<'_>,
     ) -> Result<Attr> {
-        self.put_from(path, AsyncSource { reader, full: false }, opts, progress).await
+        self.put_from(path, AsyncSource { reader, full: false, bufs: self.inner.data.bufs() }, opts, progress).await
     }
 
     /// [`Client::put`] from a local file, read with positioned reads on the blocking pool (no
@@ -364,7 +364,13 @@ impl Client {
         opts: &PutOptions,
         progress: Progress<'_>,
     ) -> Result<Attr> {
-        self.put_from(path, FileSource { file: Arc::new(file), offset: 0 }, opts, progress).await
+        self.put_from(
+            path,
+            FileSource { file: Arc::new(file), offset: 0, bufs: self.inner.data.bufs() },
+            opts,
+            progress,
+        )
+        .await
     }
 
     async fn put_from<S: ChunkSource>(
@@ -387,7 +393,7 @@ impl Client {
         opts: &PutOptions,
         progress: Progress<'_>,
     ) -> Result<Vec<Extent>> {
-        self.upload_from(None, AsyncSource { reader, full: false }, opts, progress).await
+        self.upload_from(None, AsyncSource { reader, full: false, bufs: self.inner.data.bufs() }, opts, progress).await
     }
 
     /// Makes `extents` the content of `path` (created or replaced) in one atomic step. With
@@ -748,14 +754,27 @@ struct AsyncSource<R> {
     reader: R,
     /// The last chunk was full-sized: a big input, whose next chunk likely is too.
     full: bool,
+    bufs: Arc<data::ChunkBufs>,
 }
 
 impl<R: AsyncRead + Unpin + Send> ChunkSource for AsyncSource<R> {
     async fn next_chunk(&mut self, size: usize) -> std::io::Result<Bytes> {
-        // Start small and grow: most inputs of a small-file workload are far below a chunk, and
-        // a fresh chunk-sized buffer costs an mmap, page faults and an munmap each time. Once a
-        // chunk came out full, the next one is allocated whole (growing copies it repeatedly).
-        let mut buf = BytesMut::with_capacity(if self.full { size } else { size.min(64 << 10) });
+        // A big input (the last chunk came out full) reads into a reused chunk-sized buffer.
+        if self.full && size <= cairn_proto::MAX_CHUNK as usize {
+            let mut buf = self.bufs.take();
+            let mut filled = 0;
+            while filled < size {
+                match self.reader.read(&mut buf.buf[filled..size]).await? {
+                    0 => break,
+                    n => filled += n,
+                }
+            }
+            self.full = filled == size;
+            return Ok(buf.freeze(filled));
+        }
+        // Otherwise start small and grow: most inputs of a small-file workload are far below a
+        // chunk, and a fresh chunk-sized buffer costs an mmap, page faults and an munmap.
+        let mut buf = BytesMut::with_capacity(size.min(64 << 10));
         while buf.len() < size {
             if buf.len() == buf.capacity() {
                 buf.reserve((buf.capacity() * 2).min(size) - buf.len());
@@ -783,29 +802,32 @@ impl ChunkSource for BytesSource {
 struct FileSource {
     file: Arc<std::fs::File>,
     offset: u64,
+    bufs: Arc<data::ChunkBufs>,
 }
 
 impl ChunkSource for FileSource {
     async fn next_chunk(&mut self, size: usize) -> std::io::Result<Bytes> {
         use std::os::unix::fs::FileExt;
         let (file, offset) = (self.file.clone(), self.offset);
-        let buf = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
-            let mut buf = vec![0u8; size];
+        let mut buf = self.bufs.take();
+        if buf.buf.len() < size {
+            buf.buf.resize(size, 0);
+        }
+        let (buf, filled) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
             let mut filled = 0;
             while filled < size {
-                match file.read_at(&mut buf[filled..], offset + filled as u64) {
+                match file.read_at(&mut buf.buf[filled..size], offset + filled as u64) {
                     Ok(0) => break,
                     Ok(n) => filled += n,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     Err(e) => return Err(e),
                 }
             }
-            buf.truncate(filled);
-            Ok(buf)
+            Ok((buf, filled))
         })
         .await
         .map_err(std::io::Error::other)??;
-        self.offset += buf.len() as u64;
-        Ok(Bytes::from(buf))
+        self.offset += filled as u64;
+        Ok(buf.freeze(filled))
     }
 }
