@@ -3,6 +3,11 @@
 //! committed like any object. Completing an upload commits, at the key, the concatenation of
 //! the parts' extent lists: no chunk is read or written again. Uploads left neither completed
 //! nor aborted are removed after `GatewayConfig::upload_expiry`.
+//!
+//! A completed upload leaves its record behind, marked completed with the object's ETag, for
+//! [`COMPLETED_KEPT`]: a client that retries its CompleteMultipartUpload (its first answer was
+//! lost) gets the same answer instead of NoSuchUpload, as from S3. To every other operation a
+//! completed upload is gone.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -21,6 +26,10 @@ use crate::{internal, Gateway};
 const UPLOADS: &str = "/.s3-uploads";
 const INFO: &str = "upload";
 const INFO_XATTR: &str = "user.s3.upload";
+/// On the record of a completed upload: the ETag of the object it made.
+const COMPLETED_XATTR: &str = "user.s3.completed";
+/// How long a completed upload's record answers a repeated CompleteMultipartUpload.
+const COMPLETED_KEPT: Duration = Duration::from_secs(3600);
 const MAX_PARTS: i32 = 10_000;
 /// Every part but the last must be at least this big, as on AWS.
 const MIN_PART: u64 = 5 << 20;
@@ -45,12 +54,20 @@ fn part_number(name: &str) -> Option<i32> {
     name.strip_prefix("part-")?.parse().ok()
 }
 
+/// An upload's record: what it is for, when it began (or, once completed, when it completed),
+/// and the ETag of the object it made, once completed.
+struct Record {
+    info: UploadInfo,
+    time_ns: i64,
+    completed: Option<String>,
+}
+
 fn no_such_upload(id: &str) -> s3s::S3Error {
     s3_error!(NoSuchUpload, "no multipart upload {id} (completed, aborted, or never begun)")
 }
 
 impl Gateway {
-    /// The upload `id`, checked to be one for `bucket` and `key`.
+    /// The upload `id` in progress, checked to be one for `bucket` and `key`.
     async fn load_upload(&self, bucket: &str, key: &str, id: &str) -> S3Result<(UploadInfo, i64)> {
         let (info, initiated) = self.read_upload(id).await?.ok_or_else(|| no_such_upload(id))?;
         if info.bucket != bucket || info.key != key {
@@ -59,8 +76,14 @@ impl Gateway {
         Ok((info, initiated))
     }
 
-    /// The record of upload `id` and when it began (None: no such upload).
+    /// The record of upload `id` in progress and when it began (None: no such upload, or one
+    /// completed).
     async fn read_upload(&self, id: &str) -> S3Result<Option<(UploadInfo, i64)>> {
+        Ok(self.read_record(id).await?.filter(|r| r.completed.is_none()).map(|r| (r.info, r.time_ns)))
+    }
+
+    /// The record of upload `id`, in progress or completed (None: no such upload).
+    async fn read_record(&self, id: &str) -> S3Result<Option<Record>> {
         if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Ok(None);
         }
@@ -72,7 +95,8 @@ impl Gateway {
         let Some(info) = f.xattrs.get(INFO_XATTR).and_then(|v| serde_json::from_slice(v).ok()) else {
             return Ok(None);
         };
-        Ok(Some((info, f.attr.map_or(0, |a| a.mtime_ns))))
+        let completed = f.xattrs.get(COMPLETED_XATTR).map(|v| String::from_utf8_lossy(v).into_owned());
+        Ok(Some(Record { info, time_ns: f.attr.map_or(0, |a| a.mtime_ns), completed }))
     }
 
     pub(crate) async fn create_upload(
@@ -198,7 +222,14 @@ impl Gateway {
             }
             numbers.push(n);
         }
-        let (info, _) = self.load_upload(&i.bucket, &i.key, &i.upload_id).await?;
+        let record = self.read_record(&i.upload_id).await?;
+        let record = record.filter(|r| r.info.bucket == i.bucket && r.info.key == i.key);
+        let info = match record {
+            None => return Err(no_such_upload(&i.upload_id)),
+            // A retry of a completion that went through: the same answer again.
+            Some(Record { completed: Some(etag), .. }) => return Ok(completed_output(&i.bucket, &i.key, etag)),
+            Some(r) => r.info,
+        };
         let dir = upload_dir(&i.upload_id);
         let opened: Vec<_> = futures::stream::iter(numbers.clone())
             .map(|n| {
@@ -239,17 +270,30 @@ impl Gateway {
         let xattrs = info.meta.to_xattrs(&etag);
         let opts = PutOptions { replication: self.cfg.replication, exclusive, ..Default::default() };
         self.commit_object(&i.bucket, &i.key, &path, extents, xattrs, opts).await?;
-        if let Err(e) = self.client.remove(&dir, true).await {
-            // The object is committed; the parts are collected with abandoned uploads.
-            tracing::warn!("remove completed upload {dir}: {e}");
+        // The object is committed. Should what follows fail, the upload is collected later
+        // (parts and all), and a retry meanwhile completes it again with the same content.
+        if let Err(e) = self.mark_completed(&i.upload_id, &info, &etag).await {
+            tracing::warn!("record the completion of upload {dir}: {e}");
         }
-        Ok(CompleteMultipartUploadOutput {
-            bucket: Some(i.bucket.clone()),
-            key: Some(i.key.clone()),
-            e_tag: Some(ETag::Strong(etag)),
-            location: Some(format!("/{}/{}", i.bucket, i.key)),
-            ..Default::default()
-        })
+        Ok(completed_output(&i.bucket, &i.key, etag))
+    }
+
+    /// Turns the record of upload `id` into that of a completed upload (one atomic commit), then
+    /// removes its parts.
+    async fn mark_completed(&self, id: &str, info: &UploadInfo, etag: &str) -> Result<(), Error> {
+        let dir = upload_dir(id);
+        let json = serde_json::to_vec(info).map_err(|e| Error::Internal(format!("encode upload record: {e}")))?;
+        let xattrs =
+            BTreeMap::from([(INFO_XATTR.to_string(), json), (COMPLETED_XATTR.to_string(), etag.as_bytes().to_vec())]);
+        self.client.commit(&format!("{dir}/{INFO}"), vec![], &self.put_options(), Some(xattrs)).await?;
+        let (_, entries) = self.client.list(&dir).await?;
+        for e in entries.into_iter().filter(|e| e.name != INFO) {
+            match self.client.remove(&format!("{dir}/{}", e.name), false).await {
+                Ok(()) | Err(Error::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     pub(crate) async fn abort_upload(&self, i: AbortMultipartUploadInput) -> S3Result<AbortMultipartUploadOutput> {
@@ -412,12 +456,23 @@ impl Gateway {
     }
 }
 
+fn completed_output(bucket: &str, key: &str, etag: String) -> CompleteMultipartUploadOutput {
+    CompleteMultipartUploadOutput {
+        bucket: Some(bucket.to_string()),
+        key: Some(key.to_string()),
+        e_tag: Some(ETag::Strong(etag)),
+        location: Some(format!("/{bucket}/{key}")),
+        ..Default::default()
+    }
+}
+
 fn encode(s: &str, url: bool) -> String {
     names::encode_key(s, url)
 }
 
-/// Removes uploads older than the configured expiry, and upload directories that never got
-/// their record (a create that failed midway) once they are an hour old. Runs for the life of
+/// Removes uploads older than the configured expiry, records of completed uploads after
+/// [`COMPLETED_KEPT`] (or the expiry, if shorter), and upload directories that never got their
+/// record (a create that failed midway) once they are an hour old. Runs for the life of
 /// the gateway; several gateways doing the same is harmless.
 pub(crate) async fn collect_abandoned(g: Gateway) {
     let expiry = g.cfg.upload_expiry;
@@ -435,8 +490,9 @@ pub(crate) async fn collect_abandoned(g: Gateway) {
         };
         for e in entries {
             let age_of = |t: i64| Duration::from_nanos(now.saturating_sub(t).max(0) as u64);
-            let expired = match g.read_upload(&e.name).await {
-                Ok(Some((_, initiated))) => age_of(initiated) > expiry,
+            let expired = match g.read_record(&e.name).await {
+                Ok(Some(Record { completed: Some(_), time_ns, .. })) => age_of(time_ns) > COMPLETED_KEPT.min(expiry),
+                Ok(Some(Record { time_ns: initiated, .. })) => age_of(initiated) > expiry,
                 Ok(None) => e.attr.as_ref().is_some_and(|a| age_of(a.mtime_ns) > Duration::from_secs(3600)),
                 Err(_) => false,
             };

@@ -285,6 +285,21 @@ assert g["ContentLength"] == 100 * MIB and g["ContentType"] == "application/x-bi
 assert etag(s3.head_object(Bucket="alpha", Key=key)) == etag(r)
 assert uid not in [u["UploadId"] for u in s3.list_multipart_uploads(Bucket="alpha").get("Uploads", [])]
 expect_error("NoSuchUpload", s3.list_parts, Bucket="alpha", Key=key, UploadId=uid)
+# A retried completion (its first answer lost) gets the same answer; for anything else, and
+# for another key, the upload is gone.
+again = s3.complete_multipart_upload(Bucket="alpha", Key=key, UploadId=uid, MultipartUpload={"Parts": parts})
+assert etag(again) == etag(r), etag(again)
+expect_error(
+    "NoSuchUpload",
+    s3.complete_multipart_upload,
+    Bucket="alpha",
+    Key="big/other",
+    UploadId=uid,
+    MultipartUpload={"Parts": parts},
+)
+expect_error("NoSuchUpload", s3.upload_part, Bucket="alpha", Key=key, UploadId=uid, PartNumber=1, Body=b"late")
+expect_error("NoSuchUpload", s3.abort_multipart_upload, Bucket="alpha", Key=key, UploadId=uid)
+assert etag(s3.head_object(Bucket="alpha", Key=key)) == etag(r)
 
 small = s3.create_multipart_upload(Bucket="alpha", Key="big/small-parts")["UploadId"]
 p1 = s3.upload_part(Bucket="alpha", Key="big/small-parts", UploadId=small, PartNumber=1, Body=b"tiny")
