@@ -63,9 +63,12 @@ pub struct DataPlane {
     bufs: Arc<ChunkBufs>,
 }
 
-/// Reads of at least this many bytes go into a reused [`ChunkBufs`] buffer.
-const POOLED_READ_MIN: u64 = 1 << 20;
-/// Idle chunk buffers kept for reuse, at most (4 MiB each).
+/// Reads of at least this many bytes go into a reused [`ChunkBufs`] buffer (4 MiB, whatever the
+/// read: a read kept long, as in the mount's chunk cache, holds at most a third more memory
+/// than it uses).
+const POOLED_READ_MIN: u64 = 3 << 20;
+/// Idle chunk buffers kept for reuse, at most (4 MiB each, so up to 64 MiB stays resident in a
+/// client that once read or wrote large files).
 const POOLED_KEEP: usize = 16;
 
 /// Buffers for large chunk reads, reused. A fresh 4 MiB buffer costs a thousand page faults,
@@ -268,15 +271,15 @@ impl DataPlane {
         }
     }
 
-    /// Reads `length` bytes at `offset` of a chunk from one replica (length 0: the rest). A whole
-    /// chunk is checked against its hash here; a range was checked by the server, which verifies
-    /// the chunk before it serves any part of it. The replica must start answering within
-    /// `patience` (connection included).
     /// The pool of chunk-sized buffers, for readers of large inputs.
     pub(crate) fn bufs(&self) -> Arc<ChunkBufs> {
         self.bufs.clone()
     }
 
+    /// Reads `length` bytes at `offset` of a chunk from one replica (length 0: the rest). A whole
+    /// chunk is checked against its hash here; a range was checked by the server, which verifies
+    /// the chunk before it serves any part of it. The replica must start answering within
+    /// `patience` (connection included).
     pub async fn get_chunk(
         &self,
         node: &ChunkserverRef,

@@ -366,7 +366,7 @@ impl Client {
     ) -> Result<Attr> {
         self.put_from(
             path,
-            FileSource { file: Arc::new(file), offset: 0, bufs: self.inner.data.bufs() },
+            FileSource { file: Arc::new(file), offset: 0, full: false, bufs: self.inner.data.bufs() },
             opts,
             progress,
         )
@@ -802,6 +802,8 @@ impl ChunkSource for BytesSource {
 struct FileSource {
     file: Arc<std::fs::File>,
     offset: u64,
+    /// The last chunk was full-sized: the file is big, and its next chunk likely is too.
+    full: bool,
     bufs: Arc<data::ChunkBufs>,
 }
 
@@ -809,14 +811,22 @@ impl ChunkSource for FileSource {
     async fn next_chunk(&mut self, size: usize) -> std::io::Result<Bytes> {
         use std::os::unix::fs::FileExt;
         let (file, offset) = (self.file.clone(), self.offset);
-        let mut buf = self.bufs.take();
-        if buf.buf.len() < size {
-            buf.buf.resize(size, 0);
-        }
+        // A big file reads into reused chunk-sized buffers. A first chunk, or a small file, gets
+        // a fresh buffer (only the pages it fills are touched), so that a tree of small files
+        // put in parallel does not pin a whole chunk's memory per file.
+        let mut buf = if self.full && size <= cairn_proto::MAX_CHUNK as usize {
+            ReadBuf::Pooled(self.bufs.take())
+        } else {
+            ReadBuf::Fresh(vec![0u8; size])
+        };
         let (buf, filled) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+            let dst = match &mut buf {
+                ReadBuf::Pooled(p) => &mut p.buf[..size],
+                ReadBuf::Fresh(v) => &mut v[..],
+            };
             let mut filled = 0;
             while filled < size {
-                match file.read_at(&mut buf.buf[filled..size], offset + filled as u64) {
+                match file.read_at(&mut dst[filled..], offset + filled as u64) {
                     Ok(0) => break,
                     Ok(n) => filled += n,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -828,6 +838,19 @@ impl ChunkSource for FileSource {
         .await
         .map_err(std::io::Error::other)??;
         self.offset += filled as u64;
-        Ok(buf.freeze(filled))
+        self.full = filled == size;
+        Ok(match buf {
+            ReadBuf::Pooled(p) => p.freeze(filled),
+            ReadBuf::Fresh(mut v) => {
+                v.truncate(filled);
+                Bytes::from(v)
+            }
+        })
     }
+}
+
+/// A read buffer of [`FileSource`].
+enum ReadBuf {
+    Pooled(data::Pooled),
+    Fresh(Vec<u8>),
 }

@@ -5,7 +5,7 @@
 //! nor aborted are removed after `GatewayConfig::upload_expiry`.
 //!
 //! A completed upload leaves its record behind, marked completed with the object's ETag, for
-//! [`COMPLETED_KEPT`]: a client that retries its CompleteMultipartUpload (its first answer was
+//! at least [`COMPLETED_KEPT`]: a client that retries its CompleteMultipartUpload (its first answer was
 //! lost) gets the same answer instead of NoSuchUpload, as from S3. To every other operation a
 //! completed upload is gone.
 
@@ -151,10 +151,19 @@ impl Gateway {
         x.insert(cairn_proto::ETAG_XATTR.to_string(), etag.as_bytes().to_vec());
         let path = format!("{}/{}", upload_dir(upload), part_name(part));
         match self.client.commit(&path, stored.extents, &self.put_options(), Some(x)).await {
-            Ok(_) => Ok(etag),
-            Err(Error::NotFound(_)) => Err(no_such_upload(upload)),
-            Err(e) => Err(internal(e)),
+            Ok(_) => {}
+            Err(Error::NotFound(_)) => return Err(no_such_upload(upload)),
+            Err(e) => return Err(internal(e)),
         }
+        // A part that landed after the upload was completed (its completion removes the parts
+        // it finds) belongs to nothing: take it back and answer as for a finished upload.
+        if self.read_upload(upload).await?.is_none() {
+            if let Err(e) = self.client.remove(&path, false).await {
+                tracing::debug!("remove late part {path}: {e}");
+            }
+            return Err(no_such_upload(upload));
+        }
+        Ok(etag)
     }
 
     /// UploadPartCopy: a part made of (a range of) another object, read and stored again (a
@@ -247,7 +256,14 @@ impl Gateway {
             let n = p.part_number.unwrap_or_default();
             let file = match file {
                 Ok(f) => f,
-                Err(Error::NotFound(_)) => return Err(s3_error!(InvalidPart, "part {n} was not uploaded")),
+                Err(Error::NotFound(_)) => {
+                    // Removed meanwhile by a completion of the same upload (this is a retry that
+                    // overlapped it): its answer, then.
+                    if let Some(Record { completed: Some(etag), .. }) = self.read_record(&i.upload_id).await? {
+                        return Ok(completed_output(&i.bucket, &i.key, etag));
+                    }
+                    return Err(s3_error!(InvalidPart, "part {n} was not uploaded"));
+                }
                 Err(e) => return Err(internal(e)),
             };
             let attr = file.attr.clone().unwrap_or_default();
@@ -278,21 +294,32 @@ impl Gateway {
         Ok(completed_output(&i.bucket, &i.key, etag))
     }
 
-    /// Turns the record of upload `id` into that of a completed upload (one atomic commit), then
-    /// removes its parts.
+    /// Turns the record of upload `id` into that of a completed upload (one atomic commit), and
+    /// starts removing its parts (a few at a time, after the answer: an upload may have
+    /// thousands; any left behind go with the record).
     async fn mark_completed(&self, id: &str, info: &UploadInfo, etag: &str) -> Result<(), Error> {
         let dir = upload_dir(id);
         let json = serde_json::to_vec(info).map_err(|e| Error::Internal(format!("encode upload record: {e}")))?;
         let xattrs =
             BTreeMap::from([(INFO_XATTR.to_string(), json), (COMPLETED_XATTR.to_string(), etag.as_bytes().to_vec())]);
         self.client.commit(&format!("{dir}/{INFO}"), vec![], &self.put_options(), Some(xattrs)).await?;
-        let (_, entries) = self.client.list(&dir).await?;
-        for e in entries.into_iter().filter(|e| e.name != INFO) {
-            match self.client.remove(&format!("{dir}/{}", e.name), false).await {
-                Ok(()) | Err(Error::NotFound(_)) => {}
-                Err(e) => return Err(e),
-            }
-        }
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            let entries = match client.list(&dir).await {
+                Ok((_, entries)) => entries,
+                Err(e) => return tracing::debug!("list completed upload {dir}: {e}"),
+            };
+            futures::stream::iter(entries.into_iter().filter(|e| e.name != INFO))
+                .for_each_concurrent(OPEN_PARALLEL, |e| {
+                    let (client, path) = (client.clone(), format!("{dir}/{}", e.name));
+                    async move {
+                        if let Err(e) = client.remove(&path, false).await {
+                            tracing::debug!("remove part {path} of a completed upload: {e}");
+                        }
+                    }
+                })
+                .await;
+        });
         Ok(())
     }
 

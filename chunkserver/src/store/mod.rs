@@ -570,16 +570,19 @@ impl Inner {
             return Err(StoreError::Corrupt(hash));
         }
         let map = Arc::new(map);
-        {
+        // Evicted maps are unmapped after the lock is released: async readers take it too.
+        let _evicted = {
             let mut v = self.verified.lock().expect("verified lock");
+            let mut evicted = Vec::new();
             if v.len() >= VERIFIED_MAX {
-                v.retain(|_, (t, _)| now.duration_since(*t) < VERIFIED_FOR);
+                evicted.extend(v.extract_if(|_, (t, _)| now.duration_since(*t) >= VERIFIED_FOR));
                 if v.len() >= VERIFIED_MAX {
-                    v.clear();
+                    evicted.extend(v.drain());
                 }
             }
             v.insert(hash, (now, map.clone()));
-        }
+            evicted
+        };
         slice_map(map, offset, length)
     }
 
