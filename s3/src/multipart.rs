@@ -5,9 +5,9 @@
 //! nor aborted are removed after `GatewayConfig::upload_expiry`.
 //!
 //! A completed upload leaves its record behind, marked completed with the object's ETag, for
-//! at least [`COMPLETED_KEPT`]: a client that retries its CompleteMultipartUpload (its first answer was
-//! lost) gets the same answer instead of NoSuchUpload, as from S3. To every other operation a
-//! completed upload is gone.
+//! at least [`COMPLETED_KEPT`]: a client that retries its CompleteMultipartUpload (its first
+//! answer was lost) gets the same answer instead of NoSuchUpload, as from S3. To every other
+//! operation a completed upload is gone.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
