@@ -114,7 +114,6 @@ fn describe(s: &RaftStatus, addr: String) -> pb::MasterStatus {
 }
 
 impl Services {
-    /// Runs one unary (or snapshot) gRPC handler, counting it by method and outcome and timing it.
     /// Checks a commit and proposes it once its chunks are confirmed stored (see
     /// [`crate::cluster::Cluster::confirm_commit`]); the receiver gets the applied answer.
     fn propose_commit(&self, req: pb::CommitFileRequest) -> Result<Answer, MetaError> {
@@ -125,6 +124,7 @@ impl Services {
         self.cluster.confirm_commit(&hashes, || self.node.propose_nowait(command::Op::CommitFile(req)))
     }
 
+    /// Runs one unary (or snapshot) gRPC handler, counting it by method and outcome and timing it.
     async fn rpc<T>(&self, method: &'static str, call: impl Future<Output = Res<T>>) -> Res<T> {
         let start = Instant::now();
         let res = call.await;

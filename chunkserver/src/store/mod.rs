@@ -395,7 +395,7 @@ impl ChunkStore {
     /// from the index and reported as removed at the next heartbeat.
     pub async fn get(&self, hash: ChunkHash, offset: u64, length: u64) -> Result<ChunkRead, StoreError> {
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || inner.get_blocking(hash, offset, length, false))
+        tokio::task::spawn_blocking(move || inner.get_blocking(hash, offset, length))
             .await
             .map_err(|e| StoreError::io("get task failed", io::Error::other(e)))?
     }
@@ -409,7 +409,7 @@ impl ChunkStore {
             return slice_map(map, offset, length);
         }
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || inner.get_blocking(hash, offset, length, true))
+        tokio::task::spawn_blocking(move || inner.get_blocking(hash, offset, length))
             .await
             .map_err(|e| StoreError::io("get task failed", io::Error::other(e)))?
     }
@@ -432,7 +432,7 @@ impl ChunkStore {
 
     /// [`ChunkStore::get`] for callers outside the async runtime.
     pub fn get_blocking(&self, hash: ChunkHash, offset: u64, length: u64) -> Result<ChunkRead, StoreError> {
-        self.inner.get_blocking(hash, offset, length, false)
+        self.inner.get_blocking(hash, offset, length)
     }
 }
 
@@ -536,14 +536,12 @@ impl Inner {
         Ok(())
     }
 
-    fn get_blocking(&self, hash: ChunkHash, offset: u64, length: u64, recent: bool) -> Result<ChunkRead, StoreError> {
+    /// Hashes the whole chunk `hash`, keeps its map as verified, and slices it.
+    fn get_blocking(&self, hash: ChunkHash, offset: u64, length: u64) -> Result<ChunkRead, StoreError> {
         let Some(indexed_len) = self.lock().index.get(&hash).copied() else {
             return Err(StoreError::NotFound(hash));
         };
         let now = std::time::Instant::now();
-        if let Some(map) = recent.then(|| self.recently_verified(&hash, now)).flatten() {
-            return slice_map(map, offset, length);
-        }
         let path = self.chunk_path(&hash);
         let file = match File::open(&path) {
             Ok(f) => f,
