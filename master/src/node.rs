@@ -66,6 +66,14 @@ const COMPACT_KEEP: u64 = 2_000;
 /// durable commit every this many applied entries bounds what a restart applies again, and lets
 /// redb reuse the pages those transactions freed.
 pub const CHECKPOINT_EVERY: u64 = 1_000;
+/// A follower applies committed entries in batches of up to this many, or of what committed
+/// within [`APPLY_DEFER`]: each redb transaction has a fixed cost and rewrites the same pages (the
+/// parent directory, the newest client answers), which a leader's batches, one per Ready of a few
+/// entries each, pay per handful of entries. A follower serves no reads, answers no callers and
+/// does not need its state until it leads (it applies everything first) or installs a snapshot;
+/// its log file keeps every entry not yet applied, as it keeps those not yet durable in redb.
+const APPLY_DEFER_ENTRIES: usize = 1_000;
+const APPLY_DEFER: Duration = Duration::from_millis(20);
 
 pub type Reply = oneshot::Sender<Result<command_result::Result, MetaError>>;
 /// Committed commands to apply, each with the client request id it answers (0: none).
@@ -472,6 +480,13 @@ pub struct Core {
     pub checkpoint_every: u64,
     /// Applied index as of the last durable commit of the namespace (at least).
     checkpointed: u64,
+    /// The state machine's applied index (raft-rs's own runs ahead by what is deferred).
+    applied: u64,
+    /// Committed commands a follower has not applied yet (see [`APPLY_DEFER`]), the index of the
+    /// last one, and when the first was deferred.
+    deferred: Commands,
+    deferred_last: u64,
+    deferred_since: u64,
 }
 
 impl Core {
@@ -548,6 +563,10 @@ impl Core {
             compact_every: COMPACT_EVERY,
             checkpoint_every: CHECKPOINT_EVERY,
             checkpointed: applied,
+            applied,
+            deferred: Vec::new(),
+            deferred_last: 0,
+            deferred_since: 0,
         })
     }
 
@@ -669,7 +688,11 @@ impl Core {
 
     fn propose_membership(&mut self, member: MasterMember, reply: Reply) {
         // A retry of a change that took effect gets its first answer (not "already a member" or
-        // "not a member").
+        // "not a member"). A node elected within this batch of messages may still defer entries.
+        if let Err(e) = self.apply_deferred() {
+            let _ = reply.send(Err(MetaError::Internal(e)));
+            return;
+        }
         if let Some(r) = member.request.as_ref().filter(|r| r.client != 0) {
             match self.state.reader().and_then(|rd| rd.remembered(r.client, r.seq)) {
                 Ok(Some(command_result::Result::Error(e))) => {
@@ -832,9 +855,9 @@ impl Core {
         }
         if !self.raw.has_ready() {
             self.discard_incoming();
+            self.apply_deferred_if_due()?;
             // Reads taken under the lease since the last Ready may be answerable already.
-            let applied = self.raw.raft.raft_log.applied;
-            self.release_reads(applied);
+            self.release_reads(self.applied);
             return Ok(());
         }
         let mut ready = self.raw.ready();
@@ -868,6 +891,7 @@ impl Core {
         self.net.send(light.take_messages(), &self.log);
         self.apply(light.take_committed_entries())?;
         self.raw.advance_apply();
+        self.apply_deferred_if_due()?;
         self.after_ready()
     }
 
@@ -877,10 +901,19 @@ impl Core {
             anyhow::bail!("raft-rs applied a snapshot at {} that was not streamed in", meta.index);
         };
         anyhow::ensure!(index == meta.index, "snapshot file is for index {index}, raft-rs applies {}", meta.index);
+        // The snapshot holds the state after every entry up to its index: deferred ones included.
+        anyhow::ensure!(
+            self.deferred.is_empty() || self.deferred_last <= meta.index,
+            "a snapshot at {} would undo applied entries up to {}",
+            meta.index,
+            self.deferred_last
+        );
+        self.deferred.clear();
         let records = crate::transport::read_snapshot_file(&file)?;
         self.log.install_snapshot(meta, records).context("install snapshot")?;
         let _ = std::fs::remove_file(&file);
         self.status.lock().expect("status lock").applied_index = meta.index;
+        self.applied = meta.index;
         self.checkpointed = meta.index;
         let members = self.state.reader()?.masters()?;
         self.net.set_peers(&members);
@@ -922,13 +955,46 @@ impl Core {
         Ok(Some((cmds, last)))
     }
 
-    /// Applies committed entries in a transaction of their own (not fsynced: see
-    /// `State::apply_batch`).
+    /// Applies committed entries, together with those deferred before them, in a transaction of
+    /// their own (not fsynced: see `State::apply_batch`); a follower defers them instead while
+    /// [`APPLY_DEFER`] allows.
     fn apply(&mut self, entries: Vec<Entry>) -> Result<()> {
         let Some((cmds, last)) = self.prepare_apply(entries)? else {
             return Ok(());
         };
-        let results = self.state.apply_batch(&cmds, last)?;
+        let answers = cmds.iter().any(|(req, _)| self.waiters.contains_key(req));
+        if self.deferred.is_empty() {
+            self.deferred = cmds;
+            self.deferred_since = (self.mono)();
+        } else {
+            self.deferred.extend(cmds);
+        }
+        self.deferred_last = last;
+        if answers || self.raw.raft.state == StateRole::Leader || self.deferred.len() >= APPLY_DEFER_ENTRIES {
+            self.apply_deferred()?;
+        }
+        Ok(())
+    }
+
+    /// Applies what a follower deferred once it waited [`APPLY_DEFER`], and all of it on a leader.
+    fn apply_deferred_if_due(&mut self) -> Result<()> {
+        let due = self.raw.raft.state == StateRole::Leader
+            || (self.mono)().saturating_sub(self.deferred_since) >= APPLY_DEFER.as_nanos() as u64;
+        if due {
+            self.apply_deferred()?;
+        }
+        Ok(())
+    }
+
+    /// Applies what was deferred. On an error it stays deferred: the driver stops on the error
+    /// that the next Ready's apply meets (crash-only), it is not skipped.
+    fn apply_deferred(&mut self) -> Result<()> {
+        if self.deferred.is_empty() {
+            return Ok(());
+        }
+        let last = self.deferred_last;
+        let results = self.state.apply_batch(&self.deferred, last)?;
+        let cmds = std::mem::take(&mut self.deferred);
         self.finish_apply(cmds, results, last)
     }
 
@@ -964,6 +1030,7 @@ impl Core {
             *self.peers.write().expect("peers lock") = members;
         }
         self.status.lock().expect("status lock").applied_index = last;
+        self.applied = last;
         self.release_reads(last);
         let (entries, bytes) = self.log.size();
         let keep = COMPACT_KEEP.min(self.compact_every);
@@ -1017,8 +1084,7 @@ impl Core {
             }
         }
         self.was_leader = leader;
-        let applied = self.raw.raft.raft_log.applied;
-        self.release_reads(applied);
+        self.release_reads(self.applied);
         let mut s = self.status.lock().expect("status lock");
         s.role = match self.raw.raft.state {
             StateRole::Leader => "leader",
