@@ -45,6 +45,10 @@ pub struct MasterArgs {
     /// within this time); also how long a new leader waits before it collects garbage.
     #[arg(long, default_value_t = cairn_master::cluster::DEFAULT_GC_GRACE.as_secs())]
     pub gc_grace_s: u64,
+    /// Seconds the leader waits for a mount that kept unlinked files open (it renews every
+    /// quarter of this) before it frees those files: a mount that crashed does not leak them.
+    #[arg(long, default_value_t = cairn_master::cluster::DEFAULT_KEPT_GRACE.as_secs())]
+    pub kept_grace_s: u64,
     /// Serve Prometheus metrics at http://ADDR/metrics (port 0: any free port, printed at start).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
@@ -172,6 +176,7 @@ pub async fn master(a: &MasterArgs) -> Result<()> {
         identity,
         dead_after: Duration::from_secs(a.dead_after_s.max(1)),
         gc_grace: Duration::from_secs(a.gc_grace_s),
+        kept_grace: Duration::from_secs(a.kept_grace_s.max(1)),
         metrics,
     };
     cairn_master::run(cfg, listener, shutdown).instrument(span).await

@@ -268,6 +268,77 @@ fn two_mounts_see_each_others_closed_files_and_unmount_cleanly() {
     assert!(m1.stop(), "SIGTERM unmounts cleanly");
 }
 
+/// A python process that creates `name` in `dir`, writes `content`, unlinks it and keeps it
+/// open; on a line on stdin it reads the content back through its descriptor and answers with
+/// it. Killed on drop.
+struct Holder(std::process::Child);
+
+impl Holder {
+    fn start(dir: &Path, name: &str, content: &str) -> Holder {
+        let script = format!(
+            "import os,sys\nf=open({name:?},'w+'); f.write({content:?}); f.flush(); os.fsync(f.fileno())\n\
+             os.unlink({name:?}); print('ready', flush=True)\nsys.stdin.readline(); f.seek(0)\n\
+             print(f.read(), flush=True)"
+        );
+        let mut child = Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .current_dir(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn python3");
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready", "the holder did not keep its file");
+        Holder(child)
+    }
+
+    /// What the descriptor reads now.
+    fn read_back(mut self) -> String {
+        std::io::Write::write_all(self.0.stdin.as_mut().unwrap(), b"go\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(self.0.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+        line.trim().to_string()
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn files_kept_open_by_a_mount_that_dies_are_freed_after_the_grace() {
+    let c = Cluster::start(Options {
+        chunkservers: 3,
+        master_args: vec!["--kept-grace-s".into(), "2".into()],
+        ..Default::default()
+    });
+    let mut dead = Mount::start(&c, &c.dir.path().join("mnt"), &[]);
+    let live = Mount::start(&c, &c.dir.path().join("mnt2"), &[]);
+    let orphan = Holder::start(&dead.dir, "orphan", "of a dead mount");
+    let kept = Holder::start(&live.dir, "kept", "still here");
+    assert_eq!(c.status()["files"], 2, "both files are kept while open");
+    // The first mount dies without a chance to release its file.
+    if let Some(mut child) = dead.child.take() {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    drop(orphan);
+    let _ = Command::new("umount").arg("-l").arg(&dead.dir).status();
+    wait_for("the dead mount's file to be freed", Duration::from_secs(30), || {
+        c.status()["files"].as_u64().is_some_and(|n| n <= 1)
+    });
+    // The live mount renews its session: its file outlives several graces.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(c.status()["files"], 1);
+    assert_eq!(kept.read_back(), "still here");
+    wait_for("the closed file to be freed", Duration::from_secs(10), || c.status()["files"] == 0);
+}
+
 /// Makes the kernel forget unused dentries and inodes, so that the next stat is a LOOKUP.
 fn forget_dentries() {
     std::fs::write("/proc/sys/vm/drop_caches", "2").expect("drop caches (the FUSE tests run as root)");

@@ -105,6 +105,14 @@ impl Client {
             .await
     }
 
+    /// Renews the session `keeper` of a mount with the leader (see `pb::UnlinkNode::keeper`);
+    /// answers how long the leader waits for the next renewal.
+    pub async fn keep_alive(&self, keeper: u64) -> Result<Duration> {
+        let req = pb::KeepAliveRequest { keeper };
+        let resp = self.inner.masters.call(|mut c| async move { c.keep_alive(req).await }).await?;
+        Ok(Duration::from_millis(resp.grace_ms))
+    }
+
     /// [`Client::node`] for operations that answer with attributes.
     pub async fn node_attr(&self, op: node_request::Op) -> Result<Attr> {
         self.node(op).await?.ok_or_else(|| Error::Internal("the master returned no attributes".into()))

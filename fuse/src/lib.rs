@@ -228,6 +228,9 @@ struct Inner {
     listings: Mutex<Listings>,
     /// Directories as this mount's changes left them, for the kernel's next GETATTR.
     dir_attrs: Mutex<DirAttrs>,
+    /// This mount's session: files it keeps open after their last name went away are kept for
+    /// it while it renews the session (see [`CairnFs::start_keepalive`]).
+    keeper: u64,
 }
 
 /// A change made through the mount, in flight: see [`CairnFs::changing`]. Dropped once the
@@ -269,10 +272,34 @@ impl CairnFs {
                 versions: Mutex::new(HashMap::new()),
                 listings: Mutex::new(Listings::default()),
                 dir_attrs: Mutex::new(DirAttrs::default()),
+                keeper: rand::random::<u64>().max(1),
             }),
         };
         fs.start_committer();
+        fs.start_keepalive();
         fs
+    }
+
+    /// Renews this mount's session with the leader, a quarter of the leader's grace apart: the
+    /// unlinked files this mount keeps open stay until it closes them, and if the mount dies
+    /// they are freed once the grace runs out. Ends with the file system.
+    fn start_keepalive(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        self.inner.rt.spawn(async move {
+            loop {
+                let Some(inner) = weak.upgrade() else { return };
+                let (client, keeper) = (inner.ctx.client.clone(), inner.keeper);
+                drop(inner);
+                let pause = match client.keep_alive(keeper).await {
+                    Ok(grace) => (grace / 4).clamp(Duration::from_millis(100), Duration::from_secs(30)),
+                    Err(e) => {
+                        tracing::warn!("could not renew this mount's session with the masters: {e}");
+                        Duration::from_secs(1)
+                    }
+                };
+                tokio::time::sleep(pause).await;
+            }
+        });
     }
 
     /// Commits, in the background, files that are being written for long without a close or
@@ -482,7 +509,7 @@ impl CairnFs {
     }
 
     async fn release_orphan(&self, ino: u64) {
-        if let Err(e) = self.client().node(Op::Release(ReleaseNode { inode: ino })).await {
+        if let Err(e) = self.client().node(Op::Release(ReleaseNode { inode: ino, keeper: 0 })).await {
             tracing::warn!(inode = ino, "could not free an unlinked file: {e}");
         }
     }
@@ -790,7 +817,13 @@ impl Filesystem for CairnFs {
         self.spawn(async move {
             // A file this mount has open outlives its last name until it is closed (POSIX).
             let keep = this.open_target(parent.0, &name).await;
-            let op = Op::Unlink(UnlinkNode { parent: parent.0, name, directory: false, keep: keep.is_some() });
+            let op = Op::Unlink(UnlinkNode {
+                parent: parent.0,
+                name,
+                directory: false,
+                keep: keep.is_some(),
+                keeper: this.inner.keeper,
+            });
             let res = this.drop_name(op, keep).await;
             drop(change);
             match res {
@@ -802,9 +835,10 @@ impl Filesystem for CairnFs {
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         match name_of(name) {
-            Ok(name) => {
-                self.empty_op(Op::Unlink(UnlinkNode { parent: parent.0, name, directory: true, keep: false }), reply)
-            }
+            Ok(name) => self.empty_op(
+                Op::Unlink(UnlinkNode { parent: parent.0, name, directory: true, ..Default::default() }),
+                reply,
+            ),
             Err(e) => reply.error(e),
         }
     }
@@ -852,6 +886,7 @@ impl Filesystem for CairnFs {
                 no_replace: bits & libc::RENAME_NOREPLACE != 0,
                 exchange,
                 keep: keep.is_some(),
+                keeper: this.inner.keeper,
             });
             let res = this.drop_name(op, keep).await;
             drop(change);

@@ -21,6 +21,9 @@ const SUSPECT_AFTER: Duration = Duration::from_millis(2500);
 /// it, or that it is stored, or committed it: an upload must commit within this time. A new
 /// leader, which does not know its predecessor's placements, collects nothing for this long.
 pub const DEFAULT_GC_GRACE: Duration = Duration::from_secs(3600);
+/// How long a leader waits for a mount's KeepAlive before it frees the unlinked files that mount
+/// kept open. A mount renews every quarter of this; a new leader counts from its election.
+pub const DEFAULT_KEPT_GRACE: Duration = Duration::from_secs(300);
 /// Space kept free on every chunkserver, beyond what a placement needs.
 const FREE_MARGIN: u64 = 64 << 20;
 const MAX_PENDING: usize = 1 << 20;
@@ -71,6 +74,9 @@ struct Inner {
     partial: HashMap<u64, (u64, HashSet<ChunkHash>)>,
     /// When this master became leader (the last reset).
     since: Option<Instant>,
+    /// Mount sessions that keep unlinked files open (`state::KEPT`): when each was last heard
+    /// from (KeepAlive) by this leader.
+    keepers: HashMap<u64, Instant>,
     /// Chunks being deleted, whole (garbage) or surplus replicas, until each node reports them
     /// removed or dies.
     deleting: HashMap<ChunkHash, Deleting>,
@@ -159,6 +165,7 @@ pub struct Cluster {
     inner: Mutex<Inner>,
     dead_after: Duration,
     gc_grace: Duration,
+    kept_grace: Duration,
 }
 
 /// The registry entry of node `id`, created if new, with its current address and zone.
@@ -215,7 +222,37 @@ pub fn to_hash(b: &[u8]) -> Option<ChunkHash> {
 impl Cluster {
     pub fn new(dead_after: Duration) -> Cluster {
         let inner = Inner { limits: default_limits(), ..Inner::default() };
-        Cluster { inner: Mutex::new(inner), dead_after, gc_grace: DEFAULT_GC_GRACE }
+        Cluster { inner: Mutex::new(inner), dead_after, gc_grace: DEFAULT_GC_GRACE, kept_grace: DEFAULT_KEPT_GRACE }
+    }
+
+    pub fn kept_grace(&self) -> Duration {
+        self.kept_grace
+    }
+
+    /// Sets how long the leader waits for a mount's KeepAlive (see [`DEFAULT_KEPT_GRACE`]).
+    pub fn with_kept_grace(mut self, grace: Duration) -> Cluster {
+        self.kept_grace = grace;
+        self
+    }
+
+    /// A mount's KeepAlive: the files its session keeps stay.
+    pub fn keep_alive(&self, keeper: u64, now: Instant) {
+        let mut g = self.lock();
+        g.keepers.insert(keeper, now);
+        let grace = self.kept_grace;
+        if g.keepers.len() > 4096 {
+            g.keepers.retain(|_, t| now.duration_since(*t) < grace * 2);
+        }
+    }
+
+    /// Whether the files kept by `keeper` may be freed: this leader has not heard from the
+    /// session for the kept grace, counted at the earliest from its election (before it, the
+    /// mount renewed with another leader, which this one cannot know).
+    pub fn keeper_gone(&self, keeper: u64, now: Instant) -> bool {
+        let g = self.lock();
+        let Some(since) = g.since else { return false };
+        let last = g.keepers.get(&keeper).map_or(since, |t| (*t).max(since));
+        now.duration_since(last) >= self.kept_grace
     }
 
     pub fn gc_grace(&self) -> Duration {

@@ -20,7 +20,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use cairn_proto::v1::{cluster_server::ClusterServer, master_server::MasterServer, raft_server::RaftServer};
+use cairn_proto::v1::{
+    self as pb, cluster_server::ClusterServer, master_server::MasterServer, raft_server::RaftServer,
+};
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
@@ -43,6 +45,8 @@ pub struct Config {
     pub dead_after: Duration,
     /// How long after its last placement an unreferenced chunk is safe from collection.
     pub gc_grace: Duration,
+    /// How long the leader waits for a mount's KeepAlive before it frees the files it kept.
+    pub kept_grace: Duration,
     /// An already-bound listener for the Prometheus endpoint (None: no endpoint).
     pub metrics: Option<std::net::TcpListener>,
 }
@@ -76,7 +80,9 @@ pub async fn run(config: Config, listener: tokio::net::TcpListener, shutdown: Ca
     } else if !log.is_member_of_a_group() {
         tracing::info!("waiting to be added to a master group (cairn admin masters add)");
     }
-    let cluster = Arc::new(cluster::Cluster::new(config.dead_after).with_gc_grace(config.gc_grace));
+    let cluster = Arc::new(
+        cluster::Cluster::new(config.dead_after).with_gc_grace(config.gc_grace).with_kept_grace(config.kept_grace),
+    );
     // `stop` ends the gRPC server and the driver; a signal (`shutdown`) first hands leadership
     // over, so that a planned restart of the leader costs no election timeout.
     let stop = CancellationToken::new();
@@ -172,15 +178,26 @@ async fn repair_loop(node: node::Node, state: state::State, cluster: Arc<cluster
     let mut tick = tokio::time::interval(REPAIR_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_collect = std::time::Instant::now();
+    let mut last_sweep = last_collect;
     // A short grace (tests) deserves equally prompt collection.
     let collect_every = COLLECT_EVERY.min(cluster.gc_grace() / 4).max(REPAIR_EVERY);
+    let sweep_every = COLLECT_EVERY.min(cluster.kept_grace() / 4).max(REPAIR_EVERY);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
         let now = std::time::Instant::now();
-        if node.ensure_leader().is_err() || !cluster.settled(now) {
+        if node.ensure_leader().is_err() {
+            continue;
+        }
+        if now.duration_since(last_sweep) >= sweep_every {
+            last_sweep = now;
+            if let Err(e) = sweep_kept(&node, &state, &cluster, now).await {
+                tracing::warn!("freeing files kept by gone mounts: {e:#}");
+            }
+        }
+        if !cluster.settled(now) {
             continue;
         }
         let (s, c) = (state.clone(), cluster.clone());
@@ -194,6 +211,28 @@ async fn repair_loop(node: node::Node, state: state::State, cluster: Arc<cluster
             }
         }
     }
+}
+
+/// Frees the unlinked files kept open by mounts this leader has not heard from for the kept
+/// grace (a mount that crashed, or lost the cluster for that long, cannot release them).
+async fn sweep_kept(
+    node: &node::Node,
+    state: &state::State,
+    cluster: &cluster::Cluster,
+    now: std::time::Instant,
+) -> Result<()> {
+    let s = state.clone();
+    let kept = blocking(move || Ok(s.reader()?.kept()?)).await?;
+    for (inode, keeper, _) in kept {
+        if !cluster.keeper_gone(keeper, now) {
+            continue;
+        }
+        let op =
+            pb::NodeRequest { op: Some(pb::node_request::Op::Release(pb::ReleaseNode { inode, keeper })), id: None };
+        node.propose(pb::command::Op::Node(op)).await.with_context(|| format!("release inode {inode}"))?;
+        tracing::info!(inode, keeper = format!("{keeper:016x}"), "freed an unlinked file its mount no longer keeps");
+    }
+    Ok(())
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {

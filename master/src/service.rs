@@ -450,6 +450,16 @@ impl master_server::Master for Services {
         .await
     }
 
+    async fn keep_alive(&self, req: Request<pb::KeepAliveRequest>) -> Res<pb::KeepAliveResponse> {
+        self.rpc("KeepAlive", async {
+            self.node.ensure_leader()?;
+            self.cluster.keep_alive(req.into_inner().keeper, std::time::Instant::now());
+            let grace_ms = u64::try_from(self.cluster.kept_grace().as_millis()).unwrap_or(u64::MAX);
+            Ok(Response::new(pb::KeepAliveResponse { grace_ms }))
+        })
+        .await
+    }
+
     async fn create_access_key(&self, req: Request<pb::CreateAccessKeyRequest>) -> Res<pb::AccessKey> {
         self.rpc("CreateAccessKey", async {
             self.node.ensure_leader()?;

@@ -37,6 +37,10 @@ const SESSIONS_BY_TIME: TableDefinition<(i64, u64, u64), ()> = TableDefinition::
 const MASTERS: TableDefinition<u64, &str> = TableDefinition::new("masters");
 /// S3 access key id -> encoded AccessKey (with its secret).
 const ACCESS_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("access_keys");
+/// Inode of a file with no names that a mount keeps open -> (the mount's session, leader time it
+/// lost its last name): freed by the mount's ReleaseNode, or by the leader once the session is
+/// no longer renewed (`KeepAlive`), so that a mount that crashes does not leak the file.
+const KEPT: TableDefinition<u64, (u64, i64)> = TableDefinition::new("kept");
 
 /// How long the answer to a mutation is kept for retries of it. A client retries within its
 /// deadline (seconds); this covers it with a wide margin, and a failover in between.
@@ -273,6 +277,18 @@ impl Reader {
         Ok(out)
     }
 
+    /// Files without names kept open by mounts: (inode, session, leader time since).
+    pub fn kept(&self) -> Result<Vec<(u64, u64, i64)>, MetaError> {
+        let t = self.txn.open_table(KEPT).map_err(storage)?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(storage)? {
+            let (k, v) = item.map_err(storage)?;
+            let (session, since) = v.value();
+            out.push((k.value(), session, since));
+        }
+        Ok(out)
+    }
+
     pub fn chunkservers(&self) -> Result<Vec<ChunkserverInfo>, MetaError> {
         let t = self.txn.open_table(CHUNKSERVERS).map_err(storage)?;
         let mut out = Vec::new();
@@ -340,6 +356,7 @@ struct Writer<'t> {
     sessions_by_time: Table<'t, (i64, u64, u64), ()>,
     masters: Table<'t, u64, &'static str>,
     access_keys: Table<'t, &'static str, &'static [u8]>,
+    kept: Table<'t, u64, (u64, i64)>,
 }
 
 impl Tables for Writer<'_> {
@@ -414,6 +431,7 @@ impl Writer<'_> {
             self.add_counter(BYTES, -(attr.size as i64))?;
         }
         self.inodes.remove(id).map_err(storage)?;
+        self.kept.remove(id).map_err(storage)?;
         Ok(())
     }
 }
@@ -488,6 +506,7 @@ impl State {
             txn.open_table(SESSIONS_BY_TIME)?;
             txn.open_table(MASTERS)?;
             txn.open_table(ACCESS_KEYS)?;
+            txn.open_table(KEPT)?;
         }
         txn.commit()?;
         Ok(State { db })
@@ -544,6 +563,7 @@ impl State {
             sessions_by_time: txn.open_table(SESSIONS_BY_TIME)?,
             masters: txn.open_table(MASTERS)?,
             access_keys: txn.open_table(ACCESS_KEYS)?,
+            kept: txn.open_table(KEPT)?,
         };
         for (_, cmd) in cmds {
             let res = match cmd {
@@ -840,7 +860,7 @@ fn rename(w: &mut Writer<'_>, req: &RenameRequest, t: i64) -> Result<(), MetaErr
         return Err(MetaError::InvalidArgument(format!("cannot move {} into its own subtree {}", req.src, req.dst)));
     }
     let ddir = w.resolve_dir(dparent)?;
-    nodes::rename_at(w, (sdir, sname, &req.src), (ddir, dname, &req.dst), nodes::Replace::Allowed, false, t)
+    nodes::rename_at(w, (sdir, sname, &req.src), (ddir, dname, &req.dst), nodes::Replace::Allowed, None, t)
 }
 
 fn remove(w: &mut Writer<'_>, req: &RemoveRequest, t: i64) -> Result<(), MetaError> {
@@ -870,7 +890,7 @@ fn remove(w: &mut Writer<'_>, req: &RemoveRequest, t: i64) -> Result<(), MetaErr
                 stack.push(cid);
             }
         }
-        nodes::drop_link(w, id, node, false, t)?;
+        nodes::drop_link(w, id, node, None, t)?;
     }
     Ok(())
 }
@@ -898,6 +918,7 @@ const T_SESSIONS: u32 = 6;
 const T_SESSIONS_BY_TIME: u32 = 7;
 const T_MASTERS: u32 = 8;
 const T_ACCESS_KEYS: u32 = 9;
+const T_KEPT: u32 = 10;
 
 fn u64_at(b: &[u8], at: usize) -> anyhow::Result<u64> {
     Ok(u64::from_be_bytes(b.get(at..at + 8).context("short snapshot record")?.try_into().expect("8 bytes")))
@@ -961,6 +982,13 @@ pub fn dump(
         let (k, v) = item?;
         emit(T_ACCESS_KEYS, k.value().as_bytes().to_vec(), v.value().to_vec())?;
     }
+    for item in txn.open_table(KEPT)?.iter()? {
+        let (k, v) = item?;
+        let (session, since) = v.value();
+        let mut val = session.to_be_bytes().to_vec();
+        val.extend_from_slice(&since.to_be_bytes());
+        emit(T_KEPT, k.value().to_be_bytes().to_vec(), val)?;
+    }
     Ok(())
 }
 
@@ -981,6 +1009,7 @@ pub fn load(
     txn.delete_table(SESSIONS_BY_TIME)?;
     txn.delete_table(MASTERS)?;
     txn.delete_table(ACCESS_KEYS)?;
+    txn.delete_table(KEPT)?;
     let mut inodes = txn.open_table(INODES)?;
     let mut dirents = txn.open_table(DIRENTS)?;
     let mut chunks = txn.open_table(CHUNKS)?;
@@ -990,6 +1019,7 @@ pub fn load(
     let mut by_time = txn.open_table(SESSIONS_BY_TIME)?;
     let mut masters = txn.open_table(MASTERS)?;
     let mut access_keys = txn.open_table(ACCESS_KEYS)?;
+    let mut kept = txn.open_table(KEPT)?;
     for r in records {
         let (table, k, v) = r?;
         match table {
@@ -1022,6 +1052,9 @@ pub fn load(
             }
             T_ACCESS_KEYS => {
                 access_keys.insert(std::str::from_utf8(&k).context("access key id")?, v.as_slice())?;
+            }
+            T_KEPT => {
+                kept.insert(u64_at(&k, 0)?, (u64_at(&v, 0)?, u64_at(&v, 8)? as i64))?;
             }
             other => anyhow::bail!("snapshot record of unknown table {other}"),
         }

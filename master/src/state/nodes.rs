@@ -90,9 +90,14 @@ pub(super) fn node_op(w: &mut Writer<'_>, req: &NodeRequest, t: i64) -> Result<c
         Some(node_request::Op::Link(l)) => link(w, l, t).map(attr),
         Some(node_request::Op::Unlink(u)) => {
             check_entry_name(&u.name)?;
-            unlink_at(w, u.parent, &u.name, u.directory, u.keep, &u.name, t).map(done)
+            unlink_at(w, u.parent, &u.name, u.directory, u.keep.then_some(u.keeper), &u.name, t).map(done)
         }
         Some(node_request::Op::Release(r)) => {
+            let keeper =
+                || -> Result<Option<u64>, MetaError> { Ok(w.kept.get(r.inode).map_err(storage)?.map(|v| v.value().0)) };
+            if r.keeper != 0 && keeper()? != Some(r.keeper) {
+                return Ok(done(())); // kept again since the sweep looked, or already freed
+            }
             match w.inode(r.inode)? {
                 Some(node) if kind(&node) == InodeKind::File && node.attr.as_ref().is_some_and(|a| a.nlink == 0) => {
                     w.release(r.inode, &node)?
@@ -209,6 +214,9 @@ fn link(w: &mut Writer<'_>, l: &LinkNode, t: i64) -> Result<Attr, MetaError> {
     if attr.nlink >= u32::from(u16::MAX) {
         return Err(MetaError::InvalidArgument("too many links".into()));
     }
+    if attr.nlink == 0 {
+        w.kept.remove(l.inode).map_err(storage)?; // named again: no longer only kept open
+    }
     attr.nlink += 1;
     attr.ctime_ns = t;
     let out = attr.clone();
@@ -219,12 +227,22 @@ fn link(w: &mut Writer<'_>, l: &LinkNode, t: i64) -> Result<Attr, MetaError> {
 }
 
 /// One name of an inode went away: a file with other names lives on, and so does one its
-/// caller still has open (`keep`, with no names); otherwise it is released.
-pub(super) fn drop_link(w: &mut Writer<'_>, id: u64, mut node: Inode, keep: bool, t: i64) -> Result<(), MetaError> {
+/// caller still has open (`keep`: the caller's session, see `KEPT`), with no names; otherwise
+/// it is released.
+pub(super) fn drop_link(
+    w: &mut Writer<'_>,
+    id: u64,
+    mut node: Inode,
+    keep: Option<u64>,
+    t: i64,
+) -> Result<(), MetaError> {
     let attr = node.attr.get_or_insert_default();
-    if kind_of(attr) != InodeKind::Directory && (attr.nlink > 1 || keep) {
+    if kind_of(attr) != InodeKind::Directory && (attr.nlink > 1 || keep.is_some()) {
         attr.nlink = attr.nlink.saturating_sub(1);
         attr.ctime_ns = t;
+        if let (0, Some(session)) = (attr.nlink, keep) {
+            w.kept.insert(id, (session, t)).map_err(storage)?;
+        }
         return w.put_inode(id, &node);
     }
     w.release(id, &node)
@@ -241,7 +259,7 @@ pub(super) fn unlink_at(
     parent: u64,
     name: &str,
     directory: bool,
-    keep: bool,
+    keep: Option<u64>,
     label: &str,
     t: i64,
 ) -> Result<(), MetaError> {
@@ -304,7 +322,14 @@ fn rename_node(w: &mut Writer<'_>, r: &RenameNode, t: i64) -> Result<(), MetaErr
     } else {
         Replace::Allowed
     };
-    rename_at(w, (r.parent, &r.name, &r.name), (r.new_parent, &r.new_name, &r.new_name), how, r.keep, t)
+    rename_at(
+        w,
+        (r.parent, &r.name, &r.name),
+        (r.new_parent, &r.new_name, &r.new_name),
+        how,
+        r.keep.then_some(r.keeper),
+        t,
+    )
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -321,7 +346,7 @@ pub(super) fn rename_at(
     (sdir, sname, slabel): (u64, &str, &str),
     (ddir, dname, dlabel): (u64, &str, &str),
     how: Replace,
-    keep: bool,
+    keep: Option<u64>,
     t: i64,
 ) -> Result<(), MetaError> {
     w.dir(sdir)?;

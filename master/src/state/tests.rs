@@ -251,11 +251,12 @@ fn rename(parent: u64, name: &str, new_parent: u64, new_name: &str, no_replace: 
         no_replace,
         exchange,
         keep: false,
+        keeper: 0,
     }))
 }
 
 fn unlink(parent: u64, name: &str, directory: bool, keep: bool) -> Op {
-    node(node_request::Op::Unlink(UnlinkNode { parent, name: name.into(), directory, keep }))
+    node(node_request::Op::Unlink(UnlinkNode { parent, name: name.into(), directory, keep, keeper: 7 }))
 }
 
 #[test]
@@ -300,8 +301,32 @@ fn an_open_file_outlives_its_last_name_until_released() {
     let r = s.reader().unwrap();
     assert_eq!(r.getattr(f).unwrap().nlink, 0);
     assert!(r.lookup(ROOT, "f").is_err());
-    run(&s, 3, node(node_request::Op::Release(ReleaseNode { inode: f }))).unwrap();
+    assert_eq!(r.kept().unwrap().iter().map(|k| (k.0, k.1)).collect::<Vec<_>>(), vec![(f, 7)]);
+    run(&s, 3, node(node_request::Op::Release(ReleaseNode { inode: f, keeper: 0 }))).unwrap();
     assert!(s.reader().unwrap().getattr(f).is_err());
+    assert!(s.reader().unwrap().kept().unwrap().is_empty());
+}
+
+#[test]
+fn the_sweep_frees_a_kept_file_only_for_the_session_that_keeps_it() {
+    let (_d, s) = open();
+    let f = ino(run(&s, 1, make(ROOT, "f", InodeKind::File)));
+    let g = ino(run(&s, 2, make(ROOT, "g", InodeKind::File)));
+    run(&s, 3, unlink(ROOT, "f", false, true)).unwrap();
+    run(&s, 4, unlink(ROOT, "g", false, true)).unwrap();
+    // Another session's sweep leaves it alone.
+    run(&s, 5, node(node_request::Op::Release(ReleaseNode { inode: f, keeper: 8 }))).unwrap();
+    assert_eq!(s.reader().unwrap().getattr(f).unwrap().nlink, 0);
+    // Named again (a link by inode): no longer only kept, so no sweep frees it.
+    run(&s, 6, node(node_request::Op::Link(LinkNode { inode: g, parent: ROOT, name: "g2".into() }))).unwrap();
+    run(&s, 7, node(node_request::Op::Release(ReleaseNode { inode: g, keeper: 7 }))).unwrap();
+    assert_eq!(s.reader().unwrap().getattr(g).unwrap().nlink, 1);
+    // The keeping session's sweep frees it, and its chunks' references with it.
+    assert_eq!(s.reader().unwrap().kept().unwrap().iter().map(|k| k.0).collect::<Vec<_>>(), vec![f]);
+    run(&s, 8, node(node_request::Op::Release(ReleaseNode { inode: f, keeper: 7 }))).unwrap();
+    assert!(s.reader().unwrap().getattr(f).is_err());
+    assert!(s.reader().unwrap().kept().unwrap().is_empty());
+    assert_eq!(s.reader().unwrap().files().unwrap(), 1);
 }
 
 #[test]
