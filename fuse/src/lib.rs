@@ -286,14 +286,22 @@ impl CairnFs {
     fn start_keepalive(&self) {
         let weak = Arc::downgrade(&self.inner);
         self.inner.rt.spawn(async move {
+            let mut failing = false;
             loop {
                 let Some(inner) = weak.upgrade() else { return };
                 let (client, keeper) = (inner.ctx.client.clone(), inner.keeper);
                 drop(inner);
                 let pause = match client.keep_alive(keeper).await {
-                    Ok(grace) => (grace / 4).clamp(Duration::from_millis(100), Duration::from_secs(30)),
+                    Ok(grace) => {
+                        if std::mem::take(&mut failing) {
+                            tracing::info!("renewed this mount's session with the masters again");
+                        }
+                        (grace / 4).clamp(Duration::from_millis(100), Duration::from_secs(30))
+                    }
                     Err(e) => {
-                        tracing::warn!("could not renew this mount's session with the masters: {e}");
+                        if !std::mem::replace(&mut failing, true) {
+                            tracing::warn!("could not renew this mount's session with the masters: {e}");
+                        }
                         Duration::from_secs(1)
                     }
                 };

@@ -986,8 +986,8 @@ impl Core {
         Ok(())
     }
 
-    /// Applies what was deferred. On an error it stays deferred: the driver stops on the error
-    /// that the next Ready's apply meets (crash-only), it is not skipped.
+    /// Applies what was deferred. On an error it stays deferred, so nothing is skipped: the
+    /// error stops the driver (crash-only), here or at the next apply.
     fn apply_deferred(&mut self) -> Result<()> {
         if self.deferred.is_empty() {
             return Ok(());
