@@ -46,7 +46,8 @@ pub struct MasterArgs {
     #[arg(long, default_value_t = cairn_master::cluster::DEFAULT_GC_GRACE.as_secs())]
     pub gc_grace_s: u64,
     /// Seconds the leader waits for a mount that kept unlinked files open (it renews every
-    /// quarter of this) before it frees those files: a mount that crashed does not leak them.
+    /// quarter of this, at least every 30 s) before it frees those files: a mount that crashed
+    /// does not leak them. Give every master the same value.
     #[arg(long, default_value_t = cairn_master::cluster::DEFAULT_KEPT_GRACE.as_secs())]
     pub kept_grace_s: u64,
     /// Serve Prometheus metrics at http://ADDR/metrics (port 0: any free port, printed at start).

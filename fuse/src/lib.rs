@@ -280,7 +280,8 @@ impl CairnFs {
         fs
     }
 
-    /// Renews this mount's session with the leader, a quarter of the leader's grace apart: the
+    /// Renews this mount's session with the leader, a quarter of the leader's grace apart (30 s
+    /// at most): the
     /// unlinked files this mount keeps open stay until it closes them, and if the mount dies
     /// they are freed once the grace runs out. Ends with the file system.
     fn start_keepalive(&self) {

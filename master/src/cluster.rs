@@ -22,7 +22,9 @@ const SUSPECT_AFTER: Duration = Duration::from_millis(2500);
 /// leader, which does not know its predecessor's placements, collects nothing for this long.
 pub const DEFAULT_GC_GRACE: Duration = Duration::from_secs(3600);
 /// How long a leader waits for a mount's KeepAlive before it frees the unlinked files that mount
-/// kept open. A mount renews every quarter of this; a new leader counts from its election.
+/// kept open. A mount renews every quarter of this, and at least every 30 s; a new leader counts
+/// from its election. Every master of a group should have the same value (a mount paces itself
+/// by the leader's).
 pub const DEFAULT_KEPT_GRACE: Duration = Duration::from_secs(300);
 /// Space kept free on every chunkserver, beyond what a placement needs.
 const FREE_MARGIN: u64 = 64 << 20;
@@ -235,14 +237,16 @@ impl Cluster {
         self
     }
 
-    /// A mount's KeepAlive: the files its session keeps stay.
+    /// A mount's KeepAlive (or a change by which it keeps a file): the files its session keeps
+    /// stay.
     pub fn keep_alive(&self, keeper: u64, now: Instant) {
-        let mut g = self.lock();
-        g.keepers.insert(keeper, now);
+        self.lock().keepers.insert(keeper, now);
+    }
+
+    /// Forgets sessions not heard from for twice the grace (mounts that went away).
+    pub fn forget_keepers(&self, now: Instant) {
         let grace = self.kept_grace;
-        if g.keepers.len() > 4096 {
-            g.keepers.retain(|_, t| now.duration_since(*t) < grace * 2);
-        }
+        self.lock().keepers.retain(|_, t| now.duration_since(*t) < grace * 2);
     }
 
     /// Whether the files kept by `keeper` may be freed: this leader has not heard from the

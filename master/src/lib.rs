@@ -223,8 +223,13 @@ async fn sweep_kept(
 ) -> Result<()> {
     let s = state.clone();
     let kept = blocking(move || Ok(s.reader()?.kept()?)).await?;
-    for (inode, keeper, _) in kept {
-        if !cluster.keeper_gone(keeper, now) {
+    cluster.forget_keepers(now);
+    let grace_ns = i64::try_from(cluster.kept_grace().as_nanos()).unwrap_or(i64::MAX);
+    let wall = node::now_ns();
+    for (inode, keeper, since) in kept {
+        // Kept for the grace at least (the unlink itself counts as the mount's renewal, but a
+        // leader elected since has not seen it), and its mount silent for as long.
+        if wall.saturating_sub(since) < grace_ns || !cluster.keeper_gone(keeper, now) {
             continue;
         }
         let op =

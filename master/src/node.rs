@@ -448,6 +448,9 @@ pub struct CoreOptions {
     pub first_request_id: Option<u64>,
     /// The monotonic clock leases are measured with, in nanoseconds (default: [`mono_ns`]).
     pub monotonic: Option<Arc<dyn Fn() -> u64 + Send + Sync>>,
+    /// The most entries a follower defers (default: [`APPLY_DEFER_ENTRIES`]); a simulation
+    /// draws small values, so that batches also end by count.
+    pub apply_defer_entries: Option<usize>,
 }
 
 /// The Raft node and the state machine it drives; see the module documentation.
@@ -487,6 +490,7 @@ pub struct Core {
     deferred: Commands,
     deferred_last: u64,
     deferred_since: u64,
+    apply_defer_entries: usize,
 }
 
 impl Core {
@@ -567,6 +571,7 @@ impl Core {
             deferred: Vec::new(),
             deferred_last: 0,
             deferred_since: 0,
+            apply_defer_entries: opts.apply_defer_entries.unwrap_or(APPLY_DEFER_ENTRIES).max(1),
         })
     }
 
@@ -904,7 +909,7 @@ impl Core {
         // The snapshot holds the state after every entry up to its index: deferred ones included.
         anyhow::ensure!(
             self.deferred.is_empty() || self.deferred_last <= meta.index,
-            "a snapshot at {} would undo applied entries up to {}",
+            "a snapshot at {} would undo committed entries up to {}",
             meta.index,
             self.deferred_last
         );
@@ -939,14 +944,14 @@ impl Core {
                 EntryType::EntryConfChange => {
                     let cc = ConfChange::parse_from_bytes(&e.data).context("decode conf change")?;
                     let cs = self.raw.apply_conf_change(&cc).context("apply conf change")?;
-                    self.log.set_conf_state(cs)?;
+                    self.log.set_conf_state(cs, e.index)?;
                     let cmd = Command::decode(&cc.context[..]).context("decode conf change context")?;
                     cmds.push((cmd.request_id, Some(cmd)));
                 }
                 EntryType::EntryConfChangeV2 => {
                     let cc = ConfChangeV2::parse_from_bytes(&e.data).context("decode conf change")?;
                     let cs = self.raw.apply_conf_change(&cc).context("apply conf change")?;
-                    self.log.set_conf_state(cs)?;
+                    self.log.set_conf_state(cs, e.index)?;
                     cmds.push((0, None));
                 }
             }
@@ -970,7 +975,7 @@ impl Core {
             self.deferred.extend(cmds);
         }
         self.deferred_last = last;
-        if answers || self.raw.raft.state == StateRole::Leader || self.deferred.len() >= APPLY_DEFER_ENTRIES {
+        if answers || self.raw.raft.state == StateRole::Leader || self.deferred.len() >= self.apply_defer_entries {
             self.apply_deferred()?;
         }
         Ok(())

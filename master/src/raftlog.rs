@@ -256,6 +256,9 @@ impl Files {
 struct Core {
     hard_state: HardState,
     conf_state: ConfState,
+    /// The log index of the entry that made `conf_state` (0: not known here, as after a start
+    /// or a snapshot, when it is at or below the state machine's applied index).
+    conf_index: u64,
     compacted_index: u64,
     compacted_term: u64,
     entries: VecDeque<Entry>,
@@ -476,6 +479,7 @@ impl RaftLog {
         core.compacted_index = meta.index;
         core.compacted_term = meta.term;
         core.conf_state = cs;
+        core.conf_index = meta.index;
         core.hard_state = hs;
         Ok(())
     }
@@ -541,12 +545,16 @@ impl RaftLog {
     /// Records the conf state of a configuration change being applied, not synced: it becomes
     /// durable with the apply transaction that follows (redb keeps unsynced commits in order), so
     /// it is never ahead of the durable applied index, and a restart applies the change again.
-    pub fn set_conf_state(&self, cs: ConfState) -> Result<()> {
+    /// Records the configuration that the entry at `index` made. (A follower applies the
+    /// entries' commands to the state machine later, in batches: see `node::APPLY_DEFER`.)
+    pub fn set_conf_state(&self, cs: ConfState, index: u64) -> Result<()> {
         let mut txn = self.db.begin_write()?;
         txn.set_durability(redb::Durability::None)?;
         txn.open_table(RAFT_STATE)?.insert(CONF_STATE, cs.write_to_bytes()?.as_slice())?;
         txn.commit()?;
-        self.core.write().expect("raft log lock").conf_state = cs;
+        let mut core = self.core.write().expect("raft log lock");
+        core.conf_state = cs;
+        core.conf_index = index;
         Ok(())
     }
 
@@ -648,11 +656,13 @@ impl Storage for RaftLog {
     /// A snapshot of the state machine as of its applied index, for a follower behind the
     /// compacted log. The state is not copied here: a redb read transaction pins it, and the
     /// transport streams it to the follower (see `node::Transport`). raft-rs calls this on the
-    /// driver thread, never between a batch's apply and its conf-state update.
+    /// driver thread. Not while the configuration is ahead of the state machine (a node elected
+    /// while it still defers entries, within the step that elects it): raft-rs asks again later.
     fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         let txn = self.db.begin_read().map_err(storage_err)?;
         let index = crate::state::applied_in(&txn).map_err(storage_err)?;
-        if index < request_index {
+        let conf_index = self.core.read().expect("raft log lock").conf_index;
+        if index < request_index || index < conf_index {
             return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
         }
         let term = self.term(index)?;

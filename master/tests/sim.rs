@@ -575,6 +575,7 @@ impl Sim {
             // Leases are measured on the simulated time (no skew: a skewed wall clock is an offset,
             // and leases assume only that clocks advance at about the same rate).
             monotonic: Some(Arc::new(move || (mono_ns.load(Ordering::Relaxed) - CLOCK_BASE_NS) as u64)),
+            apply_defer_entries: Some(self.rng.random_range(1..8)),
         };
         let mut core = Core::with_options(
             id,

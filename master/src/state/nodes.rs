@@ -240,7 +240,8 @@ pub(super) fn drop_link(
     if kind_of(attr) != InodeKind::Directory && (attr.nlink > 1 || keep.is_some()) {
         attr.nlink = attr.nlink.saturating_sub(1);
         attr.ctime_ns = t;
-        if let (0, Some(session)) = (attr.nlink, keep) {
+        // (Session 0, a client that names none: kept until it releases the file.)
+        if let (0, Some(session @ 1..)) = (attr.nlink, keep) {
             w.kept.insert(id, (session, t)).map_err(storage)?;
         }
         return w.put_inode(id, &node);

@@ -314,6 +314,11 @@ fn the_sweep_frees_a_kept_file_only_for_the_session_that_keeps_it() {
     let g = ino(run(&s, 2, make(ROOT, "g", InodeKind::File)));
     run(&s, 3, unlink(ROOT, "f", false, true)).unwrap();
     run(&s, 4, unlink(ROOT, "g", false, true)).unwrap();
+    // A client that names no session keeps its file until it releases it: nothing to sweep.
+    let h = ino(run(&s, 20, make(ROOT, "h", InodeKind::File)));
+    let anonymous = UnlinkNode { parent: ROOT, name: "h".into(), keep: true, ..Default::default() };
+    run(&s, 21, node(node_request::Op::Unlink(anonymous))).unwrap();
+    assert_eq!(s.reader().unwrap().getattr(h).unwrap().nlink, 0);
     // Another session's sweep leaves it alone.
     run(&s, 5, node(node_request::Op::Release(ReleaseNode { inode: f, keeper: 8 }))).unwrap();
     assert_eq!(s.reader().unwrap().getattr(f).unwrap().nlink, 0);
@@ -326,7 +331,7 @@ fn the_sweep_frees_a_kept_file_only_for_the_session_that_keeps_it() {
     run(&s, 8, node(node_request::Op::Release(ReleaseNode { inode: f, keeper: 7 }))).unwrap();
     assert!(s.reader().unwrap().getattr(f).is_err());
     assert!(s.reader().unwrap().kept().unwrap().is_empty());
-    assert_eq!(s.reader().unwrap().files().unwrap(), 1);
+    assert_eq!(s.reader().unwrap().files().unwrap(), 2, "g (named again) and h (kept without a session)");
 }
 
 #[test]
@@ -451,4 +456,39 @@ fn commits_carry_object_metadata_and_content_changes_drop_the_etag() {
     assert_eq!(node.xattrs.keys().collect::<Vec<_>>(), ["user.mine"]);
     let (_, entries, _) = s.reader().unwrap().list("/", "", 10, false).unwrap();
     assert!(entries[0].xattrs.is_empty());
+}
+
+#[test]
+fn a_snapshot_carries_every_table_kept_files_included() {
+    let (_d, s) = open();
+    let d = ino(run(&s, 1, make(ROOT, "d", InodeKind::Directory)));
+    let f = ino(run(&s, 2, make(d, "f", InodeKind::File)));
+    run(&s, 3, make(d, "g", InodeKind::File)).unwrap();
+    run(&s, 4, unlink(d, "f", false, true)).unwrap();
+    let records = || {
+        let mut out = Vec::new();
+        dump(&s.db.begin_read().unwrap(), |t, k, v| {
+            out.push((t, k, v));
+            Ok(())
+        })
+        .unwrap();
+        out
+    };
+    let before = records();
+    assert!(before.iter().any(|(t, _, _)| *t == T_KEPT), "the kept file is in the snapshot");
+    // Loaded into another database, the state dumps the same and the sweep can still free it.
+    let (_d2, s2) = open();
+    let txn = s2.db.begin_write().unwrap();
+    load(&txn, before.clone().into_iter().map(Ok), 4).unwrap();
+    txn.commit().unwrap();
+    let mut after = Vec::new();
+    dump(&s2.db.begin_read().unwrap(), |t, k, v| {
+        after.push((t, k, v));
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(after, before);
+    assert_eq!(s2.reader().unwrap().kept().unwrap().iter().map(|k| (k.0, k.1)).collect::<Vec<_>>(), vec![(f, 7)]);
+    run(&s2, 5, node(node_request::Op::Release(ReleaseNode { inode: f, keeper: 7 }))).unwrap();
+    assert!(s2.reader().unwrap().getattr(f).is_err());
 }
