@@ -281,9 +281,8 @@ impl CairnFs {
     }
 
     /// Renews this mount's session with the leader, a quarter of the leader's grace apart (30 s
-    /// at most): the
-    /// unlinked files this mount keeps open stay until it closes them, and if the mount dies
-    /// they are freed once the grace runs out. Ends with the file system.
+    /// at most): the unlinked files this mount keeps open stay until it closes them, and if the
+    /// mount dies they are freed once the grace runs out. Ends with the file system.
     fn start_keepalive(&self) {
         let weak = Arc::downgrade(&self.inner);
         self.inner.rt.spawn(async move {

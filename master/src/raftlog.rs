@@ -542,11 +542,10 @@ impl RaftLog {
         core.hard_state.commit = core.hard_state.commit.max(commit);
     }
 
-    /// Records the conf state of a configuration change being applied, not synced: it becomes
-    /// durable with the apply transaction that follows (redb keeps unsynced commits in order), so
-    /// it is never ahead of the durable applied index, and a restart applies the change again.
-    /// Records the configuration that the entry at `index` made. (A follower applies the
-    /// entries' commands to the state machine later, in batches: see `node::APPLY_DEFER`.)
+    /// Records the configuration that the entry at `index` made, not synced: it becomes durable
+    /// with the next durable commit, which comes after the apply of that entry (a follower
+    /// applies in batches, `node::APPLY_DEFER`; redb keeps unsynced commits in order), so it is
+    /// never ahead of the durable applied index, and a restart applies the change again.
     pub fn set_conf_state(&self, cs: ConfState, index: u64) -> Result<()> {
         let mut txn = self.db.begin_write()?;
         txn.set_durability(redb::Durability::None)?;
