@@ -983,6 +983,9 @@ impl Core {
 
     /// Applies what a follower deferred once it waited [`APPLY_DEFER`], and all of it on a leader.
     fn apply_deferred_if_due(&mut self) -> Result<()> {
+        if self.deferred.is_empty() {
+            return Ok(());
+        }
         let due = self.raw.raft.state == StateRole::Leader
             || (self.mono)().saturating_sub(self.deferred_since) >= APPLY_DEFER.as_nanos() as u64;
         if due {

@@ -420,14 +420,13 @@ impl master_server::Master for Services {
             self.node.ensure_leader()?;
             let req = req.into_inner();
             // A change that keeps a file for a mount is a sign of life of that mount's session.
-            match &req.op {
-                Some(pb::node_request::Op::Unlink(u)) if u.keep && u.keeper != 0 => {
-                    self.cluster.keep_alive(u.keeper, std::time::Instant::now())
-                }
-                Some(pb::node_request::Op::Rename(r)) if r.keep && r.keeper != 0 => {
-                    self.cluster.keep_alive(r.keeper, std::time::Instant::now())
-                }
-                _ => {}
+            let keeper = match &req.op {
+                Some(pb::node_request::Op::Unlink(u)) if u.keep => u.keeper,
+                Some(pb::node_request::Op::Rename(r)) if r.keep => r.keeper,
+                _ => 0,
+            };
+            if keeper != 0 {
+                self.cluster.keep_alive(keeper, std::time::Instant::now());
             }
             let touched: Vec<u64> = match &req.op {
                 Some(pb::node_request::Op::Make(m)) => vec![m.parent],

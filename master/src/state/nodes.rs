@@ -93,10 +93,11 @@ pub(super) fn node_op(w: &mut Writer<'_>, req: &NodeRequest, t: i64) -> Result<c
             unlink_at(w, u.parent, &u.name, u.directory, u.keep.then_some(u.keeper), &u.name, t).map(done)
         }
         Some(node_request::Op::Release(r)) => {
-            let keeper =
-                || -> Result<Option<u64>, MetaError> { Ok(w.kept.get(r.inode).map_err(storage)?.map(|v| v.value().0)) };
-            if r.keeper != 0 && keeper()? != Some(r.keeper) {
-                return Ok(done(())); // kept again since the sweep looked, or already freed
+            if r.keeper != 0 {
+                let keeper = w.kept.get(r.inode).map_err(storage)?.map(|v| v.value().0);
+                if keeper != Some(r.keeper) {
+                    return Ok(done(())); // kept again since the sweep looked, or already freed
+                }
             }
             match w.inode(r.inode)? {
                 Some(node) if kind(&node) == InodeKind::File && node.attr.as_ref().is_some_and(|a| a.nlink == 0) => {
