@@ -91,9 +91,10 @@ async fn a_corrupt_replica_is_skipped_and_reported() {
     assert_eq!(replicas.len(), 3);
     // Flip one byte in every replica but one, so that a read must find the good one.
     for r in &replicas[..2] {
-        let mut bytes = std::fs::read(r).unwrap();
+        let path = chunk_path(r, &h);
+        let mut bytes = std::fs::read(&path).unwrap();
         bytes[12345] ^= 0x40;
-        std::fs::write(r, bytes).unwrap();
+        std::fs::write(&path, bytes).unwrap();
     }
     // Replicas are tried in a random order: within a few reads one lands on a corrupt copy first.
     let quarantined = || c.chunkservers.iter().map(|cs| count_files(&cs.data.join("corrupt"))).sum::<usize>();
@@ -168,4 +169,59 @@ async fn client_certificates_cannot_reach_node_services() {
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
     // The chunkserver (a node certificate) is registered as usual.
     assert_eq!(c.status()["chunkservers"].as_array().unwrap().len(), 1);
+}
+
+/// Chunks of at most 64 KiB are packed (appended to a file per chunkserver): every one of them
+/// acknowledged before all chunkservers are killed with SIGKILL, in the middle of more puts, is
+/// on three nodes' disks and reads back after they restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_files_acknowledged_before_every_chunkserver_is_killed_are_kept() {
+    use std::sync::{Arc, Mutex};
+    let mut c = Cluster::start(Options::default());
+    let client = c.client().await;
+    let sizes = [1, 100, 4096, 30_000, cairn_chunkserver::store::PACKED_MAX, cairn_chunkserver::store::PACKED_MAX + 1];
+    type Acked = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+    let acked: Acked = Arc::default();
+    let writers: Vec<_> = (0..4u64)
+        .map(|w| {
+            let (client, acked) = (client.clone(), acked.clone());
+            tokio::spawn(async move {
+                for i in 0u64.. {
+                    let data = random_bytes(sizes[(i % 6) as usize], w * 1_000_000 + i);
+                    let path = format!("/w{w}-{i}");
+                    if client.put(&path, &data[..], &PutOptions::default(), &|_| {}).await.is_err() {
+                        return;
+                    }
+                    acked.lock().unwrap().push((path, data));
+                }
+            })
+        })
+        .collect();
+    wait_for("200 small puts", Duration::from_secs(60), || acked.lock().unwrap().len() >= 200);
+    for cs in &mut c.chunkservers {
+        cs.kill();
+    }
+    for w in writers {
+        w.abort();
+    }
+    let acked = acked.lock().unwrap().clone();
+    for i in 0..c.chunkservers.len() {
+        c.restart_chunkserver(i);
+    }
+    c.wait_alive(4);
+    let mut packed = 0;
+    for (path, data) in &acked {
+        assert_eq!(&get(&client, path).await, data, "{path} after every chunkserver was killed");
+        let h = chunk_hashes(data)[0];
+        assert_eq!(c.replicas_of(&h).len(), 3, "replicas of {path}");
+        if data.len() <= cairn_chunkserver::store::PACKED_MAX {
+            packed += 1;
+            assert!(c.chunkservers.iter().all(|cs| !chunk_path(&cs.data, &h).exists()), "{path} has a chunk file");
+        }
+    }
+    assert!(packed >= 150, "{packed} packed files of {}", acked.len());
+    // The packs take more after the restart.
+    let data = random_bytes(5000, 7);
+    put(&client, "/after", &data).await;
+    assert_eq!(get(&client, "/after").await, data);
 }

@@ -126,7 +126,7 @@ fn the_scrubber_finds_a_rotten_replica_and_a_good_copy_replaces_it() {
     });
     wait_for("3 good replicas again", Duration::from_secs(60), || {
         let r = c.replicas_of(&hash);
-        r.len() == 3 && r.iter().all(|p| std::fs::read(p).is_ok_and(|b| blake3::hash(&b) == hash))
+        r.len() == 3 && r.iter().all(|d| std::fs::read(chunk_path(d, &hash)).is_ok_and(|b| blake3::hash(&b) == hash))
     });
     assert!(c.get_data("/f") == data, "/f reads back different");
 }

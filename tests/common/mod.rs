@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use cairn_chunkserver::store::ChunkHash;
 use cairn_client::{Client, ClientConfig};
 use cairn_common::tls;
 
@@ -347,18 +348,28 @@ impl Cluster {
     /// The index of the chunkserver holding the most of `hashes`.
     pub fn fullest(&self, hashes: &[blake3::Hash]) -> usize {
         (0..self.chunkservers.len())
-            .max_by_key(|i| hashes.iter().filter(|h| chunk_path(&self.chunkservers[*i].data, h).exists()).count())
+            .max_by_key(|i| hashes.iter().filter(|h| holds(&self.chunkservers[*i].data, h)).count())
             .expect("a chunkserver")
     }
 
-    /// Files holding `hash` across all chunkservers' chunk trees.
+    /// The data directories of the chunkservers holding `hash`, in a file of its own or packed.
     pub fn replicas_of(&self, hash: &blake3::Hash) -> Vec<PathBuf> {
-        self.chunkservers.iter().map(|c| chunk_path(&c.data, hash)).filter(|p| p.exists()).collect()
+        self.chunkservers.iter().filter(|c| holds(&c.data, hash)).map(|c| c.data.clone()).collect()
     }
 
+    /// Chunks stored on disk across all chunkservers (replicas counted apart).
     pub fn chunk_files(&self) -> usize {
-        self.chunkservers.iter().map(|c| count_files(&c.data.join("by-hash"))).sum()
+        self.chunkservers.iter().map(|c| count_files(&c.data.join("by-hash")) + packed(&c.data).len()).sum()
     }
+}
+
+/// Whether the chunkserver with data directory `data` holds the chunk `hash` on disk.
+pub fn holds(data: &Path, hash: &blake3::Hash) -> bool {
+    chunk_path(data, hash).exists() || packed(data).contains(&ChunkHash(*hash.as_bytes()))
+}
+
+fn packed(data: &Path) -> std::collections::HashSet<ChunkHash> {
+    cairn_chunkserver::store::packed_chunks(data).expect("read the packs")
 }
 
 pub fn chunk_path(data: &Path, hash: &blake3::Hash) -> PathBuf {

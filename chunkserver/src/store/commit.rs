@@ -1,14 +1,13 @@
-//! Group commit of new chunk files. A chunk is durable when its bytes, its inode and its name in
-//! the chunk tree are on disk. Done one chunk at a time that is two fsyncs per chunk (file,
-//! directory), each a journal commit: small chunks then spend their time waiting on the disk.
+//! Group commit of new chunk files (chunks above 64 KiB; smaller ones are packed, see `pack`). A
+//! chunk is durable when its bytes, its inode and its name in the chunk tree are on disk. Done
+//! one chunk at a time that is two fsyncs per chunk (file, directory), each a journal commit.
 //! Instead one thread takes every chunk waiting, makes all their temp files durable with one
 //! `syncfs`, renames them into place, and makes the renames durable with a second `syncfs`; only
 //! then is each put answered. Under load a batch holds many chunks, so the cost per chunk falls
 //! as the load rises.
 //!
 //! `syncfs` flushes the whole filesystem the chunk tree lives on. On a disk dedicated to chunks
-//! (the expected deployment) that is only chunk data: large chunks already written with
-//! O_DIRECT, small ones (written through the page cache) flushed by the first `syncfs`.
+//! (the expected deployment) that is only chunk data, mostly written with O_DIRECT already.
 
 use std::fs::{self, File};
 use std::io;
@@ -108,24 +107,11 @@ impl GroupCommit {
         Ok(GroupCommit { tx })
     }
 
-    /// Makes the written file `tmp` durable under the name `path`: done when the returned
-    /// receiver answers. The reply wakes the caller's task directly (no thread in between).
-    fn submit(&self, file: File, tmp: &Path, path: &Path) -> (Job, oneshot::Receiver<io::Result<()>>) {
-        let (reply, done) = oneshot::channel();
-        (Job { file, tmp: tmp.to_path_buf(), path: path.to_path_buf(), reply }, done)
-    }
-
-    /// Makes the written file `tmp` (open as `file`) durable under the name `path`.
-    pub(super) async fn commit(&self, file: File, tmp: &Path, path: &Path) -> io::Result<()> {
-        let (job, done) = self.submit(file, tmp, path);
-        self.tx.send(job).await.map_err(|_| stopped())?;
-        done.await.map_err(|_| stopped())?
-    }
-
-    /// [`GroupCommit::commit`] from a blocking thread. Panics on a runtime worker thread (as
-    /// tokio's blocking calls do): async callers use [`GroupCommit::commit`].
+    /// Makes the written file `tmp` (open as `file`) durable under the name `path`. Runs on a
+    /// blocking thread (large chunks are written there); panics on a runtime worker thread.
     pub(super) fn commit_blocking(&self, file: File, tmp: &Path, path: &Path) -> io::Result<()> {
-        let (job, done) = self.submit(file, tmp, path);
+        let (reply, done) = oneshot::channel();
+        let job = Job { file, tmp: tmp.to_path_buf(), path: path.to_path_buf(), reply };
         self.tx.blocking_send(job).map_err(|_| stopped())?;
         done.blocking_recv().map_err(|_| stopped())?
     }

@@ -6,6 +6,7 @@
 //! by-hash/ab/<64 hex digits>  one file per chunk, named by the BLAKE3 of its content, under
 //!                             the first two of its hex digits (256 directories, made at open;
 //!                             an older `chunks/ab/cd/<hex>` tree is moved in at open)
+//! packs/<16 hex digits>.pack  chunks of at most 64 KiB, appended as records (see `pack`)
 //! tmp/                        chunks being written; emptied at every start
 //! corrupt/                    chunks whose bytes no longer match their name, kept for a human
 //! node_id                     this node's id, chosen at first start
@@ -13,10 +14,12 @@
 //!
 //! Invariants: a file appears under `by-hash/` only by a rename of a fully written, fsynced temp
 //! file whose hash was checked, so a file there is either complete or damaged by the disk, never
-//! half-written by us; every read verifies the hash again before serving a byte. The in-memory
-//! index (`hash -> size`) is rebuilt from a scan at every open: nothing relies on a clean shutdown.
+//! half-written by us; a packed chunk is acknowledged only once its pack is synced; every read
+//! verifies the hash again before serving a byte. The in-memory index (`hash -> size`, and where
+//! a packed chunk's record is) is rebuilt from a scan at every open: nothing relies on a clean
+//! shutdown.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -28,8 +31,6 @@ use bytes::Bytes;
 use cairn_proto::data::Status;
 use cairn_proto::{HASH_LEN, MAX_CHUNK};
 
-/// Chunks up to this size are hashed and written to their temp file on the receiving task.
-const INLINE_MAX: usize = 64 * 1024;
 /// Below this size one thread hashes faster than handing the work to rayon.
 const PARALLEL_HASH_MIN: usize = 128 * 1024;
 
@@ -155,6 +156,9 @@ struct State {
     /// event wins, which is what the master must end up believing.
     added: HashSet<ChunkHash>,
     removed: HashSet<ChunkHash>,
+    /// Where each packed chunk's record is (a chunk is in `by-hash/` or here, never both).
+    packed: HashMap<ChunkHash, pack::Loc>,
+    packs: BTreeMap<u64, pack::PackInfo>,
 }
 
 struct Inner {
@@ -166,6 +170,7 @@ struct Inner {
     state: Mutex<State>,
     pool: Pool,
     committer: commit::GroupCommit,
+    packs: pack::Packs,
     /// Chunks whose whole content was hashed and matched recently, with their maps, for
     /// [`ChunkStore::get_recent`]: random reads neither hash nor map a chunk again.
     verified: Mutex<HashMap<ChunkHash, (std::time::Instant, Arc<memmap2::Mmap>)>>,
@@ -260,23 +265,34 @@ impl ChunkStore {
         recovery::make_fanout(&chunks_dir)?;
         recovery::migrate_two_level(&data_dir.join("chunks"), &chunks_dir)?;
         let (index, used) = recovery::scan_chunks(&chunks_dir)?;
-        tracing::info!(chunks = index.len(), used_bytes = used, node_id, "chunk store open");
-        let state = State { index, used, ..State::default() };
+        let packs_dir = data_dir.join("packs");
+        let scanned = pack::scan(&packs_dir)?;
+        let mut state = State { index, used, ..State::default() };
+        let writer = scanned.load(&mut state);
+        tracing::info!(
+            chunks = state.index.len(),
+            packed = state.packed.len(),
+            used_bytes = state.used,
+            node_id,
+            "chunk store open"
+        );
         let committer =
             commit::GroupCommit::start(&chunks_dir).map_err(|e| StoreError::io("start the chunk committer", e))?;
-        Ok(ChunkStore {
-            inner: Arc::new(Inner {
-                chunks_dir,
-                tmp_dir,
-                corrupt_dir,
-                capacity_cap,
-                node_id,
-                state: Mutex::new(state),
-                pool: Pool::default(),
-                committer,
-                verified: Mutex::new(HashMap::new()),
-            }),
-        })
+        let packs = pack::Packs::start(packs_dir, writer).map_err(|e| StoreError::io("start the pack syncer", e))?;
+        let inner = Arc::new(Inner {
+            chunks_dir,
+            tmp_dir,
+            corrupt_dir,
+            capacity_cap,
+            node_id,
+            state: Mutex::new(state),
+            pool: Pool::default(),
+            committer,
+            packs,
+            verified: Mutex::new(HashMap::new()),
+        });
+        pack::start_compactor(Arc::downgrade(&inner)).map_err(|e| StoreError::io("start the pack compactor", e))?;
+        Ok(ChunkStore { inner })
     }
 
     /// This node's id: random and nonzero, chosen at first start and kept in `node_id`.
@@ -315,7 +331,8 @@ impl ChunkStore {
         self.inner.lock().index.keys().copied().collect()
     }
 
-    /// Where the chunk `hash` lives (whether or not it exists).
+    /// Where the chunk `hash` lives if it has a file of its own (whether or not it exists); a
+    /// chunk of at most [`pack::PACKED_MAX`] bytes is packed instead.
     pub fn chunk_path(&self, hash: &ChunkHash) -> PathBuf {
         self.inner.chunk_path(hash)
     }
@@ -367,22 +384,18 @@ impl ChunkStore {
     }
 
     /// Stores a chunk received into a [`Staged`] buffer, without copying it again. A small chunk
-    /// is written to its temp file on the calling task (a page-cache copy, cheaper than handing
-    /// it to a blocking thread); a larger one goes to disk with O_DIRECT on a blocking thread.
-    /// A future dropped half-way may leave the chunk on disk but out of the index until the next
+    /// is appended to a pack on the calling task (a page-cache copy, cheaper than handing it to
+    /// a blocking thread); a larger one goes to disk with O_DIRECT on a blocking thread. A
+    /// future dropped half-way may leave the chunk on disk but out of the index until the next
     /// start, which indexes and reports it like any other.
-    pub async fn put_staged(&self, hash: ChunkHash, mut staged: Staged) -> Result<(), StoreError> {
-        let inner = self.inner.clone();
-        if staged.len() > INLINE_MAX {
-            return tokio::task::spawn_blocking(move || inner.put_staged_blocking(hash, staged))
-                .await
-                .map_err(|e| StoreError::io("put task failed", io::Error::other(e)))?;
+    pub async fn put_staged(&self, hash: ChunkHash, staged: Staged) -> Result<(), StoreError> {
+        if staged.len() <= pack::PACKED_MAX {
+            return self.inner.put_packed(hash, staged.as_slice()).await;
         }
-        let Some((pending, file)) = inner.stage_file(hash, &mut staged, false)? else {
-            return Ok(());
-        };
-        let committed = inner.committer.commit(file, &pending.tmp, &pending.path).await;
-        inner.finish_put(hash, pending, committed)
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || inner.put_staged_blocking(hash, staged))
+            .await
+            .map_err(|e| StoreError::io("put task failed", io::Error::other(e)))?
     }
 
     /// [`ChunkStore::put`] for callers outside the async runtime.
@@ -419,6 +432,9 @@ impl ChunkStore {
     pub fn delete_blocking(&self, hash: &ChunkHash) -> Result<bool, StoreError> {
         if !self.contains(hash) {
             return Ok(false);
+        }
+        if self.inner.drop_packed(*hash, None) {
+            return Ok(true);
         }
         let path = self.inner.chunk_path(hash);
         match fs::remove_file(&path) {
@@ -482,21 +498,19 @@ impl Inner {
     }
 
     fn put_staged_blocking(&self, hash: ChunkHash, mut staged: Staged) -> Result<(), StoreError> {
-        let Some((pending, file)) = self.stage_file(hash, &mut staged, true)? else {
+        if staged.len() <= pack::PACKED_MAX {
+            return self.put_packed_blocking(hash, staged.as_slice());
+        }
+        let Some((pending, file)) = self.stage_file(hash, &mut staged)? else {
             return Ok(());
         };
         let committed = self.committer.commit_blocking(file, &pending.tmp, &pending.path);
         self.finish_put(hash, pending, committed)
     }
 
-    /// Checks a received chunk and writes it to a new temp file (with O_DIRECT if `direct`),
-    /// returned still open for the group commit. `None`: the store already holds it.
-    fn stage_file(
-        &self,
-        hash: ChunkHash,
-        staged: &mut Staged,
-        direct: bool,
-    ) -> Result<Option<(Pending<'_>, File)>, StoreError> {
+    /// Checks a received chunk and writes it to a new temp file (with O_DIRECT), returned still
+    /// open for the group commit. `None`: the store already holds it.
+    fn stage_file(&self, hash: ChunkHash, staged: &mut Staged) -> Result<Option<(Pending<'_>, File)>, StoreError> {
         let len = staged.len() as u64;
         if len == 0 || len > MAX_CHUNK {
             return Err(StoreError::Invalid(format!("chunk length {len} is not in 1..={MAX_CHUNK}")));
@@ -510,7 +524,7 @@ impl Inner {
         }
         let reservation = self.reserve(len)?;
         let tmp = self.tmp_dir.join(format!("{:016x}", rand::random::<u64>()));
-        let file = match write_temp(&tmp, staged, direct) {
+        let file = match write_temp(&tmp, staged) {
             Ok(f) => f,
             Err((what, e)) => {
                 // Best effort: a leftover is removed at the next start anyway.
@@ -538,6 +552,9 @@ impl Inner {
 
     /// Hashes the whole chunk `hash`, keeps its map as verified, and slices it.
     fn get_blocking(&self, hash: ChunkHash, offset: u64, length: u64) -> Result<ChunkRead, StoreError> {
+        if let Some(read) = self.get_packed(hash, offset, length) {
+            return read;
+        }
         let Some(indexed_len) = self.lock().index.get(&hash).copied() else {
             return Err(StoreError::NotFound(hash));
         };
@@ -596,8 +613,13 @@ impl Inner {
     fn forget(&self, hash: ChunkHash) {
         self.verified.lock().expect("verified lock").remove(&hash);
         let mut st = self.lock();
-        if let Some(len) = st.index.remove(&hash) {
-            st.used = st.used.saturating_sub(len);
+        let len = st.index.remove(&hash).unwrap_or(0);
+        st.used = st.used.saturating_sub(len);
+        // Packed chunks come here through `drop_packed`, which writes their tombstone.
+        if let Some(loc) = st.packed.remove(&hash) {
+            if let Some(p) = st.packs.get_mut(&loc.pack) {
+                p.forget(len);
+            }
         }
         st.added.remove(&hash);
         st.removed.insert(hash);
@@ -618,7 +640,10 @@ impl Inner {
 
 /// Creates `dir` unless it exists; returns whether this call created it.
 mod commit;
+mod pack;
 mod recovery;
+
+pub use pack::{packed_chunks, PACKED_MAX};
 #[cfg(test)]
 mod tests;
 
@@ -696,24 +721,22 @@ impl Drop for Staged {
 /// the profile), O_DIRECT at 1.1 GB/s with the fsync. Chunks are read back through mmap, which
 /// fills the page cache on first read. The block padding is cut off with ftruncate. Filesystems
 /// without O_DIRECT (tmpfs) get a buffered write.
-fn write_temp(path: &Path, staged: &mut Staged, direct: bool) -> Result<File, (&'static str, io::Error)> {
+fn write_temp(path: &Path, staged: &mut Staged) -> Result<File, (&'static str, io::Error)> {
     let len = staged.len() as u64;
-    if direct {
-        match OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_DIRECT).open(path) {
-            Ok(mut f) => {
-                f.write_all(staged.padded()).map_err(|e| ("write", e))?;
-                if f.metadata().map_err(|e| ("stat", e))?.len() != len {
-                    f.set_len(len).map_err(|e| ("truncate", e))?;
-                }
-                // Durability (data, inode, name) comes from the group commit that follows.
-                return Ok(f);
+    match OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_DIRECT).open(path) {
+        Ok(mut f) => {
+            f.write_all(staged.padded()).map_err(|e| ("write", e))?;
+            if f.metadata().map_err(|e| ("stat", e))?.len() != len {
+                f.set_len(len).map_err(|e| ("truncate", e))?;
             }
-            // Some kernels create the file before they refuse O_DIRECT on it: buffered instead.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                let _ = fs::remove_file(path);
-            }
-            Err(e) => return Err(("create", e)),
+            // Durability (data, inode, name) comes from the group commit that follows.
+            return Ok(f);
         }
+        // Some kernels create the file before they refuse O_DIRECT on it: buffered instead.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            let _ = fs::remove_file(path);
+        }
+        Err(e) => return Err(("create", e)),
     }
     let mut f = OpenOptions::new().write(true).create_new(true).open(path).map_err(|e| ("create", e))?;
     f.write_all(staged.as_slice()).map_err(|e| ("write", e))?;

@@ -1,5 +1,7 @@
 //! Unit tests of the chunk store, on a real filesystem in a tempdir.
 
+use std::os::unix::fs::FileExt;
+
 use super::*;
 
 fn data(len: usize, seed: u8) -> Vec<u8> {
@@ -75,15 +77,196 @@ async fn recent_reads_come_from_the_verified_map_until_the_chunk_goes() {
 async fn duplicate_put_is_a_no_op() {
     let dir = tempfile::tempdir().unwrap();
     let store = ChunkStore::open(dir.path(), None).await.unwrap();
-    let bytes = Bytes::from(data(4096, 2));
+    let bytes = Bytes::from(data(100_000, 2));
     let hash = ChunkHash::of(&bytes);
     store.put(hash, bytes.clone()).await.unwrap();
     let mtime = fs::metadata(store.chunk_path(&hash)).unwrap().modified().unwrap();
     store.put(hash, bytes.clone()).await.unwrap();
     assert_eq!(fs::metadata(store.chunk_path(&hash)).unwrap().modified().unwrap(), mtime);
-    assert_eq!(store.used_bytes(), 4096);
+    assert_eq!(store.used_bytes(), 100_000);
     assert_eq!(store.chunk_count(), 1);
     assert_eq!(files_in(&dir.path().join("by-hash")), 1);
+
+    // A small chunk is packed, once.
+    let small = Bytes::from(data(4096, 2));
+    let small_hash = ChunkHash::of(&small);
+    store.put(small_hash, small.clone()).await.unwrap();
+    let packed = pack_bytes(dir.path());
+    store.put(small_hash, small).await.unwrap();
+    assert_eq!(pack_bytes(dir.path()), packed);
+    assert!(!store.chunk_path(&small_hash).exists());
+    assert_eq!(store.used_bytes(), 104_096);
+    assert_eq!(store.chunk_count(), 2);
+}
+
+/// Bytes in the pack files of the store in `dir`.
+fn pack_bytes(dir: &Path) -> u64 {
+    pack_files(dir).iter().map(|p| fs::metadata(p).unwrap().len()).sum()
+}
+
+fn pack_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(dir.join("packs")).unwrap().map(|e| e.unwrap().path()).collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn packed_chunks_survive_a_reopen_and_deleted_ones_stay_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let chunks: Vec<Vec<u8>> = (0..100).map(|i| data(1 + i * 500, i as u8)).collect();
+    let hashes: Vec<ChunkHash> = chunks.iter().map(|c| ChunkHash::of(c)).collect();
+    {
+        let store = ChunkStore::open(dir.path(), None).await.unwrap();
+        for (c, h) in chunks.iter().zip(&hashes) {
+            store.put(*h, Bytes::from(c.clone())).await.unwrap();
+        }
+        for h in &hashes[..30] {
+            assert!(store.delete_blocking(h).unwrap());
+        }
+        assert!(!store.delete_blocking(&hashes[0]).unwrap());
+        let part = store.get(hashes[50], 100, 200).await.unwrap();
+        assert_eq!(&part.bytes[..], &chunks[50][100..300]);
+        assert_eq!(part.chunk_len, chunks[50].len() as u64);
+        assert!(matches!(store.get(hashes[50], chunks[50].len() as u64 + 1, 0).await, Err(StoreError::Invalid(_))));
+    }
+    assert_eq!(files_in(&dir.path().join("by-hash")), 0);
+    let store = ChunkStore::open(dir.path(), None).await.unwrap();
+    assert_eq!(store.chunk_count(), 70);
+    assert_eq!(store.used_bytes(), chunks[30..].iter().map(|c| c.len() as u64).sum::<u64>());
+    for (c, h) in chunks.iter().zip(&hashes).skip(30) {
+        assert_eq!(&store.get_recent(*h, 0, 0).await.unwrap().bytes[..], &c[..]);
+    }
+    for h in &hashes[..30] {
+        assert!(matches!(store.get(*h, 0, 0).await, Err(StoreError::NotFound(_))));
+    }
+    // A deleted chunk stored again is back for good.
+    store.put(hashes[0], Bytes::from(chunks[0].clone())).await.unwrap();
+    drop(store);
+    let store = ChunkStore::open(dir.path(), None).await.unwrap();
+    assert_eq!(store.chunk_count(), 71);
+    assert!(store.contains(&hashes[0]));
+}
+
+#[tokio::test]
+async fn a_torn_end_of_the_newest_pack_is_cut_and_appended_to_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let chunks: Vec<Vec<u8>> = (0..10).map(|i| data(3000, i)).collect();
+    {
+        let store = ChunkStore::open(dir.path(), None).await.unwrap();
+        for c in &chunks {
+            store.put(ChunkHash::of(c), Bytes::from(c.clone())).await.unwrap();
+        }
+    }
+    let pack = pack_files(dir.path()).pop().unwrap();
+    let good = fs::metadata(&pack).unwrap().len();
+    // A crash mid-append: a whole header, then part of its data.
+    let torn = data(5000, 99);
+    let mut tail = pack::encode(pack::KIND_CHUNK, torn.len() as u32, &ChunkHash::of(&torn)).to_vec();
+    tail.extend_from_slice(&torn[..1000]);
+    let mut f = OpenOptions::new().append(true).open(&pack).unwrap();
+    f.write_all(&tail).unwrap();
+    drop(f);
+
+    let store = ChunkStore::open(dir.path(), None).await.unwrap();
+    assert_eq!(store.chunk_count(), 10);
+    assert!(!store.contains(&ChunkHash::of(&torn)));
+    assert_eq!(fs::metadata(&pack).unwrap().len(), good, "the torn record is cut off");
+    let more = data(2000, 42);
+    store.put(ChunkHash::of(&more), Bytes::from(more.clone())).await.unwrap();
+    drop(store);
+    let store = ChunkStore::open(dir.path(), None).await.unwrap();
+    assert_eq!(store.chunk_count(), 11);
+    assert_eq!(&store.get(ChunkHash::of(&more), 0, 0).await.unwrap().bytes[..], &more[..]);
+    for c in &chunks {
+        assert_eq!(&store.get(ChunkHash::of(c), 0, 0).await.unwrap().bytes[..], &c[..]);
+    }
+}
+
+#[tokio::test]
+async fn a_damaged_packed_chunk_is_dropped_and_the_rest_of_its_pack_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let chunks: Vec<Vec<u8>> = (0..3).map(|i| data(8000, i)).collect();
+    let hashes: Vec<ChunkHash> = chunks.iter().map(|c| ChunkHash::of(c)).collect();
+    let store = ChunkStore::open(dir.path(), None).await.unwrap();
+    for (c, h) in chunks.iter().zip(&hashes) {
+        store.put(*h, Bytes::from(c.clone())).await.unwrap();
+    }
+    store.take_changes(10);
+    // Rot in the middle chunk's data (its record starts after the first record).
+    let pack = pack_files(dir.path()).pop().unwrap();
+    let f = OpenOptions::new().read(true).write(true).open(&pack).unwrap();
+    let at = (56 + 8000) + 56 + 4000;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0x10], at).unwrap();
+    drop(f);
+
+    let err = store.get(hashes[1], 0, 10).await.unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
+    assert!(!store.contains(&hashes[1]));
+    assert_eq!(files_in(&dir.path().join("corrupt")), 1);
+    assert_eq!(store.take_changes(10), (vec![], vec![hashes[1]]));
+    assert_eq!(&store.get(hashes[2], 0, 0).await.unwrap().bytes[..], &chunks[2][..]);
+    drop(store);
+    let store = ChunkStore::open(dir.path(), None).await.unwrap();
+    assert_eq!(store.chunk_count(), 2);
+    assert!(!store.contains(&hashes[1]));
+    // A good copy can be stored again.
+    store.put(hashes[1], Bytes::from(chunks[1].clone())).await.unwrap();
+    assert_eq!(&store.get(hashes[1], 0, 0).await.unwrap().bytes[..], &chunks[1][..]);
+}
+
+#[tokio::test]
+async fn compaction_reclaims_dead_packs_and_keeps_deletes_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let chunks: Vec<Vec<u8>> = (0..120u32).map(|i| data(4000 + i as usize, i as u8)).collect();
+    let hashes: Vec<ChunkHash> = chunks.iter().map(|c| ChunkHash::of(c)).collect();
+    // Chunk 3 is deleted early: its tombstone lands in the second pack, which is later compacted
+    // while the first pack (mostly live, so kept) still holds chunk 3's record.
+    let live = |i: usize| if i < 10 { i != 3 } else { i.is_multiple_of(5) };
+    {
+        let store = ChunkStore::open(dir.path(), None).await.unwrap();
+        store.inner.packs.set_pack_max(40_000);
+        for (c, h) in chunks.iter().zip(&hashes).take(10) {
+            store.put(*h, Bytes::from(c.clone())).await.unwrap();
+        }
+        assert!(store.delete_blocking(&hashes[3]).unwrap());
+        for (c, h) in chunks.iter().zip(&hashes).skip(10) {
+            store.put(*h, Bytes::from(c.clone())).await.unwrap();
+        }
+        let before = pack_files(dir.path()).len();
+        assert!(before >= 10, "{before} packs");
+        for (i, h) in hashes.iter().enumerate().skip(10) {
+            if !live(i) {
+                assert!(store.delete_blocking(h).unwrap());
+            }
+        }
+        let bytes_before = pack_bytes(dir.path());
+        let compacted = store.inner.compact_packs();
+        assert!(compacted >= before - 3, "{compacted} of {before} packs compacted");
+        assert!(pack_files(dir.path())[0].ends_with("0000000000000001.pack"), "the mostly live first pack is kept");
+        assert!(pack_bytes(dir.path()) < bytes_before / 2, "{} of {bytes_before} bytes left", pack_bytes(dir.path()));
+        for (i, (c, h)) in chunks.iter().zip(&hashes).enumerate() {
+            if live(i) {
+                assert_eq!(&store.get(*h, 0, 0).await.unwrap().bytes[..], &c[..]);
+            } else {
+                assert!(!store.contains(h));
+            }
+        }
+        // Deleted after compaction, and one deleted before stored again.
+        assert!(store.delete_blocking(&hashes[20]).unwrap());
+        store.put(hashes[11], Bytes::from(chunks[11].clone())).await.unwrap();
+    }
+    let store = ChunkStore::open(dir.path(), None).await.unwrap();
+    let want = |i: usize| (live(i) && i != 20) || i == 11;
+    for (i, (c, h)) in chunks.iter().zip(&hashes).enumerate() {
+        if want(i) {
+            assert_eq!(&store.get(*h, 0, 0).await.unwrap().bytes[..], &c[..], "chunk {i}");
+        } else {
+            assert!(!store.contains(h), "chunk {i} came back");
+        }
+    }
+    assert_eq!(store.chunk_count(), (0..120).filter(|i| want(*i)).count() as u64);
 }
 
 #[tokio::test]
@@ -107,7 +290,7 @@ async fn hash_mismatch_is_refused_and_leaves_nothing() {
 async fn corrupt_chunk_is_detected_and_moved() {
     let dir = tempfile::tempdir().unwrap();
     let store = ChunkStore::open(dir.path(), None).await.unwrap();
-    let bytes = data(10_000, 3);
+    let bytes = data(100_000, 3);
     let hash = ChunkHash::of(&bytes);
     store.put(hash, Bytes::from(bytes.clone())).await.unwrap();
     store.take_changes(10);
@@ -178,7 +361,7 @@ async fn reopen_moves_the_two_level_layout_into_one_level() {
         let store = ChunkStore::open(dir.path(), None).await.unwrap();
         let mut hashes = Vec::new();
         for i in 0..20u8 {
-            let bytes = data(3000 + i as usize, i);
+            let bytes = data(70_000 + i as usize, i);
             let hash = ChunkHash::of(&bytes);
             store.put(hash, Bytes::from(bytes)).await.unwrap();
             hashes.push(hash);
@@ -205,7 +388,7 @@ async fn reopen_moves_the_two_level_layout_into_one_level() {
         assert!(new.join(&hex[0..2]).join(&hex).is_file(), "chunk {hex} in by-hash/");
         assert!(!old.join(&hex[0..2]).join(&hex[2..4]).exists(), "old directory of {hex} removed");
         let got = store.get(*h, 0, 0).await.unwrap();
-        assert_eq!(&got.bytes[..], &data(3000 + i, i as u8)[..]);
+        assert_eq!(&got.bytes[..], &data(70_000 + i, i as u8)[..]);
     }
     assert!(odd.is_file());
     fs::remove_file(&odd).unwrap();
