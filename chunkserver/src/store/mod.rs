@@ -159,6 +159,8 @@ struct State {
     /// Where each packed chunk's record is (a chunk is in `by-hash/` or here, never both).
     packed: HashMap<ChunkHash, pack::Loc>,
     packs: BTreeMap<u64, pack::PackInfo>,
+    /// Chunks with packed records appended and not yet indexed.
+    appending: HashMap<ChunkHash, pack::Appending>,
 }
 
 struct Inner {

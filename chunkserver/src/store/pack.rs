@@ -14,7 +14,9 @@
 //! | check u64 LE (the first 8 bytes of the BLAKE3 of the 48 bytes before it) | len data bytes
 //! ```
 //!
-//! `kind` 1 is a chunk, 2 a tombstone (a deleted chunk; `len` 0, no data). A pack is appended to
+//! `kind` 1 is a chunk, 2 a tombstone (a deleted chunk; its 8 data bytes name the pack that
+//! held the chunk's record, as a little-endian u64, so that compaction drops the tombstone once
+//! that pack is gone). A pack is appended to
 //! until it reaches [`PACK_MAX`]; before the next one is made the full one is synced, so only the
 //! newest pack can end with records that were never acknowledged. At open every pack is read in
 //! id order (later records win). The newest is cut at its first damaged header (a write torn by
@@ -24,19 +26,23 @@
 //! chunk's hash anyway.
 //!
 //! Deleted chunks leave dead records behind. A pack whose live records fill less than half of
-//! it is compacted: its live records (and the tombstones an older pack may still need) are
+//! it is compacted: its live records (and the tombstones whose chunk's pack still exists) are
 //! appended to the newest pack, synced, and the old pack is removed.
+//!
+//! A failed `fdatasync` marks its pack failed for good: Linux reports a write-back error once,
+//! so a later sync of the same file could succeed without the lost pages. Every record waiting
+//! on that pack is answered with an error, and the next record goes to a new pack.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use cairn_proto::MAX_CHUNK;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{write_err, ChunkHash, ChunkRead, Inner, Reservation, State, StoreError};
@@ -49,21 +55,55 @@ const HEADER: usize = 56;
 const MAGIC: [u8; 4] = *b"CPK1";
 pub(super) const KIND_CHUNK: u8 = 1;
 const KIND_TOMBSTONE: u8 = 2;
+/// A tombstone's data: the id of the pack that held the chunk.
+const TOMBSTONE_LEN: u64 = 8;
 /// Appended records waiting for a sync, at most; a full queue blocks the writer.
 const SYNC_QUEUE: usize = 1024;
 /// How often the compactor looks for packs that are mostly dead.
 const COMPACT_EVERY: Duration = Duration::from_secs(30);
 
-/// Where a packed chunk's record starts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Where a packed chunk's record starts. Ordered as the records were appended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) struct Loc {
     pub pack: u64,
     pub offset: u64,
 }
 
+/// A pack's open file, and whether a sync of it ever failed.
+pub(super) struct PackFile {
+    file: File,
+    failed: AtomicBool,
+}
+
+impl PackFile {
+    fn new(file: File) -> Arc<PackFile> {
+        Arc::new(PackFile { file, failed: AtomicBool::new(false) })
+    }
+
+    fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    /// `fdatasync`, refused for good once one failed (see the module doc).
+    fn sync(&self) -> io::Result<()> {
+        if self.failed() {
+            return Err(io::Error::other("an earlier fdatasync of this pack failed"));
+        }
+        self.file.sync_data().inspect_err(|_| self.failed.store(true, Ordering::Release))
+    }
+}
+
+/// Puts of one chunk whose records are appended but not yet indexed.
+#[derive(Default)]
+pub(super) struct Appending {
+    count: u32,
+    /// The latest tombstone written for the chunk meanwhile: a record before it is dead on disk.
+    killed_at: Option<Loc>,
+}
+
 /// One pack as the index sees it.
 pub(super) struct PackInfo {
-    file: Arc<File>,
+    file: Arc<PackFile>,
     /// Bytes of records written to it.
     size: u64,
     /// Bytes of its chunk records that the index still points at.
@@ -89,6 +129,13 @@ fn check(head: &[u8]) -> u64 {
     u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"))
 }
 
+/// A tombstone record for `hash`, whose record is in pack `killed`.
+pub(super) fn tombstone(hash: &ChunkHash, killed: u64) -> Vec<u8> {
+    let mut rec = encode(KIND_TOMBSTONE, TOMBSTONE_LEN as u32, hash).to_vec();
+    rec.extend_from_slice(&killed.to_le_bytes());
+    rec
+}
+
 pub(super) fn encode(kind: u8, len: u32, hash: &ChunkHash) -> [u8; HEADER] {
     let mut h = [0u8; HEADER];
     h[0..4].copy_from_slice(&MAGIC);
@@ -108,8 +155,8 @@ fn decode(h: &[u8; HEADER]) -> Option<(u8, u64, ChunkHash)> {
     let kind = h[4];
     let len = u64::from(u32::from_le_bytes(h[8..12].try_into().ok()?));
     let ok = match kind {
-        KIND_CHUNK => (1..=MAX_CHUNK).contains(&len),
-        KIND_TOMBSTONE => len == 0,
+        KIND_CHUNK => (1..=PACKED_MAX as u64).contains(&len),
+        KIND_TOMBSTONE => len == TOMBSTONE_LEN,
         _ => false,
     };
     ok.then(|| (kind, len, ChunkHash::from_slice(&h[12..44]).expect("32 bytes")))
@@ -126,26 +173,23 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 /// The pack being appended to. Lock order: this before the store's state.
 pub(super) struct Writer {
     id: u64,
-    file: Option<Arc<File>>,
+    file: Option<Arc<PackFile>>,
     end: u64,
-    /// A sync of this pack failed: what it holds since the last good sync may be lost, so the
-    /// next record goes to a new pack (a later sync of this one could succeed without them).
-    broken: bool,
     /// [`PACK_MAX`], smaller in tests.
     max: u64,
 }
 
 impl Writer {
-    /// Appends `rec` to the current pack (a new one if it is full or broken) and returns where.
+    /// Appends `rec` to the current pack (a new one if it is full or failed) and returns where.
     /// A new pack is registered in `state` before anything is written to it.
-    fn append(&mut self, dir: &Path, state: &Mutex<State>, rec: &[u8]) -> io::Result<(Loc, Arc<File>)> {
+    fn append(&mut self, dir: &Path, state: &Mutex<State>, rec: &[u8]) -> io::Result<(Loc, Arc<PackFile>)> {
         let full = self.end > 0 && self.end + rec.len() as u64 > self.max;
-        if self.file.is_none() || full || self.broken {
+        if self.file.as_ref().is_none_or(|f| f.failed()) || full {
             self.rotate(dir, state)?;
         }
         let file = self.file.clone().expect("a pack is open after rotate");
         // A failed write leaves `end` where it was, so the next record overwrites the debris.
-        file.write_all_at(rec, self.end)?;
+        file.file.write_all_at(rec, self.end)?;
         let loc = Loc { pack: self.id, offset: self.end };
         self.end += rec.len() as u64;
         if let Some(p) = lock(state).packs.get_mut(&self.id) {
@@ -157,22 +201,20 @@ impl Writer {
     /// Closes the current pack (synced, so that only the newest pack can have a torn end) and
     /// starts the next, durable in the directory before any record goes into it.
     fn rotate(&mut self, dir: &Path, state: &Mutex<State>) -> io::Result<()> {
-        if let (Some(f), false) = (&self.file, self.broken) {
-            if let Err(e) = f.sync_data() {
-                self.broken = true;
-                return Err(e);
-            }
+        // A failed pack is closed as it is: its waiting records are answered with errors.
+        if let Some(f) = self.file.as_ref().filter(|f| !f.failed()) {
+            f.sync()?;
         }
         let id = self.id + 1;
         let path = dir.join(pack_name(id));
-        let file = Arc::new(OpenOptions::new().read(true).write(true).create_new(true).open(&path)?);
+        let file = PackFile::new(OpenOptions::new().read(true).write(true).create_new(true).open(&path)?);
         if let Err(e) = sync_dir(dir) {
             // Gone again, so that the next try can make it.
             let _ = fs::remove_file(&path);
             return Err(e);
         }
         lock(state).packs.insert(id, PackInfo { file: file.clone(), size: 0, live: 0, pending: 0 });
-        *self = Writer { id, file: Some(file), end: 0, broken: false, max: self.max };
+        *self = Writer { id, file: Some(file), end: 0, max: self.max };
         Ok(())
     }
 }
@@ -181,7 +223,7 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-type SyncJob = (Arc<File>, oneshot::Sender<io::Result<()>>);
+type SyncJob = (Arc<PackFile>, oneshot::Sender<io::Result<()>>);
 
 /// The packs of one store: the writer and the thread that syncs what it appended.
 pub(super) struct Packs {
@@ -217,12 +259,12 @@ fn start_syncer() -> io::Result<mpsc::Sender<SyncJob>> {
             }
             // Each pack is synced once per batch; its outcome answers every record in it.
             type Outcome = Result<(), (io::ErrorKind, String)>;
-            let mut synced: Vec<(Arc<File>, Outcome)> = Vec::new();
+            let mut synced: Vec<(Arc<PackFile>, Outcome)> = Vec::new();
             for (file, reply) in batch {
                 let r = match synced.iter().find(|(f, _)| Arc::ptr_eq(f, &file)) {
                     Some((_, r)) => r.clone(),
                     None => {
-                        let r = file.sync_data().map_err(|e| (e.kind(), format!("fdatasync of a pack: {e}")));
+                        let r = file.sync().map_err(|e| (e.kind(), format!("fdatasync of a pack: {e}")));
                         synced.push((file, r.clone()));
                         r
                     }
@@ -248,7 +290,8 @@ fn pack_ids(dir: &Path) -> Result<Vec<u64>, StoreError> {
         let entry = entry.map_err(|e| StoreError::io(format!("list {}", dir.display()), e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
         match name.strip_suffix(".pack").filter(|h| h.len() == 16).and_then(|h| u64::from_str_radix(h, 16).ok()) {
-            Some(id) if name == pack_name(id) => ids.push(id),
+            // The last id is refused: the next pack would have none.
+            Some(id) if name == pack_name(id) && id < u64::MAX => ids.push(id),
             _ => tracing::warn!(path = %entry.path().display(), "not a pack; ignored"),
         }
     }
@@ -264,7 +307,7 @@ pub(super) fn scan(dir: &Path) -> Result<Scanned, StoreError> {
     let mut out = Scanned {
         packs: BTreeMap::new(),
         records: Vec::new(),
-        writer: Writer { id: newest.unwrap_or(0), file: None, end: 0, broken: false, max: PACK_MAX },
+        writer: Writer { id: newest.unwrap_or(0), file: None, end: 0, max: PACK_MAX },
     };
     for id in ids {
         let path = dir.join(pack_name(id));
@@ -285,9 +328,9 @@ pub(super) fn scan(dir: &Path) -> Result<Scanned, StoreError> {
         } else if size < file_len {
             tracing::error!(path = %path.display(), at = size, len = file_len, "damaged record in a pack; the rest of it is not indexed");
         }
-        let file = Arc::new(file);
+        let file = PackFile::new(file);
         if is_newest {
-            out.writer = Writer { id, file: Some(file.clone()), end: size, broken: false, max: PACK_MAX };
+            out.writer = Writer { id, file: Some(file.clone()), end: size, max: PACK_MAX };
         }
         out.packs.insert(id, PackInfo { file, size: file_len.max(size), live: 0, pending: 0 });
     }
@@ -354,6 +397,10 @@ fn scan_pack(
                 tracing::warn!(pack = %pack_name(id), offset = pos, %hash, "packed chunk does not match its hash; not indexed");
             }
         } else {
+            let mut killed = [0u8; TOMBSTONE_LEN as usize];
+            if !read_full(&mut r, &mut killed)? {
+                return Ok(pos);
+            }
             records.push((hash, None));
         }
         pos += record_len(len);
@@ -415,19 +462,28 @@ impl Scanned {
     }
 }
 
-/// A record appended for a put and not yet indexed: keeps its pack from being compacted.
+/// A record appended for a put and not yet indexed: keeps its pack from being compacted, and
+/// its chunk's tombstones from being dropped or carried past it.
 pub(super) struct Appended<'a> {
     inner: &'a Inner,
+    hash: ChunkHash,
     loc: Loc,
-    file: Arc<File>,
+    file: Arc<PackFile>,
     len: u64,
     _reservation: Reservation<'a>,
 }
 
 impl Drop for Appended<'_> {
     fn drop(&mut self) {
-        if let Some(p) = self.inner.lock().packs.get_mut(&self.loc.pack) {
+        let mut st = self.inner.lock();
+        if let Some(p) = st.packs.get_mut(&self.loc.pack) {
             p.pending = p.pending.saturating_sub(1);
+        }
+        if let Some(a) = st.appending.get_mut(&self.hash) {
+            a.count = a.count.saturating_sub(1);
+            if a.count == 0 {
+                st.appending.remove(&self.hash);
+            }
         }
     }
 }
@@ -456,7 +512,7 @@ impl Inner {
     }
 
     /// Checks a small chunk and appends its record. `None`: the store already holds it.
-    fn append_chunk(&self, hash: ChunkHash, data: &[u8]) -> Result<Option<Appended<'_>>, StoreError> {
+    pub(super) fn append_chunk(&self, hash: ChunkHash, data: &[u8]) -> Result<Option<Appended<'_>>, StoreError> {
         let len = data.len() as u64;
         if len == 0 || data.len() > PACKED_MAX {
             return Err(StoreError::Invalid(format!("packed chunk length {len} is not in 1..={PACKED_MAX}")));
@@ -476,23 +532,35 @@ impl Inner {
         let (loc, file) = w
             .append(&self.packs.dir, &self.state, &rec)
             .map_err(|e| write_err(format!("append to a pack in {}", self.packs.dir.display()), len, e))?;
-        if let Some(p) = self.lock().packs.get_mut(&loc.pack) {
+        let mut st = self.lock();
+        if let Some(p) = st.packs.get_mut(&loc.pack) {
             p.pending += 1;
         }
+        st.appending.entry(hash).or_default().count += 1;
+        drop(st);
         drop(w);
-        Ok(Some(Appended { inner: self, loc, file, len, _reservation: reservation }))
+        Ok(Some(Appended { inner: self, hash, loc, file, len, _reservation: reservation }))
     }
 
     /// Indexes a packed chunk once its pack was synced.
-    fn finish_packed(&self, hash: ChunkHash, a: Appended<'_>, synced: io::Result<()>) -> Result<(), StoreError> {
+    pub(super) fn finish_packed(
+        &self,
+        hash: ChunkHash,
+        a: Appended<'_>,
+        synced: io::Result<()>,
+    ) -> Result<(), StoreError> {
         if let Err(e) = synced {
-            let mut w = self.packs.writer();
-            if w.id == a.loc.pack {
-                w.broken = true;
-            }
             return Err(write_err(format!("sync pack {}", pack_name(a.loc.pack)), a.len, e));
         }
         let mut st = self.lock();
+        // Deleted while this record waited (after another put of it had indexed it): the
+        // tombstone follows this record on disk, so a restart would not find it.
+        if st.appending.get(&hash).and_then(|p| p.killed_at).is_some_and(|t| t > a.loc) {
+            return Err(StoreError::io(
+                format!("store chunk {hash}"),
+                io::Error::other("deleted while it was being stored; store it again"),
+            ));
+        }
         // A concurrent put of the same chunk may have won: this record is then dead weight.
         if let std::collections::hash_map::Entry::Vacant(e) = st.index.entry(hash) {
             e.insert(a.len);
@@ -520,7 +588,7 @@ impl Inner {
             (loc, st.index.get(&hash).copied()?, st.packs.get(&loc.pack)?.file.clone())
         };
         let mut buf = vec![0u8; record_len(len) as usize];
-        if let Err(e) = file.read_exact_at(&mut buf, loc.offset) {
+        if let Err(e) = file.file.read_exact_at(&mut buf, loc.offset) {
             if e.kind() == io::ErrorKind::UnexpectedEof {
                 self.drop_packed(hash, Some(&format!("record at {} of pack {} is cut short", loc.offset, loc.pack)));
                 return Some(Err(StoreError::Corrupt(hash)));
@@ -550,31 +618,38 @@ impl Inner {
     /// stays gone after a restart. Returns whether it was packed here.
     pub(super) fn drop_packed(&self, hash: ChunkHash, why: Option<&str>) -> bool {
         let mut w = self.packs.writer();
-        if !self.lock().packed.contains_key(&hash) {
-            return false;
-        }
+        let Some(loc) = self.lock().packed.get(&hash).copied() else { return false };
         if let Some(why) = why {
             tracing::error!(%hash, why, "corrupt packed chunk dropped (its bytes copied to corrupt/)");
         }
         self.forget(hash);
         // Not synced: like a removed chunk file, a tombstone lost to a crash brings the chunk
         // back, and the master then finds it unreferenced and deletes it again.
-        if let Err(e) = w.append(&self.packs.dir, &self.state, &encode(KIND_TOMBSTONE, 0, &hash)) {
-            tracing::warn!(%hash, error = %e, "cannot append a tombstone; the chunk returns at the next start");
+        match w.append(&self.packs.dir, &self.state, &tombstone(&hash, loc.pack)) {
+            Ok((at, _)) => {
+                if let Some(a) = self.lock().appending.get_mut(&hash) {
+                    a.killed_at = a.killed_at.max(Some(at));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%hash, error = %e, "cannot append a tombstone; the chunk returns at the next start")
+            }
         }
         true
     }
 
     /// Compacts every closed pack whose live records fill less than half of it; returns how many.
     pub(super) fn compact_packs(&self) -> usize {
-        let current = self.packs.writer().id;
-        let due: Vec<u64> = self
-            .lock()
-            .packs
-            .iter()
-            .filter(|(id, p)| **id != current && p.pending == 0 && p.live * 2 < p.size.max(1))
-            .map(|(id, _)| *id)
-            .collect();
+        let due: Vec<u64> = {
+            // Under the writer lock, so that no pack is made meanwhile and taken for closed.
+            let w = self.packs.writer();
+            let st = self.lock();
+            st.packs
+                .iter()
+                .filter(|(id, p)| **id != w.id && p.pending == 0 && p.live * 2 < p.size.max(1))
+                .map(|(id, _)| *id)
+                .collect()
+        };
         let mut done = 0;
         for id in due {
             match self.compact(id) {
@@ -586,13 +661,14 @@ impl Inner {
         done
     }
 
-    /// Copies the live records (and still needed tombstones) of pack `id` to the newest pack,
-    /// syncs them, and removes pack `id`. False if something still points into it.
+    /// Copies the live records (and still needed tombstones) of the closed pack `id` to the
+    /// newest pack, syncs them, and removes pack `id`. False if something still points into it.
     fn compact(&self, id: u64) -> io::Result<bool> {
         let Some(file) = self.lock().packs.get(&id).map(|p| p.file.clone()) else { return Ok(false) };
-        let mut r = BufReader::with_capacity(1 << 20, &*file);
+        let mut r = BufReader::with_capacity(1 << 20, &file.file);
         let (mut pos, mut moved, mut carried) = (0u64, 0usize, 0usize);
         let mut rec = Vec::new();
+        let mut written: Vec<Arc<PackFile>> = Vec::new();
         loop {
             let mut head = [0u8; HEADER];
             if !read_full(&mut r, &mut head)? {
@@ -613,8 +689,14 @@ impl Inner {
                 if kind == KIND_CHUNK {
                     st.packed.get(&hash) == Some(&here)
                 } else {
-                    // A tombstone matters while an older pack may hold the chunk it kills.
-                    !st.index.contains_key(&hash) && st.packs.keys().next().is_some_and(|first| *first < id)
+                    // A tombstone matters while the pack with the chunk it kills exists, unless
+                    // the chunk is stored again (indexed, or a put of it waits: a tombstone
+                    // carried past that record would kill it at the next start).
+                    let killed = u64::from_le_bytes(rec[HEADER..HEADER + 8].try_into().expect("8 bytes"));
+                    killed != id
+                        && st.packs.contains_key(&killed)
+                        && !st.index.contains_key(&hash)
+                        && !st.appending.contains_key(&hash)
                 }
             };
             if !keep {
@@ -625,7 +707,10 @@ impl Inner {
                 self.drop_packed(hash, Some(&format!("record at {} of pack {id} does not match", here.offset)));
                 continue;
             }
-            let (loc, _) = w.append(&self.packs.dir, &self.state, &rec)?;
+            let (loc, to) = w.append(&self.packs.dir, &self.state, &rec)?;
+            if !written.iter().any(|f| Arc::ptr_eq(f, &to)) {
+                written.push(to);
+            }
             if kind == KIND_CHUNK {
                 let mut st = self.lock();
                 st.packed.insert(hash, loc);
@@ -641,18 +726,22 @@ impl Inner {
             }
         }
         // The copies are durable before the originals go.
-        if let Some(f) = self.packs.writer().file.clone() {
-            f.sync_data()?;
+        for f in &written {
+            f.sync()?;
         }
-        let mut st = self.lock();
-        if st.packed.values().any(|loc| loc.pack == id) {
-            tracing::warn!(pack = %pack_name(id), "pack still holds indexed chunks after compaction; kept");
-            return Ok(false);
+        {
+            let w = self.packs.writer();
+            let mut st = self.lock();
+            let busy = id == w.id || st.packs.get(&id).is_some_and(|p| p.pending > 0);
+            if busy || st.packed.values().any(|loc| loc.pack == id) {
+                tracing::warn!(pack = %pack_name(id), "pack still in use after compaction; kept");
+                return Ok(false);
+            }
+            st.packs.remove(&id);
         }
-        st.packs.remove(&id);
-        drop(st);
-        let path = self.packs.dir.join(pack_name(id));
-        fs::remove_file(&path)?;
+        fs::remove_file(self.packs.dir.join(pack_name(id)))?;
+        // Made durable, so that its records do not come back without the tombstones dropped.
+        sync_dir(&self.packs.dir)?;
         tracing::info!(pack = %pack_name(id), moved, carried, "pack compacted");
         Ok(true)
     }

@@ -444,3 +444,63 @@ fn changes_keep_the_latest_event() {
     store.requeue_changes(added, removed);
     assert_eq!(store.take_changes(10).1, vec![hash], "requeued changes are not lost");
 }
+
+#[test]
+fn a_put_that_waited_while_its_chunk_was_deleted_is_refused_not_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ChunkStore::open_blocking(dir.path(), None).unwrap();
+    let bytes = data(5000, 8);
+    let hash = ChunkHash::of(&bytes);
+    // Two puts of the same chunk append before either is indexed; the first is indexed, then
+    // the chunk is deleted (its tombstone lands after both records); the second then ends.
+    let first = store.inner.append_chunk(hash, &bytes).unwrap().unwrap();
+    let second = store.inner.append_chunk(hash, &bytes).unwrap().unwrap();
+    store.inner.finish_packed(hash, first, Ok(())).unwrap();
+    assert!(store.delete_blocking(&hash).unwrap());
+    let err = store.inner.finish_packed(hash, second, Ok(())).unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Io { source, .. } if source.to_string().contains("deleted while it was being stored")),
+        "{err:?}"
+    );
+    assert!(!store.contains(&hash));
+    // What the store says is what a restart finds; a put now stores it for good.
+    drop(store);
+    let store = ChunkStore::open_blocking(dir.path(), None).unwrap();
+    assert!(!store.contains(&hash));
+    store.put_blocking(hash, &bytes).unwrap();
+    drop(store);
+    assert!(ChunkStore::open_blocking(dir.path(), None).unwrap().contains(&hash));
+}
+
+#[test]
+fn compaction_does_not_carry_a_tombstone_past_a_waiting_put_of_its_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ChunkStore::open_blocking(dir.path(), None).unwrap();
+    store.inner.packs.set_pack_max(20_000);
+    let x = data(4000, 1);
+    let hx = ChunkHash::of(&x);
+    let fill: Vec<Vec<u8>> = (0..12).map(|i| data(4000, 10 + i)).collect();
+    // Four records fill a pack. Pack 1: x and filler (kept: mostly live). Pack 2: filler, x's
+    // tombstone, filler, all deleted then, so that pack 2 is compacted while a new put of x
+    // waits.
+    store.put_blocking(hx, &x).unwrap();
+    for f in &fill[..4] {
+        store.put_blocking(ChunkHash::of(f), f).unwrap();
+    }
+    assert!(store.delete_blocking(&hx).unwrap());
+    for f in &fill[4..] {
+        store.put_blocking(ChunkHash::of(f), f).unwrap();
+    }
+    for f in &fill[3..7] {
+        assert!(store.delete_blocking(&ChunkHash::of(f)).unwrap());
+    }
+    let again = store.inner.append_chunk(hx, &x).unwrap().unwrap();
+    assert!(store.inner.compact_packs() >= 1);
+    assert!(pack_files(dir.path())[0].ends_with("0000000000000001.pack"), "pack 1 is kept");
+    store.inner.finish_packed(hx, again, Ok(())).unwrap();
+    assert!(store.contains(&hx));
+    drop(store);
+    let store = ChunkStore::open_blocking(dir.path(), None).unwrap();
+    assert!(store.contains(&hx), "an acknowledged put of x is gone after a restart");
+    assert_eq!(store.get_blocking(hx, 0, 0).unwrap().bytes, x);
+}
