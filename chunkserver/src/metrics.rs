@@ -38,6 +38,9 @@ pub struct Metrics {
     chunks: Gauge,
     used_bytes: Gauge,
     capacity_bytes: Gauge,
+    packs: Gauge,
+    pack_bytes: Gauge,
+    pack_live_bytes: Gauge,
 }
 
 impl Default for Metrics {
@@ -65,6 +68,9 @@ impl Default for Metrics {
             heartbeats_failed: Counter::default(),
             chunks: Gauge::default(),
             used_bytes: Gauge::default(),
+            packs: Gauge::default(),
+            pack_bytes: Gauge::default(),
+            pack_live_bytes: Gauge::default(),
             capacity_bytes: Gauge::default(),
         }
     }
@@ -101,6 +107,13 @@ impl Metrics {
         r.register("chunks", "Chunks stored on this node", self.chunks.clone());
         r.register("used_bytes", "Bytes of the chunks stored on this node", self.used_bytes.clone());
         r.register("capacity_bytes", "Bytes this node may hold", self.capacity_bytes.clone());
+        r.register("packs", "Pack files holding small chunks", self.packs.clone());
+        r.register("pack_bytes", "Bytes of the records in pack files, dead ones included", self.pack_bytes.clone());
+        r.register(
+            "pack_live_bytes",
+            "Bytes of the pack records of chunks still stored (the rest is reclaimed by compaction)",
+            self.pack_live_bytes.clone(),
+        );
         r.register("chunk_puts", "Chunk puts answered OK (this replica and the rest of its chain)", self.puts.clone());
         r.register("chunk_put_bytes", "Bytes of chunks put and answered OK", self.put_bytes.clone());
         r.register("chunk_put_errors", "Chunk puts answered with an error", self.put_errors.clone());
@@ -143,6 +156,10 @@ impl Metrics {
         set_gauge(&self.chunks, store.chunk_count());
         set_gauge(&self.used_bytes, store.used_bytes());
         set_gauge(&self.capacity_bytes, store.capacity_bytes());
+        let packs = store.pack_stats();
+        set_gauge(&self.packs, packs.packs);
+        set_gauge(&self.pack_bytes, packs.bytes);
+        set_gauge(&self.pack_live_bytes, packs.live_bytes);
     }
 }
 
@@ -172,6 +189,8 @@ mod tests {
             "cairn_chunkserver_copied_bytes_total 0",
             "cairn_chunkserver_scrub_corrupt_chunks_total 0",
             "cairn_chunkserver_used_bytes 0",
+            "cairn_chunkserver_packs 0",
+            "cairn_chunkserver_pack_live_bytes 0",
         ] {
             assert!(text.lines().any(|l| l == line), "no line {line:?} in:\n{text}");
         }

@@ -194,6 +194,16 @@ pub const VERIFIED_FOR: std::time::Duration = std::time::Duration::from_secs(30)
 /// Verified maps kept at most (each maps up to 4 MiB of address space, no memory of its own).
 const VERIFIED_MAX: usize = 1024;
 
+/// The packs of small chunks of a store, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PackStats {
+    pub packs: u64,
+    /// Bytes of records, dead ones included.
+    pub bytes: u64,
+    /// Bytes of the records of chunks still stored.
+    pub live_bytes: u64,
+}
+
 /// The chunk store. Cheap to clone; all clones share one index.
 #[derive(Clone)]
 pub struct ChunkStore {
@@ -326,6 +336,16 @@ impl ChunkStore {
 
     pub fn contains(&self, hash: &ChunkHash) -> bool {
         self.inner.lock().index.contains_key(hash)
+    }
+
+    /// What the packs of small chunks hold.
+    pub fn pack_stats(&self) -> PackStats {
+        let st = self.inner.lock();
+        PackStats {
+            packs: st.packs.len() as u64,
+            bytes: st.packs.values().map(|p| p.size()).sum(),
+            live_bytes: st.packs.values().map(|p| p.live()).sum(),
+        }
     }
 
     /// Every hash in the index, for a full chunk report.

@@ -114,6 +114,14 @@ pub(super) struct PackInfo {
 }
 
 impl PackInfo {
+    pub(super) fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub(super) fn live(&self) -> u64 {
+        self.live
+    }
+
     /// Counts a chunk record of `len` data bytes as dead.
     pub(super) fn forget(&mut self, len: u64) {
         self.live = self.live.saturating_sub(record_len(len));

@@ -133,6 +133,10 @@ async fn packed_chunks_survive_a_reopen_and_deleted_ones_stay_deleted() {
     let store = ChunkStore::open(dir.path(), None).await.unwrap();
     assert_eq!(store.chunk_count(), 70);
     assert_eq!(store.used_bytes(), chunks[30..].iter().map(|c| c.len() as u64).sum::<u64>());
+    let stats = store.pack_stats();
+    assert_eq!(stats.packs, 1);
+    assert_eq!(stats.live_bytes, chunks[30..].iter().map(|c| 56 + c.len() as u64).sum::<u64>());
+    assert_eq!(stats.bytes, pack_bytes(dir.path()));
     for (c, h) in chunks.iter().zip(&hashes).skip(30) {
         assert_eq!(&store.get_recent(*h, 0, 0).await.unwrap().bytes[..], &c[..]);
     }
