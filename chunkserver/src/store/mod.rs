@@ -660,7 +660,6 @@ impl Inner {
     }
 }
 
-/// Creates `dir` unless it exists; returns whether this call created it.
 mod commit;
 mod pack;
 mod recovery;

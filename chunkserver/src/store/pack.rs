@@ -16,14 +16,20 @@
 //!
 //! `kind` 1 is a chunk, 2 a tombstone (a deleted chunk; its 8 data bytes name the pack that
 //! held the chunk's record, as a little-endian u64, so that compaction drops the tombstone once
-//! that pack is gone). A pack is appended to
-//! until it reaches [`PACK_MAX`]; before the next one is made the full one is synced, so only the
-//! newest pack can end with records that were never acknowledged. At open every pack is read in
-//! id order (later records win). The newest is cut at its first damaged header (a write torn by
-//! a crash: nothing after it can have been acknowledged, since a sync makes everything before
-//! it durable), and its chunks are checked against their hashes too, so that a torn record is
-//! not indexed. In an older pack a damaged header ends the scan of that pack; reads check every
-//! chunk's hash anyway.
+//! that pack is gone). A pack is appended to until it reaches [`PACK_MAX`]; before the next one
+//! is made the full one is synced, so only the newest pack can end with records that were never
+//! acknowledged. At open every pack is read in id order (later records win). The newest is cut
+//! at its first damaged header (a write torn by a crash: nothing after it can have been
+//! acknowledged, since a sync makes everything before it durable), and its chunks are checked
+//! against their hashes too, so that a torn record is not indexed. In an older pack a damaged
+//! header ends the scan of that pack; reads check every chunk's hash anyway. Reading every pack
+//! at open costs a start time that grows with the bytes packed (an index file per closed pack
+//! would cut it to the headers; not written yet).
+//!
+//! A delete appends a tombstone without a sync (like the unsynced removal of a chunk file: lost
+//! to a crash, the chunk comes back and the master deletes it again). A put of a chunk that
+//! waited for its sync while another put of the same chunk was indexed and then deleted is
+//! refused: the tombstone follows its record on disk.
 //!
 //! Deleted chunks leave dead records behind. A pack whose live records fill less than half of
 //! it is compacted: its live records (and the tombstones whose chunk's pack still exists) are
