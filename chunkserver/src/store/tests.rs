@@ -105,7 +105,11 @@ fn pack_bytes(dir: &Path) -> u64 {
 }
 
 fn pack_files(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = fs::read_dir(dir.join("packs")).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut v: Vec<PathBuf> = fs::read_dir(dir.join("packs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "pack"))
+        .collect();
     v.sort();
     v
 }
@@ -507,4 +511,70 @@ fn compaction_does_not_carry_a_tombstone_past_a_waiting_put_of_its_chunk() {
     let store = ChunkStore::open_blocking(dir.path(), None).unwrap();
     assert!(store.contains(&hx), "an acknowledged put of x is gone after a restart");
     assert_eq!(store.get_blocking(hx, 0, 0).unwrap().bytes, x);
+}
+
+fn index_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(dir.join("packs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "idx"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn closed_packs_are_loaded_from_their_index_and_read_without_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let chunks: Vec<Vec<u8>> = (0..30u8).map(|i| data(3000 + i as usize, i)).collect();
+    let hashes: Vec<ChunkHash> = chunks.iter().map(|c| ChunkHash::of(c)).collect();
+    {
+        let store = ChunkStore::open_blocking(dir.path(), None).unwrap();
+        store.inner.packs.set_pack_max(20_000);
+        for (c, h) in chunks.iter().zip(&hashes) {
+            store.put_blocking(*h, c).unwrap();
+        }
+        assert!(store.delete_blocking(&hashes[0]).unwrap());
+    }
+    let packs = pack_files(dir.path());
+    assert!(packs.len() >= 5, "{} packs", packs.len());
+    assert_eq!(index_files(dir.path()).len(), packs.len() - 1, "every closed pack has an index");
+    let check = |store: &ChunkStore| {
+        assert_eq!(store.chunk_count(), 29);
+        assert!(!store.contains(&hashes[0]));
+        for (c, h) in chunks.iter().zip(&hashes).skip(1) {
+            assert_eq!(&store.get_blocking(*h, 0, 0).unwrap().bytes[..], &c[..]);
+        }
+    };
+    // The index is what a start reads: a header damaged in a closed pack hides nothing after it.
+    let f = OpenOptions::new().read(true).write(true).open(&packs[0]).unwrap();
+    let second = 56 + 3000;
+    f.write_all_at(b"XXXX", second).unwrap();
+    drop(f);
+    let store = ChunkStore::open_blocking(dir.path(), None).unwrap();
+    assert_eq!(store.chunk_count(), 29);
+    assert!(matches!(store.get_blocking(hashes[1], 0, 0), Err(StoreError::Corrupt(_))));
+    assert!(store.contains(&hashes[2]), "a chunk after the damaged header is indexed");
+    store.put_blocking(hashes[1], &chunks[1]).unwrap();
+    check(&store);
+    drop(store);
+    // Damaged or missing indexes: the packs are read instead.
+    let idx = index_files(dir.path());
+    fs::write(&idx[1], b"not an index").unwrap();
+    fs::remove_file(&idx[2]).unwrap();
+    let store = ChunkStore::open_blocking(dir.path(), None).unwrap();
+    check(&store);
+    drop(store);
+    // An index goes with its pack when the pack is compacted.
+    let store = ChunkStore::open_blocking(dir.path(), None).unwrap();
+    for h in &hashes[1..] {
+        assert!(store.delete_blocking(h).unwrap());
+    }
+    assert!(store.inner.compact_packs() >= 4);
+    let left = pack_files(dir.path());
+    for i in index_files(dir.path()) {
+        assert!(left.contains(&i.with_extension("pack")), "{} outlived its pack", i.display());
+    }
+    drop(store);
+    assert_eq!(ChunkStore::open_blocking(dir.path(), None).unwrap().chunk_count(), 0);
 }
