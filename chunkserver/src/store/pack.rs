@@ -44,7 +44,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -120,6 +120,9 @@ pub(super) struct PackInfo {
     /// Records appended but not yet indexed (their puts wait for a sync); such a pack is not
     /// compacted, or their records would be left behind.
     pending: u32,
+    /// Compaction met a damaged header in it: what follows (known from its index) cannot be
+    /// copied, so the pack is kept as it is, and not read again every round.
+    damaged: bool,
 }
 
 impl PackInfo {
@@ -240,7 +243,7 @@ impl Writer {
             let _ = fs::remove_file(&path);
             return Err(e);
         }
-        lock(state).packs.insert(id, PackInfo { file: file.clone(), size: 0, live: 0, pending: 0 });
+        lock(state).packs.insert(id, PackInfo { file: file.clone(), size: 0, live: 0, pending: 0, damaged: false });
         *self = Writer { id, file: Some(file), end: 0, records: Vec::new(), max: self.max };
         Ok(())
     }
@@ -329,6 +332,25 @@ fn pack_ids(dir: &Path) -> Result<Vec<u64>, StoreError> {
     Ok(ids)
 }
 
+/// Removes index temp files and indexes whose pack is gone (a crash during a rotation or a
+/// compaction).
+fn remove_stray_indexes(dir: &Path, ids: &[u64]) -> Result<(), StoreError> {
+    for entry in fs::read_dir(dir).map_err(|e| StoreError::io(format!("list {}", dir.display()), e))? {
+        let entry = entry.map_err(|e| StoreError::io(format!("list {}", dir.display()), e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let stray = name.ends_with(".idx.tmp")
+            || name.strip_suffix(".idx").is_some_and(|h| {
+                u64::from_str_radix(h, 16).map_or(true, |id| !ids.contains(&id) || name != index_name(id))
+            });
+        if stray {
+            tracing::info!(path = %entry.path().display(), "removing a stray pack index");
+            fs::remove_file(entry.path())
+                .map_err(|e| StoreError::io(format!("remove {}", entry.path().display()), e))?;
+        }
+    }
+    Ok(())
+}
+
 /// A record as the index sees it: a chunk (its length and where its record is) or a tombstone.
 type Record = (ChunkHash, Option<(u64, Loc)>);
 
@@ -397,6 +419,7 @@ fn read_index(dir: &Path, id: u64, pack_len: u64) -> Option<Vec<Record>> {
 pub(super) fn scan(dir: &Path) -> Result<Scanned, StoreError> {
     fs::create_dir_all(dir).map_err(|e| StoreError::io(format!("create {}", dir.display()), e))?;
     let ids = pack_ids(dir)?;
+    remove_stray_indexes(dir, &ids)?;
     let newest = ids.last().copied();
     let mut out = Scanned {
         packs: BTreeMap::new(),
@@ -434,7 +457,7 @@ pub(super) fn scan(dir: &Path) -> Result<Scanned, StoreError> {
             out.writer = Writer { id, file: Some(file.clone()), end: size, records: records.clone(), max: PACK_MAX };
         }
         out.records.extend(records);
-        out.packs.insert(id, PackInfo { file, size: file_len.max(size), live: 0, pending: 0 });
+        out.packs.insert(id, PackInfo { file, size: file_len.max(size), live: 0, pending: 0, damaged: false });
     }
     Ok(out)
 }
@@ -473,7 +496,7 @@ pub fn packed_chunks(data_dir: &Path) -> Result<HashSet<ChunkHash>, StoreError> 
 /// Reads the records of one pack into `records` and returns where the intact ones end. With
 /// `verify`, each chunk's data must match its hash too.
 fn scan_pack(file: &File, id: u64, verify: bool, records: &mut Vec<Record>) -> io::Result<u64> {
-    let mut r = BufReader::with_capacity(1 << 20, file);
+    let mut r = BufReader::with_capacity(1 << 20, ReadAt { file, pos: 0 });
     let mut pos = 0u64;
     let mut data = Vec::new();
     loop {
@@ -508,6 +531,33 @@ fn scan_pack(file: &File, id: u64, verify: bool, records: &mut Vec<Record>) -> i
             records.push((hash, None));
         }
         pos += record_len(len);
+    }
+}
+
+/// Reads a file from the start with `pread`, leaving the descriptor's own offset alone: a pack's
+/// file is shared (reads, the writer, compaction), and a scan that moved its offset would make
+/// the next sequential reader start at the end and see no records.
+struct ReadAt<'a> {
+    file: &'a File,
+    pos: u64,
+}
+
+impl Read for ReadAt<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for ReadAt<'_> {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        self.pos = match to {
+            SeekFrom::Start(n) => n,
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d).ok_or(io::ErrorKind::InvalidInput)?,
+            SeekFrom::End(d) => self.file.metadata()?.len().checked_add_signed(d).ok_or(io::ErrorKind::InvalidInput)?,
+        };
+        Ok(self.pos)
     }
 }
 
@@ -750,7 +800,7 @@ impl Inner {
             let st = self.lock();
             st.packs
                 .iter()
-                .filter(|(id, p)| **id != w.id && p.pending == 0 && p.live * 2 < p.size.max(1))
+                .filter(|(id, p)| **id != w.id && p.pending == 0 && !p.damaged && p.live * 2 < p.size.max(1))
                 .map(|(id, _)| *id)
                 .collect()
         };
@@ -768,8 +818,8 @@ impl Inner {
     /// Copies the live records (and still needed tombstones) of the closed pack `id` to the
     /// newest pack, syncs them, and removes pack `id`. False if something still points into it.
     fn compact(&self, id: u64) -> io::Result<bool> {
-        let Some(file) = self.lock().packs.get(&id).map(|p| p.file.clone()) else { return Ok(false) };
-        let mut r = BufReader::with_capacity(1 << 20, &file.file);
+        let Some((file, size)) = self.lock().packs.get(&id).map(|p| (p.file.clone(), p.size)) else { return Ok(false) };
+        let mut r = BufReader::with_capacity(1 << 20, ReadAt { file: &file.file, pos: 0 });
         let (mut pos, mut moved, mut carried) = (0u64, 0usize, 0usize);
         let mut rec = Vec::new();
         let mut written: Vec<Arc<PackFile>> = Vec::new();
@@ -833,22 +883,33 @@ impl Inner {
         for f in &written {
             f.sync()?;
         }
-        {
-            let w = self.packs.writer();
-            let mut st = self.lock();
-            let busy = id == w.id || st.packs.get(&id).is_some_and(|p| p.pending > 0);
-            if busy || st.packed.values().any(|loc| loc.pack == id) {
-                tracing::warn!(pack = %pack_name(id), "pack still in use after compaction; kept");
-                return Ok(false);
+        let w = self.packs.writer();
+        let mut st = self.lock();
+        if pos < size {
+            // Records after a damaged header were loaded from the index (tombstones too): the
+            // pack must stay, or what they say would be lost.
+            tracing::error!(pack = %pack_name(id), at = pos, size, "damaged record header; the pack is not compacted");
+            if let Some(p) = st.packs.get_mut(&id) {
+                p.damaged = true;
             }
-            st.packs.remove(&id);
+            return Ok(false);
+        }
+        let busy = id == w.id || st.packs.get(&id).is_some_and(|p| p.pending > 0);
+        if busy || st.packed.values().any(|loc| loc.pack == id) {
+            tracing::warn!(pack = %pack_name(id), "pack still in use after compaction; kept");
+            return Ok(false);
         }
         // The index first: a pack without one is read; an index without its pack would be stale.
+        // Only once both are gone does the pack leave the state (its tombstones' chunks may be
+        // in it until then).
         match fs::remove_file(self.packs.dir.join(index_name(id))) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
         fs::remove_file(self.packs.dir.join(pack_name(id)))?;
+        st.packs.remove(&id);
+        drop(st);
+        drop(w);
         // Made durable, so that its records do not come back without the tombstones dropped.
         sync_dir(&self.packs.dir)?;
         tracing::info!(pack = %pack_name(id), moved, carried, "pack compacted");

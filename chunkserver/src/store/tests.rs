@@ -570,8 +570,12 @@ fn closed_packs_are_loaded_from_their_index_and_read_without_one() {
     for h in &hashes[1..] {
         assert!(store.delete_blocking(h).unwrap());
     }
-    assert!(store.inner.compact_packs() >= 4);
+    // Packs 2 and 3 were read at this start (their indexes are broken or gone): compaction
+    // reads them again from their first record.
+    assert!(store.inner.compact_packs() >= 3);
     let left = pack_files(dir.path());
+    assert_eq!(left[0], packs[0], "a pack with a damaged header is not compacted: its index said more than it shows");
+    assert_eq!(store.inner.compact_packs(), 0, "nor tried again");
     for i in index_files(dir.path()) {
         assert!(left.contains(&i.with_extension("pack")), "{} outlived its pack", i.display());
     }
