@@ -78,14 +78,7 @@ impl GroupCommit {
         let dir = File::open(chunks_dir)?;
         let (tx, mut rx) = mpsc::channel::<Job>(QUEUE);
         std::thread::Builder::new().name("chunk-commit".into()).spawn(move || {
-            while let Some(first) = rx.blocking_recv() {
-                let mut batch = vec![first];
-                while batch.len() < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(j) => batch.push(j),
-                        Err(_) => break,
-                    }
-                }
+            while let Some(batch) = next_batch(&mut rx, MAX_BATCH) {
                 let data = syncfs(&dir);
                 let linked: Vec<io::Result<()>> = batch
                     .iter()
@@ -115,6 +108,19 @@ impl GroupCommit {
         self.tx.blocking_send(job).map_err(|_| stopped())?;
         done.blocking_recv().map_err(|_| stopped())?
     }
+}
+
+/// Waits for a job, then takes every job already waiting, up to `max` in all; `None` once every
+/// sender is gone. How a group commit thread gathers its next batch.
+pub(super) fn next_batch<T>(rx: &mut mpsc::Receiver<T>, max: usize) -> Option<Vec<T>> {
+    let mut batch = vec![rx.blocking_recv()?];
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(j) => batch.push(j),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
 }
 
 fn stopped() -> io::Error {

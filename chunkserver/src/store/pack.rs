@@ -150,7 +150,7 @@ fn check(head: &[u8]) -> u64 {
 }
 
 /// A tombstone record for `hash`, whose record is in pack `killed`.
-pub(super) fn tombstone(hash: &ChunkHash, killed: u64) -> Vec<u8> {
+fn tombstone(hash: &ChunkHash, killed: u64) -> Vec<u8> {
     let mut rec = encode(KIND_TOMBSTONE, TOMBSTONE_LEN as u32, hash).to_vec();
     rec.extend_from_slice(&killed.to_le_bytes());
     rec
@@ -279,14 +279,7 @@ impl Packs {
 fn start_syncer() -> io::Result<mpsc::Sender<SyncJob>> {
     let (tx, mut rx) = mpsc::channel::<SyncJob>(SYNC_QUEUE);
     std::thread::Builder::new().name("pack-sync".into()).spawn(move || {
-        while let Some(first) = rx.blocking_recv() {
-            let mut batch = vec![first];
-            while batch.len() < SYNC_QUEUE {
-                match rx.try_recv() {
-                    Ok(j) => batch.push(j),
-                    Err(_) => break,
-                }
-            }
+        while let Some(batch) = super::commit::next_batch(&mut rx, SYNC_QUEUE) {
             // Each pack is synced once per batch; its outcome answers every record in it.
             type Outcome = Result<(), (io::ErrorKind, String)>;
             let mut synced: Vec<(Arc<PackFile>, Outcome)> = Vec::new();
@@ -571,7 +564,8 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<bool> {
 }
 
 impl Packs {
-    /// The packs of a store whose scan was `scanned`; starts the sync thread.
+    /// The packs in `dir`, appended to by `writer` (from [`Scanned::load`]); starts the sync
+    /// thread.
     pub(super) fn start(dir: PathBuf, writer: Writer) -> io::Result<Packs> {
         Ok(Packs { dir, writer: Mutex::new(writer), sync: start_syncer()? })
     }
