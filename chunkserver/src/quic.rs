@@ -323,7 +323,12 @@ async fn handle_get(server: &Server, get: GetChunk, send: &mut SendStream) -> Op
         write_response(send, &resp, idle).await;
         return None;
     };
-    let read = match server.store.get_recent(hash, get.offset, get.length).await {
+    let read = if get.reader_checks {
+        server.store.get_for_checking_reader(hash, get.offset, get.length).await
+    } else {
+        server.store.get_recent(hash, get.offset, get.length).await
+    };
+    let read = match read {
         Ok(read) => read,
         Err(e) => {
             if !matches!(e, StoreError::NotFound(_)) {
@@ -511,7 +516,7 @@ pub(crate) async fn fetch(pool: &Pool, addr: &str, hash: &ChunkHash, timeout: Du
         let (mut send, mut recv) = pool.open(addr).await?;
         let req = ChunkRequest {
             request_id: format!("copy-{}", &hash.to_hex()[..12]),
-            op: Some(Op::Get(GetChunk { hash: hash.0.to_vec(), offset: 0, length: 0 })),
+            op: Some(Op::Get(GetChunk { hash: hash.0.to_vec(), offset: 0, length: 0, reader_checks: false })),
         };
         send.write_all(&frame::encode(&req)).await?;
         send.finish()?;

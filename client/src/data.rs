@@ -277,9 +277,12 @@ impl DataPlane {
     }
 
     /// Reads `length` bytes at `offset` of a chunk from one replica (length 0: the rest). A whole
-    /// chunk is checked against its hash here; a range was checked by the server, which verifies
-    /// the chunk before it serves any part of it. The replica must start answering within
-    /// `patience` (connection included).
+    /// chunk is checked against its hash here, and the server is told so: it sends its copy
+    /// without hashing it first. If the bytes do not match, the chunk is asked for again with
+    /// the server's check, which moves a damaged copy out of its store and answers "corrupt"
+    /// (damage in transit would not get past QUIC's own integrity checks). A range was checked
+    /// by the server, which verifies the chunk before it serves any part of it. The replica must
+    /// start answering within `patience` (connection included).
     pub async fn get_chunk(
         &self,
         node: &ChunkserverRef,
@@ -289,9 +292,34 @@ impl DataPlane {
         length: u64,
         patience: Duration,
     ) -> Result<Bytes, ChunkError> {
+        let whole = offset == 0 && (length == 0 || length == chunk_len);
+        if whole {
+            match self.get_chunk_from(node, hash, chunk_len, offset, length, patience, true).await {
+                Err(ChunkError::Corrupt(why)) => {
+                    tracing::warn!(chunk = %hex::encode(hash), addr = %node.addr, "{why}; asking it to check its copy");
+                }
+                r => return r,
+            }
+        }
+        self.get_chunk_from(node, hash, chunk_len, offset, length, patience, false).await
+    }
+
+    /// [`DataPlane::get_chunk`] in one request; `reader_checks` tells the server that a whole
+    /// chunk is hashed here.
+    #[allow(clippy::too_many_arguments)]
+    async fn get_chunk_from(
+        &self,
+        node: &ChunkserverRef,
+        hash: &[u8; 32],
+        chunk_len: u64,
+        offset: u64,
+        length: u64,
+        patience: Duration,
+        reader_checks: bool,
+    ) -> Result<Bytes, ChunkError> {
         let req = ChunkRequest {
             request_id: request_id(),
-            op: Some(chunk_request::Op::Get(GetChunk { hash: hash.to_vec(), offset, length })),
+            op: Some(chunk_request::Op::Get(GetChunk { hash: hash.to_vec(), offset, length, reader_checks })),
         };
         let want = if length == 0 { chunk_len.saturating_sub(offset) } else { length };
         let fetch = async {

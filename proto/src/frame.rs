@@ -48,7 +48,7 @@ mod tests {
     async fn round_trip_and_rejects_garbage() {
         let req = ChunkRequest {
             request_id: "r1".into(),
-            op: Some(Op::Get(GetChunk { hash: vec![7; 32], offset: 5, length: 9 })),
+            op: Some(Op::Get(GetChunk { hash: vec![7; 32], offset: 5, length: 9, reader_checks: true })),
         };
         let bytes = encode(&req);
         let back: ChunkRequest = read(&mut &bytes[..]).await.unwrap();

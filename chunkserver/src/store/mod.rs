@@ -449,6 +449,26 @@ impl ChunkStore {
             .map_err(|e| StoreError::io("get task failed", io::Error::other(e)))?
     }
 
+    /// [`ChunkStore::get_recent`] for a reader that hashes the whole chunk it receives (the
+    /// client library does): a whole chunk file is then served without being hashed here too,
+    /// which would double the CPU of every large read. Its size is still checked. A reader that
+    /// finds a mismatch asks again with [`ChunkStore::get_recent`], which finds, quarantines and
+    /// reports a damaged copy. Ranges and packed chunks are served as by `get_recent`.
+    pub async fn get_for_checking_reader(
+        &self,
+        hash: ChunkHash,
+        offset: u64,
+        length: u64,
+    ) -> Result<ChunkRead, StoreError> {
+        if let Some(map) = self.inner.recently_verified(&hash, std::time::Instant::now()) {
+            return slice_map(map, offset, length);
+        }
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || inner.read_file_chunk(hash, offset, length, false))
+            .await
+            .map_err(|e| StoreError::io("get task failed", io::Error::other(e)))?
+    }
+
     /// Deletes the chunk `hash` (the master found it unreferenced or surplus) and queues its
     /// removal for the master. Returns whether it was here.
     pub fn delete_blocking(&self, hash: &ChunkHash) -> Result<bool, StoreError> {
@@ -574,6 +594,14 @@ impl Inner {
 
     /// Hashes the whole chunk `hash`, keeps its map as verified, and slices it.
     fn get_blocking(&self, hash: ChunkHash, offset: u64, length: u64) -> Result<ChunkRead, StoreError> {
+        self.read_file_chunk(hash, offset, length, true)
+    }
+
+    /// Reads `length` bytes at `offset` of the chunk `hash`. With `check`, or for a packed
+    /// chunk, or for less than the whole chunk, the chunk is hashed first (see
+    /// [`Inner::get_blocking`]); otherwise a whole chunk file is served as it is, its size
+    /// checked, for a reader that hashes it itself.
+    fn read_file_chunk(&self, hash: ChunkHash, offset: u64, length: u64, check: bool) -> Result<ChunkRead, StoreError> {
         if let Some(read) = self.get_packed(hash, offset, length) {
             return read;
         }
@@ -596,11 +624,20 @@ impl Inner {
             self.quarantine(hash, &format!("size {file_len}, expected {indexed_len}"));
             return Err(StoreError::Corrupt(hash));
         }
+        // A whole chunk that is not hashed here is read in now, on this blocking thread, so that
+        // sending it does not fault its pages in from disk on the async threads.
+        let unchecked = !check && offset == 0 && (length == 0 || length >= file_len);
+        let mut opts = memmap2::MmapOptions::new();
+        if unchecked {
+            opts.populate();
+        }
         // SAFETY: chunk files are immutable: this process never writes a file once it is under
         // `by-hash/`, only renames it away, which leaves the mapping intact. Another process
         // truncating it would be outside Cairn's model (like a disk failure).
-        let map =
-            unsafe { memmap2::Mmap::map(&file) }.map_err(|e| StoreError::io(format!("mmap {}", path.display()), e))?;
+        let map = unsafe { opts.map(&file) }.map_err(|e| StoreError::io(format!("mmap {}", path.display()), e))?;
+        if unchecked {
+            return slice_map(Arc::new(map), 0, 0);
+        }
         let actual = ChunkHash::of(&map);
         if actual != hash {
             self.quarantine(hash, &format!("content hashes to {actual}"));

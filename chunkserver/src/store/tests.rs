@@ -327,6 +327,39 @@ async fn corrupt_chunk_is_detected_and_moved() {
 }
 
 #[tokio::test]
+async fn a_checking_reader_gets_whole_chunks_unhashed_and_ranges_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ChunkStore::open(dir.path(), None).await.unwrap();
+    let bytes = data(300_000, 4);
+    let hash = ChunkHash::of(&bytes);
+    store.put(hash, Bytes::from(bytes.clone())).await.unwrap();
+    let path = store.chunk_path(&hash);
+    let mut damaged = bytes.clone();
+    damaged[7000] ^= 0x40;
+    fs::write(&path, &damaged).unwrap();
+
+    // The whole chunk goes out as stored: the reader hashes it and finds the damage itself.
+    for length in [0, bytes.len() as u64] {
+        let read = store.get_for_checking_reader(hash, 0, length).await.unwrap();
+        assert_eq!(&read.bytes[..], &damaged[..]);
+    }
+    assert!(path.exists() && store.contains(&hash), "not hashed, not quarantined");
+    // Nor is the unhashed copy remembered as verified for ranged reads.
+    let err = store.get_for_checking_reader(hash, 10, 20).await.unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
+    assert!(!path.exists());
+    assert_eq!(files_in(&dir.path().join("corrupt")), 1);
+
+    // A size that does not match the index is refused without hashing.
+    let other = data(200_000, 5);
+    let other_hash = ChunkHash::of(&other);
+    store.put(other_hash, Bytes::from(other.clone())).await.unwrap();
+    fs::write(store.chunk_path(&other_hash), &other[..1000]).unwrap();
+    let err = store.get_for_checking_reader(other_hash, 0, 0).await.unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
+}
+
+#[tokio::test]
 async fn reopen_rebuilds_index_and_empties_tmp() {
     let dir = tempfile::tempdir().unwrap();
     let (node_id, hashes) = {

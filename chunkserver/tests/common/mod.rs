@@ -77,7 +77,7 @@ pub async fn get(
         let (mut send, mut recv) = conn.open_bi().await?;
         let req = ChunkRequest {
             request_id: "test-get".into(),
-            op: Some(Op::Get(GetChunk { hash: hash.to_vec(), offset, length })),
+            op: Some(Op::Get(GetChunk { hash: hash.to_vec(), offset, length, reader_checks: false })),
         };
         send.write_all(&frame::encode(&req)).await?;
         send.finish()?;
