@@ -186,6 +186,16 @@ fn posix_semantics_of_names_links_appends_truncate_and_mmap() {
             ! cat s 2>/dev/null && test -L s",
     );
     sh(&d, "mkfifo fifo && test -p fifo && setfattr -n user.k -v val a && test \"$(getfattr --only-values -n user.k a)\" = val");
+    // A write drops file capabilities (the kernel asks for them first; an open file answers
+    // from its open, and forgets that when an xattr changes through the mount).
+    sh(
+        &d,
+        "python3 -c \"import os\nf=os.open('capf',os.O_CREAT|os.O_WRONLY,0o755); os.write(f,b'a')\n\
+os.setxattr('capf','security.capability',bytes.fromhex('00000002'+'01000000'+'00'*12))\n\
+assert os.getxattr('capf','security.capability')[4]==1; os.write(f,b'b'); os.close(f)\n\
+try: os.getxattr('capf','security.capability'); raise SystemExit('the capability outlived a write')\n\
+except OSError as e: assert e.errno==61, e\"",
+    );
     // mmap: write through a shared mapping, read back through read(2) after close.
     sh(
         &d,

@@ -121,7 +121,16 @@ pub struct FileState {
     mem: InMemory,
     /// When the first change since the last commit was made.
     changed_since: Option<std::time::Instant>,
+    /// The file's `security.capability` as of its last open here (`Some(None)`: it had none);
+    /// `None` when unknown. The kernel asks for it before the first write through each open
+    /// file, to drop file capabilities on write: see [`CAPABILITY`].
+    pub capability: Option<Option<Vec<u8>>>,
 }
+
+/// The extended attribute the kernel reads before writes (`security.capability`). An open file
+/// answers it from what its open (or create) saw, as its content is (close-to-open); a change
+/// through this mount forgets that.
+pub const CAPABILITY: &str = "security.capability";
 
 impl FileState {
     pub fn new(attr: Attr, ctx: &Ctx) -> FileState {
@@ -135,6 +144,7 @@ impl FileState {
             last_written: None,
             mem: InMemory { total: ctx.in_memory.clone(), segs: Default::default() },
             changed_since: None,
+            capability: None,
         }
     }
 
@@ -165,6 +175,16 @@ impl FileState {
         self.set_segs(r.extents);
         self.loaded = true;
         Ok(())
+    }
+
+    /// A file this mount has just made: empty, with nothing to fetch from the masters before
+    /// its first write (which would otherwise ask for its extents).
+    pub fn made_empty(&mut self) {
+        if !self.loaded && !self.dirty && self.attr.size == 0 {
+            self.set_segs(Vec::new());
+            self.loaded = true;
+            self.capability = Some(None);
+        }
     }
 
     /// Takes the masters' view of the file from an open: a newer version than this mount's (another

@@ -598,6 +598,29 @@ impl CairnFs {
         });
     }
 
+    /// An xattr change of `ino`: a file open here forgets the capability its open saw (see
+    /// [`file::CAPABILITY`]), before the change and again once it is done.
+    fn xattr_op(&self, ino: u64, op: Op, reply: ReplyEmpty) {
+        let this = self.clone();
+        let change = self.changing(Change::All);
+        self.spawn(async move {
+            this.forget_capability(ino).await;
+            let res = this.change_node(op).await;
+            this.forget_capability(ino).await;
+            drop(change);
+            match res {
+                Ok(_) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    async fn forget_capability(&self, ino: u64) {
+        if let Some(st) = self.open_state(ino) {
+            st.lock().await.capability = None;
+        }
+    }
+
     /// A mutation that answers with nothing.
     fn empty_op(&self, op: Op, reply: ReplyEmpty) {
         let this = self.clone();
@@ -924,7 +947,9 @@ impl Filesystem for CairnFs {
             let attr = file.attr.clone().unwrap_or_default();
             let (fh, keep) = this.open_file(&attr);
             if let Some(st) = this.open_state(ino.0) {
-                st.lock().await.refresh(file);
+                let mut st = st.lock().await;
+                st.capability = Some(file.xattrs.get(file::CAPABILITY).cloned());
+                st.refresh(file);
             }
             let flags = if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
             reply.opened(FileHandle(fh), flags);
@@ -1134,21 +1159,37 @@ impl Filesystem for CairnFs {
             create: flags & libc::XATTR_CREATE != 0,
             replace: flags & libc::XATTR_REPLACE != 0,
         });
-        self.empty_op(op, reply);
+        self.xattr_op(ino.0, op, reply);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let Some(name) = name.to_str().map(str::to_string) else { return reply.error(Errno::EINVAL) };
         let this = self.clone();
-        self.spawn(async move {
-            match this.client().xattrs(ino.0).await {
-                Ok(x) => match x.get(&name) {
-                    None => reply.error(Errno::from_i32(libc::ENODATA)),
-                    Some(v) => xattr_reply(reply, size, v),
+        let open = if name == file::CAPABILITY { self.open_state(ino.0) } else { None };
+        let inline = open.is_some();
+        let answer = async move {
+            // The kernel's question before a write, answered from the open when it knows.
+            let known = match open {
+                Some(st) => st.lock().await.capability.clone(),
+                None => None,
+            };
+            let value = match known {
+                Some(v) => v,
+                None => match this.client().xattrs(ino.0).await {
+                    Ok(mut x) => x.remove(&name),
+                    Err(e) => return reply.error(errno(&e)),
                 },
-                Err(e) => reply.error(errno(&e)),
+            };
+            match value {
+                None => reply.error(Errno::from_i32(libc::ENODATA)),
+                Some(v) => xattr_reply(reply, size, &v),
             }
-        });
+        };
+        if inline {
+            self.run_inline(answer);
+        } else {
+            self.spawn(answer);
+        }
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
@@ -1170,7 +1211,7 @@ impl Filesystem for CairnFs {
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let Some(name) = name.to_str() else { return reply.error(Errno::EINVAL) };
-        self.empty_op(Op::RemoveXattr(RemoveXattr { inode: ino.0, name: name.to_string() }), reply);
+        self.xattr_op(ino.0, Op::RemoveXattr(RemoveXattr { inode: ino.0, name: name.to_string() }), reply);
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
@@ -1242,6 +1283,9 @@ impl Filesystem for CairnFs {
             match res {
                 Ok(a) => {
                     let (fh, _) = this.open_file(&a);
+                    if let Some(st) = this.open_state(a.inode) {
+                        st.lock().await.made_empty();
+                    }
                     reply.created(&this.ttl(), &to_file_attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty())
                 }
                 Err(e) => reply.error(e),
