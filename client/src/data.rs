@@ -32,8 +32,10 @@ pub enum ChunkError {
     Unreachable(String),
     /// The node answered with an error status.
     Refused(Status, String),
-    /// The bytes received do not match the chunk's hash (or the node said its copy is corrupt).
+    /// The node said its copy is corrupt (it moved it aside).
     Corrupt(String),
+    /// The bytes received do not match the chunk's hash.
+    Mismatch(String),
 }
 
 impl std::fmt::Display for ChunkError {
@@ -43,7 +45,7 @@ impl std::fmt::Display for ChunkError {
             ChunkError::Refused(s, m) => {
                 write!(f, "{}: {m}", s.as_str_name().trim_start_matches("STATUS_").to_lowercase())
             }
-            ChunkError::Corrupt(m) => write!(f, "corrupt: {m}"),
+            ChunkError::Corrupt(m) | ChunkError::Mismatch(m) => write!(f, "corrupt: {m}"),
         }
     }
 }
@@ -293,15 +295,20 @@ impl DataPlane {
         patience: Duration,
     ) -> Result<Bytes, ChunkError> {
         let whole = offset == 0 && (length == 0 || length == chunk_len);
-        if whole {
-            match self.get_chunk_from(node, hash, chunk_len, offset, length, patience, true).await {
-                Err(ChunkError::Corrupt(why)) => {
-                    tracing::warn!(chunk = %hex::encode(hash), addr = %node.addr, "{why}; asking it to check its copy");
-                }
-                r => return r,
-            }
+        if !whole {
+            return self.get_chunk_from(node, hash, chunk_len, offset, length, patience, false).await;
         }
-        self.get_chunk_from(node, hash, chunk_len, offset, length, patience, false).await
+        let why = match self.get_chunk_from(node, hash, chunk_len, offset, length, patience, true).await {
+            Err(ChunkError::Mismatch(why)) => why,
+            r => return r,
+        };
+        tracing::warn!(chunk = %hex::encode(hash), addr = %node.addr, "{why}; asking it to check its copy");
+        match self.get_chunk_from(node, hash, chunk_len, offset, length, patience, false).await {
+            Ok(b) => Ok(b),
+            Err(e @ (ChunkError::Corrupt(_) | ChunkError::Mismatch(_))) => Err(e),
+            // The copy did not match: it is reported as such even when its check could not run.
+            Err(_) => Err(ChunkError::Mismatch(why)),
+        }
     }
 
     /// [`DataPlane::get_chunk`] in one request; `reader_checks` tells the server that a whole
@@ -353,7 +360,7 @@ impl DataPlane {
         if offset == 0 && want == chunk_len {
             let h = hash_chunk(data.clone()).await;
             if &h != hash {
-                return Err(ChunkError::Corrupt(format!("bytes from {} do not match the chunk hash", node.addr)));
+                return Err(ChunkError::Mismatch(format!("bytes from {} do not match the chunk hash", node.addr)));
             }
         }
         Ok(data)

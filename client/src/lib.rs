@@ -672,7 +672,7 @@ impl Client {
                     }
                     Err(e) => {
                         tracing::warn!(chunk = %hex::encode(hash), node = r.id, addr = %r.addr, "read failed: {e}");
-                        if let data::ChunkError::Corrupt(_) = e {
+                        if let data::ChunkError::Corrupt(_) | data::ChunkError::Mismatch(_) = e {
                             self.report_bad(&hash, r.id, &e.to_string()).await;
                         } else {
                             data.failed(r.id);

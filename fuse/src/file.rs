@@ -121,15 +121,15 @@ pub struct FileState {
     mem: InMemory,
     /// When the first change since the last commit was made.
     changed_since: Option<std::time::Instant>,
-    /// The file's `security.capability` as of its last open here (`Some(None)`: it had none);
-    /// `None` when unknown. The kernel asks for it before the first write through each open
-    /// file, to drop file capabilities on write: see [`CAPABILITY`].
-    pub capability: Option<Option<Vec<u8>>>,
+    /// The file's `security.capability` as an open or create here saw it (`None` inside: it had
+    /// none), and until when that may be trusted; `None` when unknown. See [`CAPABILITY`].
+    pub capability: Option<(Option<Vec<u8>>, std::time::Instant)>,
 }
 
-/// The extended attribute the kernel reads before writes (`security.capability`). An open file
-/// answers it from what its open (or create) saw, as its content is (close-to-open); a change
-/// through this mount forgets that.
+/// The extended attribute the kernel reads before writes and chowns (`security.capability`),
+/// to drop file capabilities. An open file answers it from what its open (or create) saw, for
+/// at most the attribute TTL counted from before that call (the staleness the kernel allows its
+/// cached mode bits, set-user-ID included), unless an xattr changed through this mount since.
 pub const CAPABILITY: &str = "security.capability";
 
 impl FileState {
@@ -178,12 +178,13 @@ impl FileState {
     }
 
     /// A file this mount has just made: empty, with nothing to fetch from the masters before
-    /// its first write (which would otherwise ask for its extents).
-    pub fn made_empty(&mut self) {
+    /// its first write (which would otherwise ask for its extents). With `no_capability_until`,
+    /// it has no `security.capability` until then (see [`CAPABILITY`]).
+    pub fn made_empty(&mut self, no_capability_until: Option<std::time::Instant>) {
         if !self.loaded && !self.dirty && self.attr.size == 0 {
             self.set_segs(Vec::new());
             self.loaded = true;
-            self.capability = Some(None);
+            self.capability = no_capability_until.map(|t| (None, t));
         }
     }
 

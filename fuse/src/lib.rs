@@ -231,6 +231,9 @@ struct Inner {
     /// This mount's session: files it keeps open after their last name went away are kept for
     /// it while it renews the session (see [`CairnFs::start_keepalive`]).
     keeper: u64,
+    /// Bumped before and after every xattr change through the mount: an open or create that
+    /// saw it move keeps no `security.capability` answer (see [`file::CAPABILITY`]).
+    xattr_gen: AtomicU64,
 }
 
 /// A change made through the mount, in flight: see [`CairnFs::changing`]. Dropped once the
@@ -273,6 +276,7 @@ impl CairnFs {
                 listings: Mutex::new(Listings::default()),
                 dir_attrs: Mutex::new(DirAttrs::default()),
                 keeper: rand::random::<u64>().max(1),
+                xattr_gen: AtomicU64::new(0),
             }),
         };
         fs.start_committer();
@@ -604,8 +608,10 @@ impl CairnFs {
         let this = self.clone();
         let change = self.changing(Change::All);
         self.spawn(async move {
+            this.inner.xattr_gen.fetch_add(1, Ordering::SeqCst);
             this.forget_capability(ino).await;
             let res = this.change_node(op).await;
+            this.inner.xattr_gen.fetch_add(1, Ordering::SeqCst);
             this.forget_capability(ino).await;
             drop(change);
             match res {
@@ -613,6 +619,16 @@ impl CairnFs {
                 Err(e) => reply.error(e),
             }
         });
+    }
+
+    fn xattr_gen(&self) -> u64 {
+        self.inner.xattr_gen.load(Ordering::SeqCst)
+    }
+
+    /// Until when a `security.capability` answer asked for at `asked` may be trusted: `None` if
+    /// an xattr changed through this mount since `gen` was read, before that.
+    fn capability_until(&self, asked: Instant, gen: u64) -> Option<Instant> {
+        (self.xattr_gen() == gen).then(|| asked + self.ttl())
     }
 
     async fn forget_capability(&self, ino: u64) {
@@ -940,6 +956,7 @@ impl Filesystem for CairnFs {
         self.spawn(async move {
             // Close-to-open: every open asks the masters for the current version (with its
             // extents: the first read needs no second call).
+            let (asked, gen) = (Instant::now(), this.xattr_gen());
             let file = match this.client().open_inode(ino.0).await {
                 Ok(f) => f,
                 Err(e) => return reply.error(errno(&e)),
@@ -948,7 +965,8 @@ impl Filesystem for CairnFs {
             let (fh, keep) = this.open_file(&attr);
             if let Some(st) = this.open_state(ino.0) {
                 let mut st = st.lock().await;
-                st.capability = Some(file.xattrs.get(file::CAPABILITY).cloned());
+                st.capability =
+                    this.capability_until(asked, gen).map(|t| (file.xattrs.get(file::CAPABILITY).cloned(), t));
                 st.refresh(file);
             }
             let flags = if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
@@ -1170,11 +1188,11 @@ impl Filesystem for CairnFs {
         let answer = async move {
             // The kernel's question before a write, answered from the open when it knows.
             let known = match open {
-                Some(st) => st.lock().await.capability.clone(),
+                Some(st) => st.lock().await.capability.clone().filter(|(_, until)| Instant::now() < *until),
                 None => None,
             };
             let value = match known {
-                Some(v) => v,
+                Some((v, _)) => v,
                 None => match this.client().xattrs(ino.0).await {
                     Ok(mut x) => x.remove(&name),
                     Err(e) => return reply.error(errno(&e)),
@@ -1278,13 +1296,14 @@ impl Filesystem for CairnFs {
         let this = self.clone();
         let change = self.changing(Change::All);
         self.spawn(async move {
+            let (asked, gen) = (Instant::now(), this.xattr_gen());
             let res = this.change_node_attr(op).await;
             drop(change);
             match res {
                 Ok(a) => {
                     let (fh, _) = this.open_file(&a);
                     if let Some(st) = this.open_state(a.inode) {
-                        st.lock().await.made_empty();
+                        st.lock().await.made_empty(this.capability_until(asked, gen));
                     }
                     reply.created(&this.ttl(), &to_file_attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty())
                 }
