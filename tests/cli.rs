@@ -63,6 +63,17 @@ fn dev_cluster_user_tour_and_restart() {
     let back = dir.path().join("back.bin");
     ok(&run(&["get", "/docs/in.bin", back.to_str().unwrap()]), "get");
     assert_eq!(std::fs::read(&back).unwrap(), data);
+    // A named pipe (or a device: /dev/null) is written into, not replaced by a file.
+    let fifo = dir.path().join("fifo");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::read(fifo).unwrap())
+    };
+    ok(&run(&["get", "/docs/in.bin", fifo.to_str().unwrap()]), "get into a FIFO");
+    // (Checked before the reader is joined: a FIFO replaced by a file would leave it waiting.)
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(&std::fs::metadata(&fifo).unwrap().file_type()));
+    assert_eq!(reader.join().unwrap(), data);
     // stdin and stdout
     let out = cli_env(&["put", "-", "/docs/stdin.txt"], &env, Some(b"from stdin\n"));
     ok(&out, "put -");

@@ -171,7 +171,8 @@ pub async fn get(args: &GetArgs) -> Result<()> {
 }
 
 /// Downloads `remote` (or a range of it) to the local file `local`: written beside it and renamed
-/// at the end, so a failed download leaves no half file.
+/// at the end, so a failed download leaves no half file. A device, FIFO or socket already at
+/// `local` (`/dev/null`, a named pipe) is written into instead, never replaced.
 pub(super) async fn download(
     client: &Client,
     remote: &str,
@@ -180,6 +181,17 @@ pub(super) async fn download(
     length: Option<u64>,
     bar: &Bar,
 ) -> Result<()> {
+    if tokio::fs::metadata(local).await.is_ok_and(|m| !m.is_file() && !m.is_dir()) {
+        let f = tokio::fs::OpenOptions::new()
+            .write(true)
+            .open(local)
+            .await
+            .with_context(|| format!("open {}", local.display()))?;
+        let mut w = tokio::io::BufWriter::with_capacity(1 << 20, f);
+        client.get(remote, &mut w, offset, length, &|n| bar.inc(n)).await?;
+        tokio::io::AsyncWriteExt::flush(&mut w).await.with_context(|| format!("write {}", local.display()))?;
+        return Ok(());
+    }
     let dir = local.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.cairn-{:08x}",
