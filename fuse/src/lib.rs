@@ -608,10 +608,8 @@ impl CairnFs {
         let this = self.clone();
         let change = self.changing(Change::All);
         self.spawn(async move {
-            this.inner.xattr_gen.fetch_add(1, Ordering::SeqCst);
             this.forget_capability(ino).await;
             let res = this.change_node(op).await;
-            this.inner.xattr_gen.fetch_add(1, Ordering::SeqCst);
             this.forget_capability(ino).await;
             drop(change);
             match res {
@@ -631,7 +629,10 @@ impl CairnFs {
         (self.xattr_gen() == gen).then(|| asked + self.ttl())
     }
 
+    /// Bumps the xattr generation (opens and creates in flight keep no answer) and drops the
+    /// answer an open `ino` holds.
     async fn forget_capability(&self, ino: u64) {
+        self.inner.xattr_gen.fetch_add(1, Ordering::SeqCst);
         if let Some(st) = self.open_state(ino) {
             st.lock().await.capability = None;
         }

@@ -438,15 +438,7 @@ impl ChunkStore {
     /// [`ChunkStore::get`] for serving clients: a chunk verified within [`VERIFIED_FOR`] is not
     /// hashed again.
     pub async fn get_recent(&self, hash: ChunkHash, offset: u64, length: u64) -> Result<ChunkRead, StoreError> {
-        // A hit is a slice of a map already made: nothing here blocks (the pages are read when
-        // the bytes are sent), so a thread hand-off would cost more than the lookup.
-        if let Some(map) = self.inner.recently_verified(&hash, std::time::Instant::now()) {
-            return slice_map(map, offset, length);
-        }
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || inner.get_blocking(hash, offset, length))
-            .await
-            .map_err(|e| StoreError::io("get task failed", io::Error::other(e)))?
+        self.serve(hash, offset, length, true).await
     }
 
     /// [`ChunkStore::get_recent`] for a reader that hashes the whole chunk it receives (the
@@ -460,11 +452,19 @@ impl ChunkStore {
         offset: u64,
         length: u64,
     ) -> Result<ChunkRead, StoreError> {
+        self.serve(hash, offset, length, false).await
+    }
+
+    /// A recently verified map if there is one, else [`Inner::read_file_chunk`] on a blocking
+    /// thread.
+    async fn serve(&self, hash: ChunkHash, offset: u64, length: u64, check: bool) -> Result<ChunkRead, StoreError> {
+        // A hit is a slice of a map already made: nothing here blocks (the pages are read when
+        // the bytes are sent), so a thread hand-off would cost more than the lookup.
         if let Some(map) = self.inner.recently_verified(&hash, std::time::Instant::now()) {
             return slice_map(map, offset, length);
         }
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || inner.read_file_chunk(hash, offset, length, false))
+        tokio::task::spawn_blocking(move || inner.read_file_chunk(hash, offset, length, check))
             .await
             .map_err(|e| StoreError::io("get task failed", io::Error::other(e)))?
     }

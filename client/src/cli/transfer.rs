@@ -181,15 +181,18 @@ pub(super) async fn download(
     length: Option<u64>,
     bar: &Bar,
 ) -> Result<()> {
+    let get_into = |f: tokio::fs::File| async move {
+        let mut w = tokio::io::BufWriter::with_capacity(1 << 20, f);
+        client.get(remote, &mut w, offset, length, &|n| bar.inc(n)).await?;
+        anyhow::Ok(w.into_inner())
+    };
     if tokio::fs::metadata(local).await.is_ok_and(|m| !m.is_file() && !m.is_dir()) {
         let f = tokio::fs::OpenOptions::new()
             .write(true)
             .open(local)
             .await
             .with_context(|| format!("open {}", local.display()))?;
-        let mut w = tokio::io::BufWriter::with_capacity(1 << 20, f);
-        client.get(remote, &mut w, offset, length, &|n| bar.inc(n)).await?;
-        tokio::io::AsyncWriteExt::flush(&mut w).await.with_context(|| format!("write {}", local.display()))?;
+        get_into(f).await?;
         return Ok(());
     }
     let dir = local.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -200,9 +203,7 @@ pub(super) async fn download(
     ));
     let res = async {
         let f = tokio::fs::File::create(&tmp).await.with_context(|| format!("create {}", tmp.display()))?;
-        let mut w = tokio::io::BufWriter::with_capacity(1 << 20, f);
-        client.get(remote, &mut w, offset, length, &|n| bar.inc(n)).await?;
-        let f = w.into_inner();
+        let f = get_into(f).await?;
         f.sync_all().await.with_context(|| format!("sync {}", tmp.display()))?;
         tokio::fs::rename(&tmp, local).await.with_context(|| format!("rename to {}", local.display()))?;
         anyhow::Ok(())
