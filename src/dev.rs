@@ -53,7 +53,7 @@ struct Proc {
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(cairn_common::net::unused_port(std::net::Ipv4Addr::LOCALHOST.into())?)
 }
 
 fn layout(dir: &Path, masters: u32) -> Result<Layout> {
@@ -69,7 +69,14 @@ fn layout(dir: &Path, masters: u32) -> Result<Layout> {
         );
         return Ok(l);
     }
-    let l = Layout { master_ports: (0..masters).map(|_| free_port()).collect::<Result<_>>()? };
+    let mut master_ports = Vec::new();
+    while master_ports.len() < masters as usize {
+        let port = free_port()?;
+        if !master_ports.contains(&port) {
+            master_ports.push(port);
+        }
+    }
+    let l = Layout { master_ports };
     cairn_common::fsutil::durable_write(&path, &serde_json::to_vec_pretty(&l)?, 0o644)?;
     Ok(l)
 }
@@ -162,7 +169,7 @@ async fn start_s3(
 ) -> Result<(Proc, std::net::SocketAddr, String)> {
     let mut sa: std::net::SocketAddr = addr.parse().with_context(|| format!("--s3 {addr}: not an IP:PORT address"))?;
     if sa.port() == 0 {
-        sa.set_port(std::net::TcpListener::bind(sa)?.local_addr()?.port());
+        sa.set_port(cairn_common::net::unused_port(sa.ip())?);
     }
     let node = dir.join("s3");
     std::fs::create_dir_all(&node)?;

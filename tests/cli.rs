@@ -74,6 +74,14 @@ fn dev_cluster_user_tour_and_restart() {
     // (Checked before the reader is joined: a FIFO replaced by a file would leave it waiting.)
     assert!(std::os::unix::fs::FileTypeExt::is_fifo(&std::fs::metadata(&fifo).unwrap().file_type()));
     assert_eq!(reader.join().unwrap(), data);
+    // Through a symbolic link (relative, to a file not there yet): the link stays and its
+    // target gets the content, as with cp.
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink("sub/target.bin", &link).unwrap();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    ok(&run(&["get", "/docs/in.bin", link.to_str().unwrap()]), "get through a symlink");
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "the link was replaced");
+    assert_eq!(std::fs::read(dir.path().join("sub/target.bin")).unwrap(), data);
     // stdin and stdout
     let out = cli_env(&["put", "-", "/docs/stdin.txt"], &env, Some(b"from stdin\n"));
     ok(&out, "put -");

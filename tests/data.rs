@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::Duration;
 
 use cairn_client::{Error, PutOptions};
@@ -82,19 +83,49 @@ async fn reads_survive_a_killed_chunkserver() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_replica_is_skipped_and_reported() {
+    // A whole chunk in its own file: the client hashes it and asks again for a server check.
+    corrupt_replicas_are_skipped_and_reported(4 * MIB, |data_dir, hash, _| {
+        let path = chunk_path(data_dir, hash);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[12345] ^= 0x40;
+        std::fs::write(&path, bytes).unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_packed_small_chunk_is_skipped_and_reported() {
+    // A small chunk packed with others in a pack file, which the chunkserver checks itself.
+    corrupt_replicas_are_skipped_and_reported(6000, |data_dir, _, data| {
+        let mut hit = 0;
+        for e in std::fs::read_dir(data_dir.join("packs")).unwrap() {
+            let path = e.unwrap().path();
+            let mut bytes = std::fs::read(&path).unwrap();
+            if let Some(at) = bytes.windows(64).position(|w| w == &data[..64]) {
+                bytes[at + 1234] ^= 0x40;
+                std::fs::write(&path, bytes).unwrap();
+                hit += 1;
+            }
+        }
+        assert_eq!(hit, 1, "the chunk is in one pack of {}", data_dir.display());
+    })
+    .await;
+}
+
+/// Puts a file of one chunk, damages the copies of it on two of its three chunkservers with
+/// `corrupt(data dir, chunk hash, content)`, and checks that reads still return the content
+/// and that a chunkserver moves its damaged copy aside and tells the master.
+async fn corrupt_replicas_are_skipped_and_reported(size: usize, corrupt: impl Fn(&Path, &blake3::Hash, &[u8])) {
     let c = Cluster::start(Options::default());
     let client = c.client().await;
-    let data = random_bytes(4 * MIB, 11);
+    let data = random_bytes(size, 11);
     put(&client, "/c", &data).await;
     let h = chunk_hashes(&data)[0];
     let replicas = c.replicas_of(&h);
     assert_eq!(replicas.len(), 3);
-    // Flip one byte in every replica but one, so that a read must find the good one.
+    // Every replica but one is damaged, so that a read must find the good one.
     for r in &replicas[..2] {
-        let path = chunk_path(r, &h);
-        let mut bytes = std::fs::read(&path).unwrap();
-        bytes[12345] ^= 0x40;
-        std::fs::write(&path, bytes).unwrap();
+        corrupt(r, &h, &data);
     }
     // Replicas are tried in a random order: within a few reads one lands on a corrupt copy first.
     let quarantined = || c.chunkservers.iter().map(|cs| count_files(&cs.data.join("corrupt"))).sum::<usize>();

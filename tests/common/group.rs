@@ -21,10 +21,10 @@ pub struct Group {
     extra: Vec<String>,
 }
 
-/// A port the OS had free a moment ago: masters must know each other's addresses before any of
-/// them starts, so they cannot bind port 0 themselves.
+/// A port free now (outside the range bind(0) hands out, see `unused_port`): masters must know
+/// each other's addresses before any of them starts, so they cannot bind port 0 themselves.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    cairn_common::net::unused_port(std::net::Ipv4Addr::LOCALHOST.into()).expect("a free port")
 }
 
 impl Group {
@@ -35,7 +35,13 @@ impl Group {
         tls::init_ca(&ca).expect("init CA");
         let client_tls = dir.path().join("client-tls");
         tls::issue(&ca, &client_tls, tls::Role::Client, &[]).expect("issue client cert");
-        let addrs: Vec<String> = (0..masters).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+        let mut addrs: Vec<String> = Vec::new();
+        while addrs.len() < masters {
+            let addr = format!("127.0.0.1:{}", free_port());
+            if !addrs.contains(&addr) {
+                addrs.push(addr);
+            }
+        }
         let peers = addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>().join(",");
         let mut g = Group {
             dir,

@@ -173,6 +173,24 @@ pub async fn get(args: &GetArgs) -> Result<()> {
 /// Downloads `remote` (or a range of it) to the local file `local`: written beside it and renamed
 /// at the end, so a failed download leaves no half file. A device, FIFO or socket already at
 /// `local` (`/dev/null`, a named pipe) is written into instead, never replaced.
+/// Where writing to `path` lands, as with `cp`: the file a chain of symbolic links ends at (which
+/// need not exist yet: a dangling link gets its target created), so that the new file replaces
+/// the target and the links stay; `path` itself when it is not a link.
+fn through_links(path: &Path) -> Result<PathBuf> {
+    let mut at = path.to_path_buf();
+    for _ in 0..40 {
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let target = std::fs::read_link(&at).with_context(|| format!("read link {}", at.display()))?;
+                // An absolute target replaces the link's directory in the join.
+                at = at.parent().unwrap_or(Path::new("")).join(target);
+            }
+            _ => return Ok(at),
+        }
+    }
+    anyhow::bail!("{}: too many levels of symbolic links", path.display())
+}
+
 pub(super) async fn download(
     client: &Client,
     remote: &str,
@@ -181,6 +199,7 @@ pub(super) async fn download(
     length: Option<u64>,
     bar: &Bar,
 ) -> Result<()> {
+    let local = &through_links(local)?;
     let get_into = |f: tokio::fs::File| async move {
         let mut w = tokio::io::BufWriter::with_capacity(1 << 20, f);
         client.get(remote, &mut w, offset, length, &|n| bar.inc(n)).await?;
