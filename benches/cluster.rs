@@ -97,6 +97,10 @@ pub struct BenchArgs {
     /// s3: large objects PUT (and then GET) at once, each of --size-mib.
     #[arg(long, default_value_t = 4)]
     pub objects: usize,
+    /// s3: passes through each way in (library, gateway), in the order library, gateway,
+    /// gateway, library, ... so that the machine's drift during the run cancels out.
+    #[arg(long, default_value_t = 2)]
+    pub passes: usize,
     /// faults: where the CSV timeline and the PNG chart go.
     #[arg(long, default_value = ".")]
     pub out: PathBuf,

@@ -176,11 +176,34 @@ where
     Ok(t.elapsed())
 }
 
-fn row(what: String, lib: f64, s3: f64, unit: &str) -> Row {
-    Row {
-        what,
-        value: format!("library {lib:.0} {unit}, gateway {s3:.0} {unit}"),
-        note: format!("gateway / library = {:.0}%", s3 / lib * 100.0),
+/// One measurement's results per pass, by way in.
+#[derive(Default)]
+struct Speeds {
+    library: Vec<f64>,
+    gateway: Vec<f64>,
+}
+
+impl Speeds {
+    fn add(&mut self, via_s3: bool, v: f64) {
+        if via_s3 { &mut self.gateway } else { &mut self.library }.push(v);
+    }
+
+    /// The means of both ways in and their ratio, with every pass's value in the notes.
+    fn row(&self, what: String, unit: &str) -> Row {
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        let each = |v: &[f64]| v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ");
+        let (lib, s3) = (mean(&self.library), mean(&self.gateway));
+        Row {
+            what,
+            value: format!("library {lib:.0} {unit}, gateway {s3:.0} {unit}"),
+            note: format!(
+                "gateway / library = {:.0}% (means of {} passes each, in ABBA order; library {}; gateway {})",
+                s3 / lib * 100.0,
+                self.library.len(),
+                each(&self.library),
+                each(&self.gateway)
+            ),
+        }
     }
 }
 
@@ -227,11 +250,16 @@ pub async fn run(a: &BenchArgs, dir: &Path) -> Result<Vec<Row>> {
     let salt = rand::random::<u64>();
     let mut rows = Vec::new();
 
-    // Large objects, all at once: the library, then the gateway, each with fresh content.
+    // Each way in runs `passes` times, in ABBA order; each pass has fresh content.
+    let order: Vec<bool> = (0..a.passes.max(1)).flat_map(|k| [k % 2 == 1, k % 2 == 0]).collect();
+    let mut round = 0u64;
+
+    // Large objects, all at once.
     let (n, size) = (a.objects.max(1), a.size_mib << 20);
     let total = (n * size) as u64;
-    let mut speeds = Vec::new();
-    for (round, via_s3) in [(0u64, false), (1, true)] {
+    let (mut puts, mut gets) = (Speeds::default(), Speeds::default());
+    for &via_s3 in &order {
+        round += 1;
         settle().await;
         let data: Vec<Bytes> = (0..n).map(|i| random(size, salt ^ (round << 32) ^ i as u64)).collect();
         let name = |i: usize| format!("/{bucket}/large-{round}-{i}");
@@ -245,17 +273,19 @@ pub async fn run(a: &BenchArgs, dir: &Path) -> Result<Vec<Row>> {
         for i in 0..n {
             client.remove(&name(i), false).await?;
         }
-        speeds.push((mbps(total, put), mbps(total, get)));
+        puts.add(via_s3, mbps(total, put));
+        gets.add(via_s3, mbps(total, get));
     }
     let label = format!("{n} x {} MiB objects at once", a.size_mib);
-    rows.push(row(format!("PUT, {label}"), speeds[0].0, speeds[1].0, "MB/s"));
-    rows.push(row(format!("GET, {label}"), speeds[0].1, speeds[1].1, "MB/s"));
+    rows.push(puts.row(format!("PUT, {label}"), "MB/s"));
+    rows.push(gets.row(format!("GET, {label}"), "MB/s"));
 
     // Small objects, `inflight` at once.
     let (n, size) = (a.small_files, a.small_size);
     if n > 0 {
-        let mut rates = Vec::new();
-        for (round, via_s3) in [(2u64, false), (3, true)] {
+        let (mut puts, mut gets) = (Speeds::default(), Speeds::default());
+        for &via_s3 in &order {
+            round += 1;
             settle().await;
             let who = if via_s3 { "gateway" } else { "library" };
             let name = |i: usize| format!("/{bucket}/small-{round}/o{i:06}");
@@ -265,12 +295,13 @@ pub async fn run(a: &BenchArgs, dir: &Path) -> Result<Vec<Row>> {
             let put = timed(n, a.inflight, |i| via.put(name(i), random(size, salt ^ (round << 32) ^ i as u64))).await?;
             eprintln!("{who}: GET {n} x {size} B, {} at once...", a.inflight);
             let get = timed(n, a.inflight, |i| via.get(name(i), size as u64)).await?;
-            rates.push((n as f64 / put.as_secs_f64(), n as f64 / get.as_secs_f64()));
+            puts.add(via_s3, n as f64 / put.as_secs_f64());
+            gets.add(via_s3, n as f64 / get.as_secs_f64());
             client.remove(&format!("/{bucket}/small-{round}"), true).await?;
         }
         let label = format!("{size} B objects, {} at once", a.inflight);
-        rows.push(row(format!("PUT, {label}"), rates[0].0, rates[1].0, "objects/s"));
-        rows.push(row(format!("GET, {label}"), rates[0].1, rates[1].1, "objects/s"));
+        rows.push(puts.row(format!("PUT, {label}"), "objects/s"));
+        rows.push(gets.row(format!("GET, {label}"), "objects/s"));
     }
     client.remove(&format!("/{bucket}"), true).await?;
     client.close();

@@ -127,9 +127,10 @@ pub struct FileState {
 }
 
 /// The extended attribute the kernel reads before writes and chowns (`security.capability`),
-/// to drop file capabilities. An open file answers it from what its open (or create) saw, for
-/// at most the attribute TTL counted from before that call (the staleness the kernel allows its
-/// cached mode bits, set-user-ID included), unless an xattr changed through this mount since.
+/// to drop file capabilities. An open file answers "none" from what its open (or create) saw,
+/// for at most the attribute TTL counted from before that call (the staleness the kernel allows
+/// its cached mode bits, set-user-ID included), unless an xattr changed through this mount since;
+/// a file that had one is asked about again.
 pub const CAPABILITY: &str = "security.capability";
 
 impl FileState {

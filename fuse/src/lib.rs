@@ -1187,9 +1187,13 @@ impl Filesystem for CairnFs {
         let open = if name == file::CAPABILITY { self.open_state(ino.0) } else { None };
         let inline = open.is_some();
         let answer = async move {
-            // The kernel's question before a write, answered from the open when it knows.
+            // The kernel's question before a write, answered from the open when it knows there
+            // is none. A capability the open saw is asked for again: answering a stale one, the
+            // kernel would remove what another client removed already, and the write would fail.
             let known = match open {
-                Some(st) => st.lock().await.capability.clone().filter(|(_, until)| Instant::now() < *until),
+                Some(st) => {
+                    st.lock().await.capability.clone().filter(|(v, until)| v.is_none() && Instant::now() < *until)
+                }
                 None => None,
             };
             let value = match known {
