@@ -254,6 +254,7 @@ os.rename('other','victim'); f.seek(0); assert f.read()=='kept'; assert os.fstat
 
 #[test]
 fn two_mounts_see_each_others_closed_files_and_unmount_cleanly() {
+    use std::os::unix::fs::PermissionsExt;
     let (c, mut m1) = start();
     let mut m2 = Mount::start(&c, &c.dir.path().join("mnt2"), &["--attr-ttl-s", "0"]);
     let data = random_bytes(3 * MIB, 9);
@@ -266,6 +267,14 @@ fn two_mounts_see_each_others_closed_files_and_unmount_cleanly() {
     wait_for("the first mount to see the new version", Duration::from_secs(10), || {
         std::fs::read(m1.path("shared.bin")).is_ok_and(|b| b == b"v2")
     });
+    // While a file has writes pending on one mount, a chmod made on the other shows there at
+    // once, beside the pending size.
+    let mut pending = std::fs::File::create(m2.path("pending.bin")).unwrap();
+    std::io::Write::write_all(&mut pending, b"pending").unwrap();
+    std::fs::set_permissions(m1.path("pending.bin"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let st = std::fs::metadata(m2.path("pending.bin")).unwrap();
+    assert_eq!((st.permissions().mode() & 0o777, st.len()), (0o600, 7), "mode and size seen on the writing mount");
+    drop(pending);
     // The mount point is busy: a second mount there is refused with a clear error.
     let out = common::cli_env(&["mount", m1.dir.to_str().unwrap()], &c.env(), None);
     assert!(!out.status.success());

@@ -86,6 +86,14 @@ enum Seg {
 }
 
 impl Seg {
+    /// The stored chunk this is (hash, length), if it is one.
+    fn stored(&self) -> Option<&Extent> {
+        match self {
+            Seg::Clean(l) => l.extent.as_ref(),
+            _ => None,
+        }
+    }
+
     fn len(&self) -> u64 {
         match self {
             Seg::Clean(l) => l.extent.as_ref().map_or(0, |e| e.length),
@@ -156,13 +164,6 @@ impl FileState {
         } else {
             self.attr.size
         }
-    }
-
-    /// Attributes as this mount sees them (size with uncommitted writes).
-    pub fn local_attr(&self) -> Attr {
-        let mut a = self.attr.clone();
-        a.size = self.size();
-        a
     }
 
     async fn load(&mut self, ctx: &Ctx) -> Result<()> {
@@ -241,10 +242,17 @@ impl FileState {
         let needs = matches!(&self.segs[i], Seg::Clean(l) if l.replicas.is_empty()
             && ctx.cache.get(&l.extent.as_ref().map(|e| e.hash.clone()).unwrap_or_default()).is_none());
         if needs {
+            // Where chunk `i` lies and what it holds: the caller's offsets depend on both.
+            let layout = |segs: &[Seg]| {
+                let lengths: Vec<u64> = segs.iter().take(i + 1).map(Seg::len).collect();
+                (lengths, segs.get(i).and_then(Seg::stored).cloned())
+            };
+            let before = layout(&self.segs);
             self.sync(ctx).await?;
             self.loaded = false;
             self.load(ctx).await?;
-            if i >= self.segs.len() {
+            // Another client's commit in between may have changed the file.
+            if layout(&self.segs) != before {
                 return Err(Error::Internal("the file changed under this mount".into()));
             }
         }

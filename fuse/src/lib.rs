@@ -433,19 +433,18 @@ impl CairnFs {
     }
 
     /// `a` as the masters answered it, or this mount's own view of an open file when that is
-    /// newer: uncommitted writes, or a commit that landed after the masters answered. (A stale
-    /// size would make the kernel shrink its idea of the file, and an O_APPEND write would then
-    /// land over the last one.)
+    /// newer: the attributes of a commit that landed after the masters answered, and the size
+    /// with uncommitted writes. (A stale size would make the kernel shrink its idea of the file,
+    /// and an O_APPEND write would then land over the last one.) Mode, owner and links come
+    /// from the masters while writes are pending, so a chmod elsewhere shows at once.
     async fn fresher(&self, a: Attr) -> Attr {
         let Some(st) = self.open_state(a.inode) else { return a };
         let st = st.lock().await;
+        let mut fresh = if st.attr.version > a.version { st.attr.clone() } else { a };
         if st.dirty {
-            st.local_attr()
-        } else if st.attr.version > a.version {
-            st.attr.clone()
-        } else {
-            a
+            fresh.size = st.size();
         }
+        fresh
     }
 
     fn add_handle(&self, h: Fh) -> u64 {
@@ -1190,7 +1189,7 @@ impl Filesystem for CairnFs {
             // The kernel's question before a write, answered from the open when it knows there
             // is none. A capability the open saw is asked for again: answering a stale one, the
             // kernel would remove what another client removed already, and the write would fail.
-            let known = match open {
+            let known = match &open {
                 Some(st) => {
                     st.lock().await.capability.clone().filter(|(v, until)| v.is_none() && Instant::now() < *until)
                 }
@@ -1198,10 +1197,21 @@ impl Filesystem for CairnFs {
             };
             let value = match known {
                 Some((v, _)) => v,
-                None => match this.client().xattrs(ino.0).await {
-                    Ok(mut x) => x.remove(&name),
-                    Err(e) => return reply.error(errno(&e)),
-                },
+                None => {
+                    let (asked, gen) = (Instant::now(), this.xattr_gen());
+                    let value = match this.client().xattrs(ino.0).await {
+                        Ok(mut x) => x.remove(&name),
+                        Err(e) => return reply.error(errno(&e)),
+                    };
+                    // The kernel asks before every write: the next TTL's worth is answered here.
+                    if let Some(st) = &open {
+                        let mut st = st.lock().await;
+                        if let Some(until) = this.capability_until(asked, gen) {
+                            st.capability = Some((value.clone(), until));
+                        }
+                    }
+                    value
+                }
             };
             match value {
                 None => reply.error(Errno::from_i32(libc::ENODATA)),

@@ -625,8 +625,10 @@ impl Inner {
             return Err(StoreError::Corrupt(hash));
         }
         // A whole chunk that is not hashed here is read in now, on this blocking thread, so that
-        // sending it does not fault its pages in from disk on the async threads.
-        let unchecked = !check && offset == 0 && (length == 0 || length >= file_len);
+        // sending it does not fault its pages in from disk on the async threads. A reader asking
+        // for more than the file holds knows the chunk to be longer: a file cut short (and
+        // indexed at its short size by a restart) is hashed, found damaged and quarantined.
+        let unchecked = !check && offset == 0 && (length == 0 || length == file_len);
         let mut opts = memmap2::MmapOptions::new();
         if unchecked {
             opts.populate();

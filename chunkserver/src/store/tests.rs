@@ -357,6 +357,19 @@ async fn a_checking_reader_gets_whole_chunks_unhashed_and_ranges_checked() {
     fs::write(store.chunk_path(&other_hash), &other[..1000]).unwrap();
     let err = store.get_for_checking_reader(other_hash, 0, 0).await.unwrap_err();
     assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
+
+    // A file cut short before a restart is indexed at its short size; a reader that asks for
+    // the whole chunk's length gets it hashed, and the damage found.
+    let cut = data(250_000, 6);
+    let cut_hash = ChunkHash::of(&cut);
+    store.put(cut_hash, Bytes::from(cut.clone())).await.unwrap();
+    let path = store.chunk_path(&cut_hash);
+    drop(store);
+    fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(100_000).unwrap();
+    let store = ChunkStore::open(dir.path(), None).await.unwrap();
+    let err = store.get_for_checking_reader(cut_hash, 0, cut.len() as u64).await.unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
+    assert!(!store.contains(&cut_hash) && !path.exists(), "quarantined");
 }
 
 #[tokio::test]
