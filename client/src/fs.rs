@@ -95,7 +95,8 @@ impl Client {
     /// [`Client::node`] with the whole answer: also the directories the change touched, as
     /// they were right after it.
     pub async fn node_full(&self, op: node_request::Op) -> Result<pb::StatResponse> {
-        let req = pb::NodeRequest { op: Some(op), id: self.next_id() };
+        let (id, _waiting) = self.next_id();
+        let req = pb::NodeRequest { op: Some(op), id };
         self.inner
             .masters
             .call(|mut c| {

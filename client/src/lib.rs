@@ -77,9 +77,28 @@ struct Inner {
     /// Random and nonzero: names this client's mutations, with `seq`, so that the masters apply
     /// a retried one only once.
     client_id: u64,
-    seq: std::sync::atomic::AtomicU64,
+    ids: Arc<std::sync::Mutex<Ids>>,
     places: batch::Batcher<batch::Place>,
     commits: batch::Batcher<batch::Commit>,
+}
+
+/// This client's mutation ids: the last one handed out, and those whose answers are not in yet.
+#[derive(Default)]
+struct Ids {
+    last: u64,
+    waiting: std::collections::BTreeSet<u64>,
+}
+
+/// A mutation whose answer the client still waits for (see [`Client::next_id`]).
+struct Waiting {
+    ids: Arc<std::sync::Mutex<Ids>>,
+    seq: u64,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.ids.lock().expect("ids lock").waiting.remove(&self.seq);
+    }
 }
 
 fn is_dir(a: &Attr) -> bool {
@@ -115,17 +134,23 @@ impl Client {
                 masters,
                 data,
                 client_id: rand::random::<u64>() | 1,
-                seq: Default::default(),
+                ids: Default::default(),
                 places: Default::default(),
                 commits: Default::default(),
             }),
         })
     }
 
-    /// A fresh id for one mutation; its retries reuse it.
-    fn next_id(&self) -> Option<pb::ClientRequestId> {
-        let seq = self.inner.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-        Some(pb::ClientRequestId { client: self.inner.client_id, seq })
+    /// A fresh id for one mutation; its retries reuse it. Keep the [`Waiting`] until the answer
+    /// is in (or the mutation is given up): until then the masters keep the answer for retries.
+    fn next_id(&self) -> (Option<pb::ClientRequestId>, Waiting) {
+        let mut ids = self.inner.ids.lock().expect("ids lock");
+        ids.last += 1;
+        let seq = ids.last;
+        ids.waiting.insert(seq);
+        let first_unanswered = ids.waiting.first().copied().unwrap_or(seq);
+        let id = pb::ClientRequestId { client: self.inner.client_id, seq, first_unanswered };
+        (Some(id), Waiting { ids: self.inner.ids.clone(), seq })
     }
 
     pub async fn stat(&self, path: &str) -> Result<Attr> {
@@ -202,7 +227,8 @@ impl Client {
     }
 
     pub async fn mkdir(&self, path: &str, parents: bool) -> Result<Attr> {
-        let req = pb::MkdirRequest { path: path.to_string(), parents, mode: 0o755, uid: 0, gid: 0, id: self.next_id() };
+        let (id, _waiting) = self.next_id();
+        let req = pb::MkdirRequest { path: path.to_string(), parents, mode: 0o755, uid: 0, gid: 0, id };
         let r = self
             .inner
             .masters
@@ -216,7 +242,8 @@ impl Client {
 
     /// POSIX rename: replaces a file, or an empty directory, at `dst`.
     pub async fn rename(&self, src: &str, dst: &str) -> Result<()> {
-        let req = pb::RenameRequest { src: src.to_string(), dst: dst.to_string(), id: self.next_id() };
+        let (id, _waiting) = self.next_id();
+        let req = pb::RenameRequest { src: src.to_string(), dst: dst.to_string(), id };
         self.inner
             .masters
             .call(|mut c| {
@@ -228,7 +255,8 @@ impl Client {
     }
 
     pub async fn remove(&self, path: &str, recursive: bool) -> Result<()> {
-        let req = pb::RemoveRequest { path: path.to_string(), recursive, id: self.next_id() };
+        let (id, _waiting) = self.next_id();
+        let req = pb::RemoveRequest { path: path.to_string(), recursive, id };
         self.inner
             .masters
             .call(|mut c| {
@@ -241,7 +269,8 @@ impl Client {
 
     /// A new S3 access key (its secret is only ever shown in this answer and to gateways).
     pub async fn create_access_key(&self, description: &str) -> Result<pb::AccessKey> {
-        let req = pb::CreateAccessKeyRequest { description: description.to_string(), id: self.next_id() };
+        let (id, _waiting) = self.next_id();
+        let req = pb::CreateAccessKeyRequest { description: description.to_string(), id };
         self.inner
             .masters
             .call(|mut c| {
@@ -270,7 +299,8 @@ impl Client {
     }
 
     pub async fn delete_access_key(&self, id: &str) -> Result<()> {
-        let req = pb::AccessKeyRequest { id: id.to_string(), request: self.next_id() };
+        let (request, _waiting) = self.next_id();
+        let req = pb::AccessKeyRequest { id: id.to_string(), request };
         self.inner
             .masters
             .call(|mut c| {
@@ -287,11 +317,12 @@ impl Client {
 
     /// Adds (`addr` given) or removes a master of the group; returns the members afterwards.
     pub async fn change_masters(&self, id: u64, addr: Option<&str>) -> Result<Vec<pb::MasterStatus>> {
+        let (request, _waiting) = self.next_id();
         let req = pb::ChangeMembershipRequest {
             id,
             addr: addr.unwrap_or_default().to_string(),
             remove: addr.is_none(),
-            request: self.next_id(),
+            request,
         };
         let r = self
             .inner
@@ -307,7 +338,8 @@ impl Client {
     /// Starts moving every replica off chunkserver `id` (or cancels that), or forgets a stopped
     /// one (`forget`).
     pub async fn drain(&self, id: u64, cancel: bool, forget: bool) -> Result<()> {
-        let req = pb::DrainRequest { id, cancel, forget, request: self.next_id() };
+        let (request, _waiting) = self.next_id();
+        let req = pb::DrainRequest { id, cancel, forget, request };
         self.inner.masters.call(|mut c| async move { c.drain(req).await }).await?;
         Ok(())
     }
@@ -315,7 +347,8 @@ impl Client {
     /// Changes the re-replication limits per chunkserver (None: leave as is); returns the limits
     /// in force afterwards.
     pub async fn set_repair_limits(&self, rate_bytes: Option<u64>, copies: Option<u32>) -> Result<pb::RepairLimits> {
-        let req = pb::SetRepairLimitsRequest { rate_bytes, copies, id: self.next_id() };
+        let (id, _waiting) = self.next_id();
+        let req = pb::SetRepairLimitsRequest { rate_bytes, copies, id };
         self.inner.masters.call(|mut c| async move { c.set_repair_limits(req).await }).await
     }
 
@@ -405,6 +438,7 @@ impl Client {
         opts: &PutOptions,
         xattrs: Option<std::collections::BTreeMap<String, Vec<u8>>>,
     ) -> Result<Attr> {
+        let (id, _waiting) = self.next_id();
         let req = pb::CommitFileRequest {
             path: path.to_string(),
             extents,
@@ -415,7 +449,7 @@ impl Client {
             set_xattrs: xattrs.is_some(),
             xattrs: xattrs.unwrap_or_default(),
             exclusive: opts.exclusive,
-            id: self.next_id(),
+            id,
         };
         batch::send::<batch::Commit>(&self.inner, (), req).await
     }

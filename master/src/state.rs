@@ -11,9 +11,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use cairn_proto::v1::{
-    access_key_change, command::Op, command_result, AccessKey, Attr, ChunkserverInfo, Command, CommandResult,
-    CommitFileRequest, DirEntry, Empty, Extent, Inode, InodeKind, MkdirRequest, RemoveRequest, RenameRequest,
-    RepairLimits, SetRepairLimitsRequest,
+    access_key_change, command::Op, command_result, AccessKey, Attr, ChunkserverInfo, ClientAnswer, ClientAnswers,
+    ClientRequestId, Command, CommandResult, CommitFileRequest, DirEntry, Empty, Extent, Inode, InodeKind,
+    MkdirRequest, RemoveRequest, RenameRequest, RepairLimits, SetRepairLimitsRequest,
 };
 use prost::Message;
 use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction};
@@ -33,6 +33,10 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const SESSIONS: TableDefinition<(u64, u64), (i64, &[u8])> = TableDefinition::new("client_results");
 /// (leader time, client, seq): the same entries in age order, for expiry.
 const SESSIONS_BY_TIME: TableDefinition<(i64, u64, u64), ()> = TableDefinition::new("client_results_by_time");
+/// Client -> encoded ClientAnswers, for clients that send `first_unanswered`: one small row per
+/// client (the answers it may still retry), instead of an entry per mutation in the two tables
+/// above, which older clients still use.
+const CLIENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("client_answers");
 /// Master id -> gRPC address: the group's members as of the applied index.
 const MASTERS: TableDefinition<u64, &str> = TableDefinition::new("masters");
 /// S3 access key id -> encoded AccessKey (with its secret).
@@ -45,8 +49,11 @@ const KEPT: TableDefinition<u64, (u64, i64)> = TableDefinition::new("kept");
 /// How long the answer to a mutation is kept for retries of it. A client retries within its
 /// deadline (seconds); this covers it with a wide margin, and a failover in between.
 pub const RESULT_TTL_NS: i64 = 15 * 60 * 1_000_000_000;
-/// Expired answers dropped per applied batch, at most: expiry work stays bounded.
-const EXPIRE_PER_BATCH: usize = 256;
+/// Expired answers dropped per applied entry, at most: expiry work stays bounded, and ahead of
+/// the one answer an entry adds.
+const EXPIRE_PER_ENTRY: usize = 16;
+/// How often (leader time) the rows of clients idle for [`RESULT_TTL_NS`] are looked for.
+const CLIENTS_SWEEP_NS: i64 = 60 * 1_000_000_000;
 
 const APPLIED: &str = "applied_index";
 const NEXT_INODE: &str = "next_inode";
@@ -54,6 +61,7 @@ const FILES: &str = "files";
 const BYTES: &str = "bytes";
 const REPAIR_RATE: &str = "repair_rate_bytes";
 const REPAIR_COPIES: &str = "repair_copies";
+const CLIENTS_SWEPT: &str = "clients_swept_ns";
 
 /// Re-replication bandwidth per chunkserver until an admin sets another (`cairn admin repair`):
 /// about a third of what one node's disk and QUIC path take here, so client traffic keeps the
@@ -240,6 +248,13 @@ impl Reader {
 
     /// The answer the state machine remembers for a client's mutation, if it applied it.
     pub fn remembered(&self, client: u64, seq: u64) -> Result<Option<command_result::Result>, MetaError> {
+        let rows = self.txn.open_table(CLIENTS).map_err(storage)?;
+        if let Some(row) = rows.get(client).map_err(storage)? {
+            let answers = decode_answers(row.value())?;
+            if let Some(a) = answers.answers.into_iter().find(|a| a.seq == seq) {
+                return Ok(a.result.and_then(|r| r.result));
+            }
+        }
         let t = self.txn.open_table(SESSIONS).map_err(storage)?;
         let Some(v) = t.get((client, seq)).map_err(storage)? else { return Ok(None) };
         let (_, bytes) = v.value();
@@ -354,6 +369,7 @@ struct Writer<'t> {
     meta: Table<'t, &'static str, u64>,
     sessions: Table<'t, (u64, u64), (i64, &'static [u8])>,
     sessions_by_time: Table<'t, (i64, u64, u64), ()>,
+    clients: Table<'t, u64, &'static [u8]>,
     masters: Table<'t, u64, &'static str>,
     access_keys: Table<'t, &'static str, &'static [u8]>,
     kept: Table<'t, u64, (u64, i64)>,
@@ -504,6 +520,7 @@ impl State {
             txn.open_table(META)?;
             txn.open_table(SESSIONS)?;
             txn.open_table(SESSIONS_BY_TIME)?;
+            txn.open_table(CLIENTS)?;
             txn.open_table(MASTERS)?;
             txn.open_table(ACCESS_KEYS)?;
             txn.open_table(KEPT)?;
@@ -561,13 +578,20 @@ impl State {
             meta: txn.open_table(META)?,
             sessions: txn.open_table(SESSIONS)?,
             sessions_by_time: txn.open_table(SESSIONS_BY_TIME)?,
+            clients: txn.open_table(CLIENTS)?,
             masters: txn.open_table(MASTERS)?,
             access_keys: txn.open_table(ACCESS_KEYS)?,
             kept: txn.open_table(KEPT)?,
         };
         for (_, cmd) in cmds {
             let res = match cmd {
-                Some(cmd) => apply_once(&mut w, cmd),
+                Some(cmd) => {
+                    // Expiry goes entry by entry, by each entry's time, so that every master
+                    // forgets the same answers at the same index however it batches its applies.
+                    expire_results(&mut w, cmd.time_ns).map_err(|e| anyhow::anyhow!("expire client results: {e}"))?;
+                    expire_clients(&mut w, cmd.time_ns).map_err(|e| anyhow::anyhow!("expire client rows: {e}"))?;
+                    apply_once(&mut w, cmd)
+                }
                 None => Ok(command_result::Result::Done(Empty {})),
             };
             let res = match res {
@@ -579,16 +603,13 @@ impl State {
             };
             results.push(CommandResult { result: Some(res) });
         }
-        if let Some(now) = cmds.iter().filter_map(|(_, c)| c.as_ref().map(|c| c.time_ns)).max() {
-            expire_results(&mut w, now).map_err(|e| anyhow::anyhow!("expire client results: {e}"))?;
-        }
         w.meta.insert(APPLIED, applied)?;
         Ok(results)
     }
 }
 
 /// The client's id of a mutation, when it sent one.
-fn request_id(cmd: &Command) -> Option<(u64, u64)> {
+fn request_id(cmd: &Command) -> Option<&ClientRequestId> {
     let id = match &cmd.op {
         Some(Op::Mkdir(r)) => r.id.as_ref(),
         Some(Op::CommitFile(r)) => r.id.as_ref(),
@@ -601,28 +622,97 @@ fn request_id(cmd: &Command) -> Option<(u64, u64)> {
         Some(Op::AccessKey(r)) => r.request.as_ref(),
         _ => None,
     }?;
-    (id.client != 0).then_some((id.client, id.seq))
+    (id.client != 0).then_some(id)
+}
+
+fn decode_answers(bytes: &[u8]) -> Result<ClientAnswers, MetaError> {
+    ClientAnswers::decode(bytes).context("decode a client's answers").map_err(MetaError::Internal)
+}
+
+/// What a mutation's answer is remembered as; `None` for a storage failure, which aborts the
+/// batch and is not an answer.
+fn to_remember(res: &Result<command_result::Result, MetaError>) -> Option<CommandResult> {
+    match res {
+        Ok(r) => Some(CommandResult { result: Some(r.clone()) }),
+        Err(e) => e.to_command().map(|ce| CommandResult { result: Some(command_result::Result::Error(ce)) }),
+    }
 }
 
 /// Applies a command once per client request id: a retry gets the first answer back.
 fn apply_once(w: &mut Writer<'_>, cmd: &Command) -> Result<command_result::Result, MetaError> {
-    let Some(key) = request_id(cmd) else { return apply_one(w, cmd) };
+    let Some(id) = request_id(cmd).cloned() else { return apply_one(w, cmd) };
+    if id.first_unanswered != 0 {
+        return apply_once_per_client(w, cmd, &id);
+    }
+    let key = (id.client, id.seq);
     if let Some(v) = w.sessions.get(key).map_err(storage)? {
         let (_, bytes) = v.value();
         let first = CommandResult::decode(bytes).context("decode a remembered result").map_err(MetaError::Internal)?;
         return first.result.ok_or_else(|| MetaError::Internal(anyhow::anyhow!("empty remembered result")));
     }
     let res = apply_one(w, cmd);
-    let stored = match &res {
-        Ok(r) => CommandResult { result: Some(r.clone()) },
-        Err(e) => match e.to_command() {
-            Some(ce) => CommandResult { result: Some(command_result::Result::Error(ce)) },
-            None => return res, // aborts the batch; nothing to remember
-        },
-    };
+    let Some(stored) = to_remember(&res) else { return res };
     w.sessions.insert(key, (cmd.time_ns, stored.encode_to_vec().as_slice())).map_err(storage)?;
     w.sessions_by_time.insert((cmd.time_ns, key.0, key.1), ()).map_err(storage)?;
     res
+}
+
+/// [`apply_once`] for a client that says which answers it still waits for: its row keeps those
+/// only, and a mutation below them (a stale copy of one it gave up or got the answer to) is
+/// refused rather than applied a second time.
+fn apply_once_per_client(
+    w: &mut Writer<'_>,
+    cmd: &Command,
+    id: &ClientRequestId,
+) -> Result<command_result::Result, MetaError> {
+    let mut row = match w.clients.get(id.client).map_err(storage)? {
+        Some(v) => decode_answers(v.value())?,
+        None => ClientAnswers::default(),
+    };
+    if let Some(first) = row.answers.iter().find(|a| a.seq == id.seq) {
+        return first
+            .result
+            .clone()
+            .and_then(|r| r.result)
+            .ok_or_else(|| MetaError::Internal(anyhow::anyhow!("empty remembered result")));
+    }
+    if id.seq < row.first_unanswered {
+        return Err(MetaError::InvalidArgument(format!(
+            "mutation {} of client {:x} was answered already, and its answer forgotten",
+            id.seq, id.client
+        )));
+    }
+    let res = apply_one(w, cmd);
+    let Some(stored) = to_remember(&res) else { return res };
+    row.first_unanswered = row.first_unanswered.max(id.first_unanswered.min(id.seq));
+    let below = row.first_unanswered;
+    row.answers.retain(|a| a.seq >= below);
+    row.answers.push(ClientAnswer { seq: id.seq, result: Some(stored) });
+    row.last_ns = row.last_ns.max(cmd.time_ns);
+    w.clients.insert(id.client, row.encode_to_vec().as_slice()).map_err(storage)?;
+    res
+}
+
+/// Forgets the rows of clients that sent nothing for [`RESULT_TTL_NS`] before `now_ns`, looking
+/// once per [`CLIENTS_SWEEP_NS`] of leader time.
+fn expire_clients(w: &mut Writer<'_>, now_ns: i64) -> Result<(), MetaError> {
+    let swept = w.meta.get(CLIENTS_SWEPT).map_err(storage)?.map_or(0, |v| v.value() as i64);
+    if now_ns.saturating_sub(swept) < CLIENTS_SWEEP_NS {
+        return Ok(());
+    }
+    let cutoff = now_ns.saturating_sub(RESULT_TTL_NS);
+    let mut idle = Vec::new();
+    for item in w.clients.iter().map_err(storage)? {
+        let (k, v) = item.map_err(storage)?;
+        if decode_answers(v.value())?.last_ns < cutoff {
+            idle.push(k.value());
+        }
+    }
+    for client in idle {
+        w.clients.remove(client).map_err(storage)?;
+    }
+    w.meta.insert(CLIENTS_SWEPT, now_ns.max(0) as u64).map_err(storage)?;
+    Ok(())
 }
 
 /// Forgets answers older than [`RESULT_TTL_NS`] before `now_ns` (the leader's time in the entry).
@@ -632,7 +722,7 @@ fn expire_results(w: &mut Writer<'_>, now_ns: i64) -> Result<(), MetaError> {
     for item in w.sessions_by_time.range((i64::MIN, 0, 0)..(cutoff, 0, 0)).map_err(storage)? {
         let (k, _) = item.map_err(storage)?;
         old.push(k.value());
-        if old.len() == EXPIRE_PER_BATCH {
+        if old.len() == EXPIRE_PER_ENTRY {
             break;
         }
     }
@@ -919,6 +1009,7 @@ const T_SESSIONS_BY_TIME: u32 = 7;
 const T_MASTERS: u32 = 8;
 const T_ACCESS_KEYS: u32 = 9;
 const T_KEPT: u32 = 10;
+const T_CLIENTS: u32 = 11;
 
 fn u64_at(b: &[u8], at: usize) -> anyhow::Result<u64> {
     Ok(u64::from_be_bytes(b.get(at..at + 8).context("short snapshot record")?.try_into().expect("8 bytes")))
@@ -989,6 +1080,10 @@ pub fn dump(
         val.extend_from_slice(&since.to_be_bytes());
         emit(T_KEPT, k.value().to_be_bytes().to_vec(), val)?;
     }
+    for item in txn.open_table(CLIENTS)?.iter()? {
+        let (k, v) = item?;
+        emit(T_CLIENTS, k.value().to_be_bytes().to_vec(), v.value().to_vec())?;
+    }
     Ok(())
 }
 
@@ -1010,6 +1105,7 @@ pub fn load(
     txn.delete_table(MASTERS)?;
     txn.delete_table(ACCESS_KEYS)?;
     txn.delete_table(KEPT)?;
+    txn.delete_table(CLIENTS)?;
     let mut inodes = txn.open_table(INODES)?;
     let mut dirents = txn.open_table(DIRENTS)?;
     let mut chunks = txn.open_table(CHUNKS)?;
@@ -1020,6 +1116,7 @@ pub fn load(
     let mut masters = txn.open_table(MASTERS)?;
     let mut access_keys = txn.open_table(ACCESS_KEYS)?;
     let mut kept = txn.open_table(KEPT)?;
+    let mut clients = txn.open_table(CLIENTS)?;
     for r in records {
         let (table, k, v) = r?;
         match table {
@@ -1055,6 +1152,9 @@ pub fn load(
             }
             T_KEPT => {
                 kept.insert(u64_at(&k, 0)?, (u64_at(&v, 0)?, u64_at(&v, 8)? as i64))?;
+            }
+            T_CLIENTS => {
+                clients.insert(u64_at(&k, 0)?, v.as_slice())?;
             }
             other => anyhow::bail!("snapshot record of unknown table {other}"),
         }

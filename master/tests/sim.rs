@@ -947,7 +947,7 @@ impl Sim {
     fn request(&self, c: usize) -> Req {
         let cl = &self.clients[c];
         let op = cl.op.as_ref().expect("an operation in flight");
-        let id = Some(ClientRequestId { client: cl.id, seq: op.seq });
+        let id = Some(ClientRequestId { client: cl.id, seq: op.seq, first_unanswered: op.seq });
         let mkdir = |path: String, parents: bool| {
             command::Op::Mkdir(MkdirRequest { path, parents, mode: 0o755, id, ..Default::default() })
         };

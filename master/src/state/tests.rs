@@ -120,8 +120,12 @@ fn bad_names_are_refused() {
     assert!(split_path(&format!("/{}", "x".repeat(255))).is_ok());
 }
 
-fn with_id(mut op: Op, client: u64, seq: u64) -> Op {
-    let id = Some(cairn_proto::v1::ClientRequestId { client, seq });
+fn with_id(op: Op, client: u64, seq: u64) -> Op {
+    with_request(op, cairn_proto::v1::ClientRequestId { client, seq, first_unanswered: 0 })
+}
+
+fn with_request(mut op: Op, id: cairn_proto::v1::ClientRequestId) -> Op {
+    let id = Some(id);
     match &mut op {
         Op::Mkdir(r) => r.id = id,
         Op::CommitFile(r) => r.id = id,
@@ -175,9 +179,71 @@ fn a_retried_mutation_takes_effect_once() {
 }
 
 #[test]
+fn a_client_that_says_what_it_waits_for_is_answered_once_from_a_small_row() {
+    let (_d, s) = open();
+    let id = |seq, first_unanswered| cairn_proto::v1::ClientRequestId { client: 7, seq, first_unanswered };
+    let mk = |path: &str, seq, first| with_request(mkdir(path, false), id(seq, first));
+    // Two mutations in flight at once (both wait), then their retries: first answers back.
+    let a = run_at(&s, 1, 10, mk("/a", 1, 1)).unwrap();
+    let b = run_at(&s, 2, 11, mk("/b", 2, 1)).unwrap();
+    assert_eq!(run_at(&s, 3, 12, mk("/a", 1, 1)).unwrap(), a);
+    assert_eq!(run_at(&s, 4, 13, mk("/b", 2, 1)).unwrap(), b);
+    // A failed mutation is remembered as failed too.
+    assert_eq!(run_at(&s, 5, 14, mk("/a", 3, 2)), Err(ErrorCode::AlreadyExists));
+    assert_eq!(run_at(&s, 6, 15, mk("/a", 3, 2)), Err(ErrorCode::AlreadyExists));
+    // The client got the answers below 4: they are forgotten, and a stale copy of one of them
+    // is refused instead of applied again (here: /c made twice would be AlreadyExists, not Ok).
+    run_at(&s, 7, 16, mk("/c", 4, 4)).unwrap();
+    let r = s.reader().unwrap();
+    assert_eq!(r.remembered(7, 1).unwrap(), None);
+    assert!(r.remembered(7, 4).unwrap().is_some());
+    drop(r);
+    assert_eq!(run_at(&s, 8, 17, mk("/d", 2, 1)), Err(ErrorCode::InvalidArgument));
+    assert!(s.reader().unwrap().stat("/d").is_err(), "a stale copy took effect");
+    // One row for the client, holding only what it may still retry; another client is apart.
+    let row = |s: &State| {
+        let r = s.reader().unwrap();
+        let t = r.txn.open_table(CLIENTS).unwrap();
+        let v = t.get(7).unwrap().map(|v| ClientAnswers::decode(v.value()).unwrap());
+        v
+    };
+    assert_eq!(row(&s).unwrap().answers.iter().map(|a| a.seq).collect::<Vec<_>>(), vec![4]);
+    assert_eq!(
+        run_at(
+            &s,
+            9,
+            18,
+            with_request(
+                mkdir("/c", false),
+                cairn_proto::v1::ClientRequestId { client: 8, seq: 1, first_unanswered: 1 }
+            )
+        ),
+        Err(ErrorCode::AlreadyExists)
+    );
+    // The rows of clients idle for the TTL go at the next sweep; the client then starts anew.
+    let later = 18 + RESULT_TTL_NS + CLIENTS_SWEEP_NS;
+    run_at(&s, 10, later, mkdir("/e", false)).unwrap();
+    assert!(row(&s).is_none(), "the idle client's row was kept");
+    // Snapshots carry the rows.
+    run_at(&s, 11, later + 1, mk("/f", 9, 9)).unwrap();
+    let (_d2, s2) = open();
+    let r = s.reader().unwrap();
+    let mut records = Vec::new();
+    dump(&r.txn, |t, k, v| {
+        records.push(Ok((t, k, v)));
+        Ok(())
+    })
+    .unwrap();
+    let txn = s2.db.begin_write().unwrap();
+    load(&txn, records.into_iter(), 11).unwrap();
+    txn.commit().unwrap();
+    assert_eq!(run_at(&s2, 12, later + 2, mk("/f", 9, 9)).unwrap(), run_at(&s, 12, later + 2, mk("/f", 9, 9)).unwrap());
+}
+
+#[test]
 fn membership_changes_are_remembered_for_retries() {
     let (_d, s) = open();
-    let id = Some(cairn_proto::v1::ClientRequestId { client: 9, seq: 4 });
+    let id = Some(cairn_proto::v1::ClientRequestId { client: 9, seq: 4, first_unanswered: 4 });
     let add = cairn_proto::v1::MasterMember { id: 4, addr: "127.0.0.1:7004".into(), removed: false, request: id };
     assert!(s.reader().unwrap().remembered(9, 4).unwrap().is_none());
     let first = run_at(&s, 1, 10, Op::SetMaster(add)).unwrap();
