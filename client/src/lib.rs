@@ -97,7 +97,7 @@ struct Waiting {
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        self.ids.lock().expect("ids lock").waiting.remove(&self.seq);
+        self.ids.lock().unwrap_or_else(|p| p.into_inner()).waiting.remove(&self.seq);
     }
 }
 

@@ -250,9 +250,14 @@ impl Reader {
     pub fn remembered(&self, client: u64, seq: u64) -> Result<Option<command_result::Result>, MetaError> {
         let rows = self.txn.open_table(CLIENTS).map_err(storage)?;
         if let Some(row) = rows.get(client).map_err(storage)? {
-            let answers = decode_answers(row.value())?;
-            if let Some(a) = answers.answers.into_iter().find(|a| a.seq == seq) {
+            let row = decode_answers(row.value())?;
+            let below = row.first_unanswered;
+            if let Some(a) = row.answers.into_iter().find(|a| a.seq == seq) {
                 return Ok(a.result.and_then(|r| r.result));
+            }
+            if seq < below {
+                // Answered and forgotten: what applying it would answer (see `apply_once`).
+                return Ok(stale(client, seq).to_command().map(command_result::Result::Error));
             }
         }
         let t = self.txn.open_table(SESSIONS).map_err(storage)?;
@@ -645,16 +650,23 @@ fn apply_once(w: &mut Writer<'_>, cmd: &Command) -> Result<command_result::Resul
         return apply_once_per_client(w, cmd, &id);
     }
     let key = (id.client, id.seq);
-    if let Some(v) = w.sessions.get(key).map_err(storage)? {
-        let (_, bytes) = v.value();
-        let first = CommandResult::decode(bytes).context("decode a remembered result").map_err(MetaError::Internal)?;
-        return first.result.ok_or_else(|| MetaError::Internal(anyhow::anyhow!("empty remembered result")));
+    if let Some(first) = remembered_alone(w, key)? {
+        return Ok(first);
     }
     let res = apply_one(w, cmd);
     let Some(stored) = to_remember(&res) else { return res };
     w.sessions.insert(key, (cmd.time_ns, stored.encode_to_vec().as_slice())).map_err(storage)?;
     w.sessions_by_time.insert((cmd.time_ns, key.0, key.1), ()).map_err(storage)?;
     res
+}
+
+/// The answer kept for `(client, seq)` on its own (clients that send no mark), if any. A
+/// remembered error comes back as `Ok(Error(..))`, as applying answered it.
+fn remembered_alone(w: &Writer<'_>, key: (u64, u64)) -> Result<Option<command_result::Result>, MetaError> {
+    let Some(v) = w.sessions.get(key).map_err(storage)? else { return Ok(None) };
+    let (_, bytes) = v.value();
+    let first = CommandResult::decode(bytes).context("decode a remembered result").map_err(MetaError::Internal)?;
+    first.result.map(Some).ok_or_else(|| MetaError::Internal(anyhow::anyhow!("empty remembered result")))
 }
 
 /// [`apply_once`] for a client that says which answers it still waits for: its row keeps those
@@ -677,10 +689,11 @@ fn apply_once_per_client(
             .ok_or_else(|| MetaError::Internal(anyhow::anyhow!("empty remembered result")));
     }
     if id.seq < row.first_unanswered {
-        return Err(MetaError::InvalidArgument(format!(
-            "mutation {} of client {:x} was answered already, and its answer forgotten",
-            id.seq, id.client
-        )));
+        return Err(stale(id.client, id.seq));
+    }
+    // Remembered by a master of the version before (which did not read the mark).
+    if let Some(first) = remembered_alone(w, (id.client, id.seq))? {
+        return Ok(first);
     }
     let res = apply_one(w, cmd);
     let Some(stored) = to_remember(&res) else { return res };
@@ -691,6 +704,14 @@ fn apply_once_per_client(
     row.last_ns = row.last_ns.max(cmd.time_ns);
     w.clients.insert(id.client, row.encode_to_vec().as_slice()).map_err(storage)?;
     res
+}
+
+/// The answer to a copy of a mutation below its client's mark: that one was answered (or given
+/// up) already, and must not take effect again.
+fn stale(client: u64, seq: u64) -> MetaError {
+    MetaError::InvalidArgument(format!(
+        "mutation {seq} of client {client:x} was answered already, and its answer forgotten"
+    ))
 }
 
 /// Forgets the rows of clients that sent nothing for [`RESULT_TTL_NS`] before `now_ns`, looking
