@@ -1010,12 +1010,15 @@ impl Core {
     fn finish_apply(&mut self, cmds: Commands, results: Vec<cairn_proto::v1::CommandResult>, last: u64) -> Result<()> {
         let mut members_changed = false;
         for ((req, cmd), res) in cmds.iter().zip(results) {
+            // A refused command (a stale copy of a client's mutation among them) changes nothing;
+            // a node forgotten is gone from memory also when the namespace did not know it.
+            let took_effect = !matches!(res.result, Some(command_result::Result::Error(_)));
             match cmd.as_ref().and_then(|c| c.op.as_ref()) {
-                Some(command::Op::RegisterChunkserver(info)) => {
+                Some(command::Op::RegisterChunkserver(info)) if took_effect => {
                     self.cluster.know(info.id, &info.addr, &info.zone, info.draining)
                 }
                 Some(command::Op::Drain(d)) if d.forget => self.cluster.forget(d.id),
-                Some(command::Op::Drain(d)) => self.cluster.set_draining(d.id, !d.cancel),
+                Some(command::Op::Drain(d)) if took_effect => self.cluster.set_draining(d.id, !d.cancel),
                 Some(command::Op::SetMaster(m)) => {
                     members_changed = true;
                     if m.removed && m.id == self.raw.raft.id {
