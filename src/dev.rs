@@ -52,10 +52,6 @@ struct Proc {
     reported: bool,
 }
 
-fn free_port() -> Result<u16> {
-    Ok(cairn_common::net::unused_port(std::net::Ipv4Addr::LOCALHOST.into())?)
-}
-
 fn layout(dir: &Path, masters: u32) -> Result<Layout> {
     let path = dir.join("layout.json");
     if let Ok(bytes) = std::fs::read(&path) {
@@ -69,14 +65,9 @@ fn layout(dir: &Path, masters: u32) -> Result<Layout> {
         );
         return Ok(l);
     }
-    let mut master_ports = Vec::new();
-    while master_ports.len() < masters as usize {
-        let port = free_port()?;
-        if !master_ports.contains(&port) {
-            master_ports.push(port);
-        }
-    }
-    let l = Layout { master_ports };
+    let l = Layout {
+        master_ports: cairn_common::net::unused_ports(std::net::Ipv4Addr::LOCALHOST.into(), masters as usize)?,
+    };
     cairn_common::fsutil::durable_write(&path, &serde_json::to_vec_pretty(&l)?, 0o644)?;
     Ok(l)
 }

@@ -72,6 +72,18 @@ pub fn unused_port(ip: std::net::IpAddr) -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind((ip, 0))?.local_addr()?.port())
 }
 
+/// `n` distinct [`unused_port`]s, for the servers of one group that must know each other.
+pub fn unused_ports(ip: std::net::IpAddr, n: usize) -> std::io::Result<Vec<u16>> {
+    let mut ports = Vec::with_capacity(n);
+    while ports.len() < n {
+        let port = unused_port(ip)?;
+        if !ports.contains(&port) {
+            ports.push(port);
+        }
+    }
+    Ok(ports)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -129,9 +129,9 @@ pub struct FileState {
     mem: InMemory,
     /// When the first change since the last commit was made.
     changed_since: Option<std::time::Instant>,
-    /// The file's `security.capability` as an open or create here saw it (`None` inside: it had
-    /// none), and until when that may be trusted; `None` when unknown. See [`CAPABILITY`].
-    pub capability: Option<(Option<Vec<u8>>, std::time::Instant)>,
+    /// Until when the file is known to have no `security.capability` (as an open, create or
+    /// fetch here saw it); `None` when unknown or when it had one. See [`CAPABILITY`].
+    pub no_capability_until: Option<std::time::Instant>,
 }
 
 /// The extended attribute the kernel reads before writes and chowns (`security.capability`),
@@ -153,7 +153,7 @@ impl FileState {
             last_written: None,
             mem: InMemory { total: ctx.in_memory.clone(), segs: Default::default() },
             changed_since: None,
-            capability: None,
+            no_capability_until: None,
         }
     }
 
@@ -186,7 +186,7 @@ impl FileState {
         if !self.loaded && !self.dirty && self.attr.size == 0 {
             self.set_segs(Vec::new());
             self.loaded = true;
-            self.capability = no_capability_until.map(|t| (None, t));
+            self.no_capability_until = no_capability_until;
         }
     }
 

@@ -633,7 +633,7 @@ impl CairnFs {
     async fn forget_capability(&self, ino: u64) {
         self.inner.xattr_gen.fetch_add(1, Ordering::SeqCst);
         if let Some(st) = self.open_state(ino) {
-            st.lock().await.capability = None;
+            st.lock().await.no_capability_until = None;
         }
     }
 
@@ -965,8 +965,8 @@ impl Filesystem for CairnFs {
             let (fh, keep) = this.open_file(&attr);
             if let Some(st) = this.open_state(ino.0) {
                 let mut st = st.lock().await;
-                st.capability =
-                    this.capability_until(asked, gen).map(|t| (file.xattrs.get(file::CAPABILITY).cloned(), t));
+                st.no_capability_until =
+                    this.capability_until(asked, gen).filter(|_| !file.xattrs.contains_key(file::CAPABILITY));
                 st.refresh(file);
             }
             let flags = if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
@@ -1189,29 +1189,23 @@ impl Filesystem for CairnFs {
             // The kernel's question before a write, answered from the open when it knows there
             // is none. A capability the open saw is asked for again: answering a stale one, the
             // kernel would remove what another client removed already, and the write would fail.
-            let known = match &open {
-                Some(st) => {
-                    st.lock().await.capability.clone().filter(|(v, until)| v.is_none() && Instant::now() < *until)
-                }
-                None => None,
+            let known_none = match &open {
+                Some(st) => st.lock().await.no_capability_until.is_some_and(|until| Instant::now() < until),
+                None => false,
             };
-            let value = match known {
-                Some((v, _)) => v,
-                None => {
-                    let (asked, gen) = (Instant::now(), this.xattr_gen());
-                    let value = match this.client().xattrs(ino.0).await {
-                        Ok(mut x) => x.remove(&name),
-                        Err(e) => return reply.error(errno(&e)),
-                    };
-                    // The kernel asks before every write: the next TTL's worth is answered here.
-                    if let Some(st) = &open {
-                        let mut st = st.lock().await;
-                        if let Some(until) = this.capability_until(asked, gen) {
-                            st.capability = Some((value.clone(), until));
-                        }
-                    }
-                    value
+            let value = if known_none {
+                None
+            } else {
+                let (asked, gen) = (Instant::now(), this.xattr_gen());
+                let value = match this.client().xattrs(ino.0).await {
+                    Ok(mut x) => x.remove(&name),
+                    Err(e) => return reply.error(errno(&e)),
+                };
+                // The kernel asks before every write: the next TTL's worth is answered here.
+                if let Some(st) = &open {
+                    st.lock().await.no_capability_until = this.capability_until(asked, gen).filter(|_| value.is_none());
                 }
+                value
             };
             match value {
                 None => reply.error(Errno::from_i32(libc::ENODATA)),

@@ -35,13 +35,11 @@ impl Group {
         tls::init_ca(&ca).expect("init CA");
         let client_tls = dir.path().join("client-tls");
         tls::issue(&ca, &client_tls, tls::Role::Client, &[]).expect("issue client cert");
-        let mut addrs: Vec<String> = Vec::new();
-        while addrs.len() < masters {
-            let addr = format!("127.0.0.1:{}", free_port());
-            if !addrs.contains(&addr) {
-                addrs.push(addr);
-            }
-        }
+        let addrs: Vec<String> = cairn_common::net::unused_ports(std::net::Ipv4Addr::LOCALHOST.into(), masters)
+            .expect("free ports")
+            .into_iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
         let peers = addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>().join(",");
         let mut g = Group {
             dir,

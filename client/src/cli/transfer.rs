@@ -170,9 +170,6 @@ pub async fn get(args: &GetArgs) -> Result<()> {
     res.with_context(|| ctx.clone())
 }
 
-/// Downloads `remote` (or a range of it) to the local file `local`: written beside it and renamed
-/// at the end, so a failed download leaves no half file. A device, FIFO or socket already at
-/// `local` (`/dev/null`, a named pipe) is written into instead, never replaced.
 /// Where writing to `path` lands, as with `cp`: the file a chain of symbolic links ends at (which
 /// need not exist yet: a dangling link gets its target created), so that the new file replaces
 /// the target and the links stay; `path` itself when it is not a link.
@@ -191,6 +188,10 @@ fn through_links(path: &Path) -> Result<PathBuf> {
     anyhow::bail!("{}: too many levels of symbolic links", path.display())
 }
 
+/// Downloads `remote` (or a range of it) to the local file `local`: written beside it and renamed
+/// at the end, so a failed download leaves no half file. A device, FIFO or socket already at
+/// `local` (`/dev/null`, a named pipe) is written into instead, never replaced; a symbolic link
+/// is written through.
 pub(super) async fn download(
     client: &Client,
     remote: &str,
