@@ -67,8 +67,9 @@ pub fn endpoint(identity: &Identity, socket: UdpSocket) -> Result<Endpoint> {
     let server = identity.quic_server().context("QUIC server TLS config")?;
     let client = identity.quic_client().context("QUIC client TLS config")?;
     let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
-    let mut endpoint = Endpoint::new(cairn_common::tls::quic_endpoint_config(), Some(server), socket, runtime)
-        .context("create QUIC endpoint")?;
+    let mut endpoint =
+        Endpoint::new(cairn_common::tls::quic_endpoint_config(Some(identity)), Some(server), socket, runtime)
+            .context("create QUIC endpoint")?;
     endpoint.set_default_client_config(client);
     Ok(endpoint)
 }

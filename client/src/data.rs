@@ -169,7 +169,7 @@ impl DataPlane {
         let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
         cairn_common::net::tune_udp_socket(&socket);
         let runtime = quinn::default_runtime().ok_or_else(|| anyhow::anyhow!("no async runtime for QUIC"))?;
-        let mut endpoint = quinn::Endpoint::new(cairn_common::tls::quic_endpoint_config(), None, socket, runtime)?;
+        let mut endpoint = quinn::Endpoint::new(cairn_common::tls::quic_endpoint_config(None), None, socket, runtime)?;
         endpoint.set_default_client_config(identity.quic_client()?);
         Ok(DataPlane {
             endpoint,
@@ -179,12 +179,13 @@ impl DataPlane {
         })
     }
 
-    async fn connection(&self, addr: &str) -> Result<quinn::Connection, ChunkError> {
+    /// A connection to `addr`: the open one kept from earlier requests (`true`), or a new one.
+    async fn connection(&self, addr: &str) -> Result<(quinn::Connection, bool), ChunkError> {
         let slot = self.conns.lock().expect("conns lock").entry(addr.to_string()).or_default().clone();
         let mut slot = slot.lock().await;
         if let Some(c) = slot.as_ref() {
             if c.close_reason().is_none() {
-                return Ok(c.clone());
+                return Ok((c.clone(), true));
             }
         }
         let sa: SocketAddr = addr.parse().map_err(|_| ChunkError::Unreachable(format!("bad address {addr:?}")))?;
@@ -197,7 +198,7 @@ impl DataPlane {
             .map_err(|_| ChunkError::Unreachable(format!("connect {addr}: timed out")))?
             .map_err(|e| ChunkError::Unreachable(format!("connect {addr}: {e}")))?;
         *slot = Some(conn.clone());
-        Ok(conn)
+        Ok((conn, false))
     }
 
     /// Whether a request to `node` should be tried now (see [`Breakers::allow`]).
@@ -218,13 +219,33 @@ impl DataPlane {
         self.breakers.open(Instant::now())
     }
 
+    /// Sends a request (and its body) to `addr` and reads the response header. A kept connection
+    /// that turns out to be dead (its node restarted and reset it) is replaced, and the request
+    /// sent once more on a new one: chunk requests are idempotent.
     async fn exchange(
         &self,
         addr: &str,
         req: ChunkRequest,
         body: Option<Bytes>,
     ) -> Result<(ChunkResponse, quinn::RecvStream), ChunkError> {
-        let conn = self.connection(addr).await?;
+        let (conn, kept) = self.connection(addr).await?;
+        match self.exchange_on(&conn, addr, req.clone(), body.clone()).await {
+            Err(e) if kept && conn.close_reason().is_some() => {
+                tracing::debug!(%addr, error = %e, "kept connection is gone; sending again on a new one");
+                let (conn, _) = self.connection(addr).await?;
+                self.exchange_on(&conn, addr, req, body).await
+            }
+            r => r,
+        }
+    }
+
+    async fn exchange_on(
+        &self,
+        conn: &quinn::Connection,
+        addr: &str,
+        req: ChunkRequest,
+        body: Option<Bytes>,
+    ) -> Result<(ChunkResponse, quinn::RecvStream), ChunkError> {
         let unreachable = |e: &dyn std::fmt::Display| ChunkError::Unreachable(format!("{addr}: {e}"));
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| unreachable(&e))?;
         send.write_all(&frame::encode(&req)).await.map_err(|e| unreachable(&e))?;
@@ -414,6 +435,74 @@ mod tests {
         drop(many);
         drop(b);
         assert_eq!(pool.0.lock().unwrap().len(), POOLED_KEEP);
+    }
+
+    /// A UDP relay standing in for one node address. It forwards the client's datagrams to the
+    /// node process `target` names, and only that process's answers back: switching `target`
+    /// is a restart on the same address in which the old process said no goodbye.
+    async fn relay(target: Arc<Mutex<SocketAddr>>, servers: Vec<SocketAddr>) -> SocketAddr {
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind relay");
+        let addr = sock.local_addr().expect("relay address");
+        tokio::spawn(async move {
+            let mut client = None;
+            let mut buf = vec![0u8; 1 << 16];
+            while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+                let to = *target.lock().expect("relay target");
+                let dest = if from == to {
+                    client
+                } else if servers.contains(&from) {
+                    None
+                } else {
+                    client = Some(from);
+                    Some(to)
+                };
+                if let Some(dest) = dest {
+                    let _ = sock.send_to(&buf[..n], dest).await;
+                }
+            }
+        });
+        addr
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_restarted_on_its_address_is_reached_again_at_once() {
+        use cairn_chunkserver::quic::{endpoint, serve, Limits};
+        use cairn_common::tls::{self, Identity, Role};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca");
+        tls::init_ca(&ca).expect("CA");
+        let ip = ["127.0.0.1".parse().expect("an IP")];
+        tls::issue(&ca, &dir.path().join("node"), Role::Node, &ip).expect("node identity");
+        tls::issue(&ca, &dir.path().join("client"), Role::Client, &ip).expect("client identity");
+        let node = Identity::load(&dir.path().join("node")).expect("node identity");
+        let store = cairn_chunkserver::store::ChunkStore::open(&dir.path().join("data"), None).await.expect("store");
+        // Two processes of one node (same identity, same store) behind one address.
+        let stop = tokio_util::sync::CancellationToken::new();
+        let mut servers = Vec::new();
+        for _ in 0..2 {
+            let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+            servers.push(socket.local_addr().expect("address"));
+            let ep = endpoint(&node, socket).expect("endpoint");
+            tokio::spawn(serve(ep, store.clone(), Limits::default(), Default::default(), stop.child_token()));
+        }
+        let target = Arc::new(Mutex::new(servers[0]));
+        let addr = relay(target.clone(), servers.clone()).await;
+        let plane =
+            DataPlane::new(&Identity::load(&dir.path().join("client")).expect("client identity")).expect("data plane");
+        let r = ChunkserverRef { id: 1, addr: addr.to_string() };
+        let data = Bytes::from(vec![7u8; 100_000]);
+        let hash = *blake3::hash(&data).as_bytes();
+        plane.put_chunk(std::slice::from_ref(&r), &hash, data.clone()).await.expect("put");
+        let len = data.len() as u64;
+        assert_eq!(plane.get_chunk(&r, &hash, len, 0, 0, FAILOVER_AFTER).await.expect("get"), data);
+        // "Restart": the kept connection now reaches a process that does not know it. That
+        // process resets it, and the request goes again on a new connection, well before the
+        // idle timeout (4 s) would have closed the old one.
+        *target.lock().expect("relay target") = servers[1];
+        let got = plane.get_chunk(&r, &hash, len, 0, 0, Duration::from_secs(3)).await;
+        assert_eq!(got.expect("get after the restart"), data);
+        plane.close();
+        stop.cancel();
     }
 
     #[test]

@@ -223,8 +223,24 @@ impl Identity {
 
 /// Endpoint settings for every Cairn QUIC socket: datagrams up to 64 KB may be received, so that
 /// MTU discovery (see [`transport`]) can use big packets where the path carries them.
-pub fn quic_endpoint_config() -> quinn::EndpointConfig {
+///
+/// A serving endpoint passes its identity: its stateless-reset key is then derived from the
+/// node's private key, so it stays the same across restarts. A restarted node answers a packet
+/// of a connection its previous process had with a reset its peers recognise (RFC 9000, 10.3),
+/// and they drop that connection at once instead of waiting out the idle timeout while their
+/// requests on it go unanswered. Clients, which serve nothing, keep a random key.
+pub fn quic_endpoint_config(server: Option<&Identity>) -> quinn::EndpointConfig {
     let mut cfg = quinn::EndpointConfig::default();
+    if let Some(id) = server {
+        let key = |context| blake3::derive_key(context, id.key_pem.as_bytes());
+        let reset = key("cairn 2026 QUIC stateless reset key");
+        cfg.reset_key(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset)));
+        // The new process must also take the old one's connection IDs as its own (they carry a
+        // keyed hash), or it drops their packets without an answer.
+        let cid = key("cairn 2026 QUIC connection ID key");
+        let cid = u64::from_le_bytes(cid[..8].try_into().expect("8 of 32 bytes"));
+        cfg.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid)));
+    }
     cfg.max_udp_payload_size(65_527).expect("65527 is a valid UDP payload size");
     cfg
 }

@@ -15,8 +15,18 @@ pub enum FrameError {
     TooLarge(u32),
     #[error("malformed frame header")]
     Decode(#[from] prost::DecodeError),
-    #[error("stream ended inside a frame")]
+    #[error("{}", io_text(.0))]
     Io(#[from] std::io::Error),
+}
+
+/// What went wrong under a frame: the stream's early end, or the cause that ended it (a closed
+/// or reset connection says so).
+fn io_text(e: &std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        "stream ended inside a frame".into()
+    } else {
+        format!("reading a frame: {e}")
+    }
 }
 
 /// Encodes `msg` as one frame.
@@ -62,6 +72,8 @@ mod tests {
         assert!(read::<ChunkRequest, _>(&mut &garbage[..]).await.is_err());
 
         let short = [0, 0, 0, 9, 1];
-        assert!(matches!(read::<ChunkRequest, _>(&mut &short[..]).await, Err(FrameError::Io(_))));
+        let err = read::<ChunkRequest, _>(&mut &short[..]).await.unwrap_err();
+        assert!(matches!(err, FrameError::Io(_)));
+        assert_eq!(err.to_string(), "stream ended inside a frame");
     }
 }
