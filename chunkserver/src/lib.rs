@@ -46,11 +46,14 @@ pub struct Config {
 /// running, failures are logged and retried.
 pub async fn run(config: Config, socket: UdpSocket, shutdown: CancellationToken) -> Result<()> {
     let local = socket.local_addr().context("UDP socket has no local address")?;
+    if let Err(e) = cairn_common::fsutil::raise_open_file_limit() {
+        tracing::warn!(error = %e, "cannot raise the open-file limit");
+    }
     let store = store::ChunkStore::open(&config.data_dir, config.capacity_bytes)
         .await
         .with_context(|| format!("open chunk store in {}", config.data_dir.display()))?;
     let span = tracing::info_span!("chunkserver", node = store.node_id());
-    let endpoint = quic::endpoint(&config.identity, socket)?;
+    let endpoint = quic::endpoint(&config.identity, store.node_id(), socket)?;
     let advertise = config.advertise.clone().unwrap_or_else(|| local.to_string());
     span.in_scope(|| tracing::info!(addr = %local, advertise, zone = config.zone, "chunkserver starting"));
 

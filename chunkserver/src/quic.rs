@@ -1,6 +1,6 @@
 //! The QUIC data server: one bidirectional stream per request (framing in
 //! [`cairn_proto::frame`]), PutChunk forwarded down a replica chain while it arrives, GetChunk
-//! served from a verified memory map.
+//! served from verified chunk files.
 //!
 //! The same endpoint serves and dials: it connects to the next replica of a chain with the node
 //! identity, so peers see a certificate of the cluster CA naming [`NODE_NAME`].
@@ -30,7 +30,11 @@ pub struct Limits {
     pub max_requests: usize,
     /// Bytes of chunks being received at once (each PutChunk holds its whole chunk in memory).
     pub max_receiving_bytes: u64,
-    /// How long a PutChunk waits for receive-buffer room before it is answered `STATUS_BUSY`.
+    /// Bytes of chunks read for sending at once (a GetChunk holds what it read in memory until
+    /// the peer has it).
+    pub max_sending_bytes: u64,
+    /// How long a PutChunk waits for receive-buffer room (a GetChunk for send-buffer room)
+    /// before it is answered `STATUS_BUSY`.
     pub receive_wait: Duration,
     /// Connecting to the next replica, and each write to or read from it.
     pub downstream_timeout: Duration,
@@ -47,6 +51,7 @@ impl Default for Limits {
         Limits {
             max_requests: 256,
             max_receiving_bytes: 64 * MAX_CHUNK,
+            max_sending_bytes: 64 * MAX_CHUNK,
             receive_wait: Duration::from_secs(5),
             downstream_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(30),
@@ -60,16 +65,16 @@ impl Default for Limits {
 const MAX_POOLED: usize = 1024;
 
 /// Builds the endpoint on an already-bound UDP socket: it serves with the node identity and dials
-/// peers with it too.
-pub fn endpoint(identity: &Identity, socket: UdpSocket) -> Result<Endpoint> {
+/// peers with it too. `node` (the store's id) keys its connection IDs and stateless resets, so
+/// that a restart of the node can reset its previous process's connections.
+pub fn endpoint(identity: &Identity, node: u64, socket: UdpSocket) -> Result<Endpoint> {
     socket.set_nonblocking(true).context("set UDP socket non-blocking")?;
     cairn_common::net::tune_udp_socket(&socket);
     let server = identity.quic_server().context("QUIC server TLS config")?;
     let client = identity.quic_client().context("QUIC client TLS config")?;
     let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
-    let mut endpoint =
-        Endpoint::new(cairn_common::tls::quic_endpoint_config(Some(identity)), Some(server), socket, runtime)
-            .context("create QUIC endpoint")?;
+    let config = cairn_common::tls::quic_endpoint_config(Some((identity, node)));
+    let mut endpoint = Endpoint::new(config, Some(server), socket, runtime).context("create QUIC endpoint")?;
     endpoint.set_default_client_config(client);
     Ok(endpoint)
 }
@@ -140,6 +145,7 @@ struct Server {
     pool: Pool,
     requests: Arc<Semaphore>,
     receiving: Arc<Semaphore>,
+    sending: Arc<Semaphore>,
 }
 
 /// Serves chunk requests on `endpoint` until `shutdown` is cancelled, then stops accepting, waits
@@ -152,18 +158,20 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let receiving_permits =
-        usize::try_from(limits.max_receiving_bytes).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS);
-    anyhow::ensure!(
-        receiving_permits as u64 >= MAX_CHUNK,
-        "max_receiving_bytes must hold at least one chunk of {MAX_CHUNK} bytes"
-    );
+    let permits = |bytes: u64, name: &str| {
+        let n = usize::try_from(bytes).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS);
+        anyhow::ensure!(n as u64 >= MAX_CHUNK, "{name} must hold at least one chunk of {MAX_CHUNK} bytes");
+        Ok(n)
+    };
+    let receiving_permits = permits(limits.max_receiving_bytes, "max_receiving_bytes")?;
+    let sending_permits = permits(limits.max_sending_bytes, "max_sending_bytes")?;
     let server = Arc::new(Server {
         store,
         metrics,
         pool: Pool::new(endpoint.clone(), limits.downstream_timeout),
         requests: Arc::new(Semaphore::new(limits.max_requests)),
         receiving: Arc::new(Semaphore::new(receiving_permits)),
+        sending: Arc::new(Semaphore::new(sending_permits)),
         limits,
     });
     let tracker = TaskTracker::new();
@@ -324,6 +332,20 @@ async fn handle_get(server: &Server, get: GetChunk, send: &mut SendStream) -> Op
         write_response(send, &resp, idle).await;
         return None;
     };
+    let most = if get.length == 0 { MAX_CHUNK } else { get.length.min(MAX_CHUNK) };
+    let permits = u32::try_from(most).expect("MAX_CHUNK fits in u32");
+    let _room = match tokio::time::timeout(
+        server.limits.receive_wait,
+        server.sending.clone().acquire_many_owned(permits),
+    )
+    .await
+    {
+        Ok(Ok(p)) => p,
+        Ok(Err(_)) | Err(_) => {
+            write_response(send, &error_response(Status::Busy, "too many chunks being sent"), idle).await;
+            return None;
+        }
+    };
     let read = if get.reader_checks {
         server.store.get_for_checking_reader(hash, get.offset, get.length).await
     } else {
@@ -340,7 +362,7 @@ async fn handle_get(server: &Server, get: GetChunk, send: &mut SendStream) -> Op
         }
     };
     let header = ChunkResponse { status: Status::Ok as i32, length: read.bytes.len() as u64, ..Default::default() };
-    // The chunk goes out of its memory map: quinn keeps the `Bytes` until the peer has it.
+    // The chunk goes out of its read buffer: quinn keeps the `Bytes` until the peer has it.
     let mut parts = [frame::encode(&header), read.bytes];
     let write = async {
         let mut done = 0;
@@ -350,7 +372,7 @@ async fn handle_get(server: &Server, get: GetChunk, send: &mut SendStream) -> Op
         Ok::<(), quinn::WriteError>(())
     };
     // A whole chunk may take a while on a slow link; bound it generously by the idle timeout per
-    // MiB so a stuck peer cannot hold the chunk's map forever.
+    // MiB so a stuck peer cannot hold the chunk's buffer forever.
     let budget = idle.saturating_mul(1 + (header.length >> 20) as u32);
     match tokio::time::timeout(budget, write).await {
         Ok(Ok(())) => {

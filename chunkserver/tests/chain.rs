@@ -41,7 +41,7 @@ async fn cluster(n: usize) -> Cluster {
         let store = ChunkStore::open(&data, None).await.expect("open store");
         let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
         let addr = socket.local_addr().expect("local addr");
-        let endpoint = quic::endpoint(&id, socket).expect("endpoint");
+        let endpoint = quic::endpoint(&id, store.node_id(), socket).expect("endpoint");
         let server =
             quic::serve(endpoint, store.clone(), Limits::default(), Default::default(), shutdown.child_token());
         servers.push(tokio::spawn(server));

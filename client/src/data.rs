@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use cairn_common::bufs::Bufs;
 use cairn_proto::data::{chunk_request, ChunkRequest, ChunkResponse, GetChunk, PutChunk, Status};
 use cairn_proto::frame;
 use cairn_proto::v1::ChunkserverRef;
@@ -62,58 +63,17 @@ pub struct DataPlane {
     endpoint: quinn::Endpoint,
     conns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<quinn::Connection>>>>>,
     breakers: Breakers,
-    bufs: Arc<ChunkBufs>,
+    bufs: Arc<Bufs>,
 }
 
-/// Reads of at least this many bytes go into a reused [`ChunkBufs`] buffer (4 MiB, whatever the
-/// read: a read kept long, as in the mount's chunk cache, holds at most a third more memory
-/// than it uses).
-const POOLED_READ_MIN: u64 = 3 << 20;
 /// Idle chunk buffers kept for reuse, at most (4 MiB each, so up to 64 MiB stays resident in a
 /// client that once read or wrote large files).
 const POOLED_KEEP: usize = 16;
 
-/// Buffers for large chunk reads, reused. A fresh 4 MiB buffer costs a thousand page faults,
-/// each page zeroed by the kernel (`perf` on the S3 gateway serving 1 GiB GETs: 14% of its CPU);
-/// a buffer comes back here when the last `Bytes` of the chunk read into it is dropped.
-#[derive(Default)]
-pub(crate) struct ChunkBufs(Mutex<Vec<Vec<u8>>>);
-
-/// A buffer of [`ChunkBufs`], owned by the `Bytes` made from it.
-pub(crate) struct Pooled {
-    pub(crate) buf: Vec<u8>,
-    pool: Arc<ChunkBufs>,
-}
-
-impl Pooled {
-    /// The first `len` bytes, as `Bytes` that give the buffer back when the last is dropped.
-    pub(crate) fn freeze(self, len: usize) -> Bytes {
-        Bytes::from_owner(self).slice(..len)
-    }
-}
-
-impl AsRef<[u8]> for Pooled {
-    fn as_ref(&self) -> &[u8] {
-        &self.buf
-    }
-}
-
-impl Drop for Pooled {
-    fn drop(&mut self) {
-        let mut free = self.pool.0.lock().expect("chunk buffers lock");
-        if free.len() < POOLED_KEEP {
-            free.push(std::mem::take(&mut self.buf));
-        }
-    }
-}
-
-impl ChunkBufs {
-    /// A buffer of `MAX_CHUNK` initialized bytes (old content, or zeros when new).
-    pub(crate) fn take(self: &Arc<Self>) -> Pooled {
-        let buf = self.0.lock().expect("chunk buffers lock").pop();
-        let buf = buf.unwrap_or_else(|| vec![0; cairn_proto::MAX_CHUNK as usize]);
-        Pooled { buf, pool: self.clone() }
-    }
+/// Whether a connection ended because its peer (or a restarted process on its address) said so.
+fn closed_by_peer(reason: &quinn::ConnectionError) -> bool {
+    use quinn::ConnectionError as E;
+    matches!(reason, E::Reset | E::ConnectionClosed(_) | E::ApplicationClosed(_))
 }
 
 /// A circuit breaker per chunkserver: after [`BREAKER_THRESHOLD`] failures in a row a node is
@@ -175,7 +135,7 @@ impl DataPlane {
             endpoint,
             conns: Mutex::new(HashMap::new()),
             breakers: Breakers::default(),
-            bufs: Arc::default(),
+            bufs: Bufs::new(cairn_proto::MAX_CHUNK as usize, POOLED_KEEP),
         })
     }
 
@@ -220,8 +180,9 @@ impl DataPlane {
     }
 
     /// Sends a request (and its body) to `addr` and reads the response header. A kept connection
-    /// that turns out to be dead (its node restarted and reset it) is replaced, and the request
-    /// sent once more on a new one: chunk requests are idempotent.
+    /// that the node turns out to have reset (it restarted) or closed is replaced, and the request
+    /// sent once more on a new one: chunk requests are idempotent. One that timed out is not: the
+    /// node is silent, and the caller moves on to another replica.
     async fn exchange(
         &self,
         addr: &str,
@@ -230,7 +191,7 @@ impl DataPlane {
     ) -> Result<(ChunkResponse, quinn::RecvStream), ChunkError> {
         let (conn, kept) = self.connection(addr).await?;
         match self.exchange_on(&conn, addr, req.clone(), body.clone()).await {
-            Err(e) if kept && conn.close_reason().is_some() => {
+            Err(e) if kept && conn.close_reason().is_some_and(|r| closed_by_peer(&r)) => {
                 tracing::debug!(%addr, error = %e, "kept connection is gone; sending again on a new one");
                 let (conn, _) = self.connection(addr).await?;
                 self.exchange_on(&conn, addr, req, body).await
@@ -295,7 +256,7 @@ impl DataPlane {
     }
 
     /// The pool of chunk-sized buffers, for readers of large inputs.
-    pub(crate) fn bufs(&self) -> Arc<ChunkBufs> {
+    pub(crate) fn bufs(&self) -> Arc<Bufs> {
         self.bufs.clone()
     }
 
@@ -366,7 +327,7 @@ impl DataPlane {
                 ));
             }
             let unreachable = |e| ChunkError::Unreachable(format!("{}: {e}", node.addr));
-            if (POOLED_READ_MIN..=cairn_proto::MAX_CHUNK).contains(&want) {
+            if self.bufs.suits(want as usize) {
                 let mut buf = self.bufs.take();
                 recv.read_exact(&mut buf.buf[..want as usize]).await.map_err(unreachable)?;
                 return Ok(buf.freeze(want as usize));
@@ -414,29 +375,6 @@ pub(crate) async fn hash_chunk(data: Bytes) -> [u8; 32] {
 mod tests {
     use super::*;
 
-    #[test]
-    fn chunk_buffers_come_back_when_their_last_bytes_go() {
-        let pool = Arc::new(ChunkBufs::default());
-        let mut a = pool.take();
-        a.buf[..3].copy_from_slice(b"abc");
-        let bytes = a.freeze(3);
-        let part = bytes.slice(1..);
-        drop(bytes);
-        assert_eq!(pool.0.lock().unwrap().len(), 0, "a slice still holds the buffer");
-        assert_eq!(&part[..], b"bc");
-        drop(part);
-        assert_eq!(pool.0.lock().unwrap().len(), 1);
-        // Taken again: the same memory, no new allocation.
-        let b = pool.take();
-        assert_eq!(&b.buf[..3], b"abc");
-        assert_eq!(pool.0.lock().unwrap().len(), 0);
-        // At most POOLED_KEEP idle buffers are kept.
-        let many: Vec<Pooled> = (0..POOLED_KEEP + 3).map(|_| pool.take()).collect();
-        drop(many);
-        drop(b);
-        assert_eq!(pool.0.lock().unwrap().len(), POOLED_KEEP);
-    }
-
     /// A UDP relay standing in for one node address. It forwards the client's datagrams to the
     /// node process `target` names, and only that process's answers back: switching `target`
     /// is a restart on the same address in which the old process said no goodbye.
@@ -482,7 +420,7 @@ mod tests {
         for _ in 0..2 {
             let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
             servers.push(socket.local_addr().expect("address"));
-            let ep = endpoint(&node, socket).expect("endpoint");
+            let ep = endpoint(&node, store.node_id(), socket).expect("endpoint");
             tokio::spawn(serve(ep, store.clone(), Limits::default(), Default::default(), stop.child_token()));
         }
         let target = Arc::new(Mutex::new(servers[0]));

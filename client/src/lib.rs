@@ -788,7 +788,7 @@ struct AsyncSource<R> {
     reader: R,
     /// The last chunk was full-sized: a big input, whose next chunk likely is too.
     full: bool,
-    bufs: Arc<data::ChunkBufs>,
+    bufs: Arc<cairn_common::bufs::Bufs>,
 }
 
 impl<R: AsyncRead + Unpin + Send> ChunkSource for AsyncSource<R> {
@@ -838,7 +838,7 @@ struct FileSource {
     offset: u64,
     /// The last chunk was full-sized: the file is big, and its next chunk likely is too.
     full: bool,
-    bufs: Arc<data::ChunkBufs>,
+    bufs: Arc<cairn_common::bufs::Bufs>,
 }
 
 impl ChunkSource for FileSource {
@@ -885,6 +885,6 @@ impl ChunkSource for FileSource {
 
 /// A read buffer of [`FileSource`].
 enum ReadBuf {
-    Pooled(data::Pooled),
+    Pooled(cairn_common::bufs::Pooled),
     Fresh(Vec<u8>),
 }

@@ -224,15 +224,17 @@ impl Identity {
 /// Endpoint settings for every Cairn QUIC socket: datagrams up to 64 KB may be received, so that
 /// MTU discovery (see [`transport`]) can use big packets where the path carries them.
 ///
-/// A serving endpoint passes its identity: its stateless-reset key is then derived from the
-/// node's private key, so it stays the same across restarts. A restarted node answers a packet
+/// A serving endpoint passes its identity and its node id (kept in its data directory): its
+/// stateless-reset key is then derived from both (the node's private key, and the id so that
+/// nodes given one key still differ), so it stays the same across restarts. A restarted node answers a packet
 /// of a connection its previous process had with a reset its peers recognise (RFC 9000, 10.3),
 /// and they drop that connection at once instead of waiting out the idle timeout while their
 /// requests on it go unanswered. Clients, which serve nothing, keep a random key.
-pub fn quic_endpoint_config(server: Option<&Identity>) -> quinn::EndpointConfig {
+pub fn quic_endpoint_config(server: Option<(&Identity, u64)>) -> quinn::EndpointConfig {
     let mut cfg = quinn::EndpointConfig::default();
-    if let Some(id) = server {
-        let key = |context| blake3::derive_key(context, id.key_pem.as_bytes());
+    if let Some((id, node)) = server {
+        let material = format!("{}\n{node}", id.key_pem);
+        let key = |context| blake3::derive_key(context, material.as_bytes());
         let reset = key("cairn 2026 QUIC stateless reset key");
         cfg.reset_key(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset)));
         // The new process must also take the old one's connection IDs as its own (they carry a

@@ -23,11 +23,12 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
+use cairn_common::bufs::Bufs;
 use cairn_proto::data::Status;
 use cairn_proto::{HASH_LEN, MAX_CHUNK};
 
@@ -135,8 +136,8 @@ fn write_err(what: String, needed: u64, e: io::Error) -> StoreError {
     }
 }
 
-/// A verified range of a stored chunk, backed by its memory map: cloning or slicing it copies
-/// nothing, so the server writes it to the network straight from the page cache.
+/// A range of a stored chunk, read from disk (whole chunks into reused buffers): cloning or
+/// slicing it copies nothing.
 #[derive(Clone, Debug)]
 pub struct ChunkRead {
     pub bytes: Bytes,
@@ -173,26 +174,46 @@ struct Inner {
     pool: Pool,
     committer: commit::GroupCommit,
     packs: pack::Packs,
-    /// Chunks whose whole content was hashed and matched recently, with their maps, for
-    /// [`ChunkStore::get_recent`]: random reads neither hash nor map a chunk again.
-    verified: Mutex<HashMap<ChunkHash, (std::time::Instant, Arc<memmap2::Mmap>)>>,
-}
-
-/// A shared chunk map as the owner of `Bytes`.
-struct SharedMap(Arc<memmap2::Mmap>);
-
-impl AsRef<[u8]> for SharedMap {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
-    }
+    /// Chunks whose whole content was hashed and matched recently: when, their open file and
+    /// its size, for [`ChunkStore::get_recent`]: random reads then read only their range,
+    /// unhashed, without opening the file again.
+    verified: Mutex<HashMap<ChunkHash, Verified>>,
+    /// Buffers for reads of whole (large) chunks.
+    bufs: Arc<Bufs>,
 }
 
 /// How long a ranged read may rely on an earlier whole-chunk verification instead of hashing all
 /// 4 MiB again for a few KiB (random reads). Damage in that window is still caught: whole-chunk
 /// readers hash what they receive, and the scrubber re-reads every chunk.
 pub const VERIFIED_FOR: std::time::Duration = std::time::Duration::from_secs(30);
-/// Verified maps kept at most (each maps up to 4 MiB of address space, no memory of its own).
+/// How much of a chunk file a read hashes before it serves it.
+#[derive(Clone, Copy, Debug)]
+enum Check {
+    /// The whole chunk, always (the scrubber, re-replication sources).
+    Always,
+    /// The whole chunk, unless it matched within [`VERIFIED_FOR`]: then only the range is read.
+    Recent,
+    /// As `Recent`, and a whole chunk file is served as it is (its size checked): the reader
+    /// hashes it.
+    Reader,
+}
+
+/// A chunk file whose whole content matched its hash at `at`.
+#[derive(Clone)]
+struct Verified {
+    at: std::time::Instant,
+    file: Arc<File>,
+    len: u64,
+}
+
+/// Verified chunks remembered at most (each keeps its file open; the open-file limit is raised
+/// at start, see [`cairn_common::fsutil::raise_open_file_limit`]).
 const VERIFIED_MAX: usize = 1024;
+/// Reads of verified chunks up to this size are served on the async thread: a pread from the
+/// page cache takes microseconds, less than a hand-off to a blocking thread.
+const INLINE_READ_MAX: u64 = 128 << 10;
+/// Idle chunk read buffers kept for reuse, at most (4 MiB each).
+const READ_BUFS_KEEP: usize = 16;
 
 /// The packs of small chunks of a store, for metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -302,6 +323,7 @@ impl ChunkStore {
             committer,
             packs,
             verified: Mutex::new(HashMap::new()),
+            bufs: Bufs::new(MAX_CHUNK as usize, READ_BUFS_KEEP),
         });
         pack::start_compactor(Arc::downgrade(&inner)).map_err(|e| StoreError::io("start the pack compactor", e))?;
         Ok(ChunkStore { inner })
@@ -438,7 +460,7 @@ impl ChunkStore {
     /// [`ChunkStore::get`] for serving clients: a chunk verified within [`VERIFIED_FOR`] is not
     /// hashed again.
     pub async fn get_recent(&self, hash: ChunkHash, offset: u64, length: u64) -> Result<ChunkRead, StoreError> {
-        self.serve(hash, offset, length, true).await
+        self.serve(hash, offset, length, Check::Recent).await
     }
 
     /// [`ChunkStore::get_recent`] for a reader that hashes the whole chunk it receives (the
@@ -452,16 +474,16 @@ impl ChunkStore {
         offset: u64,
         length: u64,
     ) -> Result<ChunkRead, StoreError> {
-        self.serve(hash, offset, length, false).await
+        self.serve(hash, offset, length, Check::Reader).await
     }
 
-    /// A recently verified map if there is one, else [`Inner::read_file_chunk`] on a blocking
-    /// thread.
-    async fn serve(&self, hash: ChunkHash, offset: u64, length: u64, check: bool) -> Result<ChunkRead, StoreError> {
-        // A hit is a slice of a map already made: nothing here blocks (the pages are read when
-        // the bytes are sent), so a thread hand-off would cost more than the lookup.
-        if let Some(map) = self.inner.recently_verified(&hash, std::time::Instant::now()) {
-            return slice_map(map, offset, length);
+    /// A small range of a recently verified chunk at once, anything else by
+    /// [`Inner::read_file_chunk`] on a blocking thread.
+    async fn serve(&self, hash: ChunkHash, offset: u64, length: u64, check: Check) -> Result<ChunkRead, StoreError> {
+        if length != 0 && length <= INLINE_READ_MAX {
+            if let Some(v) = self.inner.recently_verified(&hash, std::time::Instant::now()) {
+                return self.inner.read_verified(hash, &v, offset, length);
+            }
         }
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || inner.read_file_chunk(hash, offset, length, check))
@@ -492,17 +514,6 @@ impl ChunkStore {
     pub fn get_blocking(&self, hash: ChunkHash, offset: u64, length: u64) -> Result<ChunkRead, StoreError> {
         self.inner.get_blocking(hash, offset, length)
     }
-}
-
-/// `length` bytes at `offset` of a verified chunk map (length 0: to the end).
-fn slice_map(map: Arc<memmap2::Mmap>, offset: u64, length: u64) -> Result<ChunkRead, StoreError> {
-    let len = map.len() as u64;
-    if offset > len {
-        return Err(StoreError::Invalid(format!("offset {offset} is past the end of a {len}-byte chunk")));
-    }
-    let end = if length == 0 { len } else { offset.saturating_add(length).min(len) };
-    let bytes = Bytes::from_owner(SharedMap(map)).slice(offset as usize..end as usize);
-    Ok(ChunkRead { bytes, chunk_len: len })
 }
 
 impl Inner {
@@ -592,16 +603,24 @@ impl Inner {
         Ok(())
     }
 
-    /// Hashes the whole chunk `hash`, keeps its map as verified, and slices it.
+    /// Hashes the whole chunk `hash`, remembers it as verified, and slices it.
     fn get_blocking(&self, hash: ChunkHash, offset: u64, length: u64) -> Result<ChunkRead, StoreError> {
-        self.read_file_chunk(hash, offset, length, true)
+        self.read_file_chunk(hash, offset, length, Check::Always)
     }
 
-    /// Reads `length` bytes at `offset` of the chunk `hash`. With `check`, or for a packed
-    /// chunk, or for less than the whole chunk, the chunk is hashed first (see
-    /// [`Inner::get_blocking`]); otherwise a whole chunk file is served as it is, its size
-    /// checked, for a reader that hashes it itself.
-    fn read_file_chunk(&self, hash: ChunkHash, offset: u64, length: u64, check: bool) -> Result<ChunkRead, StoreError> {
+    /// Reads `length` bytes at `offset` of the chunk `hash` (`length` 0: to the end). A packed
+    /// chunk is always hashed; a chunk file as `check` says.
+    ///
+    /// Files are read with pread, not mapped: a disk error then fails this one read (the reader
+    /// goes to another replica) instead of killing the process with SIGBUS when a mapped page
+    /// cannot be read in.
+    fn read_file_chunk(
+        &self,
+        hash: ChunkHash,
+        offset: u64,
+        length: u64,
+        check: Check,
+    ) -> Result<ChunkRead, StoreError> {
         if let Some(read) = self.get_packed(hash, offset, length) {
             return read;
         }
@@ -609,6 +628,11 @@ impl Inner {
             return Err(StoreError::NotFound(hash));
         };
         let now = std::time::Instant::now();
+        if !matches!(check, Check::Always) {
+            if let Some(v) = self.recently_verified(&hash, now) {
+                return self.read_verified(hash, &v, offset, length);
+            }
+        }
         let path = self.chunk_path(&hash);
         let file = match File::open(&path) {
             Ok(f) => f,
@@ -621,53 +645,83 @@ impl Inner {
         };
         let file_len = file.metadata().map_err(|e| StoreError::io(format!("stat {}", path.display()), e))?.len();
         if file_len != indexed_len || file_len == 0 || file_len > MAX_CHUNK {
-            self.quarantine(hash, &format!("size {file_len}, expected {indexed_len}"));
+            self.quarantine(hash, &file, &format!("size {file_len}, expected {indexed_len}"));
             return Err(StoreError::Corrupt(hash));
         }
-        // A whole chunk that is not hashed here is read in now, on this blocking thread, so that
-        // sending it does not fault its pages in from disk on the async threads. A reader asking
-        // for more than the file holds knows the chunk to be longer: a file cut short (and
-        // indexed at its short size by a restart) is hashed, found damaged and quarantined.
-        let unchecked = !check && offset == 0 && (length == 0 || length == file_len);
-        let mut opts = memmap2::MmapOptions::new();
-        if unchecked {
-            opts.populate();
+        if offset > file_len {
+            return Err(StoreError::Invalid(format!("offset {offset} is past the end of a {file_len}-byte chunk")));
         }
-        // SAFETY: chunk files are immutable: this process never writes a file once it is under
-        // `by-hash/`, only renames it away, which leaves the mapping intact. Another process
-        // truncating it would be outside Cairn's model (like a disk failure).
-        let map = unsafe { opts.map(&file) }.map_err(|e| StoreError::io(format!("mmap {}", path.display()), e))?;
-        if unchecked {
-            return slice_map(Arc::new(map), 0, 0);
+        let end = if length == 0 { file_len } else { offset.saturating_add(length).min(file_len) };
+        // A reader asking for more than the file holds knows the chunk to be longer: a file cut
+        // short (and indexed at its short size by a restart) is hashed, found damaged and
+        // quarantined.
+        let whole = offset == 0 && (length == 0 || length == file_len);
+        if whole && matches!(check, Check::Reader) {
+            let bytes = self.read_range(hash, &file, offset, end)?;
+            return Ok(ChunkRead { bytes, chunk_len: file_len });
         }
-        let actual = ChunkHash::of(&map);
+        let bytes = self.read_range(hash, &file, 0, file_len)?;
+        let actual = ChunkHash::of(&bytes);
         if actual != hash {
-            self.quarantine(hash, &format!("content hashes to {actual}"));
+            self.quarantine(hash, &file, &format!("content hashes to {actual}"));
             return Err(StoreError::Corrupt(hash));
         }
-        let map = Arc::new(map);
-        // Evicted maps are unmapped after the lock is released: async readers take it too.
+        // Evicted files are closed after the lock is released: async readers take it too.
         let _evicted = {
             let mut v = self.verified.lock().expect("verified lock");
             let mut evicted = Vec::new();
             if v.len() >= VERIFIED_MAX {
-                evicted.extend(v.extract_if(|_, (t, _)| now.duration_since(*t) >= VERIFIED_FOR));
+                evicted.extend(v.extract_if(|_, e| now.duration_since(e.at) >= VERIFIED_FOR));
                 if v.len() >= VERIFIED_MAX {
                     evicted.extend(v.drain());
                 }
             }
-            v.insert(hash, (now, map.clone()));
+            v.insert(hash, Verified { at: now, file: Arc::new(file), len: file_len });
             evicted
         };
-        slice_map(map, offset, length)
+        // A part is copied out, so that the whole chunk's buffer goes back to the pool now
+        // rather than when the part has been sent.
+        let bytes = if whole { bytes } else { Bytes::copy_from_slice(&bytes[offset as usize..end as usize]) };
+        Ok(ChunkRead { bytes, chunk_len: file_len })
     }
 
-    /// The map of `hash` if its whole content matched within [`VERIFIED_FOR`] and it is still
-    /// indexed (a chunk deleted or quarantined since is not served from an old map).
-    fn recently_verified(&self, hash: &ChunkHash, now: std::time::Instant) -> Option<Arc<memmap2::Mmap>> {
+    /// `length` bytes at `offset` (0: to the end) of a verified chunk file, unhashed.
+    fn read_verified(&self, hash: ChunkHash, v: &Verified, offset: u64, length: u64) -> Result<ChunkRead, StoreError> {
+        if offset > v.len {
+            return Err(StoreError::Invalid(format!("offset {offset} is past the end of a {}-byte chunk", v.len)));
+        }
+        let end = if length == 0 { v.len } else { offset.saturating_add(length).min(v.len) };
+        Ok(ChunkRead { bytes: self.read_range(hash, &v.file, offset, end)?, chunk_len: v.len })
+    }
+
+    /// Bytes `[from, to)` of the chunk file `file`; large reads go into a pooled buffer. A file
+    /// that ends early (it shrank since its size was checked) is damaged and quarantined.
+    fn read_range(&self, hash: ChunkHash, file: &File, from: u64, to: u64) -> Result<Bytes, StoreError> {
+        let len = (to - from) as usize;
+        let read = |buf: &mut [u8]| match file.read_exact_at(buf, from) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                self.quarantine(hash, file, "file shrank while being read");
+                Err(StoreError::Corrupt(hash))
+            }
+            Err(e) => Err(StoreError::io(format!("read chunk {hash}"), e)),
+        };
+        if self.bufs.suits(len) {
+            let mut buf = self.bufs.take();
+            read(&mut buf.buf[..len])?;
+            return Ok(buf.freeze(len));
+        }
+        let mut buf = vec![0u8; len];
+        read(&mut buf)?;
+        Ok(Bytes::from(buf))
+    }
+
+    /// The open file of `hash` if its whole content matched within [`VERIFIED_FOR`] and it is
+    /// still indexed (a chunk deleted or quarantined since is not served from its old file).
+    fn recently_verified(&self, hash: &ChunkHash, now: std::time::Instant) -> Option<Verified> {
         let hit = self.verified.lock().expect("verified lock").get(hash).cloned();
-        let (_, map) = hit.filter(|(t, _)| now.duration_since(*t) < VERIFIED_FOR)?;
-        self.lock().index.contains_key(hash).then_some(map)
+        let v = hit.filter(|v| now.duration_since(v.at) < VERIFIED_FOR)?;
+        self.lock().index.contains_key(hash).then_some(v)
     }
 
     /// Drops `hash` from the index and queues its removal for the master.
@@ -686,10 +740,21 @@ impl Inner {
         st.removed.insert(hash);
     }
 
-    /// Moves a damaged chunk to `corrupt/` (for a human to look at) and forgets it.
-    fn quarantine(&self, hash: ChunkHash, why: &str) {
-        tracing::error!(%hash, why, "corrupt chunk moved to corrupt/");
+    /// Moves a damaged chunk file, `damaged` (as it was opened), to `corrupt/` (for a human to
+    /// look at) and forgets the chunk. If the chunk's path no longer names that file (it was
+    /// deleted meanwhile, and perhaps stored again from a good copy), nothing is moved.
+    fn quarantine(&self, hash: ChunkHash, damaged: &File, why: &str) {
+        use std::os::unix::fs::MetadataExt;
         let from = self.chunk_path(&hash);
+        let same = match (damaged.metadata(), fs::metadata(&from)) {
+            (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+            _ => false,
+        };
+        if !same {
+            tracing::warn!(%hash, why, "a damaged chunk file was replaced or removed meanwhile; left as it is");
+            return;
+        }
+        tracing::error!(%hash, why, "corrupt chunk moved to corrupt/");
         let to = self.corrupt_dir.join(format!("{}.{:08x}", hash.to_hex(), rand::random::<u32>()));
         if let Err(e) = fs::rename(&from, &to) {
             tracing::warn!(%hash, error = %e, "cannot move corrupt chunk; removing it");
@@ -778,8 +843,8 @@ impl Drop for Staged {
 ///
 /// Chunk files are written with O_DIRECT: measured on this project's machines, a buffered
 /// write of 1 GiB in 4 MiB pieces runs at about 310 MB/s (the copy into the page cache dominates
-/// the profile), O_DIRECT at 1.1 GB/s with the fsync. Chunks are read back through mmap, which
-/// fills the page cache on first read. The block padding is cut off with ftruncate. Filesystems
+/// the profile), O_DIRECT at 1.1 GB/s with the fsync. Reads go through the page cache, which
+/// they fill on first read. The block padding is cut off with ftruncate. Filesystems
 /// without O_DIRECT (tmpfs) get a buffered write.
 fn write_temp(path: &Path, staged: &mut Staged) -> Result<File, (&'static str, io::Error)> {
     let len = staged.len() as u64;

@@ -55,20 +55,31 @@ async fn put_get_round_trip_and_ranges() {
 }
 
 #[tokio::test]
-async fn recent_reads_come_from_the_verified_map_until_the_chunk_goes() {
+async fn recent_reads_skip_the_hash_until_the_chunk_goes() {
     let dir = tempfile::tempdir().unwrap();
     let store = ChunkStore::open(dir.path(), None).await.unwrap();
     let bytes = data(200_000, 7);
     let hash = ChunkHash::of(&bytes);
     store.put(hash, Bytes::from(bytes.clone())).await.unwrap();
-    // The first read hashes the chunk and keeps its map; later ones are slices of that map.
+    // The first read hashes the chunk and remembers it as verified; later ones read only their
+    // range.
     let first = store.get_recent(hash, 10, 20).await.unwrap();
     assert_eq!(&first.bytes[..], &bytes[10..30]);
     let tail = store.get_recent(hash, 199_000, 0).await.unwrap();
     assert_eq!(&tail.bytes[..], &bytes[199_000..]);
     assert_eq!(tail.chunk_len, 200_000);
     assert!(matches!(store.get_recent(hash, 200_001, 1).await, Err(StoreError::Invalid(_))));
-    // Deleted: an old map is not served.
+    // Damage within the window: recent reads do not see it, but `get` (the scrubber's read)
+    // always hashes, and finds it.
+    let mut damaged = bytes.clone();
+    damaged[150_000] ^= 1;
+    fs::write(store.chunk_path(&hash), &damaged).unwrap();
+    assert_eq!(&store.get_recent(hash, 10, 20).await.unwrap().bytes[..], &bytes[10..30]);
+    assert!(matches!(store.get(hash, 0, 10).await, Err(StoreError::Corrupt(_))));
+    assert!(matches!(store.get_recent(hash, 0, 10).await, Err(StoreError::NotFound(_))));
+    store.put(hash, Bytes::from(bytes.clone())).await.unwrap();
+    assert_eq!(&store.get_recent(hash, 10, 20).await.unwrap().bytes[..], &bytes[10..30]);
+    // Verified, but deleted: nothing is served.
     assert!(store.delete_blocking(&hash).unwrap());
     assert!(matches!(store.get_recent(hash, 0, 10).await, Err(StoreError::NotFound(_))));
 }
@@ -295,6 +306,31 @@ async fn hash_mismatch_is_refused_and_leaves_nothing() {
 }
 
 #[tokio::test]
+async fn a_damaged_file_replaced_meanwhile_is_not_moved_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ChunkStore::open(dir.path(), None).await.unwrap();
+    let bytes = data(100_000, 9);
+    let hash = ChunkHash::of(&bytes);
+    store.put(hash, Bytes::from(bytes.clone())).await.unwrap();
+    let path = store.chunk_path(&hash);
+    let old = File::open(&path).unwrap();
+    // Deleted and stored again from a good copy while a reader still held the old file, which
+    // it then found damaged: the new file stays.
+    assert!(store.delete_blocking(&hash).unwrap());
+    store.put(hash, Bytes::from(bytes.clone())).await.unwrap();
+    store.inner.quarantine(hash, &old, "test");
+    assert!(path.exists());
+    assert!(store.contains(&hash));
+    assert_eq!(files_in(&dir.path().join("corrupt")), 0);
+    assert_eq!(&store.get(hash, 0, 0).await.unwrap().bytes[..], &bytes[..]);
+    // The file the path names is moved aside.
+    store.inner.quarantine(hash, &File::open(&path).unwrap(), "test");
+    assert!(!path.exists());
+    assert!(!store.contains(&hash));
+    assert_eq!(files_in(&dir.path().join("corrupt")), 1);
+}
+
+#[tokio::test]
 async fn corrupt_chunk_is_detected_and_moved() {
     let dir = tempfile::tempdir().unwrap();
     let store = ChunkStore::open(dir.path(), None).await.unwrap();
@@ -306,7 +342,7 @@ async fn corrupt_chunk_is_detected_and_moved() {
     let path = store.chunk_path(&hash);
     let mut damaged = bytes.clone();
     damaged[5000] ^= 0x40;
-    // Replace the file rather than writing in place, as a real disk error would not race a map.
+    // One bit flips on disk.
     fs::write(&path, &damaged).unwrap();
 
     let err = store.get(hash, 0, 10).await.unwrap_err();
