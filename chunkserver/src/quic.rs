@@ -377,6 +377,9 @@ async fn handle_get(server: &Server, get: GetChunk, send: &mut SendStream) -> Op
     match tokio::time::timeout(budget, write).await {
         Ok(Ok(())) => {
             let _ = send.finish();
+            // The send-buffer room is held until the peer has acknowledged the bytes: until
+            // then quinn keeps them.
+            let _ = tokio::time::timeout(budget, send.stopped()).await;
             return Some(header.length);
         }
         Ok(Err(e)) => tracing::debug!(error = %e, "peer went away during get"),

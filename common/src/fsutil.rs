@@ -45,6 +45,16 @@ pub fn raise_open_file_limit() -> std::io::Result<u64> {
     Ok(lim.rlim_cur)
 }
 
+/// This process's soft limit on open files (1024 if it cannot be read).
+pub fn open_file_limit() -> u64 {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit only writes the struct passed to it.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    lim.rlim_cur
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,5 +77,6 @@ mod tests {
         let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
         assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
         assert_eq!((lim.rlim_cur, lim.rlim_max), (now, now));
+        assert_eq!(open_file_limit(), now);
     }
 }

@@ -180,6 +180,8 @@ struct Inner {
     verified: Mutex<HashMap<ChunkHash, Verified>>,
     /// Buffers for reads of whole (large) chunks.
     bufs: Arc<Bufs>,
+    /// Entries of `verified` at most.
+    verified_max: usize,
 }
 
 /// How long a ranged read may rely on an earlier whole-chunk verification instead of hashing all
@@ -207,7 +209,8 @@ struct Verified {
 }
 
 /// Verified chunks remembered at most (each keeps its file open; the open-file limit is raised
-/// at start, see [`cairn_common::fsutil::raise_open_file_limit`]).
+/// at start, see [`cairn_common::fsutil::raise_open_file_limit`]), and at most a quarter of
+/// the open-file limit.
 const VERIFIED_MAX: usize = 1024;
 /// Reads of verified chunks up to this size are served on the async thread: a pread from the
 /// page cache takes microseconds, less than a hand-off to a blocking thread.
@@ -324,6 +327,7 @@ impl ChunkStore {
             packs,
             verified: Mutex::new(HashMap::new()),
             bufs: Bufs::new(MAX_CHUNK as usize, READ_BUFS_KEEP),
+            verified_max: VERIFIED_MAX.min(cairn_common::fsutil::open_file_limit() as usize / 4).max(1),
         });
         pack::start_compactor(Arc::downgrade(&inner)).map_err(|e| StoreError::io("start the pack compactor", e))?;
         Ok(ChunkStore { inner })
@@ -667,18 +671,18 @@ impl Inner {
             return Err(StoreError::Corrupt(hash));
         }
         // Evicted files are closed after the lock is released: async readers take it too.
-        let _evicted = {
+        // Expired entries go at every insert, so that deleted files are not held open long. A
+        // chunk deleted while it was being hashed is not remembered.
+        let indexed = self.lock().index.contains_key(&hash);
+        let _evicted = indexed.then(|| {
             let mut v = self.verified.lock().expect("verified lock");
-            let mut evicted = Vec::new();
-            if v.len() >= VERIFIED_MAX {
-                evicted.extend(v.extract_if(|_, e| now.duration_since(e.at) >= VERIFIED_FOR));
-                if v.len() >= VERIFIED_MAX {
-                    evicted.extend(v.drain());
-                }
+            let mut evicted: Vec<_> = v.extract_if(|_, e| now.duration_since(e.at) >= VERIFIED_FOR).collect();
+            if v.len() >= self.verified_max {
+                evicted.extend(v.drain());
             }
             v.insert(hash, Verified { at: now, file: Arc::new(file), len: file_len });
             evicted
-        };
+        });
         // A part is copied out, so that the whole chunk's buffer goes back to the pool now
         // rather than when the part has been sent.
         let bytes = if whole { bytes } else { Bytes::copy_from_slice(&bytes[offset as usize..end as usize]) };
@@ -702,6 +706,12 @@ impl Inner {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                 self.quarantine(hash, file, "file shrank while being read");
+                Err(StoreError::Corrupt(hash))
+            }
+            // The disk cannot read this copy: it is as lost as a damaged one, and goes the same
+            // way, so that the master makes another.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EIO | libc::ENODATA | libc::EBADMSG)) => {
+                self.quarantine(hash, file, &format!("read error: {e}"));
                 Err(StoreError::Corrupt(hash))
             }
             Err(e) => Err(StoreError::io(format!("read chunk {hash}"), e)),
