@@ -607,7 +607,7 @@ impl Inner {
         Ok(())
     }
 
-    /// Hashes the whole chunk `hash`, remembers it as verified, and slices it.
+    /// Hashes the whole chunk `hash`, remembers it as verified, and returns the range asked for.
     fn get_blocking(&self, hash: ChunkHash, offset: u64, length: u64) -> Result<ChunkRead, StoreError> {
         self.read_file_chunk(hash, offset, length, Check::Always)
     }
