@@ -70,6 +70,25 @@ pub struct DataPlane {
 /// client that once read or wrote large files).
 const POOLED_KEEP: usize = 16;
 
+/// One request (its encoded frame `head`, then `body`) on `conn`, and the response header.
+async fn exchange_on(
+    conn: &quinn::Connection,
+    addr: &str,
+    head: &[u8],
+    body: Option<Bytes>,
+) -> Result<(ChunkResponse, quinn::RecvStream), ChunkError> {
+    let unreachable = |e: &dyn std::fmt::Display| ChunkError::Unreachable(format!("{addr}: {e}"));
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| unreachable(&e))?;
+    send.write_all(head).await.map_err(|e| unreachable(&e))?;
+    if let Some(body) = body {
+        // Handed over without a copy: quinn keeps the Bytes until they are acknowledged.
+        send.write_chunk(body).await.map_err(|e| unreachable(&e))?;
+    }
+    send.finish().map_err(|e| unreachable(&e))?;
+    let resp: ChunkResponse = frame::read(&mut recv).await.map_err(|e| unreachable(&e))?;
+    Ok((resp, recv))
+}
+
 /// Whether a connection ended because its peer (or a restarted process on its address) said so.
 fn closed_by_peer(reason: &quinn::ConnectionError) -> bool {
     use quinn::ConnectionError as E;
@@ -189,34 +208,16 @@ impl DataPlane {
         req: ChunkRequest,
         body: Option<Bytes>,
     ) -> Result<(ChunkResponse, quinn::RecvStream), ChunkError> {
+        let head = frame::encode(&req);
         let (conn, kept) = self.connection(addr).await?;
-        match self.exchange_on(&conn, addr, req.clone(), body.clone()).await {
+        match exchange_on(&conn, addr, &head, body.clone()).await {
             Err(e) if kept && conn.close_reason().is_some_and(|r| closed_by_peer(&r)) => {
                 tracing::debug!(%addr, error = %e, "kept connection is gone; sending again on a new one");
                 let (conn, _) = self.connection(addr).await?;
-                self.exchange_on(&conn, addr, req, body).await
+                exchange_on(&conn, addr, &head, body).await
             }
             r => r,
         }
-    }
-
-    async fn exchange_on(
-        &self,
-        conn: &quinn::Connection,
-        addr: &str,
-        req: ChunkRequest,
-        body: Option<Bytes>,
-    ) -> Result<(ChunkResponse, quinn::RecvStream), ChunkError> {
-        let unreachable = |e: &dyn std::fmt::Display| ChunkError::Unreachable(format!("{addr}: {e}"));
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| unreachable(&e))?;
-        send.write_all(&frame::encode(&req)).await.map_err(|e| unreachable(&e))?;
-        if let Some(body) = body {
-            // Handed over without a copy: quinn keeps the Bytes until they are acknowledged.
-            send.write_chunk(body).await.map_err(|e| unreachable(&e))?;
-        }
-        send.finish().map_err(|e| unreachable(&e))?;
-        let resp: ChunkResponse = frame::read(&mut recv).await.map_err(|e| unreachable(&e))?;
-        Ok((resp, recv))
     }
 
     /// Uploads a chunk to `targets[0]`, which forwards it down the rest of the chain. Succeeds

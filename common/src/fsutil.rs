@@ -30,14 +30,10 @@ pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
 /// of recently read chunks open; many systems start services with a soft limit of 1024). Returns
 /// the limit now in force.
 pub fn raise_open_file_limit() -> std::io::Result<u64> {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let mut lim = nofile()?;
     if lim.rlim_cur < lim.rlim_max {
         lim.rlim_cur = lim.rlim_max;
-        // SAFETY: as above.
+        // SAFETY: setrlimit only reads the struct passed to it.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -47,12 +43,16 @@ pub fn raise_open_file_limit() -> std::io::Result<u64> {
 
 /// This process's soft limit on open files (1024 if it cannot be read).
 pub fn open_file_limit() -> u64 {
+    nofile().map_or(1024, |lim| lim.rlim_cur)
+}
+
+fn nofile() -> std::io::Result<libc::rlimit> {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit only writes the struct passed to it.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return 1024;
+        return Err(std::io::Error::last_os_error());
     }
-    lim.rlim_cur
+    Ok(lim)
 }
 
 #[cfg(test)]

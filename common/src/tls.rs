@@ -225,11 +225,12 @@ impl Identity {
 /// MTU discovery (see [`transport`]) can use big packets where the path carries them.
 ///
 /// A serving endpoint passes its identity and its node id (kept in its data directory): its
-/// stateless-reset key is then derived from both (the node's private key, and the id so that
-/// nodes given one key still differ), so it stays the same across restarts. A restarted node answers a packet
-/// of a connection its previous process had with a reset its peers recognise (RFC 9000, 10.3),
-/// and they drop that connection at once instead of waiting out the idle timeout while their
-/// requests on it go unanswered. Clients, which serve nothing, keep a random key.
+/// stateless-reset and connection-ID keys are then derived from both (the node's private key,
+/// and the id so that nodes given one key still differ), so they stay the same across restarts.
+/// A restarted node answers a packet of a connection its previous process had with a reset its
+/// peers recognise (RFC 9000, 10.3), and they drop that connection at once instead of waiting
+/// out the idle timeout while their requests on it go unanswered. Clients, which serve nothing,
+/// keep random keys.
 pub fn quic_endpoint_config(server: Option<(&Identity, u64)>) -> quinn::EndpointConfig {
     let mut cfg = quinn::EndpointConfig::default();
     if let Some((id, node)) = server {
