@@ -214,12 +214,11 @@ impl Masters {
             .map_err(|e| tonic::Status::invalid_argument(format!("master address {}: {e}", self.current)))?
             .tls_config(self.tls.clone())
             .map_err(|e| tonic::Status::internal(format!("TLS config: {e}")))?
-            .tcp_nodelay(true)
             .connect_timeout(self.connect_timeout)
             .timeout(self.request_timeout);
         // Lazy: the channel connects (and reconnects) on use, so a master that is down now
         // costs one failed call, not a stuck worker.
-        let ch = endpoint.connect_lazy();
+        let ch = endpoint.connect_with_connector_lazy(cairn_common::net::GrpcConnector);
         if self.channels.len() >= MAX_CHANNELS {
             self.channels.clear();
         }

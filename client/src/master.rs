@@ -56,10 +56,12 @@ impl Masters {
             .map_err(|e| format!("bad master address {addr:?}: {e}"))?
             .tls_config(self.tls.clone())
             .map_err(|e| format!("TLS: {e}"))?
-            .tcp_nodelay(true)
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(self.request_timeout);
-        let ch = ep.connect().await.map_err(|e| format!("connect to master {addr}: {}", error_chain(&e)))?;
+        let ch = ep
+            .connect_with_connector(cairn_common::net::GrpcConnector)
+            .await
+            .map_err(|e| format!("connect to master {addr}: {}", error_chain(&e)))?;
         self.current.lock().expect("masters lock").channel = Some((addr.clone(), ch.clone()));
         Ok((addr, ch))
     }

@@ -147,9 +147,9 @@ impl Services {
                     let ep = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
                         .map_err(|e| e.to_string())?
                         .tls_config(self.identity.grpc_client())
-                        .map_err(|e| e.to_string())?
-                        .tcp_nodelay(true);
-                    let ch = ep.connect().await.map_err(|e| e.to_string())?;
+                        .map_err(|e| e.to_string())?;
+                    let ch =
+                        ep.connect_with_connector(cairn_common::net::GrpcConnector).await.map_err(|e| e.to_string())?;
                     pb::raft_client::RaftClient::new(ch)
                         .describe(pb::DescribeRequest {})
                         .await

@@ -59,12 +59,12 @@ impl Transport {
         let _rt = self.rt.enter();
         let ep = Endpoint::from_shared(format!("https://{addr}"))?
             .tls_config(self.identity.grpc_client())?
-            .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(1))
             .http2_keep_alive_interval(Duration::from_secs(1))
             .keep_alive_timeout(Duration::from_secs(2))
             .keep_alive_while_idle(true);
-        Ok(RaftClient::new(ep.connect_lazy()).max_decoding_message_size(crate::MAX_MESSAGE))
+        Ok(RaftClient::new(ep.connect_with_connector_lazy(cairn_common::net::GrpcConnector))
+            .max_decoding_message_size(crate::MAX_MESSAGE))
     }
 
     fn send_snapshot(&self, m: RaftMsg, log: &RaftLog) {
