@@ -287,6 +287,65 @@ fn two_mounts_see_each_others_closed_files_and_unmount_cleanly() {
     assert!(m1.stop(), "SIGTERM unmounts cleanly");
 }
 
+/// Two mounts open the same new names at the same moment: both lookups find nothing, both ask
+/// to create, one wins. Without O_EXCL the loser must open the winner's file (as on a local
+/// disk), not fail with EEXIST; with O_EXCL exactly one of the two succeeds.
+#[test]
+fn racing_creates_from_two_mounts_open_the_same_file() {
+    let (c, m1) = start();
+    let m2 = Mount::start(&c, &c.dir.path().join("mnt2"), &[]);
+    std::fs::create_dir(m1.path("race")).unwrap();
+    wait_for("the second mount to see the directory", Duration::from_secs(10), || m2.path("race").is_dir());
+    const NAMES: usize = 50;
+    for exclusive in [false, true] {
+        let barrier = std::sync::Barrier::new(2);
+        let outcomes: Vec<Vec<Result<(), std::io::ErrorKind>>> = std::thread::scope(|s| {
+            let racers: Vec<_> = [&m1, &m2]
+                .into_iter()
+                .enumerate()
+                .map(|(who, m)| {
+                    let barrier = &barrier;
+                    s.spawn(move || {
+                        (0..NAMES)
+                            .map(|i| {
+                                let path = m.path(&format!("race/{exclusive}-{i}"));
+                                barrier.wait();
+                                let mut o = std::fs::OpenOptions::new();
+                                o.write(true);
+                                if exclusive {
+                                    o.create_new(true);
+                                } else {
+                                    o.create(true);
+                                }
+                                let mut f = o.open(&path).map_err(|e| e.kind())?;
+                                std::io::Write::write_all(&mut f, &[b'a' + who as u8]).map_err(|e| e.kind())
+                            })
+                            .collect()
+                    })
+                })
+                .collect();
+            racers.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        for i in 0..NAMES {
+            let pair = (&outcomes[0][i], &outcomes[1][i]);
+            if exclusive {
+                assert!(
+                    matches!(
+                        pair,
+                        (Ok(()), Err(std::io::ErrorKind::AlreadyExists))
+                            | (Err(std::io::ErrorKind::AlreadyExists), Ok(()))
+                    ),
+                    "O_EXCL name {i}: {pair:?}"
+                );
+            } else {
+                assert_eq!(pair, (&Ok(()), &Ok(())), "name {i}: both opens succeed");
+            }
+            let got = std::fs::read(m1.path(&format!("race/{exclusive}-{i}"))).unwrap();
+            assert!(got == b"a" || got == b"b", "name {i} holds {got:?}");
+        }
+    }
+}
+
 /// A python process that creates `name` in `dir`, writes `content`, unlinks it and keeps it
 /// open; on a line on stdin it reads the content back through its descriptor and answers with
 /// it. Killed on drop.

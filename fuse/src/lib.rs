@@ -1290,7 +1290,7 @@ impl Filesystem for CairnFs {
         name: &OsStr,
         mode: u32,
         _umask: u32,
-        _flags: i32,
+        flags: i32,
         reply: ReplyCreate,
     ) {
         let op = match self.make_op(
@@ -1316,6 +1316,12 @@ impl Filesystem for CairnFs {
                     }
                     reply.created(&this.ttl(), &to_file_attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty())
                 }
+                // The kernel asks for a create only after its lookup found no such name; another
+                // client made it in between. Without O_EXCL, open(2) must then open that file,
+                // with the permission checks, O_TRUNC, symlinks and directories of a plain open:
+                // ESTALE makes the kernel walk the path again, once, with fresh lookups
+                // (`do_filp_open` retries with LOOKUP_REVAL), which now find the name.
+                Err(e) if e == Errno::EEXIST && flags & libc::O_EXCL == 0 => reply.error(Errno::ESTALE),
                 Err(e) => reply.error(e),
             }
         });
