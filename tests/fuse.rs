@@ -326,8 +326,7 @@ fn racing_creates_from_two_mounts_open_the_same_file() {
                 .collect();
             racers.into_iter().map(|r| r.join().unwrap()).collect()
         });
-        for i in 0..NAMES {
-            let pair = (&outcomes[0][i], &outcomes[1][i]);
+        for (i, pair) in outcomes[0].iter().zip(&outcomes[1]).enumerate() {
             if exclusive {
                 assert!(
                     matches!(
