@@ -764,7 +764,12 @@ impl Filesystem for CairnFs {
                     let a = this.fresher(a).await;
                     reply.entry(&this.ttl(), &to_file_attr(&a), Generation(0))
                 }
-                Err(e) => reply.error(errno(&e)),
+                Err(e) => {
+                    if matches!(e, Error::NotFound(_)) {
+                        this.inner.listings.lock().expect("listings lock").not_found(parent.0);
+                    }
+                    reply.error(errno(&e))
+                }
             }
         };
         if hit {

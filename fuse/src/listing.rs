@@ -2,7 +2,8 @@
 //!
 //! A program that walks a directory whose entries the kernel forgot (`ls -l` after the caches
 //! were dropped, `find`, `stat` on every file, a backup tool) sends one LOOKUP per name, each a
-//! round trip to the masters. After [`RUN`] lookups in a row in the same directory, the mount
+//! round trip to the masters. After [`RUN`] lookups in a row in the same directory (none of them
+//! of a name the masters did not find: see [`Listings::not_found`]), the mount
 //! fetches the directory's listing (names with attributes, a few calls for thousands of entries)
 //! and answers the following lookups from it, for at most the attribute TTL counted from before
 //! the fetch: exactly the staleness the kernel's own entry cache already allows, so no answer is
@@ -95,6 +96,16 @@ impl Listings {
         }
         self.run.1 = 0;
         Some(self.gen)
+    }
+
+    /// Notes that the masters found no such name in `dir`: the run of lookups there starts over.
+    /// Lookups of names that do not exist are how files get created (the kernel looks a name up
+    /// before it creates it); a listing would not answer them, and a directory being filled
+    /// would be fetched whole again every [`RUN`] files.
+    pub fn not_found(&mut self, dir: u64) {
+        if self.run.0 == dir {
+            self.run.1 = 0;
+        }
     }
 
     /// Notes that `dir` has more than [`MAX_ENTRIES`] entries: its lookups go to the masters
@@ -196,6 +207,22 @@ mod tests {
             assert_eq!(l.miss(8), None);
         }
         assert_eq!(l.miss(9), None);
+    }
+
+    #[test]
+    fn names_not_found_never_add_up_to_a_listing() {
+        // Creating files: each name is looked up (not found), then made.
+        let mut l = Listings::default();
+        for _ in 0..RUN * 4 {
+            assert_eq!(l.miss(7), None, "a directory being filled is not listed");
+            l.not_found(7);
+        }
+        // Another directory's miss is not reset by it.
+        for _ in 1..RUN {
+            assert_eq!(l.miss(8), None);
+        }
+        l.not_found(7);
+        assert!(l.miss(8).is_some());
     }
 
     #[test]
