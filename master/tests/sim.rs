@@ -426,6 +426,8 @@ struct Sim {
     committed: BTreeMap<u64, (u64, i32, Vec<u8>)>,
     /// The highest commit index any node has reached.
     commit_high: u64,
+    /// By term: the highest index a node of that term reported committed.
+    commit_high_by_term: BTreeMap<u64, u64>,
     /// Applied index -> (state digest, node that first had it).
     states: BTreeMap<u64, (u64, u64)>,
     shared: Vec<SharedResult>,
@@ -486,6 +488,7 @@ impl Sim {
             leaders: BTreeMap::new(),
             committed: BTreeMap::new(),
             commit_high: 0,
+            commit_high_by_term: BTreeMap::new(),
             states: BTreeMap::new(),
             shared: Vec::new(),
             stats: Stats::default(),
@@ -764,9 +767,13 @@ impl Sim {
         }
         up.checked_commit = up.checked_commit.max(s.commit_index);
         self.commit_high = self.commit_high.max(s.commit_index);
+        let high = self.commit_high_by_term.entry(s.term).or_default();
+        *high = (*high).max(s.commit_index);
         if leader && !up.was_leader {
-            // Leader completeness: a new leader holds every entry committed so far.
-            let max = self.commit_high;
+            // Leader completeness: a new leader holds every entry committed in an earlier term.
+            // Not those committed since in a later one: a candidate paused with its votes in hand
+            // may take office in a term the group has left behind (it can commit nothing there).
+            let max = self.commit_high_by_term.range(..s.term).map(|(_, &i)| i).max().unwrap_or(0);
             if max > last {
                 return Err(format!(
                     "node {id} leads term {} without committed entry {max} (its last is {last})",
