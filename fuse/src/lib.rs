@@ -1307,11 +1307,33 @@ impl Filesystem for CairnFs {
             Ok(op) => op,
             Err(e) => return reply.error(e),
         };
+        let child = match name_of(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
         let this = self.clone();
         let change = self.changing(Change::All);
         self.spawn(async move {
             let (asked, gen) = (Instant::now(), this.xattr_gen());
-            let res = this.change_node_attr(op).await;
+            let mut res = this.change_node_attr(op.clone()).await;
+            // The kernel asks for a create only after its lookup found no such name; another
+            // client made it in between. Without O_EXCL, open(2) must then open that file, with
+            // the permission checks, O_TRUNC, symlinks and directories of a plain open: ESTALE
+            // makes the kernel walk the path again with fresh lookups (`do_filp_open` retries
+            // once, with LOOKUP_REVAL), which find the name. It retries only once, so the name
+            // must be there now: gone again (unlinked meanwhile), it is created here once more.
+            if flags & libc::O_EXCL == 0 {
+                for _ in 0..CREATE_RACE_ATTEMPTS {
+                    if res != Err(Errno::EEXIST) {
+                        break;
+                    }
+                    match this.client().lookup(parent.0, &child).await {
+                        Ok(_) => res = Err(Errno::ESTALE),
+                        Err(Error::NotFound(_)) => res = this.change_node_attr(op.clone()).await,
+                        Err(_) => break,
+                    }
+                }
+            }
             drop(change);
             match res {
                 Ok(a) => {
@@ -1321,17 +1343,15 @@ impl Filesystem for CairnFs {
                     }
                     reply.created(&this.ttl(), &to_file_attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty())
                 }
-                // The kernel asks for a create only after its lookup found no such name; another
-                // client made it in between. Without O_EXCL, open(2) must then open that file,
-                // with the permission checks, O_TRUNC, symlinks and directories of a plain open:
-                // ESTALE makes the kernel walk the path again, once, with fresh lookups
-                // (`do_filp_open` retries with LOOKUP_REVAL), which now find the name.
-                Err(e) if e == Errno::EEXIST && flags & libc::O_EXCL == 0 => reply.error(Errno::ESTALE),
                 Err(e) => reply.error(e),
             }
         });
     }
 }
+
+/// Creates a create without O_EXCL makes while the name keeps appearing and vanishing under it
+/// (another client creating and unlinking it), before it answers EEXIST.
+const CREATE_RACE_ATTEMPTS: usize = 3;
 
 /// The directories a change may alter the attributes of (`None`: it cannot say which). A
 /// rename may move a directory (whose own attributes change) or replace one; an rmdir removes
