@@ -99,9 +99,10 @@ impl Listings {
     }
 
     /// Notes that the masters found no such name in `dir`: the run of lookups there starts over.
-    /// Lookups of names that do not exist are how files get created (the kernel looks a name up
-    /// before it creates it); a listing would not answer them, and a directory being filled
-    /// would be fetched whole again every [`RUN`] files.
+    /// A listing never answers that a name is missing (those go to the masters anyway), so a
+    /// program probing for names that do not exist (a search path, a build tool) would have the
+    /// directory fetched for nothing. (A create, the other source of such lookups, resets the
+    /// run already: see [`Listings::before`].)
     pub fn not_found(&mut self, dir: u64) {
         if self.run.0 == dir {
             self.run.1 = 0;
@@ -211,7 +212,7 @@ mod tests {
 
     #[test]
     fn names_not_found_never_add_up_to_a_listing() {
-        // Creating files: each name is looked up (not found), then made.
+        // A program probing for names that do not exist.
         let mut l = Listings::default();
         for _ in 0..RUN * 4 {
             assert_eq!(l.miss(7), None, "a directory being filled is not listed");
