@@ -334,7 +334,7 @@ async fn handle_get(server: &Server, get: GetChunk, send: &mut SendStream) -> Op
     };
     let most = if get.length == 0 { MAX_CHUNK } else { get.length.min(MAX_CHUNK) };
     let permits = u32::try_from(most).expect("MAX_CHUNK fits in u32");
-    let _room = match tokio::time::timeout(
+    let mut room = match tokio::time::timeout(
         server.limits.receive_wait,
         server.sending.clone().acquire_many_owned(permits),
     )
@@ -361,6 +361,12 @@ async fn handle_get(server: &Server, get: GetChunk, send: &mut SendStream) -> Op
             return None;
         }
     };
+    // Room for a whole chunk was taken before the size was known (a whole-chunk read of a small,
+    // packed chunk is a few KiB): what the read did not need goes back now.
+    let excess = room.num_permits().saturating_sub(read.bytes.len());
+    if excess > 0 {
+        drop(room.split(excess));
+    }
     let header = ChunkResponse { status: Status::Ok as i32, length: read.bytes.len() as u64, ..Default::default() };
     // The chunk goes out of its read buffer: quinn keeps the `Bytes` until the peer has it.
     let mut parts = [frame::encode(&header), read.bytes];

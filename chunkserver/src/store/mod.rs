@@ -520,6 +520,15 @@ impl ChunkStore {
     }
 }
 
+/// Where a read of `length` bytes at `offset` (`length` 0: to the end) of a `len`-byte chunk
+/// ends; an offset past the end is refused.
+fn range_end(offset: u64, length: u64, len: u64) -> Result<u64, StoreError> {
+    if offset > len {
+        return Err(StoreError::Invalid(format!("offset {offset} is past the end of a {len}-byte chunk")));
+    }
+    Ok(if length == 0 { len } else { offset.saturating_add(length).min(len) })
+}
+
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding this lock leaves the index consistent (each section is a few
@@ -652,10 +661,7 @@ impl Inner {
             self.quarantine(hash, &file, &format!("size {file_len}, expected {indexed_len}"));
             return Err(StoreError::Corrupt(hash));
         }
-        if offset > file_len {
-            return Err(StoreError::Invalid(format!("offset {offset} is past the end of a {file_len}-byte chunk")));
-        }
-        let end = if length == 0 { file_len } else { offset.saturating_add(length).min(file_len) };
+        let end = range_end(offset, length, file_len)?;
         // A reader asking for more than the file holds knows the chunk to be longer: a file cut
         // short (and indexed at its short size by a restart) is hashed, found damaged and
         // quarantined.
@@ -691,10 +697,7 @@ impl Inner {
 
     /// `length` bytes at `offset` (0: to the end) of a verified chunk file, unhashed.
     fn read_verified(&self, hash: ChunkHash, v: &Verified, offset: u64, length: u64) -> Result<ChunkRead, StoreError> {
-        if offset > v.len {
-            return Err(StoreError::Invalid(format!("offset {offset} is past the end of a {}-byte chunk", v.len)));
-        }
-        let end = if length == 0 { v.len } else { offset.saturating_add(length).min(v.len) };
+        let end = range_end(offset, length, v.len)?;
         Ok(ChunkRead { bytes: self.read_range(hash, &v.file, offset, end)?, chunk_len: v.len })
     }
 

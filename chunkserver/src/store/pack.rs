@@ -754,10 +754,10 @@ impl Inner {
             self.drop_packed(hash, Some(&format!("record at {} of pack {} does not match", loc.offset, loc.pack)));
             return Some(Err(StoreError::Corrupt(hash)));
         }
-        if offset > len {
-            return Some(Err(StoreError::Invalid(format!("offset {offset} is past the end of a {len}-byte chunk"))));
-        }
-        let end = if length == 0 { len } else { offset.saturating_add(length).min(len) };
+        let end = match super::range_end(offset, length, len) {
+            Ok(end) => end,
+            Err(e) => return Some(Err(e)),
+        };
         let bytes = Bytes::from(buf).slice(HEADER + offset as usize..HEADER + end as usize);
         Some(Ok(ChunkRead { bytes, chunk_len: len }))
     }
