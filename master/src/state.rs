@@ -378,14 +378,69 @@ struct Writer<'t> {
     masters: Table<'t, u64, &'static str>,
     access_keys: Table<'t, &'static str, &'static [u8]>,
     kept: Table<'t, u64, (u64, i64)>,
+    /// Inodes, counters and client rows read or written in this batch: see [`Cache`]. Every
+    /// access to those rows goes through these while the writer lives; [`Writer::flush`] writes
+    /// them back.
+    inode_rows: Cache<u64, Inode>,
+    counters: Cache<&'static str, u64>,
+    client_rows: Cache<u64, ClientAnswers>,
+}
+
+/// The most rows a [`Cache`] holds; past it, rows not in it are read and written in the table.
+const CACHE_ROWS: usize = 4096;
+
+/// Rows of one table read or written during an apply batch, written back to the table at its
+/// end: a batch of creates in one directory then decodes and rewrites that directory's inode, the
+/// counters and each client's answers once per batch instead of once per create. A key in the
+/// cache has its current value there (`None`: removed); a key not in it has it in the table.
+struct Cache<K, V> {
+    rows: std::cell::RefCell<std::collections::HashMap<K, (Option<V>, bool)>>,
+}
+
+impl<K: std::hash::Hash + Eq + Copy, V: Clone> Cache<K, V> {
+    fn new() -> Self {
+        Cache { rows: Default::default() }
+    }
+
+    /// The value of `key`, from the cache or else from `load` (kept while there is room).
+    fn get(&self, key: K, load: impl FnOnce() -> Result<Option<V>, MetaError>) -> Result<Option<V>, MetaError> {
+        if let Some((value, _)) = self.rows.borrow().get(&key) {
+            return Ok(value.clone());
+        }
+        let value = load()?;
+        let mut rows = self.rows.borrow_mut();
+        if rows.len() < CACHE_ROWS {
+            rows.insert(key, (value.clone(), false));
+        }
+        Ok(value)
+    }
+
+    /// Sets `key` to `value` (`None`: removed) in the cache; false when the cache is full and
+    /// `key` not in it, and the caller writes the table itself.
+    fn set(&self, key: K, value: Option<V>) -> bool {
+        let mut rows = self.rows.borrow_mut();
+        if rows.len() >= CACHE_ROWS && !rows.contains_key(&key) {
+            return false;
+        }
+        rows.insert(key, (value, true));
+        true
+    }
+
+    fn len(&self) -> usize {
+        self.rows.borrow().len()
+    }
+
+    /// Empties the cache, giving back the rows written since it was last emptied.
+    fn drain_written(&self) -> Vec<(K, Option<V>)> {
+        self.rows.borrow_mut().drain().filter(|(_, (_, written))| *written).map(|(k, (v, _))| (k, v)).collect()
+    }
 }
 
 impl Tables for Writer<'_> {
     fn inode(&self, id: u64) -> Result<Option<Inode>, MetaError> {
-        let v = self.inodes.get(id).map_err(storage)?;
-        Ok(match v {
-            Some(v) => Some(decode_inode(v.value())?),
-            None => None,
+        self.inode_rows.get(id, || match self.inodes.get(id).map_err(storage)? {
+            Some(v) => Ok(Some(decode_inode(v.value())?)),
+            None => Ok(None),
         })
     }
     fn child(&self, parent: u64, name: &str) -> Result<Option<u64>, MetaError> {
@@ -394,22 +449,72 @@ impl Tables for Writer<'_> {
 }
 
 impl Writer<'_> {
-    fn counter(&self, key: &str) -> Result<u64, MetaError> {
-        Ok(self.meta.get(key).map_err(storage)?.map_or(0, |v| v.value()))
+    fn counter(&self, key: &'static str) -> Result<u64, MetaError> {
+        let value = self.counters.get(key, || Ok(self.meta.get(key).map_err(storage)?.map(|v| v.value())))?;
+        Ok(value.unwrap_or(0))
     }
-    fn add_counter(&mut self, key: &str, delta: i64) -> Result<(), MetaError> {
-        let v = self.counter(key)?.saturating_add_signed(delta);
-        self.meta.insert(key, v).map_err(storage)?;
+    fn set_counter(&mut self, key: &'static str, value: u64) -> Result<(), MetaError> {
+        if !self.counters.set(key, Some(value)) {
+            self.meta.insert(key, value).map_err(storage)?;
+        }
         Ok(())
     }
+    fn add_counter(&mut self, key: &'static str, delta: i64) -> Result<(), MetaError> {
+        let v = self.counter(key)?.saturating_add_signed(delta);
+        self.set_counter(key, v)
+    }
     fn put_inode(&mut self, id: u64, node: &Inode) -> Result<(), MetaError> {
-        self.inodes.insert(id, node.encode_to_vec().as_slice()).map_err(storage)?;
+        if !self.inode_rows.set(id, Some(node.clone())) {
+            self.inodes.insert(id, node.encode_to_vec().as_slice()).map_err(storage)?;
+        }
+        Ok(())
+    }
+    fn remove_inode(&mut self, id: u64) -> Result<(), MetaError> {
+        if !self.inode_rows.set(id, None) {
+            self.inodes.remove(id).map_err(storage)?;
+        }
         Ok(())
     }
     fn alloc_inode(&mut self) -> Result<u64, MetaError> {
         let id = self.counter(NEXT_INODE)?.max(ROOT + 1);
-        self.meta.insert(NEXT_INODE, id + 1).map_err(storage)?;
+        self.set_counter(NEXT_INODE, id + 1)?;
         Ok(id)
+    }
+    /// A client's row of answers.
+    fn client_row(&self, client: u64) -> Result<ClientAnswers, MetaError> {
+        let row = self.client_rows.get(client, || match self.clients.get(client).map_err(storage)? {
+            Some(v) => Ok(Some(decode_answers(v.value())?)),
+            None => Ok(None),
+        })?;
+        Ok(row.unwrap_or_default())
+    }
+    fn put_client_row(&mut self, client: u64, row: ClientAnswers) -> Result<(), MetaError> {
+        if !self.client_rows.set(client, Some(row.clone())) {
+            self.clients.insert(client, row.encode_to_vec().as_slice()).map_err(storage)?;
+        }
+        Ok(())
+    }
+    /// Writes what the caches hold back to the tables, and empties them.
+    fn flush(&mut self) -> Result<(), MetaError> {
+        for (id, node) in self.inode_rows.drain_written() {
+            match node {
+                Some(node) => self.inodes.insert(id, node.encode_to_vec().as_slice()).map_err(storage)?,
+                None => self.inodes.remove(id).map_err(storage)?,
+            };
+        }
+        for (key, value) in self.counters.drain_written() {
+            match value {
+                Some(value) => self.meta.insert(key, value).map_err(storage)?,
+                None => self.meta.remove(key).map_err(storage)?,
+            };
+        }
+        for (client, row) in self.client_rows.drain_written() {
+            match row {
+                Some(row) => self.clients.insert(client, row.encode_to_vec().as_slice()).map_err(storage)?,
+                None => self.clients.remove(client).map_err(storage)?,
+            };
+        }
+        Ok(())
     }
     fn has_children(&self, dir: u64) -> Result<bool, MetaError> {
         Ok(self.dirents.range((dir, "")..(dir + 1, "")).map_err(storage)?.next().is_some())
@@ -451,7 +556,7 @@ impl Writer<'_> {
             self.add_counter(FILES, -1)?;
             self.add_counter(BYTES, -(attr.size as i64))?;
         }
-        self.inodes.remove(id).map_err(storage)?;
+        self.remove_inode(id)?;
         self.kept.remove(id).map_err(storage)?;
         Ok(())
     }
@@ -587,6 +692,9 @@ impl State {
             masters: txn.open_table(MASTERS)?,
             access_keys: txn.open_table(ACCESS_KEYS)?,
             kept: txn.open_table(KEPT)?,
+            inode_rows: Cache::new(),
+            counters: Cache::new(),
+            client_rows: Cache::new(),
         };
         for (_, cmd) in cmds {
             let res = match cmd {
@@ -607,7 +715,11 @@ impl State {
                 },
             };
             results.push(CommandResult { result: Some(res) });
+            if w.inode_rows.len() >= CACHE_ROWS {
+                w.flush().map_err(|e| anyhow::anyhow!("write back applied rows: {e}"))?;
+            }
         }
+        w.flush().map_err(|e| anyhow::anyhow!("write back applied rows: {e}"))?;
         w.meta.insert(APPLIED, applied)?;
         Ok(results)
     }
@@ -677,10 +789,7 @@ fn apply_once_per_client(
     cmd: &Command,
     id: &ClientRequestId,
 ) -> Result<command_result::Result, MetaError> {
-    let mut row = match w.clients.get(id.client).map_err(storage)? {
-        Some(v) => decode_answers(v.value())?,
-        None => ClientAnswers::default(),
-    };
+    let mut row = w.client_row(id.client)?;
     if let Some(first) = row.answers.iter().find(|a| a.seq == id.seq) {
         return first
             .result
@@ -702,7 +811,7 @@ fn apply_once_per_client(
     row.answers.retain(|a| a.seq >= below);
     row.answers.push(ClientAnswer { seq: id.seq, result: Some(stored) });
     row.last_ns = row.last_ns.max(cmd.time_ns);
-    w.clients.insert(id.client, row.encode_to_vec().as_slice()).map_err(storage)?;
+    w.put_client_row(id.client, row)?;
     res
 }
 
@@ -717,11 +826,12 @@ fn stale(client: u64, seq: u64) -> MetaError {
 /// Forgets the rows of clients that sent nothing for [`RESULT_TTL_NS`] before `now_ns`, looking
 /// once per [`CLIENTS_SWEEP_NS`] of leader time.
 fn expire_clients(w: &mut Writer<'_>, now_ns: i64) -> Result<(), MetaError> {
-    let swept = w.meta.get(CLIENTS_SWEPT).map_err(storage)?.map_or(0, |v| v.value() as i64);
+    let swept = w.counter(CLIENTS_SWEPT)? as i64;
     if now_ns.saturating_sub(swept) < CLIENTS_SWEEP_NS {
         return Ok(());
     }
     let cutoff = now_ns.saturating_sub(RESULT_TTL_NS);
+    w.flush()?;
     let mut idle = Vec::new();
     for item in w.clients.iter().map_err(storage)? {
         let (k, v) = item.map_err(storage)?;
@@ -732,8 +842,7 @@ fn expire_clients(w: &mut Writer<'_>, now_ns: i64) -> Result<(), MetaError> {
     for client in idle {
         w.clients.remove(client).map_err(storage)?;
     }
-    w.meta.insert(CLIENTS_SWEPT, now_ns.max(0) as u64).map_err(storage)?;
-    Ok(())
+    w.set_counter(CLIENTS_SWEPT, now_ns.max(0) as u64)
 }
 
 /// Forgets answers older than [`RESULT_TTL_NS`] before `now_ns` (the leader's time in the entry).

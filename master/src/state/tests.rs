@@ -564,3 +564,66 @@ fn a_snapshot_carries_every_table_kept_files_included() {
     run(&s2, 5, node(node_request::Op::Release(ReleaseNode { inode: f, keeper: 7 }))).unwrap();
     assert!(s2.reader().unwrap().getattr(f).is_err());
 }
+
+fn snapshot_records(s: &State) -> Vec<Record> {
+    let mut out = Vec::new();
+    dump(&s.db.begin_read().unwrap(), |t, k, v| {
+        out.push((t, k, v));
+        Ok(())
+    })
+    .unwrap();
+    out
+}
+
+#[test]
+fn a_batch_applies_as_its_entries_one_by_one_also_past_the_cache() {
+    // More files than the write-back cache holds, in one directory that is then removed whole,
+    // so that the cache fills, overflows into the tables and is written back mid-batch.
+    let mut ops = vec![mkdir("/d", false), mkdir("/e", false)];
+    for n in 0..(CACHE_ROWS as u64 + 300) {
+        ops.push(file(&format!("/d/f{n}"), &[(n % 7) as u8]));
+    }
+    for n in 0..300u64 {
+        ops.push(file(&format!("/e/g{n}"), &[1, 2]));
+        ops.push(file(&format!("/e/g{n}"), &[3])); // a new version of the same file
+        if n % 3 == 0 {
+            ops.push(Op::Rename(RenameRequest { src: format!("/e/g{n}"), dst: format!("/d/f{n}"), id: None }));
+        }
+        if n % 5 == 0 {
+            ops.push(Op::Remove(RemoveRequest { path: format!("/e/g{n}"), recursive: false, id: None }));
+        }
+    }
+    ops.push(file("/d", &[1])); // refused: a directory
+    ops.push(Op::Remove(RemoveRequest { path: "/d".into(), recursive: true, id: None }));
+    ops.push(mkdir("/d", false));
+    // Every op from one of three clients that keep a row of answers.
+    let cmds: Vec<(u64, Option<Command>)> = ops
+        .into_iter()
+        .enumerate()
+        .map(|(i, op)| {
+            let index = i as u64 + 1;
+            let id = cairn_proto::v1::ClientRequestId { client: index % 3 + 1, seq: index, first_unanswered: index };
+            (index, Some(Command { request_id: index, time_ns: index as i64, op: Some(with_request(op, id)) }))
+        })
+        .collect();
+    let last = cmds.len() as u64;
+
+    let (_d1, one_by_one) = open();
+    let mut results = Vec::new();
+    for (index, cmd) in &cmds {
+        results.extend(one_by_one.apply_batch(&[(*index, cmd.clone())], *index).unwrap());
+    }
+    let (_d2, batched) = open();
+    assert_eq!(batched.apply_batch(&cmds, last).unwrap(), results);
+    assert_eq!(snapshot_records(&batched), snapshot_records(&one_by_one));
+    let r = batched.reader().unwrap();
+    // 300 files in /e: 100 renamed into /d (removed with it), 40 more removed.
+    assert_eq!(r.files().unwrap(), 160);
+    // Refused: the 20 removes of a file renamed away before (n a multiple of 15), and the commit
+    // over a directory.
+    let refused = results.iter().filter(|r| matches!(r.result, Some(command_result::Result::Error(_))));
+    assert_eq!(refused.count(), 21);
+    // A retry of the last mutation gets its first answer back, from the written-back row.
+    let (_, retry) = cmds[cmds.len() - 1].clone();
+    assert_eq!(batched.apply_batch(&[(last + 1, retry)], last + 1).unwrap()[0], results[results.len() - 1]);
+}
