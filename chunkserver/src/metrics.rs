@@ -35,6 +35,7 @@ pub struct Metrics {
     pub(crate) scrub_corrupt: Counter,
     pub(crate) heartbeats_sent: Counter,
     pub(crate) heartbeats_failed: Counter,
+    reads_handed_off: Counter,
     chunks: Gauge,
     used_bytes: Gauge,
     capacity_bytes: Gauge,
@@ -66,6 +67,7 @@ impl Default for Metrics {
             scrub_corrupt: Counter::default(),
             heartbeats_sent: Counter::default(),
             heartbeats_failed: Counter::default(),
+            reads_handed_off: Counter::default(),
             chunks: Gauge::default(),
             used_bytes: Gauge::default(),
             packs: Gauge::default(),
@@ -123,6 +125,11 @@ impl Metrics {
             self.put_duration.clone(),
         );
         r.register("chunk_gets", "Chunk gets served", self.gets.clone());
+        r.register(
+            "small_reads_off_cache",
+            "Small reads of recently verified chunks that needed the disk and went to a blocking thread",
+            self.reads_handed_off.clone(),
+        );
         r.register("chunk_get_bytes", "Bytes of chunks served by gets", self.get_bytes.clone());
         r.register("chunk_get_errors", "Chunk gets answered with an error or cut off", self.get_errors.clone());
         r.register(
@@ -160,6 +167,8 @@ impl Metrics {
         set_gauge(&self.packs, packs.packs);
         set_gauge(&self.pack_bytes, packs.bytes);
         set_gauge(&self.pack_live_bytes, packs.live_bytes);
+        let handed_off = store.reads_handed_off();
+        self.reads_handed_off.inc_by(handed_off.saturating_sub(self.reads_handed_off.get()));
     }
 }
 

@@ -1,4 +1,5 @@
-//! Crash-safe writes of small state files (node id, certificates, keys), and the open-file limit.
+//! Crash-safe writes of small state files (node id, certificates, keys), the open-file limit,
+//! and reads that never wait for the disk.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -46,6 +47,45 @@ pub fn open_file_limit() -> u64 {
     nofile().map_or(1024, |lim| lim.rlim_cur)
 }
 
+/// Fills `buf` from `file` at `offset` if the page cache holds that whole range (`preadv2` with
+/// `RWF_NOWAIT`), so that an async thread never waits for the disk. `Ok(false)` when some of it
+/// would have to come from the disk, the file ends first, or the kernel or file system cannot
+/// read without waiting (then `buf` holds part of the range or nothing): read it the usual way.
+pub fn read_cached_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static UNSUPPORTED: AtomicBool = AtomicBool::new(false);
+    if UNSUPPORTED.load(Ordering::Relaxed) {
+        return Ok(false);
+    }
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        let iov = libc::iovec { iov_base: rest.as_mut_ptr().cast(), iov_len: rest.len() };
+        let at = libc::off_t::try_from(offset + done as u64).map_err(std::io::Error::other)?;
+        // SAFETY: the one iovec points into `rest`, which outlives the call; the kernel writes at
+        // most `iov_len` bytes there.
+        let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, at, libc::RWF_NOWAIT) };
+        match n {
+            0 => return Ok(false),
+            n if n > 0 => done += n as usize,
+            _ => {
+                let e = std::io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EAGAIN) => return Ok(false),
+                    Some(libc::EINTR) => {}
+                    Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => {
+                        UNSUPPORTED.store(true, Ordering::Relaxed);
+                        return Ok(false);
+                    }
+                    _ => return Err(e),
+                }
+            }
+        }
+    }
+    Ok(true)
+}
+
 fn nofile() -> std::io::Result<libc::rlimit> {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit only writes the struct passed to it.
@@ -78,5 +118,33 @@ mod tests {
         assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
         assert_eq!((lim.rlim_cur, lim.rlim_max), (now, now));
         assert_eq!(open_file_limit(), now);
+    }
+
+    #[test]
+    fn a_cached_read_is_served_from_the_page_cache_only() {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let data: Vec<u8> = (0..65536u32).map(|i| (i * 7) as u8).collect();
+        fs::write(&p, &data).unwrap();
+        let f = File::open(&p).unwrap();
+        f.sync_all().unwrap();
+        let mut buf = vec![0u8; 4096];
+        assert!(read_cached_at(&f, &mut buf, 8192).unwrap(), "just written: in the page cache");
+        assert_eq!(buf, data[8192..12288]);
+        assert!(!read_cached_at(&f, &mut buf, 65536 - 100).unwrap(), "the file ends first");
+        // Clean pages dropped from the cache: not served, and not waited for. (tmpfs keeps its
+        // pages: they are its storage.)
+        // SAFETY: fstatfs writes into the struct; fadvise only takes the descriptor.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::fstatfs(f.as_raw_fd(), &mut st) }, 0);
+        assert_eq!(unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) }, 0);
+        if st.f_type != libc::TMPFS_MAGIC {
+            assert!(!read_cached_at(&f, &mut buf, 0).unwrap(), "dropped from the cache");
+        }
+        f.read_exact_at(&mut buf, 0).unwrap();
+        assert!(read_cached_at(&f, &mut buf, 0).unwrap(), "read back in");
+        assert_eq!(buf, data[..4096]);
     }
 }

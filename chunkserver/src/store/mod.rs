@@ -182,6 +182,9 @@ struct Inner {
     bufs: Arc<Bufs>,
     /// Entries of `verified` at most.
     verified_max: usize,
+    /// Small reads of verified chunks that found part of their range missing from the page
+    /// cache and went to a blocking thread instead of waiting for the disk on the async one.
+    reads_handed_off: std::sync::atomic::AtomicU64,
 }
 
 /// How long a ranged read may rely on an earlier whole-chunk verification instead of hashing all
@@ -212,8 +215,9 @@ struct Verified {
 /// at start, see [`cairn_common::fsutil::raise_open_file_limit`]), and at most a quarter of
 /// the open-file limit.
 const VERIFIED_MAX: usize = 1024;
-/// Reads of verified chunks up to this size are served on the async thread: a pread from the
-/// page cache takes microseconds, less than a hand-off to a blocking thread.
+/// Reads of verified chunks up to this size are served on the async thread when the page cache
+/// holds their range (a pread with `RWF_NOWAIT`): that takes microseconds, less than a hand-off
+/// to a blocking thread. A range that needs the disk goes to a blocking thread.
 const INLINE_READ_MAX: u64 = 128 << 10;
 /// Idle chunk read buffers kept for reuse, at most (4 MiB each).
 const READ_BUFS_KEEP: usize = 16;
@@ -328,6 +332,7 @@ impl ChunkStore {
             verified: Mutex::new(HashMap::new()),
             bufs: Bufs::new(MAX_CHUNK as usize, READ_BUFS_KEEP),
             verified_max: VERIFIED_MAX.min(cairn_common::fsutil::open_file_limit() as usize / 4).max(1),
+            reads_handed_off: Default::default(),
         });
         pack::start_compactor(Arc::downgrade(&inner)).map_err(|e| StoreError::io("start the pack compactor", e))?;
         Ok(ChunkStore { inner })
@@ -372,6 +377,11 @@ impl ChunkStore {
             bytes: st.packs.values().map(|p| p.size()).sum(),
             live_bytes: st.packs.values().map(|p| p.live()).sum(),
         }
+    }
+
+    /// Small reads of verified chunks that needed the disk and went to a blocking thread.
+    pub fn reads_handed_off(&self) -> u64 {
+        self.inner.reads_handed_off.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Every hash in the index, for a full chunk report.
@@ -481,12 +491,19 @@ impl ChunkStore {
         self.serve(hash, offset, length, Check::Reader).await
     }
 
-    /// A small range of a recently verified chunk at once, anything else by
-    /// [`Inner::read_file_chunk`] on a blocking thread.
+    /// A small range of a recently verified chunk at once when the page cache holds it, anything
+    /// else by [`Inner::read_file_chunk`] on a blocking thread.
     async fn serve(&self, hash: ChunkHash, offset: u64, length: u64, check: Check) -> Result<ChunkRead, StoreError> {
         if length != 0 && length <= INLINE_READ_MAX {
             if let Some(v) = self.inner.recently_verified(&hash, std::time::Instant::now()) {
-                return self.inner.read_verified(hash, &v, offset, length);
+                let end = range_end(offset, length, v.len)?;
+                let mut buf = vec![0u8; (end - offset) as usize];
+                // Anything but the whole range from the cache (an error too) is read again, and
+                // reported, by the blocking read.
+                if let Ok(true) = cairn_common::fsutil::read_cached_at(&v.file, &mut buf, offset) {
+                    return Ok(ChunkRead { bytes: Bytes::from(buf), chunk_len: v.len });
+                }
+                self.inner.reads_handed_off.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         }
         let inner = self.inner.clone();

@@ -55,6 +55,26 @@ async fn put_get_round_trip_and_ranges() {
 }
 
 #[tokio::test]
+async fn a_small_read_that_needs_the_disk_goes_to_a_blocking_thread() {
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    let store = ChunkStore::open(dir.path(), None).await.unwrap();
+    let bytes = data(400_000, 9);
+    let hash = ChunkHash::of(&bytes);
+    store.put(hash, Bytes::from(bytes.clone())).await.unwrap();
+    assert_eq!(&store.get_recent(hash, 0, 100).await.unwrap().bytes[..], &bytes[..100]);
+    assert_eq!(&store.get_recent(hash, 5000, 100).await.unwrap().bytes[..], &bytes[5000..5100]);
+    assert_eq!(store.reads_handed_off(), 0, "verified and in the page cache: read on the async thread");
+    let f = File::open(store.chunk_path(&hash)).unwrap();
+    // SAFETY: fadvise only takes the descriptor.
+    assert_eq!(unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) }, 0);
+    assert_eq!(&store.get_recent(hash, 300_000, 4096).await.unwrap().bytes[..], &bytes[300_000..304_096]);
+    assert_eq!(store.reads_handed_off(), 1, "the range was not in the page cache");
+    assert_eq!(&store.get_recent(hash, 300_000, 4096).await.unwrap().bytes[..], &bytes[300_000..304_096]);
+    assert_eq!(store.reads_handed_off(), 1, "the blocking read brought it back");
+}
+
+#[tokio::test]
 async fn recent_reads_skip_the_hash_until_the_chunk_goes() {
     let dir = tempfile::tempdir().unwrap();
     let store = ChunkStore::open(dir.path(), None).await.unwrap();
