@@ -537,29 +537,14 @@ fn a_snapshot_carries_every_table_kept_files_included() {
     let f = ino(run(&s, 2, make(d, "f", InodeKind::File)));
     run(&s, 3, make(d, "g", InodeKind::File)).unwrap();
     run(&s, 4, unlink(d, "f", false, true)).unwrap();
-    let records = || {
-        let mut out = Vec::new();
-        dump(&s.db.begin_read().unwrap(), |t, k, v| {
-            out.push((t, k, v));
-            Ok(())
-        })
-        .unwrap();
-        out
-    };
-    let before = records();
+    let before = snapshot_records(&s);
     assert!(before.iter().any(|(t, _, _)| *t == T_KEPT), "the kept file is in the snapshot");
     // Loaded into another database, the state dumps the same and the sweep can still free it.
     let (_d2, s2) = open();
     let txn = s2.db.begin_write().unwrap();
     load(&txn, before.clone().into_iter().map(Ok), 4).unwrap();
     txn.commit().unwrap();
-    let mut after = Vec::new();
-    dump(&s2.db.begin_read().unwrap(), |t, k, v| {
-        after.push((t, k, v));
-        Ok(())
-    })
-    .unwrap();
-    assert_eq!(after, before);
+    assert_eq!(snapshot_records(&s2), before);
     assert_eq!(s2.reader().unwrap().kept().unwrap().iter().map(|k| (k.0, k.1)).collect::<Vec<_>>(), vec![(f, 7)]);
     run(&s2, 5, node(node_request::Op::Release(ReleaseNode { inode: f, keeper: 7 }))).unwrap();
     assert!(s2.reader().unwrap().getattr(f).is_err());
