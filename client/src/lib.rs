@@ -777,6 +777,14 @@ impl ByteSink for tokio::sync::mpsc::Sender<Bytes> {
     }
 }
 
+/// Pieces kept in memory as they are (no copies), for a caller that wants the whole range.
+impl ByteSink for Vec<Bytes> {
+    async fn accept(&mut self, piece: Bytes) -> std::io::Result<()> {
+        self.push(piece);
+        Ok(())
+    }
+}
+
 /// Where `put` takes its bytes from, one chunk at a time. Every chunk but the last is full-sized,
 /// so the same content always cuts into the same chunks (and deduplicates).
 trait ChunkSource: Send {

@@ -48,6 +48,9 @@ pub(crate) use request_meta;
 pub const MAX_PUT: u64 = 5 << 30;
 /// Objects deleted at once by one DeleteObjects request.
 const DELETE_PARALLEL: usize = 16;
+/// GETs of at most this many bytes read them whole before answering (no task, no channel, one
+/// write of headers and body); longer ones stream.
+const READ_WHOLE_MAX: u64 = 1 << 20;
 
 /// An object opened for reading: the file as of the open, the byte range to send, and the
 /// response headers (as HEAD answers them).
@@ -264,8 +267,13 @@ impl Gateway {
         let conds = conditions!(i);
         let (path, Opened { file, start, end, head: h }) =
             self.open_object(&i.bucket, &i.key, conds, i.range.as_ref()).await?;
+        let body = if end - start <= READ_WHOLE_MAX {
+            self.read_whole(&path, file, start, end).await?
+        } else {
+            self.stream(path, file, start, end)
+        };
         Ok(S3Response::new(GetObjectOutput {
-            body: Some(self.stream(path, file, start, end)),
+            body: Some(body),
             content_length: h.content_length,
             content_range: h.content_range,
             accept_ranges: h.accept_ranges,
@@ -279,6 +287,21 @@ impl Gateway {
             metadata: h.metadata,
             ..Default::default()
         }))
+    }
+
+    /// Bytes `[start, end)` of an opened file, read before the answer starts: the answer then
+    /// leaves with its headers, and a failed read is an S3 error instead of a body cut short.
+    async fn read_whole(
+        &self,
+        path: &str,
+        file: cairn_proto::v1::OpenFileResponse,
+        start: u64,
+        end: u64,
+    ) -> S3Result<StreamingBlob> {
+        let mut pieces: Vec<bytes::Bytes> = Vec::new();
+        self.client.get_opened(path, file, &mut pieces, start, Some(end - start), &|_| {}).await.map_err(internal)?;
+        let whole = if pieces.len() == 1 { pieces.swap_remove(0) } else { pieces.concat().into() };
+        Ok(StreamingBlob::from(s3s::Body::from(whole)))
     }
 
     /// Bytes `[start, end)` of an opened file as a body: verified chunks go out as they arrive,
