@@ -49,14 +49,21 @@ pub fn open_file_limit() -> u64 {
 
 /// Fills `buf` from `file` at `offset` if the page cache holds that whole range (`preadv2` with
 /// `RWF_NOWAIT`), so that an async thread never waits for the disk. `Ok(false)` when some of it
-/// would have to come from the disk, the file ends first, or the kernel or file system cannot
-/// read without waiting (then `buf` holds part of the range or nothing): read it the usual way.
+/// would have to come from the disk or the file ends first (then `buf` holds part of the range
+/// or nothing): read it the usual way. On a kernel or file system that cannot tell (no
+/// `RWF_NOWAIT`), it reads the usual way itself, as before there was a choice.
 pub fn read_cached_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<bool> {
     use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
     use std::sync::atomic::{AtomicBool, Ordering};
     static UNSUPPORTED: AtomicBool = AtomicBool::new(false);
+    let plain = |buf: &mut [u8]| match file.read_exact_at(buf, offset) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
+    };
     if UNSUPPORTED.load(Ordering::Relaxed) {
-        return Ok(false);
+        return plain(buf);
     }
     let mut done = 0;
     while done < buf.len() {
@@ -74,9 +81,9 @@ pub fn read_cached_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Resu
                 match e.raw_os_error() {
                     Some(libc::EAGAIN) => return Ok(false),
                     Some(libc::EINTR) => {}
-                    Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => {
+                    Some(libc::EOPNOTSUPP | libc::ENOSYS) => {
                         UNSUPPORTED.store(true, Ordering::Relaxed);
-                        return Ok(false);
+                        return plain(buf);
                     }
                     _ => return Err(e),
                 }

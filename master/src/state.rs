@@ -388,6 +388,13 @@ struct Writer<'t> {
 
 /// The most rows a [`Cache`] holds; past it, rows not in it are read and written in the table.
 const CACHE_ROWS: usize = 4096;
+/// Inodes with more extents than this are not cached (a batch of big files would otherwise keep
+/// every one's decoded extent list until the batch ends).
+const CACHE_EXTENTS_MAX: usize = 256;
+
+fn cacheable(node: &Option<Inode>) -> bool {
+    node.as_ref().is_none_or(|n| n.extents.len() <= CACHE_EXTENTS_MAX)
+}
 
 /// Rows of one table read or written during an apply batch, written back to the table at its
 /// end: a batch of creates in one directory then decodes and rewrites that directory's inode, the
@@ -402,23 +409,34 @@ impl<K: std::hash::Hash + Eq + Copy, V: Clone> Cache<K, V> {
         Cache { rows: Default::default() }
     }
 
-    /// The value of `key`, from the cache or else from `load` (kept while there is room).
-    fn get(&self, key: K, load: impl FnOnce() -> Result<Option<V>, MetaError>) -> Result<Option<V>, MetaError> {
+    /// The value of `key`, from the cache or else from `load` (kept while there is room and
+    /// `keep` allows).
+    fn get(
+        &self,
+        key: K,
+        keep: impl Fn(&Option<V>) -> bool,
+        load: impl FnOnce() -> Result<Option<V>, MetaError>,
+    ) -> Result<Option<V>, MetaError> {
         if let Some((value, _)) = self.rows.borrow().get(&key) {
             return Ok(value.clone());
         }
         let value = load()?;
         let mut rows = self.rows.borrow_mut();
-        if rows.len() < CACHE_ROWS {
+        if rows.len() < CACHE_ROWS && keep(&value) {
             rows.insert(key, (value.clone(), false));
         }
         Ok(value)
     }
 
-    /// Sets `key` to `value` (`None`: removed) in the cache; false when the cache is full and
-    /// `key` not in it, and the caller writes the table itself.
-    fn set(&self, key: K, value: Option<V>) -> bool {
+    /// Sets `key` to `value` (`None`: removed) in the cache. False when `keep` refuses the
+    /// value (the key then leaves the cache) or the cache is full and `key` not in it: the
+    /// caller writes the table itself.
+    fn set(&self, key: K, value: Option<V>, keep: impl Fn(&Option<V>) -> bool) -> bool {
         let mut rows = self.rows.borrow_mut();
+        if !keep(&value) {
+            rows.remove(&key);
+            return false;
+        }
         if rows.len() >= CACHE_ROWS && !rows.contains_key(&key) {
             return false;
         }
@@ -438,7 +456,7 @@ impl<K: std::hash::Hash + Eq + Copy, V: Clone> Cache<K, V> {
 
 impl Tables for Writer<'_> {
     fn inode(&self, id: u64) -> Result<Option<Inode>, MetaError> {
-        self.inode_rows.get(id, || match self.inodes.get(id).map_err(storage)? {
+        self.inode_rows.get(id, cacheable, || match self.inodes.get(id).map_err(storage)? {
             Some(v) => Ok(Some(decode_inode(v.value())?)),
             None => Ok(None),
         })
@@ -450,11 +468,11 @@ impl Tables for Writer<'_> {
 
 impl Writer<'_> {
     fn counter(&self, key: &'static str) -> Result<u64, MetaError> {
-        let value = self.counters.get(key, || Ok(self.meta.get(key).map_err(storage)?.map(|v| v.value())))?;
+        let value = self.counters.get(key, |_| true, || Ok(self.meta.get(key).map_err(storage)?.map(|v| v.value())))?;
         Ok(value.unwrap_or(0))
     }
     fn set_counter(&mut self, key: &'static str, value: u64) -> Result<(), MetaError> {
-        if !self.counters.set(key, Some(value)) {
+        if !self.counters.set(key, Some(value), |_| true) {
             self.meta.insert(key, value).map_err(storage)?;
         }
         Ok(())
@@ -464,13 +482,13 @@ impl Writer<'_> {
         self.set_counter(key, v)
     }
     fn put_inode(&mut self, id: u64, node: &Inode) -> Result<(), MetaError> {
-        if !self.inode_rows.set(id, Some(node.clone())) {
+        if !self.inode_rows.set(id, Some(node.clone()), cacheable) {
             self.inodes.insert(id, node.encode_to_vec().as_slice()).map_err(storage)?;
         }
         Ok(())
     }
     fn remove_inode(&mut self, id: u64) -> Result<(), MetaError> {
-        if !self.inode_rows.set(id, None) {
+        if !self.inode_rows.set(id, None, cacheable) {
             self.inodes.remove(id).map_err(storage)?;
         }
         Ok(())
@@ -482,14 +500,18 @@ impl Writer<'_> {
     }
     /// A client's row of answers.
     fn client_row(&self, client: u64) -> Result<ClientAnswers, MetaError> {
-        let row = self.client_rows.get(client, || match self.clients.get(client).map_err(storage)? {
-            Some(v) => Ok(Some(decode_answers(v.value())?)),
-            None => Ok(None),
-        })?;
+        let row = self.client_rows.get(
+            client,
+            |_| true,
+            || match self.clients.get(client).map_err(storage)? {
+                Some(v) => Ok(Some(decode_answers(v.value())?)),
+                None => Ok(None),
+            },
+        )?;
         Ok(row.unwrap_or_default())
     }
     fn put_client_row(&mut self, client: u64, row: ClientAnswers) -> Result<(), MetaError> {
-        if !self.client_rows.set(client, Some(row.clone())) {
+        if !self.client_rows.set(client, Some(row.clone()), |_| true) {
             self.clients.insert(client, row.encode_to_vec().as_slice()).map_err(storage)?;
         }
         Ok(())

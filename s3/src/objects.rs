@@ -299,7 +299,12 @@ impl Gateway {
         end: u64,
     ) -> S3Result<StreamingBlob> {
         let mut pieces: Vec<bytes::Bytes> = Vec::new();
-        self.client.get_opened(path, file, &mut pieces, start, Some(end - start), &|_| {}).await.map_err(internal)?;
+        match self.client.get_opened(path, file, &mut pieces, start, Some(end - start), &|_| {}).await {
+            Ok(_) => {}
+            // Deleted while the read waited for its chunks' locations.
+            Err(Error::NotFound(_)) => return Err(s3_error!(NoSuchKey)),
+            Err(e) => return Err(internal(e)),
+        }
         let whole = if pieces.len() == 1 { pieces.swap_remove(0) } else { pieces.concat().into() };
         Ok(StreamingBlob::from(s3s::Body::from(whole)))
     }

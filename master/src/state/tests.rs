@@ -578,6 +578,9 @@ fn a_batch_applies_as_its_entries_one_by_one_also_past_the_cache() {
             ops.push(Op::Remove(RemoveRequest { path: format!("/e/g{n}"), recursive: false, id: None }));
         }
     }
+    // A file with more extents than the cache keeps, committed, replaced small, then big again.
+    let many: Vec<u8> = (0..300u32).map(|i| i as u8).collect();
+    ops.extend([file("/e/big", &many), file("/e/big", &[5]), file("/e/big", &many)]);
     ops.push(file("/d", &[1])); // refused: a directory
     ops.push(Op::Remove(RemoveRequest { path: "/d".into(), recursive: true, id: None }));
     ops.push(mkdir("/d", false));
@@ -602,8 +605,9 @@ fn a_batch_applies_as_its_entries_one_by_one_also_past_the_cache() {
     assert_eq!(batched.apply_batch(&cmds, last).unwrap(), results);
     assert_eq!(snapshot_records(&batched), snapshot_records(&one_by_one));
     let r = batched.reader().unwrap();
-    // 300 files in /e: 100 renamed into /d (removed with it), 40 more removed.
-    assert_eq!(r.files().unwrap(), 160);
+    // 300 files in /e: 100 renamed into /d (removed with it), 40 more removed; and the big one.
+    assert_eq!(r.files().unwrap(), 161);
+    assert_eq!(r.stat("/e/big").unwrap().extent_count, 300);
     // Refused: the 20 removes of a file renamed away before (n a multiple of 15), and the commit
     // over a directory.
     let refused = results.iter().filter(|r| matches!(r.result, Some(command_result::Result::Error(_))));
