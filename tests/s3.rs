@@ -252,3 +252,39 @@ fn cp_sync_and_ls_like_the_aws_cli() {
         assert!(!out.status.success() && err.lines().count() == 1 && err.contains(why), "{args:?}: {err}");
     }
 }
+
+/// A GET whose chunks no chunkserver can serve any more is an S3 error (503), never an answer
+/// whose body is cut short after a 200, which a client might take for the object.
+#[test]
+fn a_get_whose_chunks_are_unreachable_is_an_error() {
+    let mut c = Cluster::start(Options::default());
+    let key = create_key(&c);
+    let gw = gateway(&c, "s3", &[]);
+    let ep = format!("http://{}", gw.addr);
+    ok(&c.cli(&["mkdir", "-p", "/lost"]), "mkdir /lost");
+    c.put_data(&random_bytes(64 << 10, 5), "/lost/obj");
+    for cs in &mut c.chunkservers {
+        cs.kill();
+    }
+    let dest = c.dir.path().join("obj.out");
+    let out = Command::new("aws")
+        .arg("--endpoint-url")
+        .arg(&ep)
+        .args(["s3api", "get-object", "--bucket", "lost", "--key", "obj"])
+        .arg(&dest)
+        .env("AWS_ACCESS_KEY_ID", &key.id)
+        .env("AWS_SECRET_ACCESS_KEY", &key.secret)
+        .env("AWS_DEFAULT_REGION", "us-east-1")
+        .env("AWS_CONFIG_FILE", c.dir.path().join("no-aws-config"))
+        .env("AWS_SHARED_CREDENTIALS_FILE", c.dir.path().join("no-aws-credentials"))
+        // One attempt: the answer to that attempt is what is checked.
+        .env("AWS_MAX_ATTEMPTS", "1")
+        .env("AWS_RETRY_MODE", "standard")
+        .env_remove("AWS_ENDPOINT_URL")
+        .env_remove("AWS_PROFILE")
+        .output()
+        .expect("run aws (install awscli; .ci/run does)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the GET succeeded without a chunkserver");
+    assert!(stderr.contains("ServiceUnavailable"), "not a 503: {stderr}");
+}
