@@ -287,6 +287,27 @@ fn two_mounts_see_each_others_closed_files_and_unmount_cleanly() {
     assert!(m1.stop(), "SIGTERM unmounts cleanly");
 }
 
+/// Close-to-open across mounts: a file another mount wrote and closed reads whole at once, even
+/// where this mount's kernel still holds the size it looked up before (the attribute timeout).
+#[test]
+fn an_open_sees_the_size_another_mount_closed_with() {
+    let (c, m1) = start();
+    let m2 = Mount::start(&c, &c.dir.path().join("mnt2"), &[]);
+    std::fs::write(m1.path("cto"), b"").unwrap();
+    wait_for("the second mount to see the file", Duration::from_secs(10), || m2.path("cto").exists());
+    for round in 0..5u8 {
+        // The second mount's kernel caches the file's size as it is now ...
+        let before = std::fs::metadata(m2.path("cto")).unwrap().len();
+        // ... the first mount writes it longer and closes it ...
+        let content = vec![b'a' + round; 1000 * (round as usize + 1)];
+        std::fs::write(m1.path("cto"), &content).unwrap();
+        // ... and an open on the second mount right after reads all of it.
+        let got = std::fs::read(m2.path("cto")).unwrap();
+        assert_eq!(got.len(), content.len(), "round {round}: read {} bytes (size was {before})", got.len());
+        assert_eq!(got, content, "round {round}");
+    }
+}
+
 /// Two mounts open the same new names at the same moment: both lookups find nothing, both ask
 /// to create, one wins. Without O_EXCL the loser must open the winner's file (as on a local
 /// disk), not fail with EEXIST; with O_EXCL exactly one of the two succeeds.

@@ -7,8 +7,8 @@
 //!
 //! Consistency is close-to-open, as NFS gives: writes collect per open file (see [`file`]) and
 //! are committed atomically on flush (close), fsync, or a change of size; an open that finds a
-//! new version of the file drops the kernel's cached pages, and one that finds the same version
-//! keeps them. Attributes and entries are cached by the kernel for [`MountOptions::attr_ttl`];
+//! new version of the file drops the kernel's cached pages and attributes (its size among them),
+//! and one that finds the same version keeps them. Attributes and entries are cached by the kernel for [`MountOptions::attr_ttl`];
 //! a run of lookups in one directory is answered from its listing for no longer (see
 //! [`listing`]).
 
@@ -85,7 +85,10 @@ pub fn mount_fs(fs: CairnFs, mountpoint: &Path) -> std::io::Result<fuser::Backgr
         fuser::MountOption::Suid,
     ];
     config.acl = fuser::SessionACL::All;
-    fuser::spawn_mount(fs, mountpoint, &config)
+    let inner = fs.inner.clone();
+    let session = fuser::spawn_mount(fs, mountpoint, &config)?;
+    let _ = inner.notifier.set(session.notifier());
+    Ok(session)
 }
 
 /// The errno for a client error.
@@ -234,6 +237,8 @@ struct Inner {
     /// Bumped before and after every xattr change through the mount: an open or create that
     /// saw it move keeps no `security.capability` answer (see [`file::CAPABILITY`]).
     xattr_gen: AtomicU64,
+    /// Tells the kernel to drop what it cached of an inode (set once mounted).
+    notifier: std::sync::OnceLock<fuser::Notifier>,
 }
 
 /// A change made through the mount, in flight: see [`CairnFs::changing`]. Dropped once the
@@ -277,6 +282,7 @@ impl CairnFs {
                 dir_attrs: Mutex::new(DirAttrs::default()),
                 keeper: rand::random::<u64>().max(1),
                 xattr_gen: AtomicU64::new(0),
+                notifier: std::sync::OnceLock::new(),
             }),
         };
         fs.start_committer();
@@ -968,6 +974,18 @@ impl Filesystem for CairnFs {
             };
             let attr = file.attr.clone().unwrap_or_default();
             let (fh, keep) = this.open_file(&attr);
+            if !keep {
+                // Another version than this mount last opened: the kernel may hold the size of an
+                // older one (from a lookup answered before another client's close) for the
+                // attribute timeout, and would end reads there. Close-to-open: its attributes
+                // are fetched again before the first read. (Open is not among the requests an
+                // inode notification must not be sent from.)
+                if let Some(n) = this.inner.notifier.get() {
+                    if let Err(e) = n.inval_inode(ino, -1, 0) {
+                        tracing::debug!(inode = ino.0, "invalidating the kernel's attributes: {e}");
+                    }
+                }
+            }
             if let Some(st) = this.open_state(ino.0) {
                 let mut st = st.lock().await;
                 st.no_capability_until =
