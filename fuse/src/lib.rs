@@ -8,9 +8,9 @@
 //! Consistency is close-to-open, as NFS gives: writes collect per open file (see [`file`]) and
 //! are committed atomically on flush (close), fsync, or a change of size; an open that finds a
 //! new version of the file drops the kernel's cached pages and attributes (its size among them),
-//! and one that finds the same version keeps them. Attributes and entries are cached by the kernel for [`MountOptions::attr_ttl`];
-//! a run of lookups in one directory is answered from its listing for no longer (see
-//! [`listing`]).
+//! and one that finds the same version keeps them. Attributes and entries are cached by the
+//! kernel for [`MountOptions::attr_ttl`]; a run of lookups in one directory is answered from its
+//! listing for no longer (see [`listing`]).
 
 mod cache;
 mod dirattrs;
