@@ -56,8 +56,13 @@ fn gateway(c: &Cluster, name: &str, extra: &[&str]) -> Proc {
 
 /// `aws --endpoint-url EP ARGS` with `key`, isolated from any AWS configuration on the machine.
 fn aws(ep: &str, key: &Key, dir: &Path, args: &[&str]) -> Output {
-    Command::new("aws")
-        .arg("--endpoint-url")
+    aws_command(ep, key, dir, args).output().expect("run aws (install awscli; .ci/run does)")
+}
+
+/// The command [`aws`] runs, for a caller that sets more of its environment.
+fn aws_command(ep: &str, key: &Key, dir: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new("aws");
+    cmd.arg("--endpoint-url")
         .arg(ep)
         .args(args)
         .env("AWS_ACCESS_KEY_ID", &key.id)
@@ -66,9 +71,8 @@ fn aws(ep: &str, key: &Key, dir: &Path, args: &[&str]) -> Output {
         .env("AWS_CONFIG_FILE", dir.join("no-aws-config"))
         .env("AWS_SHARED_CREDENTIALS_FILE", dir.join("no-aws-credentials"))
         .env_remove("AWS_ENDPOINT_URL")
-        .env_remove("AWS_PROFILE")
-        .output()
-        .expect("run aws (install awscli; .ci/run does)")
+        .env_remove("AWS_PROFILE");
+    cmd
 }
 
 fn ok(out: &Output, what: &str) -> String {
@@ -267,21 +271,11 @@ fn a_get_whose_chunks_are_unreachable_is_an_error() {
         cs.kill();
     }
     let dest = c.dir.path().join("obj.out");
-    let out = Command::new("aws")
-        .arg("--endpoint-url")
-        .arg(&ep)
-        .args(["s3api", "get-object", "--bucket", "lost", "--key", "obj"])
-        .arg(&dest)
-        .env("AWS_ACCESS_KEY_ID", &key.id)
-        .env("AWS_SECRET_ACCESS_KEY", &key.secret)
-        .env("AWS_DEFAULT_REGION", "us-east-1")
-        .env("AWS_CONFIG_FILE", c.dir.path().join("no-aws-config"))
-        .env("AWS_SHARED_CREDENTIALS_FILE", c.dir.path().join("no-aws-credentials"))
+    let dest = dest.to_str().unwrap();
+    let out = aws_command(&ep, &key, c.dir.path(), &["s3api", "get-object", "--bucket", "lost", "--key", "obj", dest])
         // One attempt: the answer to that attempt is what is checked.
         .env("AWS_MAX_ATTEMPTS", "1")
         .env("AWS_RETRY_MODE", "standard")
-        .env_remove("AWS_ENDPOINT_URL")
-        .env_remove("AWS_PROFILE")
         .output()
         .expect("run aws (install awscli; .ci/run does)");
     let stderr = String::from_utf8_lossy(&out.stderr);
