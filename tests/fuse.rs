@@ -174,6 +174,28 @@ fn posix_semantics_of_names_links_appends_truncate_and_mmap() {
         "truncate -s 9000000 big && test $(stat -c %s big) = 9000000 && \
             test \"$(tail -c 4805690 big | tr -d '\\0' | wc -c)\" = 0",
     );
+    // Growing a file past the largest one the cluster holds (256 GiB) is EFBIG, by truncate, by a
+    // write far past the end, by an open file's ftruncate and fallocate, and changes nothing.
+    let efbig = r#"python3 -c "
+import errno, os
+def efbig(f):
+    try:
+        f()
+    except OSError as e:
+        assert e.errno == errno.EFBIG, e
+        return
+    raise SystemExit('grew past the limit')
+efbig(lambda: os.truncate('big', 1 << 50))
+efbig(lambda: os.truncate('big', (256 << 30) + 1))
+fd = os.open('big', os.O_WRONLY)
+efbig(lambda: os.pwrite(fd, b'x', 1 << 50))
+efbig(lambda: os.ftruncate(fd, 1 << 40))
+efbig(lambda: os.posix_fallocate(fd, 0, 1 << 40))
+os.pwrite(fd, b'end', 9000000)
+os.close(fd)
+assert os.stat('big').st_size == 9000003, os.stat('big')
+""#;
+    sh(&d, efbig);
     // Hard links share content and count; symlinks resolve and dangle.
     sh(
         &d,
@@ -252,6 +274,33 @@ os.rename('other','victim'); f.seek(0); assert f.read()=='kept'; assert os.fstat
     assert_eq!(std::fs::read(m.path("cli.txt")).unwrap(), b"from the cli");
 }
 
+/// An ftruncate that cannot store its zeros (no chunkserver answers) fails and changes nothing:
+/// the open file's next write and close commit its old size, not a half-grown one.
+#[test]
+fn a_failed_extending_truncate_changes_nothing() {
+    use std::os::unix::fs::FileExt;
+    let (mut c, m) = start();
+    let data = random_bytes(9 * MIB, 21);
+    std::fs::write(m.path("f"), &data).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(m.path("f")).unwrap();
+    for cs in &mut c.chunkservers {
+        cs.kill();
+    }
+    let t = Instant::now();
+    f.set_len(100 * MIB as u64).expect_err("a truncate with no chunkserver to store its zeros");
+    eprintln!("the truncate failed after {:?}", t.elapsed());
+    for i in 0..c.chunkservers.len() {
+        c.restart_chunkserver(i);
+    }
+    c.wait_alive(c.chunkservers.len());
+    f.write_all_at(b"X", 0).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let got = std::fs::read(m.path("f")).unwrap();
+    assert_eq!(got.len(), data.len(), "the failed truncate changed the size");
+    assert!(got[0] == b'X' && got[1..] == data[1..], "the content changed");
+}
+
 #[test]
 fn two_mounts_see_each_others_closed_files_and_unmount_cleanly() {
     use std::os::unix::fs::PermissionsExt;
@@ -275,6 +324,18 @@ fn two_mounts_see_each_others_closed_files_and_unmount_cleanly() {
     let st = std::fs::metadata(m2.path("pending.bin")).unwrap();
     assert_eq!((st.permissions().mode() & 0o777, st.len()), (0o600, 7), "mode and size seen on the writing mount");
     drop(pending);
+    // A file deleted through one mount while the other writes it: there, fsync and close fail
+    // with ESTALE (its writes have nowhere to go) instead of reporting success or ENOENT.
+    let mut doomed = std::fs::File::create(m2.path("doomed.bin")).unwrap();
+    std::io::Write::write_all(&mut doomed, b"first").unwrap();
+    doomed.sync_all().unwrap();
+    wait_for("the first mount to delete the file", Duration::from_secs(10), || {
+        std::fs::remove_file(m1.path("doomed.bin")).is_ok()
+    });
+    std::io::Write::write_all(&mut doomed, b" second").unwrap();
+    let err = doomed.sync_all().unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ESTALE), "{err}");
+    drop(doomed);
     // The mount point is busy: a second mount there is refused with a clear error.
     let out = common::cli_env(&["mount", m1.dir.to_str().unwrap()], &c.env(), None);
     assert!(!out.status.success());

@@ -21,6 +21,9 @@ pub enum Error {
     NotPermitted(String),
     #[error("name too long: {0}")]
     NameTooLong(String),
+    /// A file would grow past [`cairn_proto::MAX_FILE_SIZE`] (or past its chunk count).
+    #[error("file too large: {0}")]
+    TooLarge(String),
     #[error("not enough chunkservers: {0}")]
     NotEnoughChunkservers(String),
     /// The masters could not be reached, or did not answer, within the deadline.

@@ -500,6 +500,13 @@ impl Client {
                         eof = true;
                         break;
                     }
+                    if extents.len() + inflight.len() >= cairn_proto::MAX_EXTENTS {
+                        return Err(Error::TooLarge(format!(
+                            "more than {} chunks of {} bytes",
+                            cairn_proto::MAX_EXTENTS,
+                            opts.chunk_size
+                        )));
+                    }
                     let (this, replication) = (self.clone(), opts.replication);
                     inflight.push_back(tokio::spawn(async move { this.upload_chunk(chunk, replication).await }));
                 }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use cairn_client::{Client, Error, Result};
 use cairn_proto::v1::{node_request, Attr, CommitNode, Extent, ExtentLocation, OpenFileResponse};
+use cairn_proto::{MAX_EXTENTS, MAX_FILE_SIZE};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
@@ -205,10 +206,10 @@ impl FileState {
         self.last_written = None;
     }
 
-    /// The stored extents of a commit from the masters, with nothing in memory.
+    /// The stored extents of a commit from the masters, with nothing in memory (what was, such
+    /// as the last chunk of a failed truncate, is forgotten with its indexes).
     fn set_segs(&mut self, extents: Vec<ExtentLocation>) {
-        self.segs.clear();
-        self.starts.clear();
+        self.drop_from(0);
         for e in extents {
             self.push_seg(Seg::Clean(e));
         }
@@ -334,8 +335,51 @@ impl FileState {
         Ok(())
     }
 
+    /// Refuses to grow the file to `end` bytes past what one file may hold (in bytes, or in
+    /// chunks: a file stored in smaller chunks holds less), before anything changes: otherwise
+    /// the commit would fail for good, or a write far past the end would fill memory with
+    /// chunks of zeros.
+    fn check_growth(&self, end: u64) -> Result<()> {
+        let size = self.size();
+        if end <= size {
+            return Ok(());
+        }
+        let chunks = self.segs.len() as u64 + (end - size).div_ceil(CHUNK as u64);
+        if end > MAX_FILE_SIZE || chunks > MAX_EXTENTS as u64 {
+            return Err(Error::TooLarge(format!(
+                "{end} bytes (a file holds at most {MAX_FILE_SIZE} bytes in at most {MAX_EXTENTS} chunks)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Grows the file with zeros to `end`. If that fails, the file is cut back to its size
+    /// before, so a failed truncate or fallocate changes nothing (the last chunk may stay in
+    /// memory, with its old bytes).
+    async fn extend_to(&mut self, ctx: &Ctx, end: u64) -> Result<()> {
+        let cur = self.size();
+        self.check_growth(end)?;
+        if let Err(e) = self.append_zeros(ctx, end - cur).await {
+            let (i, inner) = self.find(cur);
+            if inner > 0 {
+                if let Seg::Dirty(buf) = &mut self.segs[i] {
+                    buf.truncate(inner);
+                }
+                self.drop_from(i + 1);
+            } else {
+                self.drop_from(i);
+            }
+            if self.last_written.is_some_and(|w| w >= self.segs.len()) {
+                self.last_written = None;
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
     pub async fn write(&mut self, ctx: &Ctx, off: u64, data: &[u8]) -> Result<()> {
         self.load(ctx).await?;
+        self.check_growth(off.saturating_add(data.len() as u64))?;
         // Whatever part of the write lands must be committed, even if a later part fails.
         self.dirty = true;
         self.commit_if_old(ctx).await?;
@@ -461,7 +505,7 @@ impl FileState {
         self.load(ctx).await?;
         let cur = self.size();
         if size > cur {
-            self.append_zeros(ctx, size - cur).await?;
+            self.extend_to(ctx, size).await?;
         } else if size < cur {
             let (i, inner) = self.find(size);
             if inner == 0 {
@@ -485,7 +529,9 @@ impl FileState {
         self.load(ctx).await?;
         let cur = self.size();
         if end > cur && !keep_size {
-            self.append_zeros(ctx, end - cur).await?;
+            self.extend_to(ctx, end).await?;
+        } else {
+            self.check_growth(end)?;
         }
         self.dirty = true;
         Ok(())

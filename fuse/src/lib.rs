@@ -103,6 +103,7 @@ pub fn errno(e: &Error) -> Errno {
         Error::NoAttribute(_) => Errno::from_i32(libc::ENODATA),
         Error::NotPermitted(_) => Errno::EPERM,
         Error::NameTooLong(_) => Errno::from_i32(libc::ENAMETOOLONG),
+        Error::TooLarge(_) => Errno::from_i32(libc::EFBIG),
         Error::NotEnoughChunkservers(_) => Errno::from_i32(libc::ENOSPC),
         Error::Unavailable(_) => Errno::from_i32(libc::ETIMEDOUT),
         Error::ChunkUnavailable { .. } | Error::Upload { .. } | Error::Io { .. } | Error::Internal(_) => Errno::EIO,
@@ -494,7 +495,12 @@ impl CairnFs {
         let _change = st.dirty.then(|| self.changing(Change::All));
         let attr = st.sync(&self.inner.ctx).await.map_err(|e| {
             tracing::warn!(inode = st.ino, "commit failed: {e}");
-            errno(&e)
+            match e {
+                // The file is gone (deleted through another client): what this mount holds of
+                // it has nowhere to go, as for an NFS file handle whose file was removed.
+                Error::NotFound(_) => Errno::from_i32(libc::ESTALE),
+                e => errno(&e),
+            }
         })?;
         self.inner.versions.lock().expect("versions lock").insert(attr.inode, attr.version);
         Ok(attr)
@@ -1098,7 +1104,10 @@ impl Filesystem for CairnFs {
                 let mut free = false;
                 if let Some(o) = open.get_mut(&ino) {
                     o.handles -= 1;
-                    if o.handles == 0 && (result.is_ok() || o.orphan) {
+                    // A failed commit keeps the file's writes for a later try (the committer, or
+                    // the next open's close), unless the file is gone.
+                    let gone = result == Err(Errno::from_i32(libc::ESTALE));
+                    if o.handles == 0 && (result.is_ok() || o.orphan || gone) {
                         free = o.orphan;
                         open.remove(&ino);
                     }

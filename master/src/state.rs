@@ -74,8 +74,7 @@ pub const ROOT: u64 = 1;
 /// Longest name in a directory, as on Linux.
 pub const NAME_MAX: usize = 255;
 pub const PATH_MAX: usize = 4096;
-/// Bound on one file's extent list (64 GiB at 4 MiB chunks... times 4): keeps one entry bounded.
-pub const MAX_EXTENTS: usize = 1 << 16;
+pub use cairn_proto::MAX_EXTENTS;
 const MAX_REPLICATION: u32 = 16;
 
 /// Splits an absolute path into names, refusing what no directory entry may be called.

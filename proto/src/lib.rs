@@ -19,6 +19,12 @@ pub const HASH_LEN: usize = 32;
 /// The largest chunk the cluster accepts. Clients cut files into chunks of at most this size.
 pub const MAX_CHUNK: u64 = 4 << 20;
 
+/// The most extents (chunks) one file may have: keeps one namespace entry bounded.
+pub const MAX_EXTENTS: usize = 1 << 16;
+
+/// The largest file: [`MAX_EXTENTS`] chunks of [`MAX_CHUNK`] bytes (256 GiB).
+pub const MAX_FILE_SIZE: u64 = MAX_EXTENTS as u64 * MAX_CHUNK;
+
 /// The extended attribute holding an object's S3 ETag. A commit that changes the content without
 /// giving new metadata drops it (the gateway then derives an ETag from the chunk hashes).
 pub const ETAG_XATTR: &str = "user.s3.etag";

@@ -29,7 +29,8 @@ use s3s::{s3_error, S3Error, S3ErrorCode, S3Request, S3Response, S3Result, S3};
 pub struct GatewayConfig {
     /// Replicas of each chunk of an object written here.
     pub replication: u32,
-    /// Multipart uploads neither completed nor aborted within this time are removed.
+    /// Multipart uploads neither completed nor aborted are removed after this long without a
+    /// new part.
     pub upload_expiry: Duration,
     /// Base domain for virtual-hosted-style requests (`bucket.DOMAIN`); path style always works.
     pub domain: Option<String>,
@@ -216,6 +217,7 @@ fn internal(e: Error) -> S3Error {
         }
         Error::InvalidArgument(m) => S3Error::with_message(S3ErrorCode::InvalidArgument, m),
         Error::NameTooLong(m) => S3Error::with_message(S3ErrorCode::KeyTooLongError, m),
+        Error::TooLarge(m) => S3Error::with_message(S3ErrorCode::EntityTooLarge, m),
         e => {
             tracing::warn!("request failed: {e}");
             S3Error::with_message(S3ErrorCode::InternalError, e.to_string())
