@@ -13,7 +13,8 @@ pub struct S3Args {
     /// Replicas of each chunk of objects written through the gateway.
     #[arg(long, default_value_t = 3)]
     pub replication: u32,
-    /// Multipart uploads neither completed nor aborted after this many seconds are removed.
+    /// Multipart uploads neither completed nor aborted are removed once no new part arrived for
+    /// this many seconds.
     #[arg(long, default_value_t = 7 * 24 * 3600)]
     pub upload_expiry_s: u64,
     /// Base domain for virtual-hosted-style requests (BUCKET.DOMAIN); path style always works.

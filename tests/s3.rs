@@ -94,7 +94,7 @@ fn s3_clients_against_the_gateway() {
     assert!(!listed.contains(&key.secret), "key list shows a secret");
 
     let gw = gateway(&c, "s3", &[]);
-    let gc = gateway(&c, "s3-gc", &["--upload-expiry-s", "2"]);
+    let gc = gateway(&c, "s3-gc", &["--upload-expiry-s", "3"]);
     let ep = format!("http://{}", gw.addr);
 
     // An object written with the client library, read through S3 by boto3.

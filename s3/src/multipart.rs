@@ -2,7 +2,7 @@
 //! (empty; its extended attribute records bucket, key and metadata) and one file per part,
 //! committed like any object. Completing an upload commits, at the key, the concatenation of
 //! the parts' extent lists: no chunk is read or written again. Uploads left neither completed
-//! nor aborted are removed after `GatewayConfig::upload_expiry`.
+//! nor aborted are removed once no new part arrived for `GatewayConfig::upload_expiry`.
 //!
 //! A completed upload leaves its record behind, marked completed with the object's ETag, for
 //! at least [`COMPLETED_KEPT`]: a client that retries its CompleteMultipartUpload (its first
@@ -497,7 +497,7 @@ fn encode(s: &str, url: bool) -> String {
     names::encode_key(s, url)
 }
 
-/// Removes uploads older than the configured expiry, records of completed uploads after
+/// Removes uploads idle (no new part) for longer than the configured expiry, records of completed uploads after
 /// [`COMPLETED_KEPT`] (or the expiry, if shorter), and upload directories that never got their
 /// record (a create that failed midway) once they are an hour old. Runs for the life of
 /// the gateway; several gateways doing the same is harmless.
@@ -519,7 +519,11 @@ pub(crate) async fn collect_abandoned(g: Gateway) {
             let age_of = |t: i64| Duration::from_nanos(now.saturating_sub(t).max(0) as u64);
             let expired = match g.read_record(&e.name).await {
                 Ok(Some(Record { completed: Some(_), time_ns, .. })) => age_of(time_ns) > COMPLETED_KEPT.min(expiry),
-                Ok(Some(Record { time_ns: initiated, .. })) => age_of(initiated) > expiry,
+                // Idle since it began or since its last new part (an entry in the upload's
+                // directory): an upload still receiving parts is kept however long it takes.
+                Ok(Some(Record { time_ns: initiated, .. })) => {
+                    age_of(e.attr.as_ref().map_or(initiated, |a| a.mtime_ns.max(initiated))) > expiry
+                }
                 Ok(None) => e.attr.as_ref().is_some_and(|a| age_of(a.mtime_ns) > Duration::from_secs(3600)),
                 Err(_) => false,
             };
