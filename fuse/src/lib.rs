@@ -464,22 +464,27 @@ impl CairnFs {
     /// handle and whether the kernel may keep its cached pages.
     fn open_file(&self, attr: &Attr) -> (u64, bool) {
         let ino = attr.inode;
-        let state = {
-            let mut open = self.inner.open.lock().expect("open lock");
-            let o = open.entry(ino).or_insert_with(|| Open {
-                state: Arc::new(AsyncMutex::new(FileState::new(attr.clone(), &self.inner.ctx))),
-                handles: 0,
-                orphan: false,
-            });
-            o.handles += 1;
-            o.state.clone()
-        };
+        let state = self.hold(attr);
         let keep = {
             let mut v = self.inner.versions.lock().expect("versions lock");
             v.insert(ino, attr.version) == Some(attr.version)
         };
         let fh = self.add_handle(Fh::File { ino, state, reads: Arc::new(ReadPattern::new()) });
         (fh, keep)
+    }
+
+    /// The state of `attr`'s file, shared by everything on this mount that changes it (open
+    /// handles, a truncate by path), with one more holder counted: so no commit from here carries
+    /// a view of the file older than another's from here.
+    fn hold(&self, attr: &Attr) -> Arc<AsyncMutex<FileState>> {
+        let mut open = self.inner.open.lock().expect("open lock");
+        let o = open.entry(attr.inode).or_insert_with(|| Open {
+            state: Arc::new(AsyncMutex::new(FileState::new(attr.clone(), &self.inner.ctx))),
+            handles: 0,
+            orphan: false,
+        });
+        o.handles += 1;
+        o.state.clone()
     }
 
     fn file_handle(&self, fh: FileHandle) -> Option<(u64, Arc<AsyncMutex<FileState>>, Arc<ReadPattern>)> {
@@ -555,6 +560,25 @@ impl CairnFs {
             self.orphaned(ino).await;
         }
         Ok(())
+    }
+
+    /// Ends a [`CairnFs::hold`] that was not a handle: the last holder drops the state (and what
+    /// a failed truncate left in it), and frees a file that lost its last name meanwhile.
+    async fn unhold(&self, ino: u64) {
+        let orphan = {
+            let mut open = self.inner.open.lock().expect("open lock");
+            match open.get_mut(&ino) {
+                Some(o) if o.handles > 1 => {
+                    o.handles -= 1;
+                    false
+                }
+                Some(_) => open.remove(&ino).is_some_and(|o| o.orphan),
+                None => false,
+            }
+        };
+        if orphan {
+            self.release_orphan(ino).await;
+        }
     }
 
     /// After an unlink or rename with `keep`: the file is freed when its last handle here
@@ -673,16 +697,26 @@ impl CairnFs {
             attr = Some(self.sync_state(st).await?);
         }
         if let Some(size) = new.size {
-            let st = match &open {
-                Some(st) => st.clone(),
+            let (st, held) = match &open {
+                Some(st) => (st.clone(), false),
                 None => match self.client().getattr(ino).await {
                     Ok(a) if a.kind() == InodeKind::Directory => return Err(Errno::EISDIR),
-                    Ok(a) => Arc::new(AsyncMutex::new(FileState::new(a, ctx))),
+                    Ok(a) => (self.hold(&a), true),
                     Err(e) => return Err(errno(&e)),
                 },
             };
-            st.lock().await.truncate(ctx, size).await.map_err(|e| errno(&e))?;
-            attr = Some(self.sync_state(&st).await?);
+            let truncated = match st.lock().await.truncate(ctx, size).await {
+                Ok(()) => Ok(()),
+                Err(e) => Err(errno(&e)),
+            };
+            let synced = match truncated {
+                Ok(()) => self.sync_state(&st).await,
+                Err(e) => Err(e),
+            };
+            if held {
+                self.unhold(ino).await;
+            }
+            attr = Some(synced?);
         }
         let NewAttrs { mode, uid, gid, atime, mtime, .. } = new;
         let (atime_ns, atime_now) = time_arg(atime);
