@@ -434,7 +434,9 @@ pub(super) fn scan(dir: &Path) -> Result<Scanned, StoreError> {
                 records = indexed;
                 file_len
             }
-            _ => scan_pack(&file, id, is_newest, &mut records)
+            // Without an index (the newest pack, or one whose index was lost or never written
+            // because a sync failed), every record is checked against its hash.
+            _ => scan_pack(&file, id, true, &mut records)
                 .map_err(|e| StoreError::io(format!("read {}", path.display()), e))?,
         };
         if is_newest && size < file_len {
@@ -811,10 +813,34 @@ impl Inner {
 
     /// Copies the live records (and still needed tombstones) of the closed pack `id` to the
     /// newest pack, syncs them, and removes pack `id`. False if something still points into it.
+    /// If copying or syncing fails, the chunks moved so far point at their originals again: a
+    /// copy that may not be on disk never becomes the only one.
     fn compact(&self, id: u64) -> io::Result<bool> {
+        let (mut moved, mut synced) = (Vec::new(), false);
+        let result = self.compact_into(id, &mut moved, &mut synced);
+        if result.is_err() && !synced {
+            let mut st = self.lock();
+            for (hash, from, to, len) in moved {
+                if st.packed.get(&hash) == Some(&to) {
+                    st.packed.insert(hash, from);
+                    if let Some(p) = st.packs.get_mut(&to.pack) {
+                        p.forget(len);
+                    }
+                    if let Some(p) = st.packs.get_mut(&id) {
+                        p.live += record_len(len);
+                    }
+                }
+            }
+        }
+        result
+    }
+
+    /// [`Inner::compact`], noting in `moved` each chunk it points at a copy (hash, original,
+    /// copy, data length), and in `synced` that the copies are durable.
+    fn compact_into(&self, id: u64, moved: &mut Vec<(ChunkHash, Loc, Loc, u64)>, synced: &mut bool) -> io::Result<bool> {
         let Some((file, size)) = self.lock().packs.get(&id).map(|p| (p.file.clone(), p.size)) else { return Ok(false) };
         let mut r = BufReader::with_capacity(1 << 20, ReadAt { file: &file.file, pos: 0 });
-        let (mut pos, mut moved, mut carried) = (0u64, 0usize, 0usize);
+        let (mut pos, mut carried) = (0u64, 0usize);
         let mut rec = Vec::new();
         let mut written: Vec<Arc<PackFile>> = Vec::new();
         loop {
@@ -868,7 +894,7 @@ impl Inner {
                 if let Some(p) = st.packs.get_mut(&loc.pack) {
                     p.live += record_len(len);
                 }
-                moved += 1;
+                moved.push((hash, here, loc, len));
             } else {
                 carried += 1;
             }
@@ -877,6 +903,7 @@ impl Inner {
         for f in &written {
             f.sync()?;
         }
+        *synced = true;
         let w = self.packs.writer();
         let mut st = self.lock();
         if pos < size {
@@ -906,7 +933,7 @@ impl Inner {
         drop(w);
         // Made durable, so that its records do not come back without the tombstones dropped.
         sync_dir(&self.packs.dir)?;
-        tracing::info!(pack = %pack_name(id), moved, carried, "pack compacted");
+        tracing::info!(pack = %pack_name(id), moved = moved.len(), carried, "pack compacted");
         Ok(true)
     }
 }
