@@ -837,7 +837,12 @@ impl Inner {
 
     /// [`Inner::compact`], noting in `moved` each chunk it points at a copy (hash, original,
     /// copy, data length), and in `synced` that the copies are durable.
-    fn compact_into(&self, id: u64, moved: &mut Vec<(ChunkHash, Loc, Loc, u64)>, synced: &mut bool) -> io::Result<bool> {
+    fn compact_into(
+        &self,
+        id: u64,
+        moved: &mut Vec<(ChunkHash, Loc, Loc, u64)>,
+        synced: &mut bool,
+    ) -> io::Result<bool> {
         let Some((file, size)) = self.lock().packs.get(&id).map(|p| (p.file.clone(), p.size)) else { return Ok(false) };
         let mut r = BufReader::with_capacity(1 << 20, ReadAt { file: &file.file, pos: 0 });
         let (mut pos, mut carried) = (0u64, 0usize);
