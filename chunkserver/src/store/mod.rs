@@ -307,6 +307,11 @@ impl ChunkStore {
         let (index, used) = recovery::scan_chunks(&chunks_dir)?;
         let packs_dir = data_dir.join("packs");
         let scanned = pack::scan(&packs_dir)?;
+        // The store's directories (made above if missing) are durable in the data directory
+        // before anything is acknowledged into them.
+        fs::File::open(data_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| StoreError::io(format!("sync {}", data_dir.display()), e))?;
         let mut state = State { index, used, ..State::default() };
         let writer = scanned.load(&mut state);
         tracing::info!(
