@@ -64,6 +64,11 @@ pub async fn serve(
         let mut b = s3s::service::S3ServiceBuilder::new(gateway);
         b.set_auth(KeyAuth { client, cache: Mutex::new(HashMap::new()) });
         b.set_access(SigV4Only);
+        // POST uploads (browser forms) are not served (see `post_object`): s3s would read a
+        // form's whole file into memory before any signature check.
+        let mut config = s3s::config::S3Config::default();
+        config.post_object_max_file_size = 0;
+        b.set_config(Arc::new(s3s::config::StaticConfigProvider::new(Arc::new(config))));
         if let Some(d) = &cfg.domain {
             anyhow::ensure!(!d.is_empty() && !d.contains(':') && !d.contains('/'), "--domain {d}: a bare DNS name");
             b.set_host(VirtualHosts { domain: d.to_ascii_lowercase() });
@@ -144,8 +149,13 @@ impl s3s::access::S3Access for SigV4Only {
     async fn check(&self, cx: &mut s3s::access::S3AccessContext<'_>) -> S3Result<()> {
         let auth = cx.headers().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
         let query = cx.uri().query().unwrap_or("");
+        // Names compare decoded, as s3s reads and signs them (`X-Amz-Expire%73` is `X-Amz-Expires`).
         let param = |name: &str| {
-            query.split('&').find_map(|kv| kv.split_once('=').filter(|(k, _)| *k == name).map(|(_, v)| v.to_string()))
+            query.split('&').find_map(|kv| {
+                let (k, v) = kv.split_once('=')?;
+                let k = percent_encoding::percent_decode_str(&k.replace('+', " ")).decode_utf8_lossy().into_owned();
+                (k == name).then(|| percent_encoding::percent_decode_str(v).decode_utf8_lossy().into_owned())
+            })
         };
         if auth.starts_with("AWS ") {
             return Err(s3_error!(AccessDenied, "Signature Version 2 headers are not accepted; sign with Version 4"));
@@ -298,6 +308,12 @@ impl S3 for Gateway {
     ) -> S3Result<S3Response<GetBucketLocationOutput>> {
         self.require_bucket(&req.input.bucket).await?;
         Ok(S3Response::new(GetBucketLocationOutput::default()))
+    }
+
+    /// POST uploads (browser forms) are not served: their policies may be signed with Signature
+    /// V2 and last for any time, which the gateway refuses for every other request.
+    async fn post_object(&self, _req: S3Request<PostObjectInput>) -> S3Result<S3Response<PostObjectOutput>> {
+        Err(s3_error!(NotImplemented, "POST uploads are not supported; use PUT or a presigned PUT URL"))
     }
 
     async fn put_object(&self, req: S3Request<PutObjectInput>) -> S3Result<S3Response<PutObjectOutput>> {

@@ -356,7 +356,8 @@ impl Gateway {
             })
             .collect();
         parts.sort_by_key(|p| p.part_number);
-        let truncated = parts.len() > max;
+        // max-parts=0 asks for nothing, as max-keys=0 does: no page follows.
+        let truncated = max > 0 && parts.len() > max;
         parts.truncate(max);
         Ok(ListPartsOutput {
             bucket: Some(i.bucket),
@@ -418,6 +419,8 @@ impl Gateway {
         let mut truncated = false;
         let mut last: Option<(String, String)> = None;
         let mut past_marker = key_marker.is_empty();
+        // max-uploads=0 asks for nothing, as max-keys=0 does: no page follows.
+        let all = if max == 0 { Vec::new() } else { all };
         for (id, info, t) in all {
             if !past_marker {
                 let after = match &id_marker {

@@ -247,6 +247,10 @@ impl Gateway {
         let (start, end) = match range {
             Some(r) => {
                 let r = r.check(attr.size)?;
+                // A suffix range of an empty object selects nothing: 416, as other ranges of it.
+                if r.end <= r.start {
+                    return Err(s3_error!(InvalidRange, "the range selects no byte of a {}-byte object", attr.size));
+                }
                 (r.start, r.end)
             }
             None => (0, attr.size),

@@ -123,6 +123,9 @@ assert ranged(f"bytes={len(body) - 5}-")["Body"].read() == body[-5:]
 # Across a chunk boundary (4 MiB).
 assert ranged(f"bytes={4 * MIB - 3}-{4 * MIB + 3}")["Body"].read() == body[4 * MIB - 3 : 4 * MIB + 4]
 expect_error("InvalidRange", ranged, f"bytes={len(body) + 10}-")
+s3.put_object(Bucket="alpha", Key="empty", Body=b"")
+expect_error("InvalidRange", s3.get_object, Bucket="alpha", Key="empty", Range="bytes=-5")
+s3.delete_object(Bucket="alpha", Key="empty")
 check("ranges")
 
 tag = md5(body)
@@ -258,6 +261,11 @@ for page in s3.get_paginator("list_parts").paginate(
 ):
     listed += [(p["PartNumber"], p["ETag"], p["Size"]) for p in page.get("Parts", [])]
 assert [p[0] for p in listed] == list(range(1, 21)) and all(p[2] == 5 * MIB for p in listed)
+# A page of 0 parts or uploads is empty and last (a client paging on would loop for ever).
+z = s3.list_parts(Bucket="alpha", Key=key, UploadId=uid, MaxParts=0)
+assert not z["IsTruncated"] and not z.get("Parts"), z
+z = s3.list_multipart_uploads(Bucket="alpha", MaxUploads=0)
+assert not z["IsTruncated"] and not z.get("Uploads"), z
 expect_error(
     "InvalidPartOrder",
     s3.complete_multipart_upload,
@@ -424,7 +432,43 @@ try:
     raise AssertionError("a presigned URL valid for 8 days was served")
 except urllib.error.HTTPError as e:
     assert e.code in (400, 403), e.code
+# The lifetime is checked under a percent-encoded parameter name too (s3s decodes names).
+stretched = week.replace("Expires=", "Expire%73=")
+assert stretched != week
+try:
+    urllib.request.urlopen(stretched)
+    raise AssertionError("a presigned URL valid for 8 days was served under an encoded parameter name")
+except urllib.error.HTTPError as e:
+    assert e.code in (400, 403), e.code
 check("conditional writes, V2 signatures, presigned URL lifetime")
+
+
+# POST uploads (browser forms) are not served, even with a policy signed by a valid key, and
+# store nothing.
+def post_form(form, content):
+    b = "cairnformboundary"
+    data = b"".join(
+        f'--{b}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in form["fields"].items()
+    )
+    data += f'--{b}\r\nContent-Disposition: form-data; name="file"; filename="f"\r\n\r\n'.encode()
+    data += content + f"\r\n--{b}--\r\n".encode()
+    req = urllib.request.Request(
+        form["url"], data=data, method="POST", headers={"Content-Type": f"multipart/form-data; boundary={b}"}
+    )
+    try:
+        urllib.request.urlopen(req)
+        raise AssertionError("a POST upload was served")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+form = s3.generate_presigned_post("alpha", "posted")
+code, text = post_form(form, b"")
+assert code == 501 and b"NotImplemented" in text, (code, text)
+code, text = post_form(form, b"x" * 1000)
+assert code in (400, 501), (code, text)
+expect_error("404", s3.head_object, Bucket="alpha", Key="posted")
+check("POST uploads refused")
 
 # "name/" is a directory ("folder" object), "name" a file: neither answers for the other.
 s3.put_object(Bucket="alpha", Key="folder/", Body=b"")
