@@ -705,10 +705,7 @@ impl raft_server::Raft for Services {
             }
             let internal = |e: anyhow::Error| Status::internal(format!("stage snapshot: {e:#}"));
             let mut file = crate::transport::SnapshotFile::create(self.node.snapshot_dir()).map_err(internal)?;
-            file.write(&first.records).map_err(internal)?;
-            while let Some(chunk) = stream.message().await? {
-                file.write(&chunk.records).map_err(internal)?;
-            }
+            crate::transport::receive_snapshot(&first, &mut stream, &mut file).await?;
             let path = file.finish().map_err(internal)?;
             if !first.from_addr.is_empty() {
                 self.node.step_learn(msg.from, &first.from_addr);

@@ -24,6 +24,9 @@ use crate::raftlog::RaftLog;
 const QUEUE: usize = 4096;
 const RECONNECT: Duration = Duration::from_millis(100);
 const RECORDS_PER_CHUNK: usize = 1024;
+/// A chunk is sent once its records hold this many bytes, even with fewer records (inodes with
+/// long extent lists), well under the servers' message limit.
+const BYTES_PER_CHUNK: usize = 4 << 20;
 /// Largest snapshot record accepted from a stream file (an inode with its extent list).
 const MAX_RECORD: usize = 64 << 20;
 
@@ -86,24 +89,27 @@ impl Transport {
             let res = async {
                 let mut client = client?;
                 let (tx, rx) = mpsc::channel::<SnapshotChunk>(4);
-                let first = SnapshotChunk { message: m.write_to_bytes()?, from_addr, records: vec![] };
+                let first = SnapshotChunk { message: m.write_to_bytes()?, from_addr, ..Default::default() };
                 tx.send(first).await.ok();
                 let dump = tokio::task::spawn_blocking(move || {
                     let mut page = Vec::with_capacity(RECORDS_PER_CHUNK);
-                    let mut records = 0u64;
+                    let (mut records, mut bytes) = (0u64, 0usize);
                     crate::state::dump(&txn, |table, key, value| {
+                        bytes += key.len() + value.len();
                         page.push(SnapshotRecord { table, key, value });
                         records += 1;
-                        if page.len() == RECORDS_PER_CHUNK {
+                        if page.len() == RECORDS_PER_CHUNK || bytes >= BYTES_PER_CHUNK {
                             let chunk = SnapshotChunk { records: std::mem::take(&mut page), ..Default::default() };
                             tx.blocking_send(chunk).map_err(|_| anyhow::anyhow!("snapshot stream closed"))?;
+                            bytes = 0;
                         }
                         Ok(())
                     })?;
-                    if !page.is_empty() {
-                        let chunk = SnapshotChunk { records: page, ..Default::default() };
-                        tx.blocking_send(chunk).map_err(|_| anyhow::anyhow!("snapshot stream closed"))?;
-                    }
+                    // Only a dump that went through ends with the last chunk: if it failed, the
+                    // stream just stops, and the receiver installs nothing.
+                    let last =
+                        SnapshotChunk { records: page, last: true, total_records: records, ..Default::default() };
+                    tx.blocking_send(last).map_err(|_| anyhow::anyhow!("snapshot stream closed"))?;
                     anyhow::Ok(records)
                 });
                 let sent = client.install_snapshot(ReceiverStream::new(rx)).await;
@@ -251,6 +257,40 @@ impl Drop for SnapshotFile {
     }
 }
 
+/// Writes the records of a snapshot stream into `file`: those of its `first` chunk, then of the
+/// `rest`, up to its last chunk, whose record count must match. A stream that ends without one
+/// (the sender's dump failed midway) is refused, so that a partial state is never installed.
+pub async fn receive_snapshot<S>(
+    first: &SnapshotChunk,
+    rest: &mut S,
+    file: &mut SnapshotFile,
+) -> Result<(), tonic::Status>
+where
+    S: tokio_stream::Stream<Item = Result<SnapshotChunk, tonic::Status>> + Unpin,
+{
+    use tokio_stream::StreamExt as _;
+    let internal = |e: anyhow::Error| tonic::Status::internal(format!("stage snapshot: {e:#}"));
+    file.write(&first.records).map_err(internal)?;
+    let mut received = first.records.len() as u64;
+    let mut last = first.last.then_some(first.total_records);
+    while let Some(chunk) = rest.next().await {
+        let chunk = chunk?;
+        if last.is_some() {
+            return Err(tonic::Status::invalid_argument("a snapshot stream goes on after its last chunk"));
+        }
+        file.write(&chunk.records).map_err(internal)?;
+        received += chunk.records.len() as u64;
+        last = chunk.last.then_some(chunk.total_records);
+    }
+    match last {
+        Some(total) if total == received => Ok(()),
+        Some(total) => {
+            Err(tonic::Status::invalid_argument(format!("a snapshot stream of {received} records says it has {total}")))
+        }
+        None => Err(tonic::Status::aborted("the snapshot stream ended before its last chunk")),
+    }
+}
+
 /// The records of a staged snapshot file, in order.
 pub fn read_snapshot_file(path: &Path) -> Result<impl Iterator<Item = Result<crate::state::Record>>> {
     let mut r = BufReader::new(std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?);
@@ -273,4 +313,38 @@ pub fn read_snapshot_file(path: &Path) -> Result<impl Iterator<Item = Result<cra
                 .map(|rec| (rec.table, rec.key, rec.value)),
         )
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(n: usize, last: Option<u64>) -> SnapshotChunk {
+        let records = (0..n).map(|i| SnapshotRecord { table: 1, key: vec![i as u8], value: vec![] }).collect();
+        SnapshotChunk { records, last: last.is_some(), total_records: last.unwrap_or(0), ..Default::default() }
+    }
+
+    async fn receive(chunks: Vec<SnapshotChunk>) -> Result<usize, tonic::Status> {
+        let dir = tempfile::tempdir().unwrap();
+        let mut file = SnapshotFile::create(dir.path()).unwrap();
+        let mut chunks = chunks.into_iter();
+        let first = chunks.next().unwrap();
+        let mut rest = tokio_stream::iter(chunks.map(Ok));
+        receive_snapshot(&first, &mut rest, &mut file).await?;
+        let path = file.finish().unwrap();
+        Ok(read_snapshot_file(&path).unwrap().count())
+    }
+
+    #[tokio::test]
+    async fn only_a_snapshot_stream_that_reached_its_last_chunk_is_accepted() {
+        assert_eq!(receive(vec![chunk(0, None), chunk(3, None), chunk(2, Some(5))]).await.unwrap(), 5);
+        assert_eq!(receive(vec![chunk(0, Some(0))]).await.unwrap(), 0, "an empty state in one chunk");
+        // The sender's dump failed midway: the stream just stops.
+        let cut = receive(vec![chunk(0, None), chunk(3, None)]).await.unwrap_err();
+        assert_eq!(cut.code(), tonic::Code::Aborted, "{cut}");
+        let short = receive(vec![chunk(0, None), chunk(3, None), chunk(1, Some(5))]).await.unwrap_err();
+        assert_eq!(short.code(), tonic::Code::InvalidArgument, "{short}");
+        let after = receive(vec![chunk(0, None), chunk(1, Some(1)), chunk(1, None)]).await.unwrap_err();
+        assert_eq!(after.code(), tonic::Code::InvalidArgument, "{after}");
+    }
 }
