@@ -266,19 +266,24 @@ fn a_get_whose_chunks_are_unreachable_is_an_error() {
     let gw = gateway(&c, "s3", &[]);
     let ep = format!("http://{}", gw.addr);
     ok(&c.cli(&["mkdir", "-p", "/lost"]), "mkdir /lost");
+    // One object read whole before the answer, one streamed (more than 1 MiB).
     c.put_data(&random_bytes(64 << 10, 5), "/lost/obj");
+    c.put_data(&random_bytes(6 << 20, 6), "/lost/big");
     for cs in &mut c.chunkservers {
         cs.kill();
     }
-    let dest = c.dir.path().join("obj.out");
-    let dest = dest.to_str().unwrap();
-    let out = aws_command(&ep, &key, c.dir.path(), &["s3api", "get-object", "--bucket", "lost", "--key", "obj", dest])
-        // One attempt: the answer to that attempt is what is checked.
-        .env("AWS_MAX_ATTEMPTS", "1")
-        .env("AWS_RETRY_MODE", "standard")
-        .output()
-        .expect("run aws (install awscli; .ci/run does)");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "the GET succeeded without a chunkserver");
-    assert!(stderr.contains("ServiceUnavailable"), "not a 503: {stderr}");
+    for name in ["obj", "big"] {
+        let dest = c.dir.path().join(format!("{name}.out"));
+        let dest = dest.to_str().unwrap();
+        let out =
+            aws_command(&ep, &key, c.dir.path(), &["s3api", "get-object", "--bucket", "lost", "--key", name, dest])
+                // One attempt: the answer to that attempt is what is checked.
+                .env("AWS_MAX_ATTEMPTS", "1")
+                .env("AWS_RETRY_MODE", "standard")
+                .output()
+                .expect("run aws (install awscli; .ci/run does)");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "the GET of {name} succeeded without a chunkserver");
+        assert!(stderr.contains("ServiceUnavailable"), "{name}: not a 503: {stderr}");
+    }
 }

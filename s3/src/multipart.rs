@@ -199,7 +199,7 @@ impl Gateway {
             }
             None => (0, attr.size),
         };
-        let body = self.stream(spath, src, start, end);
+        let body = self.stream(spath, src, start, end).await?;
         let stored = self.store_body(Some(body), Some((end - start) as i64), None).await?;
         let etag = self.commit_part(&i.upload_id, i.part_number, stored).await?;
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as i64;

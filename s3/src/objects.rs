@@ -274,7 +274,7 @@ impl Gateway {
         let body = if end - start <= READ_WHOLE_MAX {
             self.read_whole(&path, file, start, end).await?
         } else {
-            self.stream(path, file, start, end)
+            self.stream(path, file, start, end).await?
         };
         Ok(S3Response::new(GetObjectOutput {
             body: Some(body),
@@ -313,29 +313,44 @@ impl Gateway {
         Ok(StreamingBlob::from(s3s::Body::from(whole)))
     }
 
-    /// Bytes `[start, end)` of an opened file as a body: verified chunks go out as they arrive,
-    /// without copies, a few in flight. A read that fails ends the body short (the receiver
-    /// sees fewer bytes than announced).
-    pub(crate) fn stream(
+    /// Bytes `[start, end)` of an opened file as a body: verified chunks go out as
+    /// they arrive, without copies, a few in flight. The first piece is read before the answer
+    /// starts, so a file none of whose replicas can be read is an S3 error (ServiceUnavailable,
+    /// or NoSuchKey if it was deleted meanwhile); a read that fails later ends the body short
+    /// (the receiver sees fewer bytes than announced), as from S3.
+    pub(crate) async fn stream(
         &self,
         path: String,
         file: cairn_proto::v1::OpenFileResponse,
         start: u64,
         end: u64,
-    ) -> StreamingBlob {
-        let (mut tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+    ) -> S3Result<StreamingBlob> {
+        if start >= end {
+            return Ok(StreamingBlob::from(s3s::Body::from(bytes::Bytes::new())));
+        }
+        let (mut tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let client = self.client.clone();
         tokio::spawn(async move {
-            if let Err(e) = client.get_opened(&path, file, &mut tx, start, Some(end - start), &|_| {}).await {
+            let res = client.get_opened(&path, file, &mut tx, start, Some(end - start), &|_| {}).await;
+            if let Err(e) = &res {
                 tracing::warn!("read {path}: {e}");
             }
+            let _ = done_tx.send(res);
         });
-        let pieces =
+        let Some(first) = rx.recv().await else {
+            return Err(match done_rx.await {
+                Ok(Err(Error::NotFound(_))) => s3_error!(NoSuchKey),
+                Ok(Err(e)) => internal(e),
+                Ok(Ok(_)) | Err(_) => s3_error!(InternalError, "the read ended before its first byte"),
+            });
+        };
+        let rest =
             futures::stream::unfold(
                 rx,
                 |mut rx| async move { rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx)) },
             );
-        StreamingBlob::wrap(pieces)
+        Ok(StreamingBlob::wrap(futures::stream::once(async move { Ok(first) }).chain(rest)))
     }
 
     pub(crate) async fn head(&self, req: S3Request<HeadObjectInput>) -> S3Result<S3Response<HeadObjectOutput>> {
