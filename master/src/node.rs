@@ -483,8 +483,9 @@ pub struct Core {
     next_request: u64,
     reads: Reads,
     transfers: Vec<(u64, TransferReply)>,
-    /// The file of a snapshot being offered to raft-rs, with its index.
-    incoming: Option<(u64, PathBuf)>,
+    /// The files of snapshots offered to raft-rs since the last Ready, with their indexes: one
+    /// it accepted stays until that Ready installs it, whatever arrives after it.
+    incoming: Vec<(u64, PathBuf)>,
     was_leader: bool,
     term_start: u64,
     ticks: u64,
@@ -570,7 +571,7 @@ impl Core {
             next_request: opts.first_request_id.unwrap_or_else(rand::random),
             reads: Reads::default(),
             transfers: Vec::new(),
-            incoming: None,
+            incoming: Vec::new(),
             was_leader: false,
             term_start: u64::MAX,
             ticks: 0,
@@ -674,8 +675,7 @@ impl Core {
             }
             Msg::Snapshot { msg, file } => {
                 let index = msg.get_snapshot().get_metadata().index;
-                self.discard_incoming();
-                self.incoming = Some((index, file));
+                self.incoming.push((index, file));
                 if let Err(e) = self.raw.step(*msg) {
                     tracing::debug!("raft step (snapshot): {e}");
                 }
@@ -842,7 +842,7 @@ impl Core {
     }
 
     fn discard_incoming(&mut self) {
-        if let Some((_, f)) = self.incoming.take() {
+        for (_, f) in self.incoming.drain(..) {
             let _ = std::fs::remove_file(f);
         }
     }
@@ -948,10 +948,10 @@ impl Core {
 
     fn install_snapshot(&mut self, snap: raft::eraftpb::Snapshot) -> Result<()> {
         let meta = snap.get_metadata();
-        let Some((index, file)) = self.incoming.take() else {
+        let Some(at) = self.incoming.iter().rposition(|(index, _)| *index == meta.index) else {
             anyhow::bail!("raft-rs applied a snapshot at {} that was not streamed in", meta.index);
         };
-        anyhow::ensure!(index == meta.index, "snapshot file is for index {index}, raft-rs applies {}", meta.index);
+        let (_, file) = self.incoming.remove(at);
         // The snapshot holds the state after every entry up to its index: deferred ones included.
         anyhow::ensure!(
             self.deferred.is_empty() || self.deferred_last <= meta.index,
