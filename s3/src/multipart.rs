@@ -268,8 +268,13 @@ impl Gateway {
             };
             let attr = file.attr.clone().unwrap_or_default();
             let etag = names::etag_of(&attr, &file.xattrs);
-            if p.e_tag.as_ref().is_some_and(|e| e.value() != etag) {
-                return Err(s3_error!(InvalidPart, "part {n} has ETag {etag}, not the one given"));
+            // The ETag is required, as on AWS: it is what proves the client saw this part's upload.
+            match p.e_tag.as_ref() {
+                None => return Err(s3_error!(InvalidPart, "part {n} is listed without its ETag")),
+                Some(e) if e.value() != etag => {
+                    return Err(s3_error!(InvalidPart, "part {n} has ETag {etag}, not the one given"))
+                }
+                Some(_) => {}
             }
             if k + 1 < count && attr.size < MIN_PART {
                 return Err(s3_error!(

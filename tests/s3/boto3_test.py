@@ -282,6 +282,14 @@ expect_error(
     UploadId=uid,
     MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": '"0123456789abcdef0123456789abcdef"'}]},
 )
+expect_error(
+    "InvalidPart",
+    s3.complete_multipart_upload,
+    Bucket="alpha",
+    Key=key,
+    UploadId=uid,
+    MultipartUpload={"Parts": [{"PartNumber": 1}]},
+)
 r = s3.complete_multipart_upload(Bucket="alpha", Key=key, UploadId=uid, MultipartUpload={"Parts": parts})
 assert etag(r) == hashlib.md5(digests).hexdigest() + "-20", etag(r)
 g = s3.get_object(Bucket="alpha", Key=key)
