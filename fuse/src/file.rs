@@ -357,9 +357,10 @@ impl FileState {
     /// before, so a failed truncate or fallocate changes nothing (the last chunk may stay in
     /// memory, with its old bytes).
     async fn extend_to(&mut self, ctx: &Ctx, end: u64) -> Result<()> {
-        let cur = self.size();
+        let (cur, was_dirty) = (self.size(), self.dirty);
         self.check_growth(end)?;
         if let Err(e) = self.append_zeros(ctx, end - cur).await {
+            self.dirty = was_dirty;
             let (i, inner) = self.find(cur);
             if inner > 0 {
                 if let Seg::Dirty(buf) = &mut self.segs[i] {

@@ -705,14 +705,11 @@ impl CairnFs {
                     Err(e) => return Err(errno(&e)),
                 },
             };
-            let truncated = match st.lock().await.truncate(ctx, size).await {
-                Ok(()) => Ok(()),
-                Err(e) => Err(errno(&e)),
-            };
-            let synced = match truncated {
-                Ok(()) => self.sync_state(&st).await,
-                Err(e) => Err(e),
-            };
+            let synced = async {
+                st.lock().await.truncate(ctx, size).await.map_err(|e| errno(&e))?;
+                self.sync_state(&st).await
+            }
+            .await;
             if held {
                 self.unhold(ino).await;
             }

@@ -313,11 +313,11 @@ impl Gateway {
         Ok(StreamingBlob::from(s3s::Body::from(whole)))
     }
 
-    /// Bytes `[start, end)` of an opened file as a body: verified chunks go out as
-    /// they arrive, without copies, a few in flight. The first piece is read before the answer
-    /// starts, so a file none of whose replicas can be read is an S3 error (ServiceUnavailable,
-    /// or NoSuchKey if it was deleted meanwhile); a read that fails later ends the body short
-    /// (the receiver sees fewer bytes than announced), as from S3.
+    /// Bytes `[start, end)` of an opened file as a body: verified chunks go out as they arrive,
+    /// without copies, a few in flight. The first piece is read before the answer starts, so a
+    /// file none of whose replicas can be read is an S3 error (ServiceUnavailable, or NoSuchKey
+    /// if it was deleted meanwhile); a read that fails later ends the body short (the receiver
+    /// sees fewer bytes than announced), as from S3.
     pub(crate) async fn stream(
         &self,
         path: String,
