@@ -562,13 +562,14 @@ impl CairnFs {
         Ok(())
     }
 
-    /// Ends a [`CairnFs::hold`] that was not a handle: the last holder drops the state (and what
-    /// a failed truncate left in it), and frees a file that lost its last name meanwhile.
-    async fn unhold(&self, ino: u64) {
+    /// Ends a [`CairnFs::hold`]. The last holder drops the file's state (and what a failed
+    /// truncate left in it), unless `keep` (writes waiting for a later commit) and the file still
+    /// has a name; a file that lost its last name meanwhile is freed.
+    async fn unhold(&self, ino: u64, keep: bool) {
         let orphan = {
             let mut open = self.inner.open.lock().expect("open lock");
             match open.get_mut(&ino) {
-                Some(o) if o.handles > 1 => {
+                Some(o) if o.handles > 1 || (keep && !o.orphan) => {
                     o.handles -= 1;
                     false
                 }
@@ -711,7 +712,7 @@ impl CairnFs {
             }
             .await;
             if held {
-                self.unhold(ino).await;
+                self.unhold(ino, false).await;
             }
             attr = Some(synced?);
         }
@@ -1130,24 +1131,10 @@ impl Filesystem for CairnFs {
         let this = self.clone();
         self.run_inline(async move {
             let result = this.sync_state(&state).await;
-            let free = {
-                let mut open = this.inner.open.lock().expect("open lock");
-                let mut free = false;
-                if let Some(o) = open.get_mut(&ino) {
-                    o.handles -= 1;
-                    // A failed commit keeps the file's writes for a later try (the committer, or
-                    // the next open's close), unless the file is gone.
-                    let gone = result == Err(Errno::from_i32(libc::ESTALE));
-                    if o.handles == 0 && (result.is_ok() || o.orphan || gone) {
-                        free = o.orphan;
-                        open.remove(&ino);
-                    }
-                }
-                free
-            };
-            if free {
-                this.release_orphan(ino).await;
-            }
+            // A failed commit keeps the file's writes for a later try (the committer, or the
+            // next open's close), unless the file is gone.
+            let retry = result.is_err() && result != Err(Errno::from_i32(libc::ESTALE));
+            this.unhold(ino, retry).await;
             match result {
                 Ok(_) => reply.ok(),
                 Err(e) => reply.error(e),

@@ -401,27 +401,24 @@ fn cacheable(node: &Option<Inode>) -> bool {
 /// cache has its current value there (`None`: removed); a key not in it has it in the table.
 struct Cache<K, V> {
     rows: std::cell::RefCell<std::collections::HashMap<K, (Option<V>, bool)>>,
+    /// Which values may be cached; the others stay in the table only.
+    keep: fn(&Option<V>) -> bool,
 }
 
 impl<K: std::hash::Hash + Eq + Copy, V: Clone> Cache<K, V> {
-    fn new() -> Self {
-        Cache { rows: Default::default() }
+    fn new(keep: fn(&Option<V>) -> bool) -> Self {
+        Cache { rows: Default::default(), keep }
     }
 
     /// The value of `key`, from the cache or else from `load` (kept while there is room and
     /// `keep` allows).
-    fn get(
-        &self,
-        key: K,
-        keep: impl Fn(&Option<V>) -> bool,
-        load: impl FnOnce() -> Result<Option<V>, MetaError>,
-    ) -> Result<Option<V>, MetaError> {
+    fn get(&self, key: K, load: impl FnOnce() -> Result<Option<V>, MetaError>) -> Result<Option<V>, MetaError> {
         if let Some((value, _)) = self.rows.borrow().get(&key) {
             return Ok(value.clone());
         }
         let value = load()?;
         let mut rows = self.rows.borrow_mut();
-        if rows.len() < CACHE_ROWS && keep(&value) {
+        if rows.len() < CACHE_ROWS && (self.keep)(&value) {
             rows.insert(key, (value.clone(), false));
         }
         Ok(value)
@@ -430,9 +427,9 @@ impl<K: std::hash::Hash + Eq + Copy, V: Clone> Cache<K, V> {
     /// Sets `key` to `value` (`None`: removed) in the cache. False when `keep` refuses the
     /// value (the key then leaves the cache) or the cache is full and `key` not in it: the
     /// caller writes the table itself.
-    fn set(&self, key: K, value: Option<V>, keep: impl Fn(&Option<V>) -> bool) -> bool {
+    fn set(&self, key: K, value: Option<V>) -> bool {
         let mut rows = self.rows.borrow_mut();
-        if !keep(&value) {
+        if !(self.keep)(&value) {
             rows.remove(&key);
             return false;
         }
@@ -455,7 +452,7 @@ impl<K: std::hash::Hash + Eq + Copy, V: Clone> Cache<K, V> {
 
 impl Tables for Writer<'_> {
     fn inode(&self, id: u64) -> Result<Option<Inode>, MetaError> {
-        self.inode_rows.get(id, cacheable, || match self.inodes.get(id).map_err(storage)? {
+        self.inode_rows.get(id, || match self.inodes.get(id).map_err(storage)? {
             Some(v) => Ok(Some(decode_inode(v.value())?)),
             None => Ok(None),
         })
@@ -467,11 +464,11 @@ impl Tables for Writer<'_> {
 
 impl Writer<'_> {
     fn counter(&self, key: &'static str) -> Result<u64, MetaError> {
-        let value = self.counters.get(key, |_| true, || Ok(self.meta.get(key).map_err(storage)?.map(|v| v.value())))?;
+        let value = self.counters.get(key, || Ok(self.meta.get(key).map_err(storage)?.map(|v| v.value())))?;
         Ok(value.unwrap_or(0))
     }
     fn set_counter(&mut self, key: &'static str, value: u64) -> Result<(), MetaError> {
-        if !self.counters.set(key, Some(value), |_| true) {
+        if !self.counters.set(key, Some(value)) {
             self.meta.insert(key, value).map_err(storage)?;
         }
         Ok(())
@@ -481,13 +478,13 @@ impl Writer<'_> {
         self.set_counter(key, v)
     }
     fn put_inode(&mut self, id: u64, node: &Inode) -> Result<(), MetaError> {
-        if !self.inode_rows.set(id, Some(node.clone()), cacheable) {
+        if !self.inode_rows.set(id, Some(node.clone())) {
             self.inodes.insert(id, node.encode_to_vec().as_slice()).map_err(storage)?;
         }
         Ok(())
     }
     fn remove_inode(&mut self, id: u64) -> Result<(), MetaError> {
-        if !self.inode_rows.set(id, None, cacheable) {
+        if !self.inode_rows.set(id, None) {
             self.inodes.remove(id).map_err(storage)?;
         }
         Ok(())
@@ -499,18 +496,14 @@ impl Writer<'_> {
     }
     /// A client's row of answers.
     fn client_row(&self, client: u64) -> Result<ClientAnswers, MetaError> {
-        let row = self.client_rows.get(
-            client,
-            |_| true,
-            || match self.clients.get(client).map_err(storage)? {
-                Some(v) => Ok(Some(decode_answers(v.value())?)),
-                None => Ok(None),
-            },
-        )?;
+        let row = self.client_rows.get(client, || match self.clients.get(client).map_err(storage)? {
+            Some(v) => Ok(Some(decode_answers(v.value())?)),
+            None => Ok(None),
+        })?;
         Ok(row.unwrap_or_default())
     }
     fn put_client_row(&mut self, client: u64, row: ClientAnswers) -> Result<(), MetaError> {
-        if !self.client_rows.set(client, Some(row.clone()), |_| true) {
+        if !self.client_rows.set(client, Some(row.clone())) {
             self.clients.insert(client, row.encode_to_vec().as_slice()).map_err(storage)?;
         }
         Ok(())
@@ -713,9 +706,9 @@ impl State {
             masters: txn.open_table(MASTERS)?,
             access_keys: txn.open_table(ACCESS_KEYS)?,
             kept: txn.open_table(KEPT)?,
-            inode_rows: Cache::new(),
-            counters: Cache::new(),
-            client_rows: Cache::new(),
+            inode_rows: Cache::new(cacheable),
+            counters: Cache::new(|_| true),
+            client_rows: Cache::new(|_| true),
         };
         for (_, cmd) in cmds {
             let res = match cmd {

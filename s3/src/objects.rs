@@ -303,12 +303,7 @@ impl Gateway {
         end: u64,
     ) -> S3Result<StreamingBlob> {
         let mut pieces: Vec<bytes::Bytes> = Vec::new();
-        match self.client.get_opened(path, file, &mut pieces, start, Some(end - start), &|_| {}).await {
-            Ok(_) => {}
-            // Deleted while the read waited for its chunks' locations.
-            Err(Error::NotFound(_)) => return Err(s3_error!(NoSuchKey)),
-            Err(e) => return Err(internal(e)),
-        }
+        self.client.get_opened(path, file, &mut pieces, start, Some(end - start), &|_| {}).await.map_err(read_error)?;
         let whole = if pieces.len() == 1 { pieces.swap_remove(0) } else { pieces.concat().into() };
         Ok(StreamingBlob::from(s3s::Body::from(whole)))
     }
@@ -340,8 +335,7 @@ impl Gateway {
         });
         let Some(first) = rx.recv().await else {
             return Err(match done_rx.await {
-                Ok(Err(Error::NotFound(_))) => s3_error!(NoSuchKey),
-                Ok(Err(e)) => internal(e),
+                Ok(Err(e)) => read_error(e),
                 Ok(Ok(_)) | Err(_) => s3_error!(InternalError, "the read ended before its first byte"),
             });
         };
@@ -608,5 +602,14 @@ impl Conditions<'_> {
             }
         }
         Ok(())
+    }
+}
+
+/// A failed read of an opened object as an S3 error: NoSuchKey if it was deleted while the read
+/// waited for its chunks' locations.
+fn read_error(e: Error) -> S3Error {
+    match e {
+        Error::NotFound(_) => s3_error!(NoSuchKey),
+        e => internal(e),
     }
 }
