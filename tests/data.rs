@@ -136,10 +136,21 @@ async fn corrupt_replicas_are_skipped_and_reported(size: usize, corrupt: impl Fn
         }
     }
     assert!(quarantined() >= 1, "no chunkserver found its copy corrupt");
-    // The chunkserver that found its copy corrupt moved it aside and told the master.
-    wait_for("the master to count the chunk under-replicated", Duration::from_secs(20), || {
-        c.status()["chunks"]["under_replicated"].as_u64() >= Some(1)
-    });
+    // The chunkserver that found its copy corrupt moved it aside and told the master, which
+    // stops sending readers there and has the chunk copied again: three replicas listed, each
+    // on a node that holds the chunk.
+    let t = std::time::Instant::now();
+    loop {
+        let file = client.open_file("/c").await.unwrap();
+        let listed: Vec<&str> = file.extents[0].replicas.iter().map(|r| r.addr.as_str()).collect();
+        let holding: Vec<&str> =
+            c.chunkservers.iter().filter(|cs| holds(&cs.data, &h)).map(|cs| cs.addr.as_str()).collect();
+        if listed.len() == 3 && listed.iter().all(|r| holding.contains(r)) {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "replicas listed {listed:?}, on disk {holding:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

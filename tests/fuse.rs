@@ -348,6 +348,66 @@ fn two_mounts_see_each_others_closed_files_and_unmount_cleanly() {
     assert!(m1.stop(), "SIGTERM unmounts cleanly");
 }
 
+/// Two mounts write one file at once, each through its own open: whichever commits second merges
+/// onto the first one's commit, so both keep their bytes (also two writes into one chunk), as
+/// on NFS. A truncate on one mount and writes on the other are merged the same way.
+#[test]
+fn two_mounts_writing_one_file_keep_each_others_bytes() {
+    use std::os::unix::fs::FileExt;
+    let (c, m1) = start();
+    let m2 = Mount::start(&c, &c.dir.path().join("mnt2"), &["--attr-ttl-s", "0"]);
+    let mut want = random_bytes(10 * MIB, 21);
+    std::fs::write(m1.path("both.bin"), &want).unwrap();
+    wait_for("the second mount to see the file", Duration::from_secs(10), || {
+        std::fs::metadata(m2.path("both.bin")).is_ok_and(|m| m.len() == want.len() as u64)
+    });
+    let open = |m: &Mount| std::fs::OpenOptions::new().read(true).write(true).open(m.path("both.bin")).unwrap();
+    let (a, b) = (open(&m1), open(&m2));
+    // The second mount's kernel caches the first pages as they are now.
+    let mut head = vec![0; 16 << 10];
+    b.read_exact_at(&mut head, 0).unwrap();
+    let mut put = |f: &std::fs::File, off: usize, bytes: &[u8]| {
+        f.write_all_at(bytes, off as u64).unwrap();
+        if want.len() < off + bytes.len() {
+            want.resize(off + bytes.len(), 0);
+        }
+        want[off..off + bytes.len()].copy_from_slice(bytes);
+    };
+    put(&a, 100, &[b'a'; 1000]);
+    put(&a, 5 * MIB + 7, &[b'a'; 3000]);
+    put(&b, 2000, &[b'b'; 1000]); // the chunk the first mount changed too
+    put(&b, 9 * MIB, &[b'b'; 500]);
+    put(&b, 10 * MIB, &random_bytes(MIB + 5, 22)); // and longer
+    a.sync_all().unwrap();
+    b.sync_all().unwrap();
+    drop((a, b));
+    for (i, m) in [&m1, &m2].into_iter().enumerate() {
+        let got = std::fs::read(m.path("both.bin")).unwrap();
+        assert_eq!(got.len(), want.len(), "mount {i}: size after both commits");
+        let first = got.iter().zip(&want).position(|(x, y)| x != y);
+        assert!(got == want, "mount {i}: content after both commits differs from byte {first:?}");
+    }
+    // One mount cuts the file (a truncate commits at once) while the other has writes below and
+    // above the cut pending: they land on the cut file, the one above growing it again.
+    let (a, b) = (open(&m1), open(&m2));
+    b.write_all_at(b"kept", MIB as u64).unwrap();
+    b.write_all_at(b"past the cut", 8 * MIB as u64).unwrap();
+    a.set_len(4 * MIB as u64).unwrap();
+    b.sync_all().unwrap();
+    drop((a, b));
+    want.truncate(4 * MIB);
+    want[MIB..MIB + 4].copy_from_slice(b"kept");
+    want.resize(8 * MIB, 0);
+    want.extend_from_slice(b"past the cut");
+    let got = std::fs::read(m1.path("both.bin")).unwrap();
+    assert_eq!(got.len(), want.len(), "size after the cut");
+    assert!(
+        got == want,
+        "content after the cut differs from byte {:?}",
+        got.iter().zip(&want).position(|(x, y)| x != y)
+    );
+}
+
 /// Close-to-open across mounts: a file another mount wrote and closed reads whole at once, even
 /// where this mount's kernel still holds the size it looked up before (the attribute timeout).
 #[test]

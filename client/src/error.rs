@@ -21,6 +21,9 @@ pub enum Error {
     NotPermitted(String),
     #[error("name too long: {0}")]
     NameTooLong(String),
+    /// A commit made from a version of the file that another commit replaced meanwhile.
+    #[error("changed meanwhile: {0}")]
+    Changed(String),
     /// A file would grow past [`cairn_proto::MAX_FILE_SIZE`] (or past its chunk count).
     #[error("file too large: {0}")]
     TooLarge(String),
@@ -60,6 +63,7 @@ impl Error {
             (_, "no_attribute") => Error::NoAttribute(m),
             (_, "not_permitted") => Error::NotPermitted(m),
             (_, "name_too_long") => Error::NameTooLong(m),
+            (_, "changed") => Error::Changed(m),
             (tonic::Code::NotFound, _) => Error::NotFound(m),
             (tonic::Code::AlreadyExists, _) => Error::AlreadyExists(m),
             (_, "not_a_directory") => Error::NotADirectory(m),

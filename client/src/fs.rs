@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use cairn_proto::v1::{self as pb, node_request, Attr, DirEntry, Extent, ExtentLocation};
+use cairn_proto::v1::{self as pb, node_request, Attr, DirEntry, ExtentLocation};
 
 use crate::{Client, Error, Result, LOCATION_WAIT};
 
@@ -120,9 +120,11 @@ impl Client {
     }
 
     /// Stores one chunk on `replication` chunkservers (unless the cluster holds it already) and
-    /// returns its extent, ready to be committed.
-    pub async fn upload(&self, chunk: Bytes, replication: u32) -> Result<Extent> {
-        self.upload_chunk(chunk, replication).await
+    /// returns its extent, ready to be committed, with the nodes that hold it (empty if the
+    /// masters did not say).
+    pub async fn upload(&self, chunk: Bytes, replication: u32) -> Result<ExtentLocation> {
+        let (extent, replicas) = self.upload_chunk(chunk, replication).await?;
+        Ok(ExtentLocation { extent: Some(extent), offset: 0, replicas })
     }
 
     /// Bytes `[from, to)` of one extent, from the first replica that serves them correctly. A

@@ -508,7 +508,9 @@ impl Client {
                         )));
                     }
                     let (this, replication) = (self.clone(), opts.replication);
-                    inflight.push_back(tokio::spawn(async move { this.upload_chunk(chunk, replication).await }));
+                    inflight.push_back(tokio::spawn(async move {
+                        this.upload_chunk(chunk, replication).await.map(|(e, _)| e)
+                    }));
                 }
                 let Some(task) = inflight.pop_front() else {
                     return Ok(());
@@ -529,8 +531,9 @@ impl Client {
     }
 
     /// Hashes a chunk, has it placed, and stores it on every target (unless the cluster already
-    /// holds it). A failed upload is placed again away from the nodes that failed.
-    async fn upload_chunk(&self, chunk: Bytes, replication: u32) -> Result<Extent> {
+    /// holds it). A failed upload is placed again away from the nodes that failed. Returns the
+    /// extent and the nodes that hold it (none if the masters did not say).
+    async fn upload_chunk(&self, chunk: Bytes, replication: u32) -> Result<(Extent, Vec<pb::ChunkserverRef>)> {
         let hash = hash_chunk(chunk.clone()).await;
         let extent = Extent { hash: hash.to_vec(), length: chunk.len() as u64 };
         let mut exclude: Vec<u64> = Vec::new();
@@ -543,14 +546,14 @@ impl Client {
             let spec = pb::ChunkSpec { hash: hash.to_vec(), length: chunk.len() as u64 };
             let p = batch::send::<batch::Place>(&self.inner, (replication, ex), spec).await?;
             if p.stored {
-                return Ok(extent);
+                return Ok((extent, p.targets));
             }
             match self.inner.data.put_chunk(&p.targets, &hash, chunk.clone()).await {
                 Ok(()) => {
                     for t in &p.targets {
                         self.inner.data.succeeded(t.id);
                     }
-                    return Ok(extent);
+                    return Ok((extent, p.targets));
                 }
                 Err((node, e)) => {
                     tracing::warn!(chunk = %hex::encode(hash), node, "upload failed: {e}");

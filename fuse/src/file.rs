@@ -6,6 +6,11 @@
 //!
 //! Memory is bounded per file: a chunk that is not being written any more starts uploading at
 //! once, and a writer waits when [`MAX_UPLOADS`] chunks of its file are still on their way.
+//!
+//! Two mounts may change one file at once. A commit names the version its extent list was made
+//! from, and fails if another commit came in between; the mount then merges, as NFS clients
+//! writing different byte ranges of one file would see it: the bytes this mount wrote (and the
+//! size it set) go onto the newer version, which keeps everything else (see [`FileState::sync`]).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -29,6 +34,11 @@ const WHOLE_CHUNK_READ: u64 = 32 << 10;
 const COMMIT_AT_LEAST_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 /// Chunks of one file uploading at once before its writer waits.
 const MAX_UPLOADS: usize = 8;
+/// Merges onto another mount's newer commit before a commit gives up.
+const MERGE_ATTEMPTS: usize = 10;
+/// Written byte ranges a file remembers for a merge; past this, the closest two are joined (a
+/// merge then also rewrites the other mount's bytes between them).
+const MAX_RANGES: usize = 4096;
 
 /// What every open file shares.
 pub struct Ctx {
@@ -79,11 +89,11 @@ impl Drop for InMemory {
 }
 
 enum Seg {
-    /// A stored chunk. Replicas are unknown (empty) for one this mount uploaded and that was not
-    /// read back since: its bytes are in the cache, or the file is committed and looked up again.
+    /// A stored chunk. Replicas are those its upload named; unknown (empty) only where the masters
+    /// did not say: then its bytes are in the cache, or the file is committed and looked up again.
     Clean(ExtentLocation),
     Dirty(BytesMut),
-    Uploading(Bytes, JoinHandle<Result<Extent>>),
+    Uploading(Bytes, JoinHandle<Result<ExtentLocation>>),
 }
 
 impl Seg {
@@ -100,6 +110,59 @@ impl Seg {
             Seg::Clean(l) => l.extent.as_ref().map_or(0, |e| e.length),
             Seg::Dirty(b) => b.len() as u64,
             Seg::Uploading(b, _) => b.len() as u64,
+        }
+    }
+}
+
+/// The byte ranges written since the last commit, joined where they touch: start to end.
+#[derive(Default, Clone)]
+struct Ranges(std::collections::BTreeMap<u64, u64>);
+
+impl Ranges {
+    fn insert(&mut self, mut start: u64, mut end: u64) {
+        if start >= end {
+            return;
+        }
+        // Every range that overlaps or touches [start, end) joins it.
+        let touching: Vec<(u64, u64)> =
+            self.0.range(..=end).rev().take_while(|&(_, &e)| e >= start).map(|(&s, &e)| (s, e)).collect();
+        for (s, e) in touching {
+            self.0.remove(&s);
+            start = start.min(s);
+            end = end.max(e);
+        }
+        self.0.insert(start, end);
+        if self.0.len() > MAX_RANGES {
+            let v: Vec<(u64, u64)> = self.0.iter().map(|(&s, &e)| (s, e)).collect();
+            let i = (1..v.len()).min_by_key(|&i| v[i].0 - v[i - 1].1).expect("more than one range");
+            self.0.remove(&v[i].0);
+            self.0.insert(v[i - 1].0, v[i].1);
+        }
+    }
+
+    /// The ranges, cut to end at `size`.
+    fn below(&self, size: u64) -> Vec<(u64, u64)> {
+        self.0.iter().filter(|&(&s, _)| s < size).map(|(&s, &e)| (s, e.min(size))).collect()
+    }
+}
+
+/// This mount's content of a file during a merge: stored chunks only (all were uploaded).
+struct Mine {
+    segs: Vec<Seg>,
+    starts: Vec<u64>,
+}
+
+impl Mine {
+    fn size(&self) -> u64 {
+        self.starts.last().zip(self.segs.last()).map_or(0, |(s, seg)| s + seg.len())
+    }
+
+    /// The stored chunk holding byte `pos`, and the offset of `pos` in it.
+    fn piece_at(&self, pos: u64) -> Result<(&ExtentLocation, u64)> {
+        let i = self.starts.partition_point(|&s| s <= pos).checked_sub(1);
+        match i.filter(|&i| pos < self.starts[i] + self.segs[i].len()).map(|i| (&self.segs[i], self.starts[i])) {
+            Some((Seg::Clean(loc), start)) => Ok((loc, pos - start)),
+            _ => Err(Error::Internal(format!("merge: no stored chunk of this mount at byte {pos}"))),
         }
     }
 }
@@ -130,6 +193,14 @@ pub struct FileState {
     mem: InMemory,
     /// When the first change since the last commit was made.
     changed_since: Option<std::time::Instant>,
+    /// The version of the file `segs` were made from: the next commit names it.
+    base_version: u64,
+    /// What changed since then, for a merge: the ranges written, and the smallest size the file
+    /// was cut to or grown from (everything from there on is this mount's).
+    written: Ranges,
+    resized_from: Option<u64>,
+    /// A commit since this was last cleared merged onto another mount's commit.
+    pub merged: bool,
     /// Until when the file is known to have no `security.capability` (as an open, create or
     /// fetch here saw it); `None` when unknown or when it had one. See [`CAPABILITY`].
     pub no_capability_until: Option<std::time::Instant>,
@@ -146,6 +217,7 @@ impl FileState {
     pub fn new(attr: Attr, ctx: &Ctx) -> FileState {
         FileState {
             ino: attr.inode,
+            base_version: attr.version,
             attr,
             segs: Vec::new(),
             starts: Vec::new(),
@@ -154,6 +226,9 @@ impl FileState {
             last_written: None,
             mem: InMemory { total: ctx.in_memory.clone(), segs: Default::default() },
             changed_since: None,
+            written: Ranges::default(),
+            resized_from: None,
+            merged: false,
             no_capability_until: None,
         }
     }
@@ -206,10 +281,14 @@ impl FileState {
         self.last_written = None;
     }
 
-    /// The stored extents of a commit from the masters, with nothing in memory (what was, such
-    /// as the last chunk of a failed truncate, is forgotten with its indexes).
+    /// The stored extents of a commit from the masters (the version in `attr`), with nothing in
+    /// memory (what was, such as the last chunk of a failed truncate, is forgotten with its
+    /// indexes) and no changes since.
     fn set_segs(&mut self, extents: Vec<ExtentLocation>) {
         self.drop_from(0);
+        self.base_version = self.attr.version;
+        self.written = Ranges::default();
+        self.resized_from = None;
         for e in extents {
             self.push_seg(Seg::Clean(e));
         }
@@ -249,7 +328,8 @@ impl FileState {
                 (lengths, segs.get(i).and_then(Seg::stored).cloned())
             };
             let before = layout(&self.segs);
-            self.sync(ctx).await?;
+            // Boxed: a sync may merge, and a merge reads chunks (rarely, through here).
+            Box::pin(self.sync(ctx)).await?;
             self.loaded = false;
             self.load(ctx).await?;
             // Another client's commit in between may have changed the file.
@@ -319,9 +399,9 @@ impl FileState {
             let last_full = self.segs.last().is_none_or(|s| s.len() == CHUNK as u64);
             if last_full && n >= CHUNK as u64 {
                 if zero_chunk.is_none() {
-                    let extent = ctx.client.upload(zeros.clone(), ctx.replication).await?;
-                    ctx.cache.insert(&extent.hash, zeros.clone());
-                    zero_chunk = Some(ExtentLocation { extent: Some(extent), offset: 0, replicas: vec![] });
+                    let loc = ctx.client.upload(zeros.clone(), ctx.replication).await?;
+                    ctx.cache.insert(&loc.extent.as_ref().map(|e| e.hash.clone()).unwrap_or_default(), zeros.clone());
+                    zero_chunk = Some(loc);
                 }
                 self.push_seg(Seg::Clean(zero_chunk.clone().expect("set above")));
                 self.dirty = true;
@@ -384,6 +464,14 @@ impl FileState {
         // Whatever part of the write lands must be committed, even if a later part fails.
         self.dirty = true;
         self.commit_if_old(ctx).await?;
+        self.write_at(ctx, off, data).await
+    }
+
+    /// A write into the loaded file, remembered for a merge.
+    async fn write_at(&mut self, ctx: &Ctx, off: u64, data: &[u8]) -> Result<()> {
+        self.check_growth(off.saturating_add(data.len() as u64))?;
+        self.dirty = true;
+        self.written.insert(off, off + data.len() as u64);
         let mut size = self.size();
         if off > size {
             self.append_zeros(ctx, off - size).await?;
@@ -436,9 +524,9 @@ impl FileState {
         let d = data.clone();
         let task = tokio::spawn(async move {
             let _permit = sem.acquire_owned().await.map_err(|_| Error::Internal("mount shutting down".into()))?;
-            let ext = client.upload(d.clone(), replication).await?;
-            cache.insert(&ext.hash, d);
-            Ok(ext)
+            let loc = client.upload(d.clone(), replication).await?;
+            cache.insert(&loc.extent.as_ref().map(|e| e.hash.clone()).unwrap_or_default(), d);
+            Ok(loc)
         });
         self.segs[i] = Seg::Uploading(data, task);
     }
@@ -485,8 +573,8 @@ impl FileState {
             unreachable!("matched above")
         };
         match task.await {
-            Ok(Ok(extent)) => {
-                self.segs[i] = Seg::Clean(ExtentLocation { extent: Some(extent), offset: 0, replicas: vec![] });
+            Ok(Ok(loc)) => {
+                self.segs[i] = Seg::Clean(loc);
                 self.mem.remove(i);
                 Ok(())
             }
@@ -504,6 +592,18 @@ impl FileState {
     /// Cuts or extends the file (zeros) to `size`; committed by the next [`FileState::sync`].
     pub async fn truncate(&mut self, ctx: &Ctx, size: u64) -> Result<()> {
         self.load(ctx).await?;
+        let cur = self.size();
+        self.resize(ctx, size).await?;
+        self.resized(cur.min(size));
+        Ok(())
+    }
+
+    /// Notes for a merge that everything from `from` on is this mount's.
+    fn resized(&mut self, from: u64) {
+        self.resized_from = Some(self.resized_from.map_or(from, |r| r.min(from)));
+    }
+
+    async fn resize(&mut self, ctx: &Ctx, size: u64) -> Result<()> {
         let cur = self.size();
         if size > cur {
             self.extend_to(ctx, size).await?;
@@ -531,6 +631,7 @@ impl FileState {
         let cur = self.size();
         if end > cur && !keep_size {
             self.extend_to(ctx, end).await?;
+            self.resized(cur);
         } else {
             self.check_growth(end)?;
         }
@@ -567,10 +668,41 @@ impl FileState {
     }
 
     /// Uploads what is in memory and commits the extent list. Returns the committed attributes.
+    /// If another mount committed the file since this one loaded it, merges onto that (see
+    /// [`FileState::merge`]) and commits again.
     pub async fn sync(&mut self, ctx: &Ctx) -> Result<Attr> {
         if !self.dirty {
             return Ok(self.attr.clone());
         }
+        let mut merges = 0;
+        loop {
+            self.upload_all(ctx).await?;
+            let extents: Vec<Extent> = self.segs.iter().filter_map(|s| s.stored().cloned()).collect();
+            let commit = CommitNode { inode: self.ino, extents, base_version: Some(self.base_version) };
+            match ctx.client.node_attr(node_request::Op::Commit(commit)).await {
+                Ok(attr) => {
+                    self.attr = attr.clone();
+                    self.base_version = attr.version;
+                    self.written = Ranges::default();
+                    self.resized_from = None;
+                    self.dirty = false;
+                    self.last_written = None;
+                    self.changed_since = None;
+                    return Ok(attr);
+                }
+                Err(Error::Changed(m)) if merges < MERGE_ATTEMPTS => {
+                    tracing::debug!(inode = self.ino, "merging onto another mount's commit: {m}");
+                    merges += 1;
+                    self.merged = true;
+                    self.merge(ctx).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Starts uploading every chunk in memory and waits for them all.
+    async fn upload_all(&mut self, ctx: &Ctx) -> Result<()> {
         for i in self.mem.list() {
             self.start_upload(ctx, i);
         }
@@ -580,23 +712,69 @@ impl FileState {
                 first_err.get_or_insert(e);
             }
         }
-        if let Some(e) = first_err {
-            return Err(e);
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Takes the file's newest commit and puts onto it what this mount changed since the version
+    /// it started from: the bytes it wrote and, if it cut or grew the file, the size it set
+    /// (everything from where that began). Every chunk is uploaded when this runs; this mount's
+    /// bytes are read back from the cache or the replicas the uploads named. If that fails, the
+    /// file is left as it was, for a later try.
+    async fn merge(&mut self, ctx: &Ctx) -> Result<()> {
+        let newest = ctx.client.open_inode(self.ino).await?;
+        let mine = Mine { segs: std::mem::take(&mut self.segs), starts: std::mem::take(&mut self.starts) };
+        let (attr, base_version, resized_from) = (self.attr.clone(), self.base_version, self.resized_from);
+        let written = std::mem::take(&mut self.written);
+        let merged = self.merge_onto(ctx, newest, &mine, written.below(mine.size()), resized_from).await;
+        if merged.is_err() {
+            self.drop_from(0);
+            (self.segs, self.starts) = (mine.segs, mine.starts);
+            (self.attr, self.base_version, self.written, self.resized_from) =
+                (attr, base_version, written, resized_from);
         }
-        let extents: Vec<Extent> = self
-            .segs
-            .iter()
-            .filter_map(|s| match s {
-                Seg::Clean(l) => l.extent.clone(),
-                _ => None,
-            })
-            .collect();
-        let attr = ctx.client.node_attr(node_request::Op::Commit(CommitNode { inode: self.ino, extents })).await?;
-        self.attr = attr.clone();
-        self.dirty = false;
         self.last_written = None;
-        self.changed_since = None;
-        Ok(attr)
+        self.dirty = true;
+        merged
+    }
+
+    async fn merge_onto(
+        &mut self,
+        ctx: &Ctx,
+        newest: OpenFileResponse,
+        mine: &Mine,
+        mut ranges: Vec<(u64, u64)>,
+        resized_from: Option<u64>,
+    ) -> Result<()> {
+        if let Some(r) = resized_from {
+            ranges.retain(|&(s, _)| s < r);
+            if let Some(last) = ranges.last_mut() {
+                last.1 = last.1.min(r);
+            }
+            if r < mine.size() {
+                ranges.push((r, mine.size()));
+            }
+        }
+        if let Some(a) = newest.attr {
+            self.attr = a;
+        }
+        self.set_segs(newest.extents);
+        if let Some(r) = resized_from {
+            if self.size() > r {
+                self.resize(ctx, r).await?;
+            }
+            self.resized(r);
+        }
+        for (start, end) in ranges {
+            let mut pos = start;
+            while pos < end {
+                let (loc, from) = mine.piece_at(pos)?;
+                let bytes = fetch_whole(ctx, loc).await?;
+                let n = (end - pos).min(bytes.len() as u64 - from);
+                self.write_at(ctx, pos, &bytes[from as usize..(from + n) as usize]).await?;
+                pos += n;
+            }
+        }
+        Ok(())
     }
 
     /// Plans a read of `[off, off + len)`: bytes in memory now, stored chunks to fetch after the

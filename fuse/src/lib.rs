@@ -106,7 +106,11 @@ pub fn errno(e: &Error) -> Errno {
         Error::TooLarge(_) => Errno::from_i32(libc::EFBIG),
         Error::NotEnoughChunkservers(_) => Errno::from_i32(libc::ENOSPC),
         Error::Unavailable(_) => Errno::from_i32(libc::ETIMEDOUT),
-        Error::ChunkUnavailable { .. } | Error::Upload { .. } | Error::Io { .. } | Error::Internal(_) => Errno::EIO,
+        Error::ChunkUnavailable { .. }
+        | Error::Upload { .. }
+        | Error::Changed(_)
+        | Error::Io { .. }
+        | Error::Internal(_) => Errno::EIO,
     }
 }
 
@@ -494,10 +498,12 @@ impl CairnFs {
         }
     }
 
-    /// Commits a file's pending writes, and records the new version as this mount's own.
+    /// Commits a file's pending writes, and records the new version as this mount's own (unless
+    /// it holds another mount's changes too).
     async fn sync_state(&self, state: &AsyncMutex<FileState>) -> Result<Attr, Errno> {
         let mut st = state.lock().await;
-        let _change = st.dirty.then(|| self.changing(Change::All));
+        let committing = st.dirty;
+        let _change = committing.then(|| self.changing(Change::All));
         let attr = st.sync(&self.inner.ctx).await.map_err(|e| {
             tracing::warn!(inode = st.ino, "commit failed: {e}");
             match e {
@@ -507,7 +513,13 @@ impl CairnFs {
                 e => errno(&e),
             }
         })?;
-        self.inner.versions.lock().expect("versions lock").insert(attr.inode, attr.version);
+        let mut versions = self.inner.versions.lock().expect("versions lock");
+        if std::mem::take(&mut st.merged) {
+            // Merged onto another mount's commit: the kernel's pages may hold neither version.
+            versions.remove(&attr.inode);
+        } else if committing {
+            versions.insert(attr.inode, attr.version);
+        }
         Ok(attr)
     }
 

@@ -66,6 +66,11 @@ fn default_limits() -> RepairLimits {
 struct Inner {
     nodes: BTreeMap<u64, Node>,
     locations: HashMap<ChunkHash, Vec<u64>>,
+    /// Where commits said chunks were just stored, until those nodes report them (or
+    /// [`EXPECTED_FOR`] passes): for readers and for "already stored" answers, never for trims,
+    /// repairs or collection. A commit's targets are those of the chunk's latest placement, which
+    /// another upload of the same content may have changed after this one's.
+    expected: HashMap<ChunkHash, Vec<(u64, Instant)>>,
     /// Uploads placed but not yet committed: hash -> (targets, when).
     pending: HashMap<ChunkHash, Pending>,
     /// Replicas a client reported bad: (chunk, node), served last.
@@ -137,17 +142,50 @@ const DELETE_BATCH: usize = 20_000;
 /// Copy throughput shown in status is averaged over this long.
 const RATE_WINDOW: Duration = Duration::from_secs(5);
 
+/// How long a commit's word that a node holds a chunk stands without the node's report.
+const EXPECTED_FOR: Duration = Duration::from_secs(30);
+
 /// After every known chunkserver has sent its full report, wait this long more (a heartbeat and a
 /// half) for the chunks written just before the leader changed, which arrive in heartbeats.
 const SETTLE_AFTER_REPORTS: Duration = Duration::from_millis(1500);
 
 impl Inner {
-    /// `node` no longer holds `hash`: one delete less to wait for.
+    /// `node` no longer holds `hash`: one delete less to wait for. (A garbage mark whose deletes
+    /// are not sent yet, with no nodes, stays: it keeps uploads and commits of the chunk away.)
     fn deleted(&mut self, hash: &ChunkHash, node: u64) {
         if let Some(d) = self.deleting.get_mut(hash) {
-            d.nodes.remove(&node);
-            if d.nodes.is_empty() {
+            if d.nodes.remove(&node) && d.nodes.is_empty() {
                 self.deleting.remove(hash);
+            }
+        }
+    }
+
+    /// `node` reported holding `hash`.
+    fn located(&mut self, hash: ChunkHash, node: u64) {
+        let l = self.locations.entry(hash).or_default();
+        if !l.contains(&node) {
+            l.push(node);
+        }
+        self.unexpect(&hash, node);
+    }
+
+    /// `node` reported not holding `hash` (any more): a chunk it found damaged before it ever
+    /// reported it, for one.
+    fn unlocated(&mut self, hash: &ChunkHash, node: u64) {
+        if let Some(l) = self.locations.get_mut(hash) {
+            l.retain(|x| *x != node);
+            if l.is_empty() {
+                self.locations.remove(hash);
+            }
+        }
+        self.unexpect(hash, node);
+    }
+
+    fn unexpect(&mut self, hash: &ChunkHash, node: u64) {
+        if let Some(e) = self.expected.get_mut(hash) {
+            e.retain(|(id, _)| *id != node);
+            if e.is_empty() {
+                self.expected.remove(hash);
             }
         }
     }
@@ -346,14 +384,17 @@ impl Cluster {
             g.copied.pop_front();
         }
         for h in r.added.iter().filter_map(|h| to_hash(h)) {
-            let l = g.locations.entry(h).or_default();
-            if !l.contains(&id) {
-                l.push(id);
-            }
+            g.located(h, id);
+            // Stored anew: whatever a client said of its old copy no longer applies.
+            g.suspects.remove(&(h, id));
             if g.repairing.get(&h).is_some_and(|rep| rep.target == id) {
                 g.repairing.remove(&h);
             }
         }
+        g.expected.retain(|_, e| {
+            e.retain(|(_, t)| now.duration_since(*t) < EXPECTED_FOR);
+            !e.is_empty()
+        });
         for h in r.copy_failed.iter().filter_map(|h| to_hash(h)) {
             if g.repairing.get(&h).is_some_and(|rep| rep.target == id) {
                 g.repairing.remove(&h);
@@ -364,12 +405,7 @@ impl Cluster {
             g.repair_dirty = true;
         }
         for h in r.removed.iter().filter_map(|h| to_hash(h)) {
-            if let Some(l) = g.locations.get_mut(&h) {
-                l.retain(|x| *x != id);
-                if l.is_empty() {
-                    g.locations.remove(&h);
-                }
-            }
+            g.unlocated(&h, id);
             g.deleted(&h, id);
         }
         let copy = g.repairing.values().filter(|rep| rep.target == id).map(|rep| rep.job.clone()).collect();
@@ -443,10 +479,15 @@ impl Cluster {
             }
             let zones: HashSet<&str> =
                 holders.iter().filter_map(|id| g.nodes.get(id)).map(|n| n.zone.as_str()).collect();
+            // Not any node that holds a copy, good or not, or that a commit named: it would find
+            // the chunk there and do nothing.
+            let located = g.locations.get(&h).map_or(&[][..], Vec::as_slice);
+            let expected = g.expected.get(&h).map_or(&[][..], Vec::as_slice);
+            let holds = |id: u64| located.contains(&id) || expected.iter().any(|(x, _)| *x == id);
             let target = g
                 .nodes
                 .values()
-                .filter(|n| live.contains(&n.id) && !holders.contains(&n.id) && !n.draining)
+                .filter(|n| live.contains(&n.id) && !holds(n.id) && !n.draining)
                 .filter(|n| !g.deleting.get(&h).is_some_and(|d| d.nodes.contains(&n.id)))
                 .filter(|n| load.get(&n.id).copied().unwrap_or(0) < per_node)
                 .filter(|n| n.free() >= cairn_proto::MAX_CHUNK + FREE_MARGIN)
@@ -526,6 +567,10 @@ impl Cluster {
         let mut g = self.lock();
         let mut replicas = 0;
         for h in marked {
+            if !g.deleting.get(h).is_some_and(|d| d.gc) {
+                // The mark went meanwhile (the node dropped, say): the chunk may be committed since.
+                continue;
+            }
             let holders: HashSet<u64> = if garbage.contains(h) {
                 g.locations.get(h).map_or_else(HashSet::new, |l| {
                     l.iter().copied().filter(|id| g.nodes.get(id).is_some_and(|n| self.alive(n, now))).collect()
@@ -684,6 +729,12 @@ impl Cluster {
                 }
                 !l.is_empty()
             });
+            g.expected.retain(|h, e| {
+                if !set.contains(h) {
+                    e.retain(|(x, _)| *x != id);
+                }
+                !e.is_empty()
+            });
             let gone: Vec<ChunkHash> = g
                 .deleting
                 .iter()
@@ -694,16 +745,38 @@ impl Cluster {
                 g.deleted(&h, id);
             }
             for h in set {
-                let l = g.locations.entry(h).or_default();
-                if !l.contains(&id) {
-                    l.push(id);
-                }
+                g.located(h, id);
             }
             g.reported.insert(id);
             g.last_report = Some(Instant::now());
             g.suspects.retain(|(_, n)| *n != id);
         }
         Ok(())
+    }
+
+    /// The live nodes holding each chunk, as far as reports and commits tell.
+    pub fn holders(&self, hashes: &[ChunkHash]) -> Vec<Vec<ChunkserverRef>> {
+        let now = Instant::now();
+        let g = self.lock();
+        hashes
+            .iter()
+            .map(|h| {
+                self.live_holders(&g, h, now).into_iter().filter_map(|id| g.nodes.get(&id)).map(Node::aref).collect()
+            })
+            .collect()
+    }
+
+    /// The live nodes holding `hash`: reported, then expected (see [`Inner::expected`]).
+    fn live_holders(&self, g: &Inner, hash: &ChunkHash, now: Instant) -> Vec<u64> {
+        let alive = |id: &u64| g.nodes.get(id).is_some_and(|n| self.alive(n, now));
+        let mut ids: Vec<u64> =
+            g.locations.get(hash).map_or_else(Vec::new, |l| l.iter().copied().filter(alive).collect());
+        for (id, t) in g.expected.get(hash).map_or(&[][..], Vec::as_slice) {
+            if now.duration_since(*t) < EXPECTED_FOR && alive(id) && !ids.contains(id) {
+                ids.push(*id);
+            }
+        }
+        ids
     }
 
     /// Chooses targets for new chunks: `replication` distinct live nodes with room, the emptiest
@@ -729,11 +802,14 @@ impl Cluster {
         for (hash, len) in chunks {
             // Whatever the answer, the client may commit this chunk now: keep it from collection.
             self.protect(&mut g, hash, now);
-            let live_holders = g
-                .locations
-                .get(hash)
-                .map_or(0, |l| l.iter().filter(|id| g.nodes.get(id).is_some_and(|n| self.alive(n, now))).count());
-            if live_holders >= replication {
+            // Only copies that stay count: not one being trimmed or reported bad, nor on a node
+            // being drained.
+            let staying = self
+                .live_holders(&g, hash, now)
+                .into_iter()
+                .filter(|id| g.good(hash, *id) && g.nodes.get(id).is_some_and(|n| !n.draining))
+                .count();
+            if staying >= replication {
                 out.push(None);
                 continue;
             }
@@ -824,11 +900,12 @@ impl Cluster {
             if p.outstanding == 0 {
                 g.pending.remove(h);
             }
-            let l = g.locations.entry(*h).or_default();
-            for id in targets {
-                if !l.contains(&id) {
-                    l.push(id);
-                }
+            // Those targets acked the client, if it uploaded to them: readers may try them at once.
+            let located = g.locations.get(h).cloned().unwrap_or_default();
+            let e = g.expected.entry(*h).or_default();
+            for id in targets.into_iter().filter(|id| !located.contains(id)) {
+                e.retain(|(x, _)| *x != id);
+                e.push((id, now));
             }
         }
         propose()
@@ -845,20 +922,25 @@ impl Cluster {
         p.outstanding = p.outstanding.saturating_add(1);
     }
 
-    /// Replicas of a chunk for a reader: healthy nodes first, then suspect ones, dead ones last.
+    /// Replicas of a chunk for a reader: healthy nodes first (reported before expected), then
+    /// suspect ones, dead ones last.
     pub fn replicas(&self, hash: &ChunkHash) -> Vec<ChunkserverRef> {
         let now = Instant::now();
         let g = self.lock();
-        let Some(l) = g.locations.get(hash) else {
-            return vec![];
-        };
-        let mut v: Vec<(u8, &Node)> = l
+        let reported = g.locations.get(hash).map_or(&[][..], Vec::as_slice);
+        let expected = g
+            .expected
+            .get(hash)
+            .map_or(&[][..], Vec::as_slice)
             .iter()
-            .filter_map(|id| g.nodes.get(id))
-            .map(|n| {
+            .filter(|(id, t)| now.duration_since(*t) < EXPECTED_FOR && !reported.contains(id));
+        let ids = reported.iter().map(|id| (*id, 0)).chain(expected.map(|(id, _)| (*id, 1)));
+        let mut v: Vec<(u8, &Node)> = ids
+            .filter_map(|(id, least)| g.nodes.get(&id).map(|n| (least, n)))
+            .map(|(least, n)| {
                 let rank = match n.last_heartbeat.map(|t| now.duration_since(t)) {
                     _ if !g.good(hash, n.id) => 3,
-                    Some(d) if d < SUSPECT_AFTER => 0,
+                    Some(d) if d < SUSPECT_AFTER => least,
                     Some(d) if d < self.dead_after => 1,
                     _ => 2,
                 };
@@ -871,7 +953,6 @@ impl Cluster {
         v.into_iter().map(|(_, n)| n.aref()).collect()
     }
 
-    /// A replica a client found bad: stop sending readers there until the node reports again.
     /// A client found this replica bad. Its location stays (a client's word alone must not hide a
     /// chunk, shared by deduplication, from every reader) but readers try it last. The
     /// chunkserver itself checks the chunk when read and reports it removed if it is corrupt;
@@ -885,10 +966,7 @@ impl Cluster {
     }
 
     pub fn live_count(&self, hash: &ChunkHash, now: Instant) -> usize {
-        let g = self.lock();
-        g.locations
-            .get(hash)
-            .map_or(0, |l| l.iter().filter(|id| g.nodes.get(id).is_some_and(|n| self.alive(n, now))).count())
+        self.live_holders(&self.lock(), hash, now).len()
     }
 
     pub fn status(&self) -> Vec<ChunkserverStatus> {
@@ -1219,5 +1297,92 @@ mod tests {
         c.heartbeat(&beat(4, &[a], &[])).unwrap();
         assert_eq!(c.repair_queue(), 1);
         assert_eq!(c.live_count(&a, Instant::now()), 3);
+    }
+
+    /// Two uploads of one chunk placed at once go to different nodes; the first to commit names
+    /// the latest placement's nodes, which may never get the chunk. Those count for readers
+    /// only: the nodes that report it are never trimmed in their favour.
+    #[test]
+    fn a_commit_naming_another_uploads_nodes_never_trims_the_real_copies() {
+        let c = seasoned(6, Duration::from_secs(60));
+        for id in 1..=6 {
+            c.report_page(id, 1, &[], true).unwrap();
+        }
+        let h = [4u8; 32];
+        let first: Vec<u64> = c.place(&[(h, 10)], 3, &[]).unwrap()[0].as_ref().unwrap().iter().map(|r| r.id).collect();
+        let second = c.place(&[(h, 10)], 3, &first).unwrap()[0].clone().unwrap();
+        assert!(second.iter().all(|r| !first.contains(&r.id)), "{first:?} then {second:?}");
+        // The first upload commits; its nodes report the chunk. The second upload never happens.
+        c.confirm_commit(&[h], || Ok(())).unwrap();
+        for id in &first {
+            c.heartbeat(&beat(*id, &[h], &[])).unwrap();
+        }
+        assert_eq!(c.replicas(&h).len(), 6, "readers may try every node named");
+        assert_eq!(c.plan_trims(&[(h, 3)], Instant::now()), 0, "only reported copies count");
+        for id in &first {
+            assert!(deletes_for(&c, *id).is_empty());
+        }
+    }
+
+    /// "Already stored" counts only copies that stay: not one being drained or trimmed.
+    #[test]
+    fn a_chunk_on_a_draining_node_is_not_stored_enough() {
+        let c = seasoned(4, Duration::from_secs(60));
+        let h = [5u8; 32];
+        for id in 1..=3 {
+            c.report_page(id, 1, &[h.to_vec()], true).unwrap();
+        }
+        assert_eq!(c.place(&[(h, 10)], 3, &[]).unwrap(), vec![None]);
+        c.set_draining(1, true);
+        let targets = c.place(&[(h, 10)], 3, &[]).unwrap()[0].clone().expect("uploaded again");
+        assert!(targets.iter().all(|r| r.id != 1));
+    }
+
+    /// A removal reported between a collection's mark and its deletes leaves the mark: the chunk
+    /// stays closed to uploads and commits until the collection decides.
+    #[test]
+    fn a_garbage_mark_outlives_a_removal_report() {
+        let c = seasoned(3, Duration::from_secs(60));
+        let h = [6u8; 32];
+        for id in 1..=3 {
+            c.report_page(id, 1, &[h.to_vec()], true).unwrap();
+        }
+        let now = Instant::now();
+        let (marked, ()) = c.mark_garbage(&[h], now, || ());
+        assert_eq!(marked, vec![h]);
+        c.heartbeat(&beat(1, &[], &[h])).unwrap();
+        assert!(matches!(c.place(&[(h, 10)], 3, &[]), Err(MetaError::Unavailable(_))));
+        assert!(c.confirm_commit(&[h], || Ok(())).is_err());
+        assert_eq!(c.collect(&marked, &marked.iter().copied().collect(), now), 2);
+    }
+
+    /// A node whose copy a client reported bad still holds it: a copy job there would find the
+    /// chunk and do nothing, so the copy goes elsewhere.
+    #[test]
+    fn a_copy_never_goes_to_a_node_that_holds_the_chunk() {
+        let c = seasoned(4, Duration::from_secs(60));
+        let h = [7u8; 32];
+        for id in 1..=3 {
+            c.report_page(id, 1, &[h.to_vec()], true).unwrap();
+        }
+        c.report_page(4, 1, &[], true).unwrap();
+        c.suspect_replica(&h, 3);
+        assert_eq!(c.plan_repairs(&[(h, 3)], Instant::now()), (1, 1));
+        assert_eq!(c.heartbeat(&beat(4, &[], &[])).unwrap().copy.len(), 1);
+        assert!(c.heartbeat(&beat(3, &[], &[])).unwrap().copy.is_empty());
+    }
+
+    /// A node that finds a chunk damaged before it ever reported it reports it removed: readers
+    /// are not sent there on the commit's word any more.
+    #[test]
+    fn a_removal_report_overrides_a_commits_word() {
+        let c = cluster(3);
+        let h = [8u8; 32];
+        c.place(&[(h, 10)], 3, &[]).unwrap();
+        c.confirm_commit(&[h], || Ok(())).unwrap();
+        assert_eq!(c.live_count(&h, Instant::now()), 3);
+        c.heartbeat(&beat(1, &[], &[h])).unwrap();
+        assert!(c.replicas(&h).iter().all(|r| r.id != 1));
+        assert_eq!(c.live_count(&h, Instant::now()), 2);
     }
 }

@@ -23,6 +23,9 @@ pub enum MetaError {
     NotPermitted(String),
     #[error("name too long: {0}")]
     NameTooLong(String),
+    /// A commit made from an older version of the file.
+    #[error("changed meanwhile: {0}")]
+    Changed(String),
     #[error("not enough chunkservers: {0}")]
     NotEnoughChunkservers(String),
     #[error("not the leader")]
@@ -49,6 +52,7 @@ impl MetaError {
             ErrorCode::NoAttribute => MetaError::NoAttribute(m),
             ErrorCode::NotPermitted => MetaError::NotPermitted(m),
             ErrorCode::NameTooLong => MetaError::NameTooLong(m),
+            ErrorCode::Changed => MetaError::Changed(m),
             ErrorCode::Unspecified => MetaError::Internal(anyhow::anyhow!("unknown error code: {m}")),
         }
     }
@@ -66,6 +70,7 @@ impl MetaError {
             MetaError::NoAttribute(m) => (ErrorCode::NoAttribute, m),
             MetaError::NotPermitted(m) => (ErrorCode::NotPermitted, m),
             MetaError::NameTooLong(m) => (ErrorCode::NameTooLong, m),
+            MetaError::Changed(m) => (ErrorCode::Changed, m),
             _ => return None,
         };
         Some(CommandError { code: code as i32, message: m.clone() })
@@ -91,6 +96,7 @@ impl From<MetaError> for tonic::Status {
             MetaError::NoAttribute(_) => (Code::NotFound, "no_attribute"),
             MetaError::NotPermitted(_) => (Code::PermissionDenied, "not_permitted"),
             MetaError::NameTooLong(_) => (Code::InvalidArgument, "name_too_long"),
+            MetaError::Changed(_) => (Code::Aborted, "changed"),
             MetaError::NotEnoughChunkservers(_) => (Code::ResourceExhausted, "not_enough_chunkservers"),
             MetaError::NotLeader { .. } => (Code::Unavailable, "not_leader"),
             MetaError::Unavailable(_) => (Code::Unavailable, "unavailable"),
@@ -106,6 +112,7 @@ impl From<MetaError> for tonic::Status {
             | MetaError::NoAttribute(m)
             | MetaError::NotPermitted(m)
             | MetaError::NameTooLong(m)
+            | MetaError::Changed(m)
             | MetaError::NotEnoughChunkservers(m)
             | MetaError::Unavailable(m) => m.clone(),
             other => other.to_string(),

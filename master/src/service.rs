@@ -10,7 +10,7 @@ use cairn_proto::v1::{self as pb, cluster_server, command, command_result, maste
 use protobuf::Message as _;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::cluster::{to_hash, Cluster};
+use crate::cluster::{to_hash, ChunkHash, Cluster};
 use crate::error::MetaError;
 use crate::metrics::Metrics;
 use crate::node::{Node, RaftStatus};
@@ -304,12 +304,15 @@ impl master_server::Master for Services {
                 }
                 chunks.push((hash, c.length));
             }
-            let placements = self
-                .cluster
-                .place(&chunks, req.replication as usize, &req.exclude)?
+            let placed = self.cluster.place(&chunks, req.replication as usize, &req.exclude)?;
+            // A stored chunk's holders let the client read it back before it commits.
+            let stored: Vec<ChunkHash> =
+                chunks.iter().zip(&placed).filter(|(_, p)| p.is_none()).map(|((h, _), _)| *h).collect();
+            let mut holders = self.cluster.holders(&stored).into_iter();
+            let placements = placed
                 .into_iter()
                 .map(|p| match p {
-                    None => pb::Placement { stored: true, targets: vec![] },
+                    None => pb::Placement { stored: true, targets: holders.next().unwrap_or_default() },
                     Some(targets) => pb::Placement { stored: false, targets },
                 })
                 .collect();

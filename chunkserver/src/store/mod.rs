@@ -518,10 +518,15 @@ impl ChunkStore {
     }
 
     /// Deletes the chunk `hash` (the master found it unreferenced or surplus) and queues its
-    /// removal for the master. Returns whether it was here.
+    /// removal for the master, also when it was not here (the master waits for that answer).
+    /// Returns whether it was here.
     pub fn delete_blocking(&self, hash: &ChunkHash) -> Result<bool, StoreError> {
-        if !self.contains(hash) {
-            return Ok(false);
+        {
+            let mut st = self.inner.lock();
+            if !st.index.contains_key(hash) {
+                st.removed.insert(*hash);
+                return Ok(false);
+            }
         }
         if self.inner.drop_packed(*hash, None) {
             return Ok(true);

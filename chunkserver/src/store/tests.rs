@@ -52,6 +52,9 @@ async fn put_get_round_trip_and_ranges() {
     let (added, removed) = store.take_changes(10);
     assert_eq!(added, vec![hash]);
     assert!(removed.is_empty());
+    // A delete of a chunk that is not here is answered too: the master waits for it.
+    assert!(!store.delete_blocking(&missing).unwrap());
+    assert_eq!(store.take_changes(10), (vec![], vec![missing]));
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@
 //! directory or a directory moved into itself.
 
 use super::*;
-use cairn_proto::v1::{node_request, LinkNode, MakeNode, NodeRequest, RenameNode, SetAttrNode};
+use cairn_proto::v1::{node_request, CommitNode, LinkNode, MakeNode, NodeRequest, RenameNode, SetAttrNode};
 
 /// Longest extended attribute value (Linux XATTR_SIZE_MAX).
 pub const XATTR_VALUE_MAX: usize = 64 << 10;
@@ -109,7 +109,7 @@ pub(super) fn node_op(w: &mut Writer<'_>, req: &NodeRequest, t: i64) -> Result<c
         }
         Some(node_request::Op::Rename(r)) => rename_node(w, r, t).map(done),
         Some(node_request::Op::SetAttr(s)) => set_attr(w, s, t).map(attr),
-        Some(node_request::Op::Commit(c)) => commit_node(w, c.inode, &c.extents, t).map(attr),
+        Some(node_request::Op::Commit(c)) => commit_node(w, c, t).map(attr),
         Some(node_request::Op::SetXattr(x)) => {
             check_xattr_name(&x.name)?;
             if x.value.len() > XATTR_VALUE_MAX {
@@ -452,8 +452,10 @@ fn set_attr(w: &mut Writer<'_>, s: &SetAttrNode, t: i64) -> Result<Attr, MetaErr
     Ok(out)
 }
 
-/// A regular file's new extent list (a write, a truncate), replacing the old one atomically.
-fn commit_node(w: &mut Writer<'_>, id: u64, extents: &[Extent], t: i64) -> Result<Attr, MetaError> {
+/// A regular file's new extent list (a write, a truncate), replacing the old one atomically;
+/// refused (Changed) when it was made from a version other than the file's.
+fn commit_node(w: &mut Writer<'_>, c: &CommitNode, t: i64) -> Result<Attr, MetaError> {
+    let (id, extents) = (c.inode, c.extents.as_slice());
     let size = check_extents(extents)?;
     let mut node = w.node(id)?;
     match kind(&node) {
@@ -462,6 +464,9 @@ fn commit_node(w: &mut Writer<'_>, id: u64, extents: &[Extent], t: i64) -> Resul
         _ => return Err(MetaError::InvalidArgument(format!("inode {id} is not a regular file"))),
     }
     let old = node.attr.clone().unwrap_or_default();
+    if let Some(base) = c.base_version.filter(|&b| b != old.version) {
+        return Err(MetaError::Changed(format!("inode {id} is at version {}, not {base}", old.version)));
+    }
     let replication = if old.replication == 0 { DEFAULT_REPLICATION } else { old.replication };
     w.chunk_refs(&node.extents, old.replication, -1)?;
     w.chunk_refs(extents, replication, 1)?;

@@ -616,3 +616,27 @@ fn a_batch_applies_as_its_entries_one_by_one_also_past_the_cache() {
     let (_, retry) = cmds[cmds.len() - 1].clone();
     assert_eq!(batched.apply_batch(&[(last + 1, retry)], last + 1).unwrap()[0], results[results.len() - 1]);
 }
+
+#[test]
+fn a_commit_made_from_an_older_version_is_refused() {
+    let (_d, s) = open();
+    let f = ino(run(&s, 1, make(ROOT, "f", InodeKind::File)));
+    let commit = |base_version, chunk: u8| {
+        let extents = vec![Extent { hash: vec![chunk; 32], length: 10 }];
+        node(node_request::Op::Commit(cairn_proto::v1::CommitNode { inode: f, extents, base_version }))
+    };
+    let version = |r: Result<command_result::Result, ErrorCode>| match r.unwrap() {
+        command_result::Result::Attr(a) => a.version,
+        other => panic!("no attr: {other:?}"),
+    };
+    let v0 = s.reader().unwrap().getattr(f).unwrap().version;
+    let v1 = version(run(&s, 2, commit(Some(v0), 1)));
+    assert_eq!(v1, v0 + 1);
+    // Another writer made its list from v0 too: refused, and the file keeps the first commit.
+    assert_eq!(run(&s, 3, commit(Some(v0), 2)), Err(ErrorCode::Changed));
+    let r = s.reader().unwrap();
+    assert_eq!((r.getattr(f).unwrap().version, r.open_inode(f).unwrap().extents[0].hash[0]), (v1, 1));
+    // Made from the newest version, or naming none (an older client): taken.
+    assert_eq!(version(run(&s, 4, commit(Some(v1), 2))), v1 + 1);
+    assert_eq!(version(run(&s, 5, commit(None, 3))), v1 + 2);
+}
