@@ -91,3 +91,21 @@ fn a_new_empty_chunkserver_receives_data_until_usage_is_even() {
     });
     assert!(c.get_data("/f") == data);
 }
+
+/// A reader that opened a file before its chunks moved (here the only copy of each, drained
+/// away) finds them where they went instead of failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_finds_chunks_that_moved_after_it_opened_the_file() {
+    let c = Cluster::start(Options { chunkservers: 2, ..Default::default() });
+    let client = c.client().await;
+    let data = random_bytes(9 * MIB, 13);
+    let opts = cairn_client::PutOptions { replication: 1, ..Default::default() };
+    client.put_bytes("/one", data.clone().into(), &opts).await.unwrap();
+    let opened = client.open_file("/one").await.unwrap();
+    let holder = opened.extents[0].replicas[0].id.to_string();
+    let out = tokio::task::block_in_place(|| c.cli(&["admin", "drain", &holder]));
+    assert!(out.status.success(), "drain: {}", String::from_utf8_lossy(&out.stderr));
+    let mut got: Vec<bytes::Bytes> = Vec::new();
+    client.get_opened("/one", opened, &mut got, 0, None, &|_| {}).await.unwrap();
+    assert!(got.concat() == data, "read back different bytes");
+}

@@ -199,6 +199,35 @@ fn s3_clients_against_the_gateway() {
     drop(gw);
 }
 
+/// `cairn cp -r` follows symbolic links as `aws s3 cp` does (a loop back up is skipped, with a
+/// line on stderr, as is a link to nothing), and `cp -r . DST` copies the content of ".".
+#[test]
+fn cp_follows_links_and_copies_the_content_of_dot() {
+    let c = Cluster::start(Options { chunkservers: 3, ..Default::default() });
+    let tree = c.dir.path().join("linked");
+    std::fs::create_dir_all(tree.join("a")).unwrap();
+    std::fs::write(tree.join("a/x.txt"), "x\n").unwrap();
+    std::os::unix::fs::symlink("a", tree.join("alink")).unwrap();
+    std::os::unix::fs::symlink("a/x.txt", tree.join("flink")).unwrap();
+    std::os::unix::fs::symlink("..", tree.join("a/up")).unwrap();
+    std::os::unix::fs::symlink("nowhere", tree.join("dangling")).unwrap();
+    ok(&c.cli(&["mkdir", "/d"]), "mkdir");
+    let out =
+        Command::new(common::BIN).args(["cp", "-r", ".", "s3://d/"]).current_dir(&tree).envs(c.env()).output().unwrap();
+    let stdout = ok(&out, "cp -r .");
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("upload: ")).count(), 3, "{stdout}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("a link back to a directory above it") && err.contains("a link to nothing"), "{err}");
+    let ls = ok(&c.cli(&["ls", "-r", "/d"]), "ls -r");
+    let mut names: Vec<&str> = ls.lines().filter_map(|l| l.rsplit(' ').next()).collect();
+    names.sort();
+    assert_eq!(names, ["/d/a/x.txt", "/d/alink/x.txt", "/d/flink"], "{ls}");
+    assert_eq!(c.get_data("/d/flink"), b"x\n");
+    // Listed as s3:// objects, by key.
+    let ls = ok(&c.cli(&["ls", "-r", "s3://d/"]), "ls -r s3://");
+    assert!(ls.lines().any(|l| l.ends_with(" alink/x.txt")), "{ls}");
+}
+
 /// `cairn cp`, `cairn sync` and `cairn ls` as AWS CLI users know them, through the client library.
 #[test]
 fn cp_sync_and_ls_like_the_aws_cli() {

@@ -25,6 +25,8 @@ pub const FAILOVER_AFTER: Duration = Duration::from_secs(1);
 const BREAKER_THRESHOLD: u32 = 2;
 const BREAKER_OPEN: Duration = Duration::from_secs(5);
 const BREAKER_OPEN_MAX: Duration = Duration::from_secs(60);
+/// A probe gets at most [`REQUEST_TIMEOUT`]; after this long its result is not coming.
+const PROBE_LOST_AFTER: Duration = Duration::from_secs(15);
 
 /// Why a chunk request failed, and so what to do next.
 #[derive(Debug)]
@@ -56,7 +58,9 @@ struct Breaker {
     failures: u32,
     open_until: Option<Instant>,
     open_for: Duration,
-    probing: bool,
+    /// When the half-open probe was granted; a probe whose result never came (its request was
+    /// dropped) stops counting after [`PROBE_LOST_AFTER`].
+    probing: Option<Instant>,
 }
 
 pub struct DataPlane {
@@ -110,9 +114,9 @@ impl Breakers {
         match b.open_until {
             None => true,
             Some(t) if now < t => false,
-            Some(_) if b.probing => false,
+            Some(_) if b.probing.is_some_and(|p| now.duration_since(p) < PROBE_LOST_AFTER) => false,
             Some(_) => {
-                b.probing = true;
+                b.probing = Some(now);
                 true
             }
         }
@@ -126,10 +130,10 @@ impl Breakers {
         let mut g = self.0.lock().expect("breakers lock");
         let b = g.entry(node).or_default();
         b.failures += 1;
-        if b.probing || b.failures >= BREAKER_THRESHOLD {
+        if b.probing.is_some() || b.failures >= BREAKER_THRESHOLD {
             b.open_for = if b.open_for.is_zero() { BREAKER_OPEN } else { (b.open_for * 2).min(BREAKER_OPEN_MAX) };
             b.open_until = Some(now + b.open_for);
-            b.probing = false;
+            b.probing = None;
         }
     }
 
@@ -464,9 +468,13 @@ mod tests {
         assert!(!b.allow(1, t1 + BREAKER_OPEN));
         let t2 = t1 + 2 * BREAKER_OPEN;
         assert!(b.allow(1, t2));
+        // A probe whose result never comes (its request was dropped) is given up in time.
+        assert!(!b.allow(1, t2 + PROBE_LOST_AFTER / 2));
+        let t3 = t2 + PROBE_LOST_AFTER;
+        assert!(b.allow(1, t3));
         // A successful probe closes it.
         b.succeeded(1);
-        assert!(b.allow(1, t2) && b.allow(1, t2));
-        assert!(b.open(t2).is_empty());
+        assert!(b.allow(1, t3) && b.allow(1, t3));
+        assert!(b.open(t3).is_empty());
     }
 }

@@ -642,7 +642,9 @@ impl Client {
             }
             file = again;
         }
-        let mut inflight: VecDeque<tokio::task::JoinHandle<Result<Bytes>>> = VecDeque::new();
+        // Reads still running when this returns early (a failed read, the output gone) stop.
+        let mut inflight = InFlight(VecDeque::new());
+        let version = file.attr.as_ref().map(|a| (a.inode, a.version));
         let mut pieces = file.extents.into_iter().filter_map(|loc| {
             let ext = loc.extent.clone()?;
             let (s, e) = (loc.offset, loc.offset + ext.length);
@@ -656,28 +658,23 @@ impl Client {
         let mut written = 0u64;
         let mut exhausted = false;
         loop {
-            while !exhausted && inflight.len() < WINDOW {
+            while !exhausted && inflight.0.len() < WINDOW {
                 match pieces.next() {
                     Some((loc, ext, from, to)) => {
-                        let this = self.clone();
-                        inflight.push_back(tokio::spawn(async move {
-                            this.read_piece(&loc.replicas, &ext, from, to).await
-                        }));
+                        let (this, piece) = (self.clone(), (loc.offset, ext.clone(), from, to));
+                        let task = tokio::spawn(async move { this.read_piece(&loc.replicas, &ext, from, to).await });
+                        inflight.0.push_back((task, piece));
                     }
                     None => exhausted = true,
                 }
             }
-            let Some(task) = inflight.pop_front() else {
+            let Some((task, piece)) = inflight.0.pop_front() else {
                 break;
             };
             let bytes = match task.await.map_err(|e| Error::Internal(format!("read task: {e}")))? {
                 Ok(b) => b,
-                Err(e) => {
-                    for t in inflight {
-                        t.abort();
-                    }
-                    return Err(e);
-                }
+                Err(e @ Error::ChunkUnavailable { .. }) => self.read_moved(path, version, piece, e).await?,
+                Err(e) => return Err(e),
             };
             let n = bytes.len() as u64;
             out.accept(bytes).await.map_err(|e| Error::io("write output", e))?;
@@ -688,6 +685,32 @@ impl Client {
         Ok(written)
     }
 
+    /// A piece of `path` (as of `version`) that no replica listed at its open could serve: the
+    /// chunk may have moved since (a drain, a repair, a restart). Asks for its locations again
+    /// and tries those, for up to [`LOCATION_WAIT`]; the same version of the file only.
+    async fn read_moved(
+        &self,
+        path: &str,
+        version: Option<(u64, u64)>,
+        (offset, ext, from, to): PieceAt,
+        mut last: Error,
+    ) -> Result<Bytes> {
+        let t0 = Instant::now();
+        while t0.elapsed() < LOCATION_WAIT {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let again = self.open_file(path).await?;
+            if again.attr.as_ref().map(|a| (a.inode, a.version)) != version {
+                return Err(Error::Unavailable(format!("{path} changed while a chunk of it was read again")));
+            }
+            let Some(loc) = again.extents.into_iter().find(|l| l.offset == offset) else { break };
+            match self.read_piece(&loc.replicas, &ext, from, to).await {
+                Ok(b) => return Ok(b),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
     /// Reads `[from, to)` of one chunk from the first replica that serves it correctly.
     async fn read_piece(&self, replicas: &[ChunkserverRef], ext: &Extent, from: u64, to: u64) -> Result<Bytes> {
         let hash: [u8; 32] =
@@ -695,20 +718,21 @@ impl Client {
         let data = &self.inner.data;
         // Replicas whose breaker lets a request through first; the others only as a last
         // resort. `allow` is asked right before a request, so a half-open probe it grants is
-        // always sent and its result always recorded.
+        // sent and its result recorded (unless the read is dropped: see `PROBE_LOST_AFTER`).
         let mut errors = Vec::new();
         let mut skipped = Vec::new();
-        let mut left = replicas.len();
+        let open = data.open_breakers();
         for (pass, list) in [(0, replicas.iter().collect::<Vec<_>>()), (1, vec![])] {
             let list = if pass == 0 { list } else { std::mem::take(&mut skipped) };
-            for r in list {
+            for (i, r) in list.iter().enumerate() {
                 if pass == 0 && !data.allow(r.id) {
-                    skipped.push(r);
+                    skipped.push(*r);
                     continue;
                 }
-                left -= 1;
-                // Quick to move on while another replica remains; the last one gets all the time.
-                let patience = if left > 0 { data::FAILOVER_AFTER } else { data::REQUEST_TIMEOUT };
+                // Quick to move on while a healthy replica remains to be tried (in the last
+                // resort, any replica); the last one gets all the time.
+                let more = list[i + 1..].iter().any(|n| pass == 1 || !open.contains(&n.id));
+                let patience = if more { data::FAILOVER_AFTER } else { data::REQUEST_TIMEOUT };
                 match data.get_chunk(r, &hash, ext.length, from, to - from, patience).await {
                     Ok(b) => {
                         data.succeeded(r.id);
@@ -717,7 +741,11 @@ impl Client {
                     Err(e) => {
                         tracing::warn!(chunk = %hex::encode(hash), node = r.id, addr = %r.addr, "read failed: {e}");
                         if let data::ChunkError::Corrupt(_) | data::ChunkError::Mismatch(_) = e {
-                            self.report_bad(&hash, r.id, &e.to_string()).await;
+                            // The node answered (its copy is bad): that says nothing against it.
+                            data.succeeded(r.id);
+                            // Told in the background: the next replica is tried at once.
+                            let (this, node, reason) = (self.clone(), r.id, e.to_string());
+                            tokio::spawn(async move { this.report_bad(&hash, node, &reason).await });
                         } else {
                             data.failed(r.id);
                         }
@@ -756,6 +784,21 @@ impl Client {
 
     pub fn close(&self) {
         self.inner.data.close();
+    }
+}
+
+/// What one read of a transfer reads: the offset of its extent in the file, the extent, and the
+/// range in it.
+type PieceAt = (u64, Extent, u64, u64);
+
+/// Reads in flight, each with what it reads; aborted when this goes.
+struct InFlight(VecDeque<(tokio::task::JoinHandle<Result<Bytes>>, PieceAt)>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        for (t, _) in &self.0 {
+            t.abort();
+        }
     }
 }
 

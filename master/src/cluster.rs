@@ -389,6 +389,8 @@ impl Cluster {
             g.suspects.remove(&(h, id));
             if g.repairing.get(&h).is_some_and(|rep| rep.target == id) {
                 g.repairing.remove(&h);
+                // One copy at a time per chunk: one that lost more than one replica needs more.
+                g.repair_dirty = true;
             }
         }
         g.expected.retain(|_, e| {
@@ -1384,5 +1386,23 @@ mod tests {
         c.heartbeat(&beat(1, &[], &[h])).unwrap();
         assert!(c.replicas(&h).iter().all(|r| r.id != 1));
         assert_eq!(c.live_count(&h, Instant::now()), 2);
+    }
+
+    /// A chunk that lost two of its three replicas is copied twice, one copy after the other,
+    /// without waiting for anything else to happen.
+    #[test]
+    fn a_chunk_short_of_two_replicas_gets_both() {
+        let c = seasoned(4, Duration::from_secs(60));
+        let h = [9u8; 32];
+        c.report_page(1, 1, &[h.to_vec()], true).unwrap();
+        for id in 2..=4 {
+            c.report_page(id, 1, &[], true).unwrap();
+        }
+        let now = Instant::now();
+        assert_eq!(c.plan_repairs(&[(h, 3)], now), (1, 1));
+        let target = (2..=4).find(|id| !c.heartbeat(&beat(*id, &[], &[])).unwrap().copy.is_empty()).unwrap();
+        c.heartbeat(&beat(target, &[h], &[])).unwrap();
+        assert!(c.repair_scan_needed(Instant::now()), "the chunk still lacks a replica");
+        assert_eq!(c.plan_repairs(&[(h, 3)], Instant::now()), (1, 1));
     }
 }

@@ -96,6 +96,12 @@ struct Entry {
     size: u64,
 }
 
+/// A directory's identity on its file system (device, inode).
+fn dir_id(meta: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (meta.dev(), meta.ino())
+}
+
 /// The files of the tree at `root` (a file alone is a tree of one, with an empty relative path),
 /// and its directories (relative, parents first). None if nothing is there.
 async fn walk(client: &Client, root: &Loc) -> Result<Option<(Vec<Entry>, Vec<String>)>> {
@@ -111,8 +117,10 @@ async fn walk(client: &Client, root: &Loc) -> Result<Option<(Vec<Entry>, Vec<Str
             if !meta.is_dir() {
                 return Ok(Some((vec![Entry { rel: String::new(), size: meta.len() }], dirs)));
             }
-            let mut stack = vec![String::new()];
-            while let Some(rel) = stack.pop() {
+            // Symbolic links are followed (as `aws s3 cp` does), except one back to a directory
+            // the walk is in (a loop). Each directory goes with the identities of its ancestors.
+            let mut stack = vec![(String::new(), vec![dir_id(&meta)])];
+            while let Some((rel, ancestors)) = stack.pop() {
                 let dir = if rel.is_empty() { p.clone() } else { p.join(&rel) };
                 let mut entries: Vec<_> = std::fs::read_dir(&dir)
                     .with_context(|| format!("read {}", dir.display()))?
@@ -122,12 +130,23 @@ async fn walk(client: &Client, root: &Loc) -> Result<Option<(Vec<Entry>, Vec<Str
                 for e in entries {
                     let name = e.file_name().to_string_lossy().into_owned();
                     let r = if rel.is_empty() { name } else { format!("{rel}/{name}") };
-                    let ty = e.file_type()?;
-                    if ty.is_dir() {
+                    let meta = match std::fs::metadata(e.path()) {
+                        Ok(m) => m,
+                        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                            eprintln!("cairn: skipping {} (a link to nothing)", e.path().display());
+                            continue;
+                        }
+                        Err(err) => return Err(err).with_context(|| format!("{}", e.path().display())),
+                    };
+                    if meta.is_dir() {
+                        if ancestors.contains(&dir_id(&meta)) {
+                            eprintln!("cairn: skipping {} (a link back to a directory above it)", e.path().display());
+                            continue;
+                        }
                         dirs.push(r.clone());
-                        stack.push(r);
-                    } else if ty.is_file() {
-                        files.push(Entry { rel: r, size: e.metadata()?.len() });
+                        stack.push((r, [&ancestors[..], &[dir_id(&meta)]].concat()));
+                    } else if meta.is_file() {
+                        files.push(Entry { rel: r, size: meta.len() });
                     } else {
                         eprintln!("cairn: skipping {} (not a regular file or directory)", e.path().display());
                     }
@@ -284,11 +303,17 @@ pub async fn cp(a: &CpArgs) -> Result<()> {
         };
     let dst = if into {
         let name = match &src {
+            // ".": its content goes straight in, as with cp(1).
+            Loc::Local(p) if p.components().next_back() == Some(std::path::Component::CurDir) => Some(String::new()),
             Loc::Local(p) => p.file_name().map(|n| n.to_string_lossy().into_owned()),
             Loc::Remote(p) => p.trim_end_matches('/').rsplit('/').next().filter(|n| !n.is_empty()).map(str::to_string),
         }
         .with_context(|| format!("{ctx}: {} has no name to copy under", src.show()))?;
-        dst.child(&name)
+        if name.is_empty() {
+            dst
+        } else {
+            dst.child(&name)
+        }
     } else {
         dst
     };

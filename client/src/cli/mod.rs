@@ -98,15 +98,18 @@ fn format_time(ns: i64) -> String {
     format!("{y:04}-{m:02}-{d:02} {h:02}:{mi:02}:{s:02}")
 }
 
-/// A size as `aws s3 ls --human-readable` prints it.
+/// A size as `aws s3 ls --human-readable` prints it (awscli's `human_readable_size`: the next
+/// unit once the value would round to 1024 of this one).
 fn human_size(n: u64) -> String {
     const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
-    if n < 1024 {
-        return format!("{n} Bytes");
+    match n {
+        1 => return "1 Byte".into(),
+        0..1024 => return format!("{n} Bytes"),
+        _ => {}
     }
     let mut v = n as f64 / 1024.0;
     let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
+    while v.round() >= 1024.0 && unit + 1 < UNITS.len() {
         v /= 1024.0;
         unit += 1;
     }
@@ -146,7 +149,14 @@ pub async fn ls(args: &LsArgs) -> Result<()> {
             line(&mut out, &e.name, &e.attr.clone().unwrap_or_default())?;
         }
     } else {
-        ls_tree(&client, &path, entries, &mut |name, a| line(&mut out, name, a)).await?;
+        // An s3:// listing names objects by key (as `aws s3 ls --recursive` does), others by path.
+        let bucket = args.path.strip_prefix("s3://").and_then(|r| r.split('/').next()).filter(|b| !b.is_empty());
+        let strip = bucket.map(|b| format!("/{b}/"));
+        ls_tree(&client, &path, entries, &mut |name, a| {
+            let shown = strip.as_deref().and_then(|p| name.strip_prefix(p)).unwrap_or(name);
+            line(&mut out, shown, a)
+        })
+        .await?;
     }
     if args.summarize {
         let size = if args.human_readable { human_size(bytes) } else { bytes.to_string() };
@@ -297,5 +307,23 @@ mod tests {
     fn formats_utc_times() {
         assert_eq!(super::format_time(0), "1970-01-01 00:00:00");
         assert_eq!(super::format_time(1_795_000_000 * 1_000_000_000), "2026-11-18 11:06:40");
+    }
+
+    #[test]
+    fn sizes_read_as_aws_s3_ls_prints_them() {
+        let cases = [
+            (0, "0 Bytes"),
+            (1, "1 Byte"),
+            (1023, "1023 Bytes"),
+            (1024, "1.0 KiB"),
+            (1_048_000, "1023.4 KiB"),
+            (1_048_524, "1.0 MiB"),
+            (1_048_575, "1.0 MiB"),
+            (5 << 30, "5.0 GiB"),
+            (u64::MAX, "16384.0 PiB"),
+        ];
+        for (n, want) in cases {
+            assert_eq!(super::human_size(n), want, "{n}");
+        }
     }
 }

@@ -30,13 +30,9 @@ impl Bar {
         self.0.inc(n);
     }
 
-    /// A line of output above the bar (on stdout when no bar is drawn).
+    /// A line of output on stdout (the bar, on stderr, is cleared for it and drawn again).
     pub fn println(&self, line: &str) {
-        if self.0.is_hidden() {
-            println!("{line}");
-        } else {
-            self.0.println(line);
-        }
+        self.0.suspend(|| println!("{line}"));
     }
 
     pub fn finish(&self) {
