@@ -408,6 +408,27 @@ fn two_mounts_writing_one_file_keep_each_others_bytes() {
     );
 }
 
+/// A file open on a mount whose chunks moved since its open (the only copy of each, drained to
+/// the other node) reads on: the mount asks where the chunks are now.
+#[test]
+fn an_open_file_reads_on_after_its_chunks_move() {
+    use std::os::unix::fs::FileExt;
+    let c = Cluster::start(Options { chunkservers: 2, ..Default::default() });
+    let m1 = Mount::start(&c, &c.dir.path().join("mnt"), &["--replication", "1"]);
+    let data = random_bytes(12 * MIB, 31);
+    std::fs::write(m1.path("moving"), &data).unwrap();
+    // Opened on another mount, whose cache holds none of it: the open fetches the locations.
+    let m2 = Mount::start(&c, &c.dir.path().join("mnt2"), &[]);
+    let f = std::fs::File::open(m2.path("moving")).unwrap();
+    let victim = c.fullest(&common::chunk_hashes(&data));
+    let id = std::fs::read_to_string(c.chunkservers[victim].data.join("node_id")).unwrap();
+    let out = c.cli(&["admin", "drain", id.trim()]);
+    assert!(out.status.success(), "drain: {}", String::from_utf8_lossy(&out.stderr));
+    let mut got = vec![0; data.len()];
+    f.read_exact_at(&mut got, 0).unwrap();
+    assert!(got == data, "read back different bytes");
+}
+
 /// Close-to-open across mounts: a file another mount wrote and closed reads whole at once, even
 /// where this mount's kernel still holds the size it looked up before (the attribute timeout).
 #[test]

@@ -817,6 +817,20 @@ impl FileState {
         Ok(out)
     }
 
+    /// Takes where the chunks of this file are now (from a fresh look-up of any version): a read
+    /// whose replicas all failed may find a chunk moved since the open (a drain, a repair).
+    pub fn relocate(&mut self, fresh: Vec<ExtentLocation>) {
+        let now: std::collections::HashMap<Vec<u8>, Vec<_>> =
+            fresh.into_iter().filter_map(|l| Some((l.extent?.hash, l.replicas))).collect();
+        for seg in &mut self.segs {
+            if let Seg::Clean(loc) = seg {
+                if let Some(replicas) = loc.extent.as_ref().and_then(|e| now.get(&e.hash)) {
+                    loc.replicas = replicas.clone();
+                }
+            }
+        }
+    }
+
     /// The stored chunks after the one holding `pos` (up to `n`), to read ahead.
     pub fn next_chunks(&self, pos: u64, n: usize) -> Vec<ExtentLocation> {
         let (i, _) = self.find(pos);

@@ -1058,7 +1058,7 @@ impl Filesystem for CairnFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
-        let Some((_, state, reads)) = self.file_handle(fh) else { return reply.error(Errno::EBADF) };
+        let Some((ino, state, reads)) = self.file_handle(fh) else { return reply.error(Errno::EBADF) };
         let this = self.clone();
         self.run_inline(async move {
             let ctx = &this.inner.ctx;
@@ -1077,7 +1077,23 @@ impl Filesystem for CairnFs {
                     let _ = file::fetch_whole(&this.inner.ctx, &loc).await;
                 });
             }
-            match file::fetch(ctx, pieces).await {
+            let read = match file::fetch(ctx, pieces).await {
+                // No replica known at the open serves a chunk: it may have moved since (a drain,
+                // a repair). Once more, with where the masters say the chunks are now.
+                Err(Error::ChunkUnavailable { .. }) => {
+                    async {
+                        let fresh = ctx.client.open_inode(ino).await?;
+                        let mut st = state.lock().await;
+                        st.relocate(fresh.extents);
+                        let pieces = st.plan_read(ctx, offset, u64::from(size), sequential).await?;
+                        drop(st);
+                        file::fetch(ctx, pieces).await
+                    }
+                    .await
+                }
+                r => r,
+            };
+            match read {
                 Ok(data) => reply.data(&data),
                 Err(e) => reply.error(errno(&e)),
             }

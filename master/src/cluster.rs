@@ -881,7 +881,9 @@ impl Cluster {
                     self.gc_grace.as_secs()
                 )));
             }
-            let known = g.locations.get(h).is_some_and(|l| !l.is_empty());
+            // Reported, or named by a commit a moment ago (its holders report it soon).
+            let known = g.locations.get(h).is_some_and(|l| !l.is_empty())
+                || g.expected.get(h).is_some_and(|e| e.iter().any(|(_, t)| now.duration_since(*t) < EXPECTED_FOR));
             let pending = g.pending.get(h).is_some_and(|p| p.until > now);
             if !known && !pending {
                 if !self.settled_locked(&g, now) {
@@ -1095,6 +1097,8 @@ mod tests {
         c.place(&[(h, 10)], 3, &[]).unwrap();
         c.confirm_commit(&[h], || Ok(())).unwrap();
         assert_eq!(c.replicas(&h).len(), 3);
+        // Committed again (another file, a new version) before its holders report it.
+        c.confirm_commit(&[h], || Ok(())).unwrap();
         assert_eq!(c.place(&[(h, 10)], 3, &[]).unwrap(), vec![None]);
     }
 
