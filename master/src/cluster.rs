@@ -906,8 +906,8 @@ impl Cluster {
             }
             // Those targets acked the client, if it uploaded to them: readers may try them at once.
             let located = g.locations.get(h).cloned().unwrap_or_default();
-            let e = g.expected.entry(*h).or_default();
             for id in targets.into_iter().filter(|id| !located.contains(id)) {
+                let e = g.expected.entry(*h).or_default();
                 e.retain(|(x, _)| *x != id);
                 e.push((id, now));
             }
