@@ -146,6 +146,11 @@ impl Ranges {
     }
 }
 
+/// Where the last of `segs` (starting at `starts`) ends: the size of the content they make.
+fn end_of(starts: &[u64], segs: &[Seg]) -> u64 {
+    starts.last().zip(segs.last()).map_or(0, |(s, seg)| s + seg.len())
+}
+
 /// This mount's content of a file during a merge: stored chunks only (all were uploaded).
 struct Mine {
     segs: Vec<Seg>,
@@ -154,7 +159,7 @@ struct Mine {
 
 impl Mine {
     fn size(&self) -> u64 {
-        self.starts.last().zip(self.segs.last()).map_or(0, |(s, seg)| s + seg.len())
+        end_of(&self.starts, &self.segs)
     }
 
     /// The stored chunk holding byte `pos`, and the offset of `pos` in it.
@@ -286,12 +291,17 @@ impl FileState {
     /// indexes) and no changes since.
     fn set_segs(&mut self, extents: Vec<ExtentLocation>) {
         self.drop_from(0);
-        self.base_version = self.attr.version;
-        self.written = Ranges::default();
-        self.resized_from = None;
+        self.rebase();
         for e in extents {
             self.push_seg(Seg::Clean(e));
         }
+    }
+
+    /// The content is now that of the version in `attr`, with no changes since.
+    fn rebase(&mut self) {
+        self.base_version = self.attr.version;
+        self.written = Ranges::default();
+        self.resized_from = None;
     }
 
     fn push_seg(&mut self, seg: Seg) {
@@ -301,10 +311,7 @@ impl FileState {
     }
 
     fn size_of_segs(&self) -> u64 {
-        match (self.starts.last(), self.segs.last()) {
-            (Some(start), Some(seg)) => start + seg.len(),
-            _ => 0,
-        }
+        end_of(&self.starts, &self.segs)
     }
 
     /// The seg holding byte `pos` and the offset in it; past the end: (number of segs, 0).
@@ -682,9 +689,7 @@ impl FileState {
             match ctx.client.node_attr(node_request::Op::Commit(commit)).await {
                 Ok(attr) => {
                     self.attr = attr.clone();
-                    self.base_version = attr.version;
-                    self.written = Ranges::default();
-                    self.resized_from = None;
+                    self.rebase();
                     self.dirty = false;
                     self.last_written = None;
                     self.changed_since = None;

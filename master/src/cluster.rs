@@ -181,6 +181,12 @@ impl Inner {
         self.unexpect(hash, node);
     }
 
+    /// The nodes a commit named for `hash` within [`EXPECTED_FOR`] that have not reported yet.
+    fn expected_nodes(&self, hash: &ChunkHash, now: Instant) -> impl Iterator<Item = u64> + '_ {
+        let named = self.expected.get(hash).map_or(&[][..], Vec::as_slice);
+        named.iter().filter(move |(_, t)| now.duration_since(*t) < EXPECTED_FOR).map(|(id, _)| *id)
+    }
+
     fn unexpect(&mut self, hash: &ChunkHash, node: u64) {
         if let Some(e) = self.expected.get_mut(hash) {
             e.retain(|(id, _)| *id != node);
@@ -484,8 +490,8 @@ impl Cluster {
             // Not any node that holds a copy, good or not, or that a commit named: it would find
             // the chunk there and do nothing.
             let located = g.locations.get(&h).map_or(&[][..], Vec::as_slice);
-            let expected = g.expected.get(&h).map_or(&[][..], Vec::as_slice);
-            let holds = |id: u64| located.contains(&id) || expected.iter().any(|(x, _)| *x == id);
+            let expected: Vec<u64> = g.expected_nodes(&h, now).collect();
+            let holds = |id: u64| located.contains(&id) || expected.contains(&id);
             let target = g
                 .nodes
                 .values()
@@ -773,9 +779,9 @@ impl Cluster {
         let alive = |id: &u64| g.nodes.get(id).is_some_and(|n| self.alive(n, now));
         let mut ids: Vec<u64> =
             g.locations.get(hash).map_or_else(Vec::new, |l| l.iter().copied().filter(alive).collect());
-        for (id, t) in g.expected.get(hash).map_or(&[][..], Vec::as_slice) {
-            if now.duration_since(*t) < EXPECTED_FOR && alive(id) && !ids.contains(id) {
-                ids.push(*id);
+        for id in g.expected_nodes(hash, now) {
+            if alive(&id) && !ids.contains(&id) {
+                ids.push(id);
             }
         }
         ids
@@ -882,8 +888,7 @@ impl Cluster {
                 )));
             }
             // Reported, or named by a commit a moment ago (its holders report it soon).
-            let known = g.locations.get(h).is_some_and(|l| !l.is_empty())
-                || g.expected.get(h).is_some_and(|e| e.iter().any(|(_, t)| now.duration_since(*t) < EXPECTED_FOR));
+            let known = g.locations.get(h).is_some_and(|l| !l.is_empty()) || g.expected_nodes(h, now).next().is_some();
             let pending = g.pending.get(h).is_some_and(|p| p.until > now);
             if !known && !pending {
                 if !self.settled_locked(&g, now) {
@@ -932,13 +937,8 @@ impl Cluster {
         let now = Instant::now();
         let g = self.lock();
         let reported = g.locations.get(hash).map_or(&[][..], Vec::as_slice);
-        let expected = g
-            .expected
-            .get(hash)
-            .map_or(&[][..], Vec::as_slice)
-            .iter()
-            .filter(|(id, t)| now.duration_since(*t) < EXPECTED_FOR && !reported.contains(id));
-        let ids = reported.iter().map(|id| (*id, 0)).chain(expected.map(|(id, _)| (*id, 1)));
+        let expected = g.expected_nodes(hash, now).filter(|id| !reported.contains(id));
+        let ids = reported.iter().map(|id| (*id, 0)).chain(expected.map(|id| (id, 1)));
         let mut v: Vec<(u8, &Node)> = ids
             .filter_map(|(id, least)| g.nodes.get(&id).map(|n| (least, n)))
             .map(|(least, n)| {
